@@ -1,0 +1,377 @@
+"""Wire messages shared by the server and devices (sans-IO).
+
+Every message between a device and the server is a CBOR map with small integer keys, wrapped in a
+COSE_Mac0 (tag 17, HMAC 256/64) keyed with the device's own secret.  The MAC binds a message to one
+device: a device that publishes on another device's topic, or replays a report under another name,
+fails verification.  ``docs/protocol.md`` holds the CDDL.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+PROTOCOL_VERSION = 1
+MAX_REPORT_BYTES = 1024
+"""Status reports larger than this are refused unread (MQTT: dropped; CoAP: 4.13)."""
+MAX_NOTICE_BYTES = 16384
+
+COSE_MAC0_TAG = 17
+HMAC_256_64 = 4
+_HDR_ALG = 1
+_HDR_KID = 4
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Tenant slugs and device ids: safe as one MQTT topic level and one CoAP path segment."""
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LwState(enum.IntEnum):
+    """LwM2M Firmware Update object (/5) resource 3 values."""
+
+    IDLE = 0
+    DOWNLOADING = 1
+    DOWNLOADED = 2
+    UPDATING = 3
+
+
+class Result(enum.IntEnum):
+    """LwM2M /5 resource 5 values (0-11), extended with fwcm refusals (12+)."""
+
+    INITIAL = 0
+    SUCCESS = 1
+    NOT_ENOUGH_FLASH = 2
+    OUT_OF_RAM = 3
+    CONNECTION_LOST = 4
+    INTEGRITY_FAILURE = 5
+    UNSUPPORTED_PACKAGE = 6
+    INVALID_URI = 7
+    UPDATE_FAILED = 8
+    UNSUPPORTED_PROTOCOL = 9
+    CANCELLED = 10
+    DEFERRED = 11
+    SIGNATURE_INVALID = 12
+    CONDITION_MISMATCH = 13
+    ROLLBACK_REFUSED = 14
+    UP_TO_DATE = 15
+    HARDWARE_NOT_LISTED = 16
+    SIGNER_REVOKED = 17
+    CHAIN_INVALID = 18
+    ATTESTATION_REFUSED = 19
+    DECLINED = 20
+
+
+TRANSIENT_RESULTS = frozenset({Result.CONNECTION_LOST, Result.OUT_OF_RAM})
+"""Failures worth retrying: the same image may well succeed on a later attempt."""
+SKIP_RESULTS = frozenset({Result.CONDITION_MISMATCH, Result.UP_TO_DATE})
+"""Refusals that mean "this update is not for me" rather than a failure."""
+
+
+class NoticeKind(enum.IntEnum):
+    UPDATE = 1
+    CANCEL = 2
+    COMMIT = 3
+    ABORT = 4
+    INVITE = 5
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Server → device: what to do for one campaign attempt.
+
+    Optional fields carry what later features need without changing the frame: an attestation
+    nonce, the signer key ids revoked since provisioning, an install window, an invitation.
+    """
+
+    kind: NoticeKind
+    device: str
+    campaign: int
+    attempt: int
+    issued: int
+    envelope: bytes | None = None
+    nonce: bytes | None = None
+    revoked: tuple[bytes, ...] = ()
+    window: tuple[int, int] | None = None
+    extra: dict[int, Any] = field(default_factory=dict)
+
+    def to_map(self) -> dict[int, Any]:
+        m: dict[int, Any] = {
+            1: int(self.kind),
+            2: self.device,
+            3: self.campaign,
+            4: self.attempt,
+            5: self.issued,
+        }
+        if self.envelope is not None:
+            m[6] = self.envelope
+        if self.nonce is not None:
+            m[7] = self.nonce
+        if self.revoked:
+            m[8] = list(self.revoked)
+        if self.window is not None:
+            m[9] = list(self.window)
+        m.update(self.extra)
+        return m
+
+    @classmethod
+    def from_map(cls, m: dict[Any, Any]) -> Notice:
+        try:
+            window = m.get(9)
+            return cls(
+                kind=NoticeKind(_uint(m, 1)),
+                device=_text(m, 2),
+                campaign=_uint(m, 3),
+                attempt=_uint(m, 4),
+                issued=_uint(m, 5),
+                envelope=_opt_bytes(m, 6),
+                nonce=_opt_bytes(m, 7),
+                revoked=tuple(_bytes_list(m.get(8, []))),
+                window=(int(window[0]), int(window[1])) if window is not None else None,
+                extra={k: v for k, v in m.items() if isinstance(k, int) and k >= 10},
+            )
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ProtocolError("shape", f"malformed notice: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Report:
+    """Device → server: one state change of one device in one campaign attempt.
+
+    ``(device, campaign, attempt, seq)`` identifies a report; ``seq`` grows with every report a
+    device sends for an attempt, so a duplicate delivered twice is recognised and ignored.
+    Campaign 0 is a hello: the device announces what it runs, outside any campaign.
+    """
+
+    device: str
+    campaign: int
+    attempt: int
+    seq: int
+    state: LwState
+    result: Result
+    progress: int | None = None
+    detail: str | None = None
+    installed_sequence: int | None = None
+    extra: dict[int, Any] = field(default_factory=dict)
+
+    def to_map(self) -> dict[int, Any]:
+        m: dict[int, Any] = {
+            1: self.device,
+            2: self.campaign,
+            3: self.attempt,
+            4: self.seq,
+            5: int(self.state),
+            6: int(self.result),
+        }
+        if self.progress is not None:
+            m[7] = self.progress
+        if self.detail is not None:
+            m[8] = self.detail[:200]
+        if self.installed_sequence is not None:
+            m[9] = self.installed_sequence
+        m.update(self.extra)
+        return m
+
+    @classmethod
+    def from_map(cls, m: dict[Any, Any]) -> Report:
+        try:
+            detail = m.get(8)
+            if detail is not None and not isinstance(detail, str):
+                raise ProtocolError("shape", "report detail must be text")
+            progress = m.get(7)
+            installed = m.get(9)
+            return cls(
+                device=_text(m, 1),
+                campaign=_uint(m, 2),
+                attempt=_uint(m, 3),
+                seq=_uint(m, 4),
+                state=LwState(_uint(m, 5)),
+                result=Result(_uint(m, 6)),
+                progress=None if progress is None else _as_uint(progress, "progress"),
+                detail=detail,
+                installed_sequence=None if installed is None else _as_uint(installed, "sequence"),
+                extra={k: v for k, v in m.items() if isinstance(k, int) and k >= 10},
+            )
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProtocolError("shape", f"malformed report: {exc}") from exc
+
+
+# -- COSE_Mac0 framing ------------------------------------------------------------------------
+
+_PROTECTED = cbor2.dumps({_HDR_ALG: HMAC_256_64})
+
+
+def _mac(key: bytes, protected: bytes, payload: bytes) -> bytes:
+    structure = cbor2.dumps(["MAC0", protected, b"", payload])
+    return hmac.new(key, structure, hashlib.sha256).digest()[:8]
+
+
+def seal(key: bytes, kid: str, body: dict[int, Any]) -> bytes:
+    """Encode ``body`` and wrap it in a COSE_Mac0 keyed with the device secret."""
+    payload = cbor2.dumps(body, canonical=True)
+    tag = _mac(key, _PROTECTED, payload)
+    return cbor2.dumps(cbor2.CBORTag(COSE_MAC0_TAG, [_PROTECTED, {_HDR_KID: kid.encode()}, payload, tag]))
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A Mac0 frame parsed but not yet verified: ``kid`` says which key to check it with."""
+
+    kid: str
+    protected: bytes
+    payload: bytes
+    tag: bytes
+
+    def open(self, key: bytes) -> dict[Any, Any]:
+        if not hmac.compare_digest(_mac(key, self.protected, self.payload), self.tag):
+            raise ProtocolError("mac", f"bad MAC from {self.kid!r}")
+        body = _loads(self.payload)
+        if not isinstance(body, dict):
+            raise ProtocolError("shape", "message body is not a CBOR map")
+        return body
+
+
+def unseal(data: bytes, max_size: int = MAX_REPORT_BYTES) -> Sealed:
+    """Parse a COSE_Mac0 frame; raise ProtocolError naming what is wrong."""
+    if len(data) > max_size:
+        raise ProtocolError("oversized", f"message of {len(data)} bytes exceeds {max_size}")
+    obj = _loads(data)
+    if isinstance(obj, cbor2.CBORTag):
+        if obj.tag != COSE_MAC0_TAG:
+            raise ProtocolError("shape", f"unexpected CBOR tag {obj.tag}")
+        obj = obj.value
+    if not (isinstance(obj, list) and len(obj) == 4):
+        raise ProtocolError("shape", "not a COSE_Mac0 array")
+    protected, unprotected, payload, tag = obj
+    if not (isinstance(protected, bytes) and isinstance(payload, bytes) and isinstance(tag, bytes)):
+        raise ProtocolError("shape", "COSE_Mac0 fields have wrong types")
+    if not isinstance(unprotected, dict) or not isinstance(unprotected.get(_HDR_KID), bytes):
+        raise ProtocolError("shape", "COSE_Mac0 without kid")
+    try:
+        headers = _loads(protected) if protected else {}
+    except ProtocolError:
+        raise ProtocolError("shape", "protected header is not CBOR") from None
+    if not isinstance(headers, dict) or headers.get(_HDR_ALG) != HMAC_256_64:
+        raise ProtocolError("shape", "unsupported MAC algorithm")
+    try:
+        kid = unprotected[_HDR_KID].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("shape", "kid is not UTF-8") from None
+    return Sealed(kid=kid, protected=protected, payload=payload, tag=tag)
+
+
+def encode_report(key: bytes, report: Report) -> bytes:
+    return seal(key, report.device, report.to_map())
+
+
+def encode_notice(key: bytes, notice: Notice) -> bytes:
+    return seal(key, notice.device, notice.to_map())
+
+
+def decode_report(data: bytes, key: bytes) -> Report:
+    """Verify and decode a report with a known key (device side tests, simple callers)."""
+    return Report.from_map(unseal(data).open(key))
+
+
+def decode_notice(data: bytes, key: bytes) -> Notice:
+    return Notice.from_map(unseal(data, MAX_NOTICE_BYTES).open(key))
+
+
+# -- topics and paths -------------------------------------------------------------------------
+
+TOPIC_PREFIX = f"fwcm/v{PROTOCOL_VERSION}"
+
+
+def notice_topic(tenant: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{tenant}/{device}/notice"
+
+
+def status_topic(tenant: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{tenant}/{device}/status"
+
+
+def presence_topic(tenant: str, device: str) -> str:
+    return f"{TOPIC_PREFIX}/{tenant}/{device}/presence"
+
+
+STATUS_SUBSCRIPTION = f"{TOPIC_PREFIX}/+/+/status"
+PRESENCE_SUBSCRIPTION = f"{TOPIC_PREFIX}/+/+/presence"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, str]:
+    """``fwcm/v1/{tenant}/{device}/{leaf}`` → (tenant, device, leaf)."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_PREFIX:
+        raise ProtocolError("topic", f"unexpected topic {topic!r}")
+    return parts[2], parts[3], parts[4]
+
+
+def coap_notice_path(tenant: str, device: str) -> tuple[str, ...]:
+    return ("n", tenant, device)
+
+
+def coap_status_path(tenant: str, device: str) -> tuple[str, ...]:
+    return ("s", tenant, device)
+
+
+def payload_path(sha256_hex: str) -> str:
+    """Path of a payload on both the HTTP and the CoAP server."""
+    return f"/p/{sha256_hex}"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
+        raise ProtocolError("cbor", f"not CBOR: {exc}") from exc
+
+
+def _as_uint(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ProtocolError("shape", f"{what} must be an unsigned integer")
+    return v
+
+
+def _uint(m: dict[Any, Any], key: int) -> int:
+    if key not in m:
+        raise ProtocolError("shape", f"missing key {key}")
+    return _as_uint(m[key], f"key {key}")
+
+
+def _text(m: dict[Any, Any], key: int) -> str:
+    v = m.get(key)
+    if not isinstance(v, str):
+        raise ProtocolError("shape", f"key {key} must be text")
+    return v
+
+
+def _opt_bytes(m: dict[Any, Any], key: int) -> bytes | None:
+    v = m.get(key)
+    if v is not None and not isinstance(v, bytes):
+        raise ProtocolError("shape", f"key {key} must be bytes")
+    return v
+
+
+def _bytes_list(v: Any) -> list[bytes]:
+    if not isinstance(v, list) or not all(isinstance(x, bytes) for x in v):
+        raise ProtocolError("shape", "expected a list of byte strings")
+    return list(v)
