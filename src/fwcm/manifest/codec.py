@@ -1,0 +1,598 @@
+"""SUIT envelope codec (draft-ietf-suit-manifest, numbering of -28 and later) for the fwcm profile.
+
+The profile is one component (``[h'6677']``, "fw"), one image, one or more payload URIs tried in order.
+``docs/manifest.md`` documents the structure; this module is pure (no I/O) and every malformed input
+surfaces as :class:`ManifestError` so callers handle exactly one exception type.
+
+Integrity model: the authentication wrapper's SUIT_Digest is SHA-256 over the bstr-wrapped manifest and
+each COSE_Sign1 signs that encoded SUIT_Digest (detached payload).  Everything outside the signed bytes
+is parsed strictly (canonical outer envelope, only ``kid`` allowed in the unprotected header) so that any
+change to a signed envelope makes decoding or verification fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+
+from .errors import ManifestError, SignatureError
+from .keys import PrivateKey, PublicKey, key_alg, key_id, public_of
+
+# --- SUIT numbering (draft-ietf-suit-manifest -28+) -----------------------------------------------
+ENVELOPE_TAG = 107
+ENV_AUTH = 2
+ENV_MANIFEST = 3
+
+MANIFEST_VERSION = 1
+M_VERSION = 1
+M_SEQUENCE = 2
+M_COMMON = 3
+M_VALIDATE = 7
+M_INVOKE = 9
+M_PAYLOAD_FETCH = 16
+M_INSTALL = 20
+
+C_COMPONENTS = 2
+C_SHARED_SEQUENCE = 4
+
+P_VENDOR_ID = 1
+P_CLASS_ID = 2
+P_IMAGE_DIGEST = 3
+P_IMAGE_SIZE = 14
+P_URI = 21
+
+COND_VENDOR_ID = 1
+COND_CLASS_ID = 2
+COND_IMAGE_MATCH = 3
+
+DIR_SET_COMPONENT_INDEX = 12
+DIR_TRY_EACH = 15
+DIR_OVERRIDE_PARAMETERS = 20
+DIR_FETCH = 21
+
+REPORT_ALL = 15
+"""Reporting policy for conditions: record and sysinfo on success and failure."""
+REPORT_FAILURE = 2
+"""Reporting policy for fetch: record on failure."""
+
+DIGEST_SHA256 = -16
+COMPONENT_FW: list[bytes] = [b"fw"]
+"""The single component identifier fwcm writes: ``[h'6677']``."""
+
+# --- COSE (RFC 9052/9053, RFC 9360, draft-ietf-jose-fully-specified-algorithms) ------------------
+COSE_SIGN1_TAG = 18
+HDR_ALG = 1
+HDR_CRIT = 2
+HDR_KID = 4
+HDR_X5CHAIN = 33
+ALG_ES256 = -7
+ALG_EDDSA = -8
+ALG_ESP256 = -9
+SIGNING_ALGS = {"es256": ALG_ES256, "eddsa": ALG_EDDSA}
+ALG_NAMES = {ALG_ES256: "ES256", ALG_EDDSA: "EdDSA", ALG_ESP256: "ESP256"}
+
+MAX_ENVELOPE_BYTES = 256 * 1024
+"""Envelopes above this size are refused unread (a profile envelope is a few hundred bytes plus certs)."""
+MAX_URIS = 16
+_UINT64_MAX = 2**64 - 1
+
+
+def vendor_id_for_domain(domain: str) -> uuid.UUID:
+    """Vendor ID convention: UUID5 in the DNS namespace over the vendor's domain name."""
+    return uuid.uuid5(uuid.NAMESPACE_DNS, domain)
+
+
+def class_id_for(vendor_id: uuid.UUID, model: str) -> uuid.UUID:
+    """Class ID convention: UUID5 in the vendor's namespace over the device model name."""
+    return uuid.uuid5(vendor_id, model)
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """Everything the fwcm profile says about one update."""
+
+    sequence: int
+    vendor_id: uuid.UUID
+    class_id: uuid.UUID
+    image_digest: bytes
+    """SHA-256 of the image, 32 bytes."""
+    image_size: int
+    uris: tuple[str, ...]
+    """One or more payload URIs, tried in order (try-each)."""
+
+
+@dataclass(frozen=True)
+class CoseSignature:
+    """One parsed COSE_Sign1 entry of the authentication wrapper."""
+
+    alg: int
+    kid: bytes | None
+    signature: bytes
+    x5chain: tuple[bytes, ...]
+    """DER certificates from protected header 33 (leaf first), empty when absent."""
+    protected: bytes
+    """The serialized protected header exactly as carried (it is part of what is signed)."""
+
+    @property
+    def alg_name(self) -> str:
+        return ALG_NAMES.get(self.alg, str(self.alg))
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded (not yet verified) SUIT envelope."""
+
+    info: ManifestInfo
+    manifest_bstr: bytes
+    """The bstr-wrapped manifest as it appears in the envelope (CBOR header included)."""
+    digest: bytes
+    """SHA-256 over ``manifest_bstr`` (32 bytes), the value of the SUIT_Digest."""
+    signatures: tuple[CoseSignature, ...]
+    raw: bytes
+    suit_digest: bytes = field(default=b"", repr=False)
+    """The encoded SUIT_Digest ``[-16, digest]`` as carried: the detached payload each signature signs."""
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> bytes:
+    return cbor2.dumps(obj, canonical=True)
+
+
+def _suit_digest(digest: bytes) -> bytes:
+    return _dumps([DIGEST_SHA256, digest])
+
+
+def _check_info(info: ManifestInfo) -> None:
+    if not isinstance(info.sequence, int) or isinstance(info.sequence, bool):
+        raise ManifestError("sequence must be an integer")
+    if not 0 <= info.sequence <= _UINT64_MAX:
+        raise ManifestError("sequence must be between 0 and 2**64-1")
+    if not isinstance(info.vendor_id, uuid.UUID) or not isinstance(info.class_id, uuid.UUID):
+        raise ManifestError("vendor_id and class_id must be UUIDs")
+    if not isinstance(info.image_digest, bytes) or len(info.image_digest) != 32:
+        raise ManifestError("image_digest must be 32 bytes (SHA-256)")
+    if not isinstance(info.image_size, int) or isinstance(info.image_size, bool):
+        raise ManifestError("image_size must be an integer")
+    if not 0 <= info.image_size <= _UINT64_MAX:
+        raise ManifestError("image_size must be between 0 and 2**64-1")
+    if not info.uris:
+        raise ManifestError("at least one payload URI is required")
+    if len(info.uris) > MAX_URIS:
+        raise ManifestError(f"at most {MAX_URIS} payload URIs")
+    for uri in info.uris:
+        if not isinstance(uri, str) or not uri:
+            raise ManifestError("payload URIs must be non-empty strings")
+
+
+def _fetch_option(uri: str) -> list[Any]:
+    return [
+        DIR_OVERRIDE_PARAMETERS,
+        {P_URI: uri},
+        DIR_FETCH,
+        REPORT_FAILURE,
+        COND_IMAGE_MATCH,
+        REPORT_ALL,
+    ]
+
+
+def encode_manifest(info: ManifestInfo) -> bytes:
+    """The deterministic CBOR SUIT_Manifest (not yet bstr-wrapped) for ``info``."""
+    _check_info(info)
+    shared = [
+        DIR_SET_COMPONENT_INDEX,
+        0,
+        DIR_OVERRIDE_PARAMETERS,
+        {
+            P_VENDOR_ID: info.vendor_id.bytes,
+            P_CLASS_ID: info.class_id.bytes,
+            P_IMAGE_DIGEST: _suit_digest(info.image_digest),
+            P_IMAGE_SIZE: info.image_size,
+        },
+        COND_VENDOR_ID,
+        REPORT_ALL,
+        COND_CLASS_ID,
+        REPORT_ALL,
+    ]
+    common = {C_COMPONENTS: [COMPONENT_FW], C_SHARED_SEQUENCE: _dumps(shared)}
+    if len(info.uris) == 1:
+        fetch = _fetch_option(info.uris[0])
+    else:
+        fetch = [DIR_TRY_EACH, [_dumps(_fetch_option(u)) for u in info.uris]]
+    check = [COND_IMAGE_MATCH, REPORT_ALL]
+    manifest = {
+        M_VERSION: MANIFEST_VERSION,
+        M_SEQUENCE: info.sequence,
+        M_COMMON: _dumps(common),
+        M_VALIDATE: _dumps(check),
+        M_PAYLOAD_FETCH: _dumps(fetch),
+        M_INSTALL: _dumps(check),
+    }
+    return _dumps(manifest)
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    return _dumps(["Signature1", protected, b"", payload])
+
+
+def _sign(key: PrivateKey, data: bytes) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    der = key.sign(data, ec.ECDSA(hashes.SHA256()))
+    r, s = utils.decode_dss_signature(der)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def build_envelope(info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] | None = None) -> bytes:
+    """Sign ``info`` with ``key`` (ES256 or EdDSA by key type) into a tagged SUIT envelope.
+
+    ``x5chain`` (DER certificates, leaf first) is carried in the protected header, label 33.
+    """
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise ManifestError("a private key is required to sign")
+    alg = SIGNING_ALGS[key_alg(key)]
+    manifest = encode_manifest(info)
+    manifest_bstr = _dumps(manifest)
+    suit_digest = _suit_digest(hashlib.sha256(manifest_bstr).digest())
+    protected_map: dict[int, Any] = {HDR_ALG: alg}
+    if x5chain:
+        if not all(isinstance(c, bytes) and c for c in x5chain):
+            raise ManifestError("x5chain entries must be non-empty DER bytes")
+        protected_map[HDR_X5CHAIN] = x5chain[0] if len(x5chain) == 1 else list(x5chain)
+    protected = _dumps(protected_map)
+    signature = _sign(key, _sig_structure(protected, suit_digest))
+    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public_of(key))}, None, signature])
+    auth = [suit_digest, _dumps(sign1)]
+    envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest})
+    return _dumps(envelope)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+
+def _loads(data: bytes, what: str) -> Any:
+    """Decode exactly one CBOR item; trailing bytes, duplicate keys and indefinite lengths are errors."""
+    fp = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=32)
+        value = decoder.decode()
+    except ManifestError:
+        raise
+    except Exception as exc:  # cbor2 raises a zoo of types on hostile input; all mean "malformed"
+        raise ManifestError(f"{what}: malformed CBOR ({type(exc).__name__})") from None
+    if fp.tell() != len(data):
+        raise ManifestError(f"{what}: trailing bytes after the CBOR item")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _uint(v: Any, what: str) -> int:
+    if not _is_int(v) or not 0 <= v <= _UINT64_MAX:
+        raise ManifestError(f"{what} must be an unsigned 64-bit integer")
+    return int(v)
+
+
+def _bytes(v: Any, what: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise ManifestError(f"{what} must be a byte string")
+    return v
+
+
+def _map(v: Any, what: str) -> Mapping[Any, Any]:
+    if not isinstance(v, Mapping):
+        raise ManifestError(f"{what} must be a map")
+    return v
+
+
+def _array(v: Any, what: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(v, list | tuple):
+        raise ManifestError(f"{what} must be an array")
+    return v
+
+
+def _only_keys(m: Mapping[Any, Any], allowed: set[int], what: str) -> None:
+    for k in m:
+        if not _is_int(k) or k not in allowed:
+            raise ManifestError(f"{what}: unsupported key {k!r}")
+
+
+def _decode_suit_digest(data: bytes, what: str) -> bytes:
+    arr = _array(_loads(data, what), what)
+    if len(arr) != 2:
+        raise ManifestError(f"{what}: SUIT_Digest must be [algorithm, bytes]")
+    if not _is_int(arr[0]) or arr[0] != DIGEST_SHA256:
+        raise ManifestError(f"{what}: unsupported digest algorithm {arr[0]!r} (need SHA-256, -16)")
+    digest = _bytes(arr[1], what)
+    if len(digest) != 32:
+        raise ManifestError(f"{what}: SHA-256 digest must be 32 bytes")
+    return digest
+
+
+def _commands(data: Any, what: str) -> list[tuple[int, Any]]:
+    arr = _array(_loads(_bytes(data, what), what), what)
+    if not arr or len(arr) % 2:
+        raise ManifestError(f"{what}: a command sequence is a non-empty list of (command, argument) pairs")
+    out = []
+    for i in range(0, len(arr), 2):
+        if not _is_int(arr[i]):
+            raise ManifestError(f"{what}: command codes must be integers")
+        out.append((int(arr[i]), arr[i + 1]))
+    return out
+
+
+@dataclass
+class _Image:
+    vendor_id: uuid.UUID | None = None
+    class_id: uuid.UUID | None = None
+    digest: bytes | None = None
+    size: int | None = None
+    conditions: set[int] = field(default_factory=set)
+
+
+def _uuid_param(v: Any, what: str) -> uuid.UUID:
+    b = _bytes(v, what)
+    if len(b) != 16:
+        raise ManifestError(f"{what} must be a 16-byte UUID")
+    return uuid.UUID(bytes=b)
+
+
+def _shared_sequence(data: Any) -> _Image:
+    what = "shared-sequence"
+    img = _Image()
+    for code, arg in _commands(data, what):
+        if code == DIR_SET_COMPONENT_INDEX:
+            if arg is not True and (not _is_int(arg) or arg != 0):
+                raise ManifestError(f"{what}: component index must be 0 (one component)")
+        elif code == DIR_OVERRIDE_PARAMETERS:
+            params = _map(arg, f"{what}: override-parameters")
+            _only_keys(params, {P_VENDOR_ID, P_CLASS_ID, P_IMAGE_DIGEST, P_IMAGE_SIZE, P_URI}, what)
+            if P_VENDOR_ID in params:
+                img.vendor_id = _uuid_param(params[P_VENDOR_ID], "vendor-id")
+            if P_CLASS_ID in params:
+                img.class_id = _uuid_param(params[P_CLASS_ID], "class-id")
+            if P_IMAGE_DIGEST in params:
+                raw = _bytes(params[P_IMAGE_DIGEST], "image-digest")
+                img.digest = _decode_suit_digest(raw, "image-digest")
+            if P_IMAGE_SIZE in params:
+                img.size = _uint(params[P_IMAGE_SIZE], "image-size")
+            if P_URI in params:
+                raise ManifestError(f"{what}: payload URIs belong in payload-fetch or install")
+        elif code in (COND_VENDOR_ID, COND_CLASS_ID, COND_IMAGE_MATCH):
+            _uint(arg, f"{what}: reporting policy")
+            if code == COND_VENDOR_ID and img.vendor_id is None:
+                raise ManifestError(f"{what}: vendor-identifier condition before vendor-id is set")
+            if code == COND_CLASS_ID and img.class_id is None:
+                raise ManifestError(f"{what}: class-identifier condition before class-id is set")
+            img.conditions.add(code)
+        else:
+            raise ManifestError(f"{what}: unsupported command {code}")
+    return img
+
+
+def _fetch_sequence(data: Any, what: str, uris: list[str], depth: int = 0) -> None:
+    """Collect the payload URIs a fetch/install sequence fetches from, in try order."""
+    uri: str | None = None
+    for code, arg in _commands(data, what):
+        if code == DIR_SET_COMPONENT_INDEX:
+            if arg is not True and (not _is_int(arg) or arg != 0):
+                raise ManifestError(f"{what}: component index must be 0 (one component)")
+        elif code == DIR_OVERRIDE_PARAMETERS:
+            params = _map(arg, f"{what}: override-parameters")
+            _only_keys(params, {P_URI}, f"{what}: override-parameters")
+            value = params.get(P_URI)
+            if not isinstance(value, str) or not value:
+                raise ManifestError(f"{what}: uri must be a non-empty text string")
+            uri = value
+        elif code == DIR_FETCH:
+            _uint(arg, f"{what}: reporting policy")
+            if uri is None:
+                raise ManifestError(f"{what}: fetch without a uri")
+            if uri not in uris:
+                uris.append(uri)
+            if len(uris) > MAX_URIS:
+                raise ManifestError(f"{what}: more than {MAX_URIS} payload URIs")
+        elif code == COND_IMAGE_MATCH:
+            _uint(arg, f"{what}: reporting policy")
+        elif code == DIR_TRY_EACH:
+            if depth:
+                raise ManifestError(f"{what}: nested try-each is not supported")
+            options = _array(arg, f"{what}: try-each")
+            if options and options[-1] is None:
+                options = options[:-1]
+            if len(options) < 1:
+                raise ManifestError(f"{what}: try-each needs at least one option")
+            for option in options:
+                _fetch_sequence(option, f"{what}: try-each option", uris, depth + 1)
+        else:
+            raise ManifestError(f"{what}: unsupported command {code}")
+
+
+def _decode_manifest(manifest: bytes) -> ManifestInfo:
+    m = _map(_loads(manifest, "manifest"), "manifest")
+    _only_keys(
+        m, {M_VERSION, M_SEQUENCE, M_COMMON, M_VALIDATE, M_INVOKE, M_PAYLOAD_FETCH, M_INSTALL}, "manifest"
+    )
+    if m.get(M_VERSION) != MANIFEST_VERSION or not _is_int(m.get(M_VERSION)):
+        raise ManifestError(f"manifest: unsupported manifest-version {m.get(M_VERSION)!r} (need 1)")
+    if M_SEQUENCE not in m:
+        raise ManifestError("manifest: sequence-number missing")
+    sequence = _uint(m[M_SEQUENCE], "sequence-number")
+    if M_COMMON not in m:
+        raise ManifestError("manifest: common missing")
+    common = _map(_loads(_bytes(m[M_COMMON], "common"), "common"), "common")
+    _only_keys(common, {C_COMPONENTS, C_SHARED_SEQUENCE}, "common")
+    components = _array(common.get(C_COMPONENTS), "components")
+    if len(components) != 1:
+        raise ManifestError("common: the profile has exactly one component")
+    component = _array(components[0], "component identifier")
+    if not component or not all(isinstance(p, bytes) for p in component):
+        raise ManifestError("common: a component identifier is a non-empty array of byte strings")
+    if C_SHARED_SEQUENCE not in common:
+        raise ManifestError("common: shared-sequence missing")
+    img = _shared_sequence(common[C_SHARED_SEQUENCE])
+    if img.vendor_id is None or img.class_id is None or img.digest is None or img.size is None:
+        raise ManifestError("shared-sequence: vendor-id, class-id, image-digest and image-size are required")
+    if not {COND_VENDOR_ID, COND_CLASS_ID} <= img.conditions:
+        raise ManifestError("shared-sequence: vendor-identifier and class-identifier conditions are required")
+    for key, name in ((M_VALIDATE, "validate"), (M_INVOKE, "invoke")):
+        if key in m:
+            _commands(m[key], name)
+    uris: list[str] = []
+    for key, name in ((M_PAYLOAD_FETCH, "payload-fetch"), (M_INSTALL, "install")):
+        if key in m:
+            _fetch_sequence(m[key], name, uris)
+    if not uris:
+        raise ManifestError("manifest: no payload URI (payload-fetch or install must fetch)")
+    return ManifestInfo(
+        sequence=sequence,
+        vendor_id=img.vendor_id,
+        class_id=img.class_id,
+        image_digest=img.digest,
+        image_size=img.size,
+        uris=tuple(uris),
+    )
+
+
+def _decode_x5chain(v: Any) -> tuple[bytes, ...]:
+    certs = [v] if isinstance(v, bytes) else list(_array(v, "x5chain"))
+    if not certs or not all(isinstance(c, bytes) and c for c in certs):
+        raise ManifestError("x5chain must be a DER certificate or a non-empty array of them")
+    return tuple(certs)
+
+
+def _decode_sign1(data: Any) -> CoseSignature:
+    what = "COSE_Sign1"
+    tag = _loads(_bytes(data, what), what)
+    if not isinstance(tag, cbor2.CBORTag) or tag.tag != COSE_SIGN1_TAG:
+        raise ManifestError(f"{what}: expected tag 18")
+    arr = _array(tag.value, what)
+    if len(arr) != 4:
+        raise ManifestError(f"{what}: expected [protected, unprotected, payload, signature]")
+    protected_bytes = _bytes(arr[0], f"{what}: protected header")
+    if arr[2] is not None:
+        raise ManifestError(f"{what}: payload must be detached (nil)")
+    signature = _bytes(arr[3], f"{what}: signature")
+    protected: Mapping[Any, Any] = {}
+    if protected_bytes:
+        protected = _map(_loads(protected_bytes, "protected header"), "protected header")
+    _only_keys(protected, {HDR_ALG, HDR_KID, HDR_X5CHAIN}, f"{what}: protected header")
+    unprotected = _map(arr[1], f"{what}: unprotected header")
+    _only_keys(unprotected, {HDR_KID}, f"{what}: unprotected header")
+    alg = protected.get(HDR_ALG)
+    if not _is_int(alg) or alg not in ALG_NAMES:
+        raise ManifestError(f"{what}: unsupported algorithm {alg!r} (need ES256, ESP256 or EdDSA)")
+    if HDR_KID in protected and HDR_KID in unprotected:
+        raise ManifestError(f"{what}: kid in both headers")
+    kid_value = protected.get(HDR_KID, unprotected.get(HDR_KID))
+    kid = None if kid_value is None else _bytes(kid_value, "kid")
+    x5chain = _decode_x5chain(protected[HDR_X5CHAIN]) if HDR_X5CHAIN in protected else ()
+    if len(signature) != 64:
+        raise ManifestError(f"{what}: {ALG_NAMES[alg]} signature must be 64 bytes")
+    return CoseSignature(
+        alg=int(alg), kid=kid, signature=signature, x5chain=x5chain, protected=protected_bytes
+    )
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Parse a SUIT envelope without trusting it; raises :class:`ManifestError` on anything malformed.
+
+    The manifest digest is checked here; signatures are checked by :func:`verify_envelope`.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ManifestError("envelope must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise ManifestError(f"envelope larger than {MAX_ENVELOPE_BYTES} bytes")
+    top = _loads(data, "envelope")
+    if not isinstance(top, cbor2.CBORTag) or top.tag != ENVELOPE_TAG:
+        raise ManifestError("not a SUIT envelope (expected CBOR tag 107)")
+    env = _map(top.value, "envelope")
+    _only_keys(env, {ENV_AUTH, ENV_MANIFEST}, "envelope")
+    if ENV_AUTH not in env:
+        raise ManifestError("envelope: authentication-wrapper missing (unsigned manifest)")
+    if ENV_MANIFEST not in env:
+        raise ManifestError("envelope: manifest missing")
+    auth_bytes = _bytes(env[ENV_AUTH], "authentication-wrapper")
+    manifest = _bytes(env[ENV_MANIFEST], "manifest")
+    if _dumps(cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: auth_bytes, ENV_MANIFEST: manifest})) != data:
+        raise ManifestError("envelope: not deterministically encoded")
+    manifest_bstr = _dumps(manifest)
+
+    auth = _array(_loads(auth_bytes, "authentication-wrapper"), "authentication-wrapper")
+    if len(auth) < 2:
+        raise ManifestError("authentication-wrapper: needs a digest and at least one signature")
+    suit_digest = _bytes(auth[0], "authentication digest")
+    carried = _decode_suit_digest(suit_digest, "authentication digest")
+    digest = hashlib.sha256(manifest_bstr).digest()
+    if carried != digest:
+        raise ManifestError("authentication digest does not match the manifest")
+    signatures = tuple(_decode_sign1(item) for item in auth[1:])
+    info = _decode_manifest(manifest)
+    return Envelope(
+        info=info,
+        manifest_bstr=manifest_bstr,
+        digest=digest,
+        signatures=signatures,
+        raw=data,
+        suit_digest=suit_digest,
+    )
+
+
+# --- verification ----------------------------------------------------------------------------------
+
+
+def _verify_one(sig: CoseSignature, key: PublicKey, payload: bytes) -> bool:
+    data = _sig_structure(sig.protected, payload)
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            if sig.alg != ALG_EDDSA:
+                return False
+            key.verify(sig.signature, data)
+        else:
+            if sig.alg not in (ALG_ES256, ALG_ESP256):
+                return False
+            r = int.from_bytes(sig.signature[:32], "big")
+            s = int.from_bytes(sig.signature[32:], "big")
+            key.verify(utils.encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_envelope(env: Envelope, keys: Iterable[PublicKey]) -> PublicKey:
+    """Return the first trusted key that verifies a signature of ``env``; raise :class:`SignatureError`.
+
+    A signature carrying a ``kid`` is only tried against the key with that id, so a signature can never
+    be attributed to a different trusted key.
+    """
+    trusted = [(k, public_of(k)) for k in keys]
+    if not trusted:
+        raise SignatureError("no trusted keys to verify against")
+    if not env.signatures:
+        raise SignatureError("envelope carries no signature")
+    payload = env.suit_digest or _suit_digest(env.digest)
+    known_kid = False
+    for sig in env.signatures:
+        for original, pub in trusted:
+            if sig.kid is not None and sig.kid != key_id(pub):
+                continue
+            known_kid = True
+            if _verify_one(sig, pub, payload):
+                return original
+    if not known_kid:
+        kid = env.signatures[0].kid
+        raise SignatureError(f"signed by an unknown key (kid {kid.hex()[:16] if kid else '-'})")
+    raise SignatureError("signature does not verify")
