@@ -1,0 +1,87 @@
+"""Server settings, read once from the environment so every component sees the same values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fwcm.store.db import normalize_url
+
+MiB = 1024 * 1024
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bind_env(name: str, default: str) -> tuple[str, int]:
+    raw = os.environ.get(name) or default
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{name} must look like HOST:PORT, got {raw!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass
+class Settings:
+    """Where data lives, what the server listens on and how large uploads may be."""
+
+    data_dir: Path = field(default_factory=lambda: Path("fwcm-data"))
+    database_url: str = ""
+    max_payload_bytes: int = 64 * MiB
+    max_manifest_bytes: int = 64 * 1024
+    max_import_bytes: int = 64 * MiB
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    coap_host: str = "127.0.0.1"
+    coap_port: int = 5683
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    public_http_url: str = ""
+    """Base URL devices use for HTTP payloads (``{base}/p/{sha256}``); defaults to the HTTP bind."""
+    public_coap_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'fwcm.db').resolve()}"
+        self.database_url = normalize_url(self.database_url)
+        if not self.public_http_url:
+            self.public_http_url = f"http://{self.http_host}:{self.http_port}"
+        if not self.public_coap_url:
+            self.public_coap_url = f"coap://{self.coap_host}:{self.coap_port}"
+
+    @property
+    def payload_dir(self) -> Path:
+        return self.data_dir / "payloads"
+
+    def ensure_dirs(self) -> None:
+        self.payload_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``FWCM_*`` variables; keyword arguments win over the environment."""
+        http_host, http_port = _bind_env("FWCM_HTTP_BIND", "127.0.0.1:8080")
+        coap_host, coap_port = _bind_env("FWCM_COAP_BIND", "127.0.0.1:5683")
+        values: dict[str, object] = {
+            "data_dir": Path(os.environ.get("FWCM_DATA_DIR") or "fwcm-data"),
+            "database_url": os.environ.get("FWCM_DATABASE_URL", ""),
+            "max_payload_bytes": _int_env("FWCM_MAX_PAYLOAD_BYTES", 64 * MiB),
+            "max_manifest_bytes": _int_env("FWCM_MAX_MANIFEST_BYTES", 64 * 1024),
+            "max_import_bytes": _int_env("FWCM_MAX_IMPORT_BYTES", 64 * MiB),
+            "http_host": http_host,
+            "http_port": http_port,
+            "coap_host": coap_host,
+            "coap_port": coap_port,
+            "mqtt_url": os.environ.get("FWCM_MQTT_URL") or "mqtt://127.0.0.1:1883",
+            "public_http_url": os.environ.get("FWCM_PUBLIC_HTTP_URL", ""),
+            "public_coap_url": os.environ.get("FWCM_PUBLIC_COAP_URL", ""),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,896 @@
+"""Tenant-scoped storage operations: the only way the API touches the database.
+
+Every function takes the caller's ``tenant_id`` and filters on it, so another tenant's object is
+indistinguishable from a missing one (``NotFound``).  Functions run inside the caller's session;
+``Database.session()`` commits on success and rolls back on any error, so nothing is half-stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fwcm import filters
+from fwcm.protocol import NAME_RE, Result
+from fwcm.store.models import (
+    ApiKey,
+    Campaign,
+    CampaignEvent,
+    Deployment,
+    Device,
+    DeviceEvent,
+    Manifest,
+    Payload,
+    Signer,
+    Tenant,
+)
+
+log = logging.getLogger(__name__)
+
+CAMPAIGN_STATES = ("draft", "scheduled", "running", "paused", "completed", "cancelled", "stopped")
+FINAL_CAMPAIGN_STATES = ("completed", "cancelled", "stopped")
+DEPLOYMENT_STATES = (
+    "pending",
+    "notified",
+    "downloading",
+    "downloaded",
+    "installing",
+    "succeeded",
+    "failed",
+    "skipped",
+    "timed_out",
+    "cancelled",
+)
+TRANSPORTS = ("mqtt", "coap")
+SECRET_BYTES = 32
+API_KEY_PREFIX = "fwcm_"
+MAX_IMPORT_ERRORS = 50
+CSV_COLUMNS = (
+    "name",
+    "vendor_id",
+    "class_id",
+    "tags",
+    "sequence",
+    "version",
+    "transport",
+    "hardware_id",
+    "secret",
+)
+CSV_REQUIRED = ("name", "vendor_id", "class_id")
+_IN_CHUNK = 5000
+_DEVICES = cast(Table, Device.__table__)
+
+
+class NotFound(LookupError):
+    """The object does not exist for this tenant (it may exist for another: same answer)."""
+
+
+class Conflict(ValueError):
+    """The request clashes with current state: a duplicate name, a campaign in the wrong state."""
+
+
+class Invalid(ValueError):
+    """Input that is well-formed but not acceptable: names the field and the problem."""
+
+
+class TooLarge(Invalid):
+    """An upload over its configured limit (HTTP 413)."""
+
+
+class ImportErrors(Invalid):
+    """A CSV import refused as a whole; ``errors`` lists ``line N: problem`` entries."""
+
+    def __init__(self, errors: list[str], more: int = 0) -> None:
+        self.errors = errors
+        self.more = more
+        summary = "; ".join(errors[:3])
+        extra = len(errors) - 3 + more
+        if extra > 0:
+            summary += f"; and {extra} more"
+        super().__init__(f"CSV import refused, nothing imported: {summary}")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _uuid(value: Any, field: str) -> str:
+    try:
+        return str(uuid.UUID(str(value).strip()))
+    except ValueError:
+        raise Invalid(f"{field} must be a UUID, got {value!r}") from None
+
+
+def _name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise Invalid(
+            f"{what} {value!r} is not valid: 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+# -- tenants ----------------------------------------------------------------------------------
+
+
+def create_tenant(s: Session, slug: str, name: str | None = None) -> tuple[Tenant, str]:
+    """Create a tenant and its first API key; the plaintext key is returned only here."""
+    _name(slug, "tenant slug")
+    if s.scalar(select(Tenant.id).where(Tenant.slug == slug)) is not None:
+        raise Conflict(f"tenant {slug!r} already exists")
+    tenant = Tenant(slug=slug, name=name or slug)
+    s.add(tenant)
+    s.flush()
+    key = add_api_key(s, tenant.id)
+    log.info("created tenant %s (id %d)", slug, tenant.id)
+    return tenant, key
+
+
+def add_api_key(s: Session, tenant_id: int, label: str = "default") -> str:
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    s.add(ApiKey(tenant_id=tenant_id, key_hash=_hash_key(key), label=label))
+    s.flush()
+    return key
+
+
+def tenant_for_key(s: Session, key: str) -> Tenant | None:
+    if not key.startswith(API_KEY_PREFIX):
+        return None
+    return s.scalar(
+        select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_hash == _hash_key(key))
+    )
+
+
+def tenant_by_slug(s: Session, slug: str) -> Tenant | None:
+    return s.scalar(select(Tenant).where(Tenant.slug == slug))
+
+
+# -- signers ----------------------------------------------------------------------------------
+
+
+def add_signer(s: Session, tenant_id: int, name: str, public_key_pem: str | bytes) -> Signer:
+    """Trust a public key for this tenant's manifests; raises ManifestError for a bad key."""
+    from fwcm import manifest
+
+    _name(name, "signer name")
+    pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+    key = manifest.load_public_key(pem)
+    kid = manifest.key_id(key).hex()
+    for other in s.scalars(
+        select(Signer).where(Signer.tenant_id == tenant_id, (Signer.name == name) | (Signer.key_id == kid))
+    ):
+        if other.name == name:
+            raise Conflict(f"signer {name!r} already exists")
+        raise Conflict(f"this key is already registered as signer {other.name!r}")
+    signer = Signer(
+        tenant_id=tenant_id,
+        name=name,
+        alg=manifest.key_alg(key),
+        key_id=kid,
+        public_key_pem=manifest.public_key_pem(key).decode(),
+    )
+    s.add(signer)
+    s.flush()
+    return signer
+
+
+def list_signers(s: Session, tenant_id: int) -> Sequence[Signer]:
+    return s.scalars(select(Signer).where(Signer.tenant_id == tenant_id).order_by(Signer.id)).all()
+
+
+def get_signer(s: Session, tenant_id: int, name: str) -> Signer:
+    signer = s.scalar(select(Signer).where(Signer.tenant_id == tenant_id, Signer.name == name))
+    if signer is None:
+        raise NotFound(f"signer {name!r} not found")
+    return signer
+
+
+def revoke_signer(s: Session, tenant_id: int, name: str) -> Signer:
+    """Stop trusting a key for new manifests; manifests already stored keep their signer."""
+    signer = get_signer(s, tenant_id, name)
+    if signer.revoked_at is None:
+        signer.revoked_at = now()
+    return signer
+
+
+# -- payloads ---------------------------------------------------------------------------------
+
+
+def record_payload(
+    s: Session, tenant_id: int, sha256: str, size: int, name: str | None = None
+) -> tuple[Payload, bool]:
+    """Record that the tenant owns a stored file; idempotent (returns ``created`` False)."""
+    existing = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+    if existing is not None:
+        return existing, False
+    payload = Payload(tenant_id=tenant_id, sha256=sha256, size=size, name=name)
+    try:
+        with s.begin_nested():
+            s.add(payload)
+            s.flush()
+    except IntegrityError:  # a concurrent upload of the same image won the race
+        existing = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+        if existing is None:
+            raise
+        return existing, False
+    return payload, True
+
+
+def list_payloads(s: Session, tenant_id: int) -> Sequence[Payload]:
+    return s.scalars(select(Payload).where(Payload.tenant_id == tenant_id).order_by(Payload.id)).all()
+
+
+def get_payload(s: Session, tenant_id: int, sha256: str) -> Payload:
+    payload = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+    if payload is None:
+        raise NotFound(f"payload {sha256} not found")
+    return payload
+
+
+def payload_is_published(s: Session, sha256: str) -> bool:
+    """Whether any tenant owns this image: devices fetch by digest without credentials."""
+    return s.scalar(select(Payload.id).where(Payload.sha256 == sha256).limit(1)) is not None
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+
+def upload_manifest(
+    s: Session, tenant_id: int, data: bytes, *, max_bytes: int = 64 * 1024, name: str | None = None
+) -> tuple[Manifest, bool]:
+    """Decode and verify an envelope against the tenant's trusted signers, then store it.
+
+    Raises ManifestError (malformed) or SignatureError (not signed by a trusted, unrevoked key).
+    Uploading the same manifest twice returns the stored one with ``created`` False.
+    """
+    from fwcm import manifest
+
+    if len(data) > max_bytes:
+        raise TooLarge(f"manifest of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    env = manifest.decode_envelope(data)
+    signers = [
+        sg
+        for sg in s.scalars(select(Signer).where(Signer.tenant_id == tenant_id, Signer.revoked_at.is_(None)))
+    ]
+    if not signers:
+        raise manifest.SignatureError("no trusted signers registered; add one with `fwcm signer add`")
+    keys = {}
+    for sg in signers:
+        keys[sg.key_id] = (sg, manifest.load_public_key(sg.public_key_pem.encode()))
+    verified = manifest.verify_envelope(env, [k for _, k in keys.values()])
+    signer = keys[manifest.key_id(verified).hex()][0]
+    digest = env.digest.hex()
+    existing = s.scalar(select(Manifest).where(Manifest.tenant_id == tenant_id, Manifest.digest == digest))
+    if existing is not None:
+        return existing, False
+    info = env.info
+    row = Manifest(
+        tenant_id=tenant_id,
+        digest=digest,
+        sequence=info.sequence,
+        vendor_id=str(info.vendor_id),
+        class_id=str(info.class_id),
+        image_digest=info.image_digest.hex(),
+        image_size=info.image_size,
+        uris=list(info.uris),
+        envelope=bytes(data),
+        signer_id=signer.id,
+        name=name,
+    )
+    s.add(row)
+    s.flush()
+    log.info("tenant %d stored manifest %d (sequence %d)", tenant_id, row.id, info.sequence)
+    return row, True
+
+
+def list_manifests(s: Session, tenant_id: int) -> Sequence[Manifest]:
+    return s.scalars(select(Manifest).where(Manifest.tenant_id == tenant_id).order_by(Manifest.id)).all()
+
+
+def get_manifest(s: Session, tenant_id: int, manifest_id: int) -> Manifest:
+    row = s.scalar(select(Manifest).where(Manifest.tenant_id == tenant_id, Manifest.id == manifest_id))
+    if row is None:
+        raise NotFound(f"manifest {manifest_id} not found")
+    return row
+
+
+def signer_name(s: Session, tenant_id: int, signer_id: int | None) -> str | None:
+    if signer_id is None:
+        return None
+    return s.scalar(select(Signer.name).where(Signer.tenant_id == tenant_id, Signer.id == signer_id))
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+@dataclass
+class NewDevice:
+    """A validated device row, before insertion."""
+
+    name: str
+    vendor_id: str
+    class_id: str
+    tags: dict[str, str]
+    sequence: int
+    version: str | None
+    transport: str
+    hardware_id: str | None
+    secret: bytes
+
+    def row(self, tenant_id: int) -> dict[str, Any]:
+        return {
+            "tenant_id": tenant_id,
+            "name": self.name,
+            "vendor_id": self.vendor_id,
+            "class_id": self.class_id,
+            "tags": self.tags,
+            "sequence": self.sequence,
+            "version": self.version,
+            "transport": self.transport,
+            "hardware_id": self.hardware_id,
+            "secret": self.secret,
+            "online": False,
+        }
+
+
+def _tags(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid("tags must be an object of key → value")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not filters.TAG_KEY_RE.match(k):
+            raise Invalid(f"tag key {k!r} is not valid: 1-64 of letters, digits, '_' or '-'")
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise Invalid(f"tag {k!r} must be text or an integer")
+        if len(str(v)) > 200:
+            raise Invalid(f"tag {k!r} is longer than 200 characters")
+        out[k] = str(v)
+    return out
+
+
+def _opt_text(value: Any, field: str, max_len: int) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Invalid(f"{field} must be text")
+    if len(value) > max_len:
+        raise Invalid(f"{field} is longer than {max_len} characters")
+    return value
+
+
+def validate_device(
+    name: Any,
+    vendor_id: Any,
+    class_id: Any,
+    tags: Any = None,
+    sequence: Any = 0,
+    version: Any = None,
+    transport: Any = "mqtt",
+    hardware_id: Any = None,
+    secret: Any = None,
+) -> NewDevice:
+    """Check one device's fields; raise Invalid naming the first bad one."""
+    if sequence is None or sequence == "":
+        sequence = 0
+    if isinstance(sequence, str):
+        try:
+            sequence = int(sequence.strip())
+        except ValueError:
+            raise Invalid(f"sequence must be an integer, got {sequence!r}") from None
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < 2**63:
+        raise Invalid(f"sequence must be a non-negative integer, got {sequence!r}")
+    transport = transport or "mqtt"
+    if transport not in TRANSPORTS:
+        raise Invalid(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if secret is None or secret == "":
+        secret_b = secrets.token_bytes(SECRET_BYTES)
+    elif isinstance(secret, bytes):
+        secret_b = secret
+    else:
+        try:
+            secret_b = bytes.fromhex(str(secret))
+        except ValueError:
+            raise Invalid("secret must be hex") from None
+    if len(secret_b) != SECRET_BYTES:
+        raise Invalid(f"secret must be {SECRET_BYTES} bytes ({2 * SECRET_BYTES} hex digits)")
+    return NewDevice(
+        name=_name(name, "device name"),
+        vendor_id=_uuid(vendor_id, "vendor_id"),
+        class_id=_uuid(class_id, "class_id"),
+        tags=_tags(tags),
+        sequence=sequence,
+        version=_opt_text(version, "version", 64),
+        transport=transport,
+        hardware_id=_opt_text(hardware_id, "hardware_id", 128),
+        secret=secret_b,
+    )
+
+
+def register_device(s: Session, tenant_id: int, dev: NewDevice) -> Device:
+    if s.scalar(select(Device.id).where(Device.tenant_id == tenant_id, Device.name == dev.name)) is not None:
+        raise Conflict(f"device {dev.name!r} already exists")
+    device = Device(**dev.row(tenant_id))
+    s.add(device)
+    s.flush()
+    return device
+
+
+def parse_csv_tags(text: str) -> dict[str, str]:
+    """``k=v;k2=v2`` → dict; raises Invalid for a part without '=' or a repeated key."""
+    out: dict[str, str] = {}
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise Invalid(f"tag {part!r} is not key=value")
+        k = k.strip()
+        if k in out:
+            raise Invalid(f"tag {k!r} given twice")
+        out[k] = v.strip()
+    return out
+
+
+def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[NewDevice]:
+    """Validate a whole CSV file; raise ImportErrors listing every bad line (up to a cap)."""
+    errors: list[str] = []
+    more = 0
+
+    def err(line: int, msg: str) -> None:
+        nonlocal more
+        if len(errors) < max_errors:
+            errors.append(f"line {line}: {msg}")
+        else:
+            more += 1
+
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ImportErrors(["line 1: empty file; expected a header: " + ",".join(CSV_COLUMNS)]) from None
+    except csv.Error as exc:
+        raise ImportErrors([f"line 1: {exc}"]) from None
+    columns = [h.strip().lower() for h in header]
+    unknown = [c for c in columns if c not in CSV_COLUMNS]
+    missing = [c for c in CSV_REQUIRED if c not in columns]
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if unknown or missing or dupes:
+        problems = []
+        if unknown:
+            problems.append(f"unknown column(s) {', '.join(unknown)}")
+        if missing:
+            problems.append(f"missing column(s) {', '.join(missing)}")
+        if dupes:
+            problems.append(f"repeated column(s) {', '.join(dupes)}")
+        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(CSV_COLUMNS)})"])
+    out: list[NewDevice] = []
+    seen: dict[str, int] = {}
+    width = len(columns)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            err(reader.line_num, str(exc))
+            break
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != width:
+            err(line, f"expected {width} fields, found {len(row)}")
+            continue
+        values = dict(zip(columns, row, strict=True))
+        try:
+            tags = parse_csv_tags(values.get("tags", ""))
+            dev = validate_device(
+                name=values["name"].strip(),
+                vendor_id=values["vendor_id"],
+                class_id=values["class_id"],
+                tags=tags,
+                sequence=values.get("sequence"),
+                version=values.get("version", "").strip() or None,
+                transport=values.get("transport", "").strip() or "mqtt",
+                hardware_id=values.get("hardware_id", "").strip() or None,
+                secret=values.get("secret", "").strip() or None,
+            )
+        except Invalid as exc:
+            err(line, str(exc))
+            continue
+        if dev.name in seen:
+            err(line, f"device {dev.name!r} already appears on line {seen[dev.name]}")
+            continue
+        seen[dev.name] = line
+        out.append(dev)
+    if errors:
+        raise ImportErrors(errors, more)
+    return out
+
+
+def import_devices(s: Session, tenant_id: int, devices: list[NewDevice]) -> int:
+    """Insert validated devices in one transaction; any clash refuses the whole batch."""
+    names = [d.name for d in devices]
+    clashes: list[str] = []
+    for i in range(0, len(names), _IN_CHUNK):
+        chunk = names[i : i + _IN_CHUNK]
+        clashes.extend(
+            s.scalars(select(Device.name).where(Device.tenant_id == tenant_id, Device.name.in_(chunk)))
+        )
+    if clashes:
+        clashes.sort()
+        shown = ", ".join(repr(n) for n in clashes[:5])
+        extra = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        raise Conflict(f"nothing imported: {len(clashes)} device(s) already exist: {shown}{extra}")
+    if devices:
+        batch = 10000
+        for i in range(0, len(devices), batch):
+            s.execute(insert(_DEVICES), [d.row(tenant_id) for d in devices[i : i + batch]])
+    log.info("tenant %d imported %d devices", tenant_id, len(devices))
+    return len(devices)
+
+
+def import_devices_csv(s: Session, tenant_id: int, text: str) -> list[NewDevice]:
+    devices = parse_devices_csv(text)
+    import_devices(s, tenant_id, devices)
+    return devices
+
+
+def get_device(s: Session, tenant_id: int, name: str) -> Device:
+    device = s.scalar(select(Device).where(Device.tenant_id == tenant_id, Device.name == name))
+    if device is None:
+        raise NotFound(f"device {name!r} not found")
+    return device
+
+
+def list_devices(
+    s: Session, tenant_id: int, filter_text: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[int, Sequence[Device]]:
+    """Devices matching a filter (raises FilterError) and the total number matching."""
+    cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(filter_text)))
+    total = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
+    rows = s.scalars(select(Device).where(cond).order_by(Device.name).limit(limit).offset(offset)).all()
+    return total, rows
+
+
+def device_history(s: Session, tenant_id: int, name: str, limit: int = 100) -> Sequence[DeviceEvent]:
+    device = get_device(s, tenant_id, name)
+    return s.scalars(
+        select(DeviceEvent)
+        .where(DeviceEvent.tenant_id == tenant_id, DeviceEvent.device_id == device.id)
+        .order_by(DeviceEvent.id.desc())
+        .limit(limit)
+    ).all()
+
+
+# -- filter compilation -----------------------------------------------------------------------
+
+_ATTR_COLUMNS: dict[str, Any] = {
+    "vendor": Device.vendor_id,
+    "class": Device.class_id,
+    "name": Device.name,
+    "version": Device.version,
+    "transport": Device.transport,
+    "hardware_id": Device.hardware_id,
+    "sequence": Device.sequence,
+}
+_NULLABLE = {"version", "hardware_id"}
+
+
+def _column(field: str) -> Any:
+    if filters.is_tag(field):
+        return Device.tags[filters.tag_key(field)].as_string()
+    return _ATTR_COLUMNS[field]
+
+
+def _nullable(field: str) -> bool:
+    return filters.is_tag(field) or field in _NULLABLE
+
+
+def filter_clause(node: filters.Node) -> ColumnElement[bool]:
+    """Compile a filter AST to a boolean SQL expression over ``Device`` (never NULL-valued).
+
+    A missing tag or unset attribute is unequal to everything: positive tests are guarded with
+    ``IS NOT NULL`` and negative ones accept NULL, so ``not`` behaves like plain boolean logic.
+    """
+    if isinstance(node, filters.All):
+        return true()
+    if isinstance(node, filters.And):
+        return and_(*(filter_clause(i) for i in node.items))
+    if isinstance(node, filters.Or):
+        return or_(*(filter_clause(i) for i in node.items))
+    if isinstance(node, filters.Not):
+        return not_(filter_clause(node.item))
+    col = _column(node.field)
+    nullable = _nullable(node.field)
+    if isinstance(node, filters.Exists):
+        return col.is_not(None) if nullable else true()
+    if isinstance(node, filters.In):
+        if not node.values:
+            return true() if node.negated else false()
+        if node.negated:
+            expr = col.not_in(list(node.values))
+            return or_(col.is_(None), expr) if nullable else expr
+        expr = col.in_(list(node.values))
+        return and_(col.is_not(None), expr) if nullable else expr
+    assert isinstance(node, filters.Compare)
+    value = node.value
+    ops: dict[str, Any] = {
+        "==": col.__eq__,
+        "!=": col.__ne__,
+        "<": col.__lt__,
+        "<=": col.__le__,
+        ">": col.__gt__,
+        ">=": col.__ge__,
+    }
+    expr = ops[node.op](value)
+    if not nullable:
+        return expr
+    if node.op == "!=":
+        return or_(col.is_(None), expr)
+    return and_(col.is_not(None), expr)
+
+
+# -- campaigns --------------------------------------------------------------------------------
+
+
+def _validate_policy(policy: Any) -> dict[str, Any]:
+    if policy is None:
+        return {}
+    if not isinstance(policy, dict):
+        raise Invalid("policy must be an object")
+    return policy
+
+
+def create_campaign(
+    s: Session,
+    tenant_id: int,
+    name: str,
+    manifest_id: int,
+    filter_text: str | None,
+    policy: dict[str, Any] | None = None,
+) -> Campaign:
+    """A draft campaign; the filter is checked now so a typo never reaches start."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise Invalid("campaign name must be 1-200 characters")
+    canonical = filters.validate(filter_text)
+    try:
+        get_manifest(s, tenant_id, manifest_id)
+    except NotFound:
+        raise Invalid(f"manifest {manifest_id} not found") from None
+    campaign = Campaign(
+        tenant_id=tenant_id,
+        name=name.strip(),
+        manifest_id=manifest_id,
+        filter=canonical,
+        policy=_validate_policy(policy),
+        state="draft",
+        phase=0,
+        total=0,
+    )
+    s.add(campaign)
+    s.flush()
+    _campaign_event(s, campaign, "draft", None)
+    return campaign
+
+
+def list_campaigns(s: Session, tenant_id: int, state: str | None = None) -> Sequence[Campaign]:
+    q = select(Campaign).where(Campaign.tenant_id == tenant_id)
+    if state:
+        q = q.where(Campaign.state == state)
+    return s.scalars(q.order_by(Campaign.id)).all()
+
+
+def get_campaign(s: Session, tenant_id: int, campaign_id: int, *, lock: bool = False) -> Campaign:
+    q = select(Campaign).where(Campaign.tenant_id == tenant_id, Campaign.id == campaign_id)
+    if lock:
+        q = q.with_for_update()
+    campaign = s.scalar(q)
+    if campaign is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    return campaign
+
+
+def _campaign_event(s: Session, campaign: Campaign, state: str, reason: str | None) -> None:
+    s.add(
+        CampaignEvent(
+            tenant_id=campaign.tenant_id, campaign_id=campaign.id, at=now(), state=state, reason=reason
+        )
+    )
+
+
+def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
+    """Freeze the matching devices into deployments with one INSERT … SELECT and start running."""
+    campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
+    if campaign.state not in ("draft", "scheduled"):
+        raise Conflict(
+            f"campaign {campaign_id} is {campaign.state}; only a draft or scheduled campaign can start"
+        )
+    cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
+    source = select(
+        literal(campaign.id),
+        Device.id,
+        literal(tenant_id),
+        literal("pending"),
+        literal(0),
+        literal(0),
+        literal(0),
+        literal(-1),
+    ).where(cond)
+    stmt = insert(Deployment).from_select(
+        ["campaign_id", "device_id", "tenant_id", "state", "result", "phase", "attempt", "last_seq"],
+        source,
+    )
+    result = s.execute(stmt)
+    total = result.rowcount  # type: ignore[attr-defined]
+    if total is None or total < 0:
+        total = s.scalar(select(func.count()).where(Deployment.campaign_id == campaign.id)) or 0
+    campaign.total = total
+    campaign.state = "running"
+    campaign.started_at = now()
+    _campaign_event(s, campaign, "running", f"started with {total} devices")
+    s.flush()
+    log.info("campaign %d started over %d devices", campaign.id, total)
+    return campaign
+
+
+_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "pause": (("running", "scheduled"), "paused"),
+    "resume": (("paused",), "running"),
+    "cancel": (("draft", "scheduled", "running", "paused"), "cancelled"),
+}
+
+
+def change_campaign(
+    s: Session, tenant_id: int, campaign_id: int, action: str, reason: str | None = None
+) -> Campaign:
+    """Pause, resume or cancel; the engine notices the new state and acts on the devices."""
+    allowed, target = _TRANSITIONS[action]
+    campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
+    if campaign.state not in allowed:
+        raise Conflict(
+            f"campaign {campaign_id} is {campaign.state}; {action} needs a campaign that is "
+            + " or ".join(allowed)
+        )
+    if action == "resume" and campaign.started_at is None:
+        raise Conflict(f"campaign {campaign_id} was never started; use start")
+    campaign.state = target
+    if target == "cancelled":
+        campaign.finished_at = now()
+    if reason:
+        campaign.stop_reason = reason
+    _campaign_event(s, campaign, target, reason or f"{action} requested")
+    s.flush()
+    return campaign
+
+
+def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, Any]:
+    """Counts per deployment state and the most common failure results."""
+    campaign = get_campaign(s, tenant_id, campaign_id)
+    counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
+    for state, n in s.execute(
+        select(Deployment.state, func.count())
+        .where(Deployment.tenant_id == tenant_id, Deployment.campaign_id == campaign_id)
+        .group_by(Deployment.state)
+    ):
+        counts[state] = n
+    phases: dict[int, dict[str, int]] = {}
+    for phase, state, n in s.execute(
+        select(Deployment.phase, Deployment.state, func.count())
+        .where(Deployment.tenant_id == tenant_id, Deployment.campaign_id == campaign_id)
+        .group_by(Deployment.phase, Deployment.state)
+    ):
+        phases.setdefault(phase, {})[state] = n
+    failures = []
+    for code, n in s.execute(
+        select(Deployment.result, func.count())
+        .where(
+            Deployment.tenant_id == tenant_id,
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(("failed", "timed_out", "skipped")),
+        )
+        .group_by(Deployment.result)
+        .order_by(func.count().desc())
+    ):
+        failures.append({"result": code, "name": _result_name(code), "count": n})
+    return {
+        "id": campaign.id,
+        "name": campaign.name,
+        "state": campaign.state,
+        "stop_reason": campaign.stop_reason,
+        "phase": campaign.phase,
+        "total": campaign.total,
+        "counts": counts,
+        "phases": {str(k): v for k, v in sorted(phases.items())},
+        "failures": failures,
+        "started_at": campaign.started_at,
+        "finished_at": campaign.finished_at,
+    }
+
+
+def _result_name(code: int) -> str:
+    try:
+        return Result(code).name.lower()
+    except ValueError:
+        return f"code_{code}"
+
+
+def campaign_devices(
+    s: Session,
+    tenant_id: int,
+    campaign_id: int,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Deployments of a campaign (optionally in one state) with their device names."""
+    get_campaign(s, tenant_id, campaign_id)
+    if state is not None and state not in DEPLOYMENT_STATES:
+        raise Invalid(f"unknown state {state!r}; one of {', '.join(DEPLOYMENT_STATES)}")
+    cond = [Deployment.tenant_id == tenant_id, Deployment.campaign_id == campaign_id]
+    if state is not None:
+        cond.append(Deployment.state == state)
+    total = s.scalar(select(func.count()).select_from(Deployment).where(*cond)) or 0
+    rows = s.execute(
+        select(Deployment, Device.name)
+        .join(Device, Device.id == Deployment.device_id)
+        .where(*cond)
+        .order_by(Device.name)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    out = [
+        {
+            "device": name,
+            "state": d.state,
+            "result": d.result,
+            "result_name": _result_name(d.result),
+            "detail": d.detail,
+            "phase": d.phase,
+            "attempt": d.attempt,
+            "progress": d.progress,
+            "notified_at": d.notified_at,
+            "updated_at": d.updated_at,
+        }
+        for d, name in rows
+    ]
+    return total, out
+
+
+def campaign_events(s: Session, tenant_id: int, campaign_id: int) -> Sequence[CampaignEvent]:
+    get_campaign(s, tenant_id, campaign_id)
+    return s.scalars(
+        select(CampaignEvent)
+        .where(CampaignEvent.tenant_id == tenant_id, CampaignEvent.campaign_id == campaign_id)
+        .order_by(CampaignEvent.id)
+    ).all()
