@@ -1,0 +1,171 @@
+"""The campaign engine: leases active campaigns, notifies devices, completes and cancels campaigns.
+
+Every decision is taken from the database, so a restarted (or another) replica carries on where
+one stopped: campaigns are held through an expiring lease, deployments are marked ``notified``
+before their notice leaves, and a new lease holder re-sends the notices of ``notified``
+deployments once (devices ignore a notice for an attempt they already handle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
+
+from fwcm.protocol import Notice, NoticeKind, encode_notice
+from fwcm.rollout.policy import Policy, PolicyState
+from fwcm.rollout.states import CampaignState, DeviceState
+from fwcm.server import metrics
+from fwcm.store import deployments as dq
+from fwcm.store.db import Database
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 15.0
+T = TypeVar("T")
+
+
+@dataclass
+class Notifier:
+    """Routes sealed notices to each device's transport."""
+
+    publish_mqtt: Callable[[str, str, bytes], None] | None = None
+    notify_coap: Callable[[str, str], bool] | None = None
+    current: dict[tuple[str, str], tuple[int, int, NoticeKind, int]] = field(default_factory=dict)
+    envelopes: dict[int, bytes] = field(default_factory=dict)
+
+    def build(self, target: dq.Target, campaign: int, kind: NoticeKind, manifest_id: int) -> bytes:
+        notice = Notice(
+            kind=kind,
+            device=target.name,
+            campaign=campaign,
+            attempt=target.attempt,
+            issued=int(time.time()),
+            envelope=self.envelopes.get(manifest_id) if kind == NoticeKind.UPDATE else None,
+        )
+        return encode_notice(target.secret, notice)
+
+    def send(self, target: dq.Target, campaign: int, kind: NoticeKind, manifest_id: int) -> None:
+        key = (target.tenant, target.name)
+        self.current[key] = (campaign, target.attempt, kind, manifest_id)
+        if target.transport == "coap":
+            if self.notify_coap is not None:
+                self.notify_coap(target.tenant, target.name)
+        elif self.publish_mqtt is not None:
+            self.publish_mqtt(target.tenant, target.name, self.build(target, campaign, kind, manifest_id))
+        metrics.NOTICES_SENT.labels(target.transport, kind.name.lower()).inc()
+
+
+class Engine:
+    def __init__(self, db: Database, notifier: Notifier, owner: str, *, tick_s: float = 0.2) -> None:
+        self.db = db
+        self.notifier = notifier
+        self.owner = owner
+        self.tick_s = tick_s
+        self._wake = asyncio.Event()
+        self._held: set[int] = set()
+        self._policy_state: dict[int, PolicyState] = {}
+
+    def wake(self, _campaigns: object = None) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                log.exception("engine step failed; retrying")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+
+    async def release(self) -> None:
+        await self._db(lambda s: dq.release_leases(s, self.owner))
+
+    def _in_session(self, fn: Callable[[Session], T]) -> T:
+        with self.db.session() as s:
+            return fn(s)
+
+    async def _db(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in one transaction on a worker thread."""
+        return await self._db(fn)
+
+    async def step(self) -> None:
+        leased: list[dq.LeasedCampaign] = await self._db(lambda s: dq.lease_campaigns(s, self.owner, LEASE_S))
+        held_now = {c.id for c in leased}
+        for c in leased:
+            await self._load_envelope(c.manifest_id)
+            if c.id not in self._held:
+                await self._resend_notified(c)
+            if c.state == CampaignState.RUNNING:
+                await self._advance(c)
+        self._held = held_now
+        await self._process_cancellations()
+
+    async def _load_envelope(self, manifest_id: int) -> None:
+        if manifest_id not in self.notifier.envelopes:
+            env = await self._db(lambda s: dq.manifest_envelope(s, manifest_id))
+            self.notifier.envelopes[manifest_id] = env
+
+    async def _resend_notified(self, c: dq.LeasedCampaign) -> None:
+        targets: list[dq.Target] = await self._db(
+            lambda s: dq.in_flight(s, c.id, [DeviceState.NOTIFIED.value])
+        )
+        for t in targets:
+            self.notifier.send(t, c.id, NoticeKind.UPDATE, c.manifest_id)
+        if targets:
+            log.info("campaign %d: re-sent %d notices after taking the lease", c.id, len(targets))
+
+    async def _advance(self, c: dq.LeasedCampaign) -> None:
+        policy = Policy.from_dict(c.policy)
+        state = self._policy_state.setdefault(c.id, PolicyState())
+        now = time.time()
+
+        def work(s: Session) -> tuple[list[dq.Target], CampaignState | None, str | None]:
+            counts = dq.counts(s, c.id)
+            decision = policy.decide(counts, state, now)
+            targets = dq.take_pending(s, c.id, decision.notify)
+            if targets:
+                state.record_notified(len(targets), now)
+                counts = dq.counts(s, c.id)
+            final = policy.finished(counts)
+            if final is not None:
+                dq.set_campaign_state(s, c.id, c.tenant_id, final[0], final[1])
+            return targets, final[0] if final else None, final[1] if final else None
+
+        targets, final, reason = await self._db(work)
+        for t in targets:
+            self.notifier.send(t, c.id, NoticeKind.UPDATE, c.manifest_id)
+        if targets:
+            log.info("campaign %d: notified %d devices", c.id, len(targets))
+        if final is not None:
+            log.info("campaign %d %s%s", c.id, final.value, f" ({reason})" if reason else "")
+            self._policy_state.pop(c.id, None)
+
+    async def _process_cancellations(self) -> None:
+        """Withdraw notices of campaigns cancelled since the last step."""
+
+        def work(s: Session) -> list[tuple[int, int, list[dq.Target]]]:
+            out = []
+            for cid, _tenant, manifest_id in dq.cancelled_unsettled(s, self.owner, LEASE_S):
+                dq.cancel_pending(s, cid)
+                targets = dq.in_flight(
+                    s,
+                    cid,
+                    [DeviceState.NOTIFIED.value, DeviceState.DOWNLOADING.value, DeviceState.DOWNLOADED.value],
+                )
+                dq.settle_cancel(s, cid)
+                out.append((cid, manifest_id, targets))
+            return out
+
+        done: list[tuple[int, int, list[dq.Target]]] = await self._db(work)
+        for cid, manifest_id, targets in done:
+            for t in targets:
+                self.notifier.send(t, cid, NoticeKind.CANCEL, manifest_id)
+            log.info("campaign %d cancelled: withdrew %d notices", cid, len(targets))

@@ -1,0 +1,196 @@
+"""Batched ingest of device messages from every transport.
+
+Messages are queued as they arrive, verified (size, COSE_Mac0 under the device's own key, topic or
+path identity), and applied in one transaction per batch.  Each message is acknowledged only
+after its batch committed, or refused with a reason; when the database fails, the batch is
+retried and nothing is acknowledged, so the transport redelivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fwcm import protocol
+from fwcm.protocol import ProtocolError
+from fwcm.server import metrics
+from fwcm.store import deployments as dq
+from fwcm.store.db import Database
+from fwcm.transport.inbound import Inbound
+
+log = logging.getLogger(__name__)
+
+KEY_CACHE_TTL_S = 60.0
+
+
+@dataclass
+class _Item:
+    inbound: Inbound
+    arrived: float
+
+
+class KeyCache:
+    """Device keys by (tenant, name); short-lived so deleted devices stop being accepted."""
+
+    def __init__(self, db: Database, ttl: float = KEY_CACHE_TTL_S, size: int = 200_000) -> None:
+        self._db = db
+        self._ttl = ttl
+        self._size = size
+        self._entries: dict[tuple[str, str], tuple[float, dq.DeviceKey | None]] = {}
+
+    def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], dq.DeviceKey | None]:
+        now = time.monotonic()
+        found: dict[tuple[str, str], dq.DeviceKey | None] = {}
+        missing = set()
+        for n in names:
+            hit = self._entries.get(n)
+            if hit is not None and hit[0] > now:
+                found[n] = hit[1]
+            else:
+                missing.add(n)
+        if missing:
+            with self._db.session() as s:
+                loaded = dq.device_keys(s, missing)
+            if len(self._entries) + len(missing) > self._size:
+                self._entries.clear()
+            for n in missing:
+                key = loaded.get(n)
+                found[n] = key
+                self._entries[n] = (now + self._ttl, key)
+        return found
+
+
+class Ingest:
+    def __init__(
+        self,
+        db: Database,
+        on_applied: Callable[[set[int]], None] = lambda _c: None,
+        *,
+        batch_max: int = 2000,
+        linger_s: float = 0.01,
+    ) -> None:
+        self.db = db
+        self.keys = KeyCache(db)
+        self._on_applied = on_applied
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._batch_max = batch_max
+        self._linger = linger_s
+        self.ingested = 0
+        self.rejected = 0
+
+    def submit(self, inbound: Inbound) -> None:
+        """Queue a message (called on the event loop thread)."""
+        self._queue.put_nowait(_Item(inbound, time.monotonic()))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self._linger
+            while len(batch) < self._batch_max:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(
+                        self._queue.get_nowait()
+                        if self._queue.qsize()
+                        else await asyncio.wait_for(self._queue.get(), max(remaining, 0.0005))
+                    )
+                except TimeoutError:
+                    break
+            await self._process_until_durable(batch)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the queue is empty (used at shutdown and by tests)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.qsize() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _process_until_durable(self, batch: list[_Item]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                outcomes, campaigns = await asyncio.to_thread(self._process, batch)
+                break
+            except Exception:
+                log.exception("ingest batch of %d failed; retrying without acknowledging", len(batch))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        now = time.monotonic()
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                metrics.INGEST_LATENCY.observe(now - item.arrived)
+            item.inbound.on_done(outcome)
+        metrics.BATCH_SIZE.observe(len(batch))
+        if campaigns:
+            self._on_applied(campaigns)
+
+    def _process(self, batch: list[_Item]) -> tuple[list[ProtocolError | None], set[int]]:
+        """Verify and apply a batch in one transaction; returns per-message outcome."""
+        outcomes: list[ProtocolError | None] = [None] * len(batch)
+        sealed: dict[int, protocol.Sealed] = {}
+        presence: dict[int, bool] = {}
+        for i, item in enumerate(batch):
+            m = item.inbound
+            if m.kind.startswith("refused:"):
+                outcomes[i] = ProtocolError(m.kind.split(":", 1)[1], "refused by transport")
+            elif m.kind == "status":
+                try:
+                    sealed[i] = protocol.unseal(m.payload)
+                    if sealed[i].kid != m.device:
+                        raise ProtocolError(
+                            "forbidden", f"{sealed[i].kid!r} wrote on the topic of {m.device!r}"
+                        )
+                except ProtocolError as err:
+                    sealed.pop(i, None)
+                    outcomes[i] = err
+        names = {(batch[i].inbound.tenant, batch[i].inbound.device) for i in sealed}
+        names |= {(b.inbound.tenant, b.inbound.device) for b in batch if b.inbound.kind == "presence"}
+        keys = self.keys.lookup(names)
+        verified: list[dq.Verified] = []
+        for i, frame in sealed.items():
+            m = batch[i].inbound
+            key = keys.get((m.tenant, m.device))
+            try:
+                if key is None:
+                    raise ProtocolError("unknown_device", f"unknown device {m.tenant}/{m.device}")
+                report = protocol.Report.from_map(frame.open(key.secret))
+                if report.device != m.device:
+                    raise ProtocolError("forbidden", f"report names {report.device!r}, sent as {m.device!r}")
+                verified.append(dq.Verified(key, report))
+            except ProtocolError as err:
+                outcomes[i] = err
+        for item in batch:
+            m = item.inbound
+            if m.kind == "presence":
+                key = keys.get((m.tenant, m.device))
+                if key is not None and m.payload in (b"0", b"1"):
+                    presence[key.device_pk] = m.payload == b"1"
+        with self.db.session() as s:
+            changed, campaigns = dq.apply_reports(s, verified)
+            dq.set_presence(s, presence)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.inbound.kind == "presence":
+                continue
+            if outcome is None:
+                self.ingested += 1
+                metrics.REPORTS_INGESTED.labels(item.inbound.transport).inc()
+            else:
+                self.rejected += 1
+                metrics.REJECTED.labels(item.inbound.transport, err.reason).inc()
+                log.warning(
+                    "refused %s message from %s/%s: %s",
+                    item.inbound.transport,
+                    item.inbound.tenant,
+                    item.inbound.device,
+                    err,
+                )
+        log.debug("batch of %d: %d deployments changed", len(batch), changed)
+        return outcomes, campaigns

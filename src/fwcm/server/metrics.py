@@ -1,0 +1,30 @@
+"""Prometheus metrics of the server (exposed at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+NOTICES_SENT = Counter(
+    "fwcm_notices_sent", "Notices sent to devices", ["transport", "kind"], registry=REGISTRY
+)
+REPORTS_INGESTED = Counter(
+    "fwcm_reports_ingested", "Status reports made durable", ["transport"], registry=REGISTRY
+)
+REJECTED = Counter(
+    "fwcm_messages_rejected", "Device messages refused", ["transport", "reason"], registry=REGISTRY
+)
+INGEST_LATENCY = Histogram(
+    "fwcm_ingest_latency_seconds",
+    "From arrival of a report to its commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "fwcm_ingest_batch_size",
+    "Reports per ingest transaction",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
+    registry=REGISTRY,
+)
+CAMPAIGNS = Gauge("fwcm_campaigns", "Campaigns by state", ["state"], registry=REGISTRY)

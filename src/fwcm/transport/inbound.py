@@ -1,0 +1,24 @@
+"""The one event type every transport turns a device message into."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fwcm.protocol import ProtocolError
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A raw device message and the topic/path identity it arrived under.
+
+    ``on_done`` is called once the message is durable (``None``) or refused (the error): MQTT
+    sends its PUBACK then, CoAP answers the request then.
+    """
+
+    transport: str
+    kind: str
+    tenant: str
+    device: str
+    payload: bytes
+    on_done: Callable[[ProtocolError | None], None]

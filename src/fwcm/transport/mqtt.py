@@ -1,0 +1,189 @@
+"""MQTT adapter of the server (paho-mqtt 2.x).
+
+paho runs its network loop in its own thread; publishing is thread-safe, and inbound messages are
+handed to the asyncio loop.  Status reports are acknowledged manually (``manual_ack``): the PUBACK
+goes out only after the report is durable, so a report the device saw acknowledged is never lost.
+The persistent session (clean start off, long expiry) makes the broker redeliver what was not
+acknowledged when a server dies, and a shared subscription spreads reports over server replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fwcm import protocol
+from fwcm.transport.inbound import Inbound
+
+log = logging.getLogger(__name__)
+
+SHARE_GROUP = "fwcm"
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    version: int = 5
+
+    @classmethod
+    def from_url(cls, url: str) -> MqttSettings:
+        """``mqtt://user:pass@host:port``, ``mqtts://…?ca=/path/ca.pem``; ``?v=311`` for MQTT 3.1.1."""
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"unsupported MQTT URL scheme {u.scheme!r} (use mqtt:// or mqtts://)")
+        q = parse_qs(u.query)
+        tls = u.scheme == "mqtts"
+        return cls(
+            host=u.hostname or "127.0.0.1",
+            port=u.port or (8883 if tls else 1883),
+            tls=tls,
+            ca_file=q.get("ca", [None])[0],
+            username=unquote(u.username) if u.username else None,
+            password=unquote(u.password) if u.password else None,
+            version=311 if q.get("v", ["5"])[0] in ("311", "3.1.1", "4") else 5,
+        )
+
+    def __repr__(self) -> str:  # never print the password
+        return f"MqttSettings(host={self.host!r}, port={self.port}, tls={self.tls}, version={self.version})"
+
+
+def make_client(settings: MqttSettings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
+    """A paho client configured from settings: TLS, credentials, reconnect backoff, no queue cap."""
+    protocol_version = mqtt.MQTTv5 if settings.version == 5 else mqtt.MQTTv311
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=protocol_version,
+        clean_session=None if protocol_version == mqtt.MQTTv5 else False,
+        manual_ack=manual_ack,
+    )
+    if settings.tls:
+        ctx = ssl.create_default_context(cafile=settings.ca_file)
+        client.tls_set_context(ctx)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    return client
+
+
+class MqttTransport:
+    """Publishes notices and receives status reports and presence for the server."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        deliver: Callable[[Inbound], None],
+        *,
+        shared: bool = True,
+    ) -> None:
+        self.settings = MqttSettings.from_url(url)
+        self.client_id = client_id
+        self._deliver = deliver
+        self._shared = shared and self.settings.version == 5
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = threading.Event()
+        self.client = make_client(self.settings, client_id, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 15.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        props = None
+        if self.settings.version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            self.client.connect_async(
+                self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=30)
+        self.client.loop_start()
+        ok = await asyncio.to_thread(self._connected.wait, timeout)
+        if not ok:
+            self.client.loop_stop()
+            raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} not reachable")
+
+    async def stop(self) -> None:
+        self.client.disconnect()
+        await asyncio.to_thread(self.client.loop_stop)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- paho callbacks (paho's thread) ---------------------------------------------------------
+
+    def _topic(self, filter_: str) -> str:
+        return f"$share/{SHARE_GROUP}/{filter_}" if self._shared else filter_
+
+    def _on_connect(self, client: mqtt.Client, _ud: object, _flags: object, rc: object, _p: object) -> None:
+        if getattr(rc, "is_failure", False):
+            log.warning("MQTT connect refused: %s", rc)
+            return
+        client.subscribe(
+            [(self._topic(protocol.STATUS_SUBSCRIPTION), 1), (self._topic(protocol.PRESENCE_SUBSCRIPTION), 1)]
+        )
+        log.info("MQTT connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id)
+        self._connected.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _ud: object, _flags: object, rc: object, _p: object) -> None:
+        self._connected.clear()
+        log.warning("MQTT disconnected (%s); paho reconnects with backoff", rc)
+
+    def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
+        mid, qos = msg.mid, msg.qos
+
+        def ack() -> None:
+            if qos > 0:
+                client.ack(mid, qos)
+
+        try:
+            tenant, device, leaf = protocol.parse_device_topic(msg.topic)
+        except protocol.ProtocolError:
+            ack()
+            return
+        kind = "status" if leaf == "status" else "presence" if leaf == "presence" else None
+        if kind is None:
+            ack()
+            return
+        inbound = Inbound(
+            transport="mqtt",
+            kind=kind,
+            tenant=tenant,
+            device=device,
+            payload=bytes(msg.payload),
+            on_done=lambda _e: ack(),
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, inbound)
+
+    # -- outbound -------------------------------------------------------------------------------
+
+    def publish_notice(self, tenant: str, device: str, payload: bytes) -> None:
+        """Retained QoS 1: a device that subscribes later still receives its current notice."""
+        self.client.publish(protocol.notice_topic(tenant, device), payload, qos=1, retain=True)
+
+    def clear_notice(self, tenant: str, device: str) -> None:
+        self.client.publish(protocol.notice_topic(tenant, device), b"", qos=1, retain=True)
