@@ -184,13 +184,13 @@ class Ingest:
                 metrics.REPORTS_INGESTED.labels(item.inbound.transport).inc()
             else:
                 self.rejected += 1
-                metrics.REJECTED.labels(item.inbound.transport, err.reason).inc()
+                metrics.REJECTED.labels(item.inbound.transport, outcome.reason).inc()
                 log.warning(
                     "refused %s message from %s/%s: %s",
                     item.inbound.transport,
                     item.inbound.tenant,
                     item.inbound.device,
-                    err,
+                    outcome,
                 )
         log.debug("batch of %d: %d deployments changed", len(batch), changed)
         return outcomes, campaigns

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fwcm import filters
+from fwcm import filters, manifest
 from fwcm.protocol import NAME_RE, Result
 from fwcm.store.models import (
     ApiKey,
@@ -178,8 +178,6 @@ def tenant_by_slug(s: Session, slug: str) -> Tenant | None:
 
 def add_signer(s: Session, tenant_id: int, name: str, public_key_pem: str | bytes) -> Signer:
     """Trust a public key for this tenant's manifests; raises ManifestError for a bad key."""
-    from fwcm import manifest
-
     _name(name, "signer name")
     pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
     key = manifest.load_public_key(pem)
@@ -271,8 +269,6 @@ def upload_manifest(
     Raises ManifestError (malformed) or SignatureError (not signed by a trusted, unrevoked key).
     Uploading the same manifest twice returns the stored one with ``created`` False.
     """
-    from fwcm import manifest
-
     if len(data) > max_bytes:
         raise TooLarge(f"manifest of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     env = manifest.decode_envelope(data)
