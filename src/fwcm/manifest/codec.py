@@ -275,6 +275,12 @@ def _loads(data: bytes, what: str) -> Any:
     return value
 
 
+def _short(v: Any) -> str:
+    """A repr short enough for a one-line error message."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -306,7 +312,7 @@ def _array(v: Any, what: str) -> list[Any] | tuple[Any, ...]:
 def _only_keys(m: Mapping[Any, Any], allowed: set[int], what: str) -> None:
     for k in m:
         if not _is_int(k) or k not in allowed:
-            raise ManifestError(f"{what}: unsupported key {k!r}")
+            raise ManifestError(f"{what}: unsupported key {_short(k)}")
 
 
 def _decode_suit_digest(data: bytes, what: str) -> bytes:
@@ -314,7 +320,7 @@ def _decode_suit_digest(data: bytes, what: str) -> bytes:
     if len(arr) != 2:
         raise ManifestError(f"{what}: SUIT_Digest must be [algorithm, bytes]")
     if not _is_int(arr[0]) or arr[0] != DIGEST_SHA256:
-        raise ManifestError(f"{what}: unsupported digest algorithm {arr[0]!r} (need SHA-256, -16)")
+        raise ManifestError(f"{what}: unsupported digest algorithm {_short(arr[0])} (need SHA-256, -16)")
     digest = _bytes(arr[1], what)
     if len(digest) != 32:
         raise ManifestError(f"{what}: SHA-256 digest must be 32 bytes")
@@ -426,7 +432,7 @@ def _decode_manifest(manifest: bytes) -> ManifestInfo:
         m, {M_VERSION, M_SEQUENCE, M_COMMON, M_VALIDATE, M_INVOKE, M_PAYLOAD_FETCH, M_INSTALL}, "manifest"
     )
     if m.get(M_VERSION) != MANIFEST_VERSION or not _is_int(m.get(M_VERSION)):
-        raise ManifestError(f"manifest: unsupported manifest-version {m.get(M_VERSION)!r} (need 1)")
+        raise ManifestError(f"manifest: unsupported manifest-version {_short(m.get(M_VERSION))} (need 1)")
     if M_SEQUENCE not in m:
         raise ManifestError("manifest: sequence-number missing")
     sequence = _uint(m[M_SEQUENCE], "sequence-number")
@@ -493,7 +499,7 @@ def _decode_sign1(data: Any) -> CoseSignature:
     _only_keys(unprotected, {HDR_KID}, f"{what}: unprotected header")
     alg = protected.get(HDR_ALG)
     if not _is_int(alg) or alg not in ALG_NAMES:
-        raise ManifestError(f"{what}: unsupported algorithm {alg!r} (need ES256, ESP256 or EdDSA)")
+        raise ManifestError(f"{what}: unsupported algorithm {_short(alg)} (need ES256, ESP256 or EdDSA)")
     if HDR_KID in protected and HDR_KID in unprotected:
         raise ManifestError(f"{what}: kid in both headers")
     kid_value = protected.get(HDR_KID, unprotected.get(HDR_KID))
