@@ -1,0 +1,255 @@
+"""Simulated A/B flash and the device's persisted state.
+
+A real device keeps two firmware slots and boots from one of them; an update is written into the
+other (inactive) slot, verified there and only then made active, so a failed or interrupted
+update never touches the running image.  Here each slot is a file and everything the device must
+remember across a power cycle (active slot, installed sequence number, per-attempt report counters,
+finished attempts, an interrupted download, unacknowledged reports) lives in ``state.json``,
+replaced atomically so a crash at any point leaves either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SlotName = Literal["a", "b"]
+SLOTS: tuple[SlotName, SlotName] = ("a", "b")
+MAX_REMEMBERED_ATTEMPTS = 64
+"""Finished attempts and seq counters kept; older ones are forgotten (bounded state)."""
+
+
+def other_slot(slot: SlotName) -> SlotName:
+    return "b" if slot == "a" else "a"
+
+
+def attempt_key(campaign: int, attempt: int) -> str:
+    return f"{campaign}:{attempt}"
+
+
+@dataclass
+class SlotInfo:
+    """What a slot holds: the image digest (hex), its size and the manifest sequence it came from."""
+
+    digest: str | None = None
+    size: int = 0
+    sequence: int | None = None
+
+
+@dataclass
+class Job:
+    """The update attempt in progress.
+
+    ``phase`` moves verifying → downloading → downloaded → installing → booted; "booted" means the
+    slot switch is done and only the SUCCESS report remains (it survives a crash right there).
+    """
+
+    campaign: int
+    attempt: int
+    phase: str
+    sequence: int
+    digest: str
+    size: int
+
+    @property
+    def key(self) -> str:
+        return attempt_key(self.campaign, self.attempt)
+
+
+@dataclass
+class Download:
+    """An interrupted download into the inactive slot: resume at ``offset`` if the digest matches."""
+
+    digest: str
+    offset: int
+
+
+@dataclass
+class DeviceState:
+    active: SlotName = "a"
+    installed_sequence: int = 0
+    slots: dict[str, SlotInfo] = field(default_factory=lambda: {s: SlotInfo() for s in SLOTS})
+    seq: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    """Finished attempts: "campaign:attempt" → Result code; notices for them are ignored."""
+    job: Job | None = None
+    download: Download | None = None
+    outbox: list[str] = field(default_factory=list)
+    """Sealed reports (hex) not yet acknowledged by the server, oldest first."""
+    boots: int = 0
+
+    @property
+    def inactive(self) -> SlotName:
+        return other_slot(self.active)
+
+    def next_seq(self, campaign: int, attempt: int) -> int:
+        """Next report sequence number for an attempt; the caller persists before sending."""
+        key = attempt_key(campaign, attempt)
+        value = self.seq.get(key, 0) + 1
+        self.seq.pop(key, None)
+        self.seq[key] = value  # re-insert: dict order is recency order for trimming
+        _trim(self.seq, keep={attempt_key(0, 0)})
+        return value
+
+    def finish(self, campaign: int, attempt: int, result: int) -> None:
+        key = attempt_key(campaign, attempt)
+        self.outcomes.pop(key, None)
+        self.outcomes[key] = result
+        _trim(self.outcomes, keep=set())
+        if self.job is not None and self.job.key == key:
+            self.job = None
+
+    def is_finished(self, campaign: int, attempt: int) -> bool:
+        return attempt_key(campaign, attempt) in self.outcomes
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceState:
+        job = data.get("job")
+        download = data.get("download")
+        active = data.get("active", "a")
+        if active not in SLOTS:
+            raise ValueError(f"bad active slot {active!r}")
+        return cls(
+            active=active,
+            installed_sequence=int(data.get("installed_sequence", 0)),
+            slots={s: SlotInfo(**data.get("slots", {}).get(s, {})) for s in SLOTS},
+            seq={str(k): int(v) for k, v in data.get("seq", {}).items()},
+            outcomes={str(k): int(v) for k, v in data.get("outcomes", {}).items()},
+            job=Job(**job) if job else None,
+            download=Download(**download) if download else None,
+            outbox=[str(x) for x in data.get("outbox", [])],
+            boots=int(data.get("boots", 0)),
+        )
+
+
+def _trim(d: dict[str, int], keep: set[str]) -> None:
+    while len(d) > MAX_REMEMBERED_ATTEMPTS:
+        for k in d:
+            if k not in keep:
+                del d[k]
+                break
+        else:
+            return
+
+
+class Flash:
+    """A device's directory: two slot files plus ``state.json``.
+
+    Only the inactive slot is ever written; ``activate`` flips the active slot in the state file in
+    one atomic replace, which is the simulated equivalent of setting the bootloader flag.
+    """
+
+    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+        self.dir = directory
+        self.durable = durable
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = self._load()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _load(self) -> DeviceState:
+        if not self.state_path.exists():
+            return DeviceState()
+        with self.state_path.open("rb") as f:
+            return DeviceState.from_json(json.load(f))
+
+    @property
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def save(self) -> None:
+        """Replace ``state.json`` atomically (write a temp file, then rename over it)."""
+        tmp = self.state_path.with_suffix(".json.tmp")
+        data = json.dumps(self.state.to_json(), separators=(",", ":")).encode()
+        with tmp.open("wb") as f:
+            f.write(data)
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def slot_path(self, slot: SlotName) -> Path:
+        return self.dir / f"slot_{slot}.bin"
+
+    def provision(self, image: bytes, sequence: int) -> None:
+        """Factory state: ``image`` in slot A, active, at ``sequence``; slot B empty."""
+        self.slot_path("a").write_bytes(image)
+        self.slot_path("b").write_bytes(b"")
+        self.state = DeviceState(active="a", installed_sequence=sequence)
+        self.state.slots["a"] = SlotInfo(hashlib.sha256(image).hexdigest(), len(image), sequence)
+        self.save()
+
+    def read_slot(self, slot: SlotName) -> bytes:
+        path = self.slot_path(slot)
+        return path.read_bytes() if path.exists() else b""
+
+    def active_image(self) -> bytes:
+        return self.read_slot(self.state.active)
+
+    def begin_download(self, digest: str, size: int) -> int:
+        """Prepare the inactive slot for ``digest``; return the offset to resume from."""
+        dl = self.state.download
+        path = self.slot_path(self.state.inactive)
+        if dl is not None and dl.digest == digest and 0 < dl.offset <= size:
+            current = path.stat().st_size if path.exists() else 0
+            if current >= dl.offset:
+                with path.open("r+b") as f:
+                    f.truncate(dl.offset)
+                return dl.offset
+        path.write_bytes(b"")
+        self.state.slots[self.state.inactive] = SlotInfo()
+        self.state.download = Download(digest, 0)
+        self.save()
+        return 0
+
+    def write_chunk(self, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` of the inactive slot; return the new offset (not yet saved)."""
+        with self.slot_path(self.state.inactive).open("r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        end = offset + len(data)
+        if self.state.download is not None:
+            self.state.download.offset = end
+        return end
+
+    def inactive_digest(self) -> tuple[str, int]:
+        """SHA-256 (hex) and size of what the inactive slot holds, computed from the file."""
+        h = hashlib.sha256()
+        size = 0
+        with self.slot_path(self.state.inactive).open("rb") as f:
+            while chunk := f.read(1 << 16):
+                h.update(chunk)
+                size += len(chunk)
+        return h.hexdigest(), size
+
+    def mark_downloaded(self, digest: str, size: int, sequence: int) -> None:
+        self.state.slots[self.state.inactive] = SlotInfo(digest, size, sequence)
+        self.state.download = None
+
+    def discard_inactive(self) -> None:
+        """Erase the inactive slot: a failed or cancelled update leaves nothing half-written."""
+        with contextlib.suppress(FileNotFoundError):
+            self.slot_path(self.state.inactive).write_bytes(b"")
+        self.state.slots[self.state.inactive] = SlotInfo()
+        self.state.download = None
+
+    def activate(self) -> None:
+        """Boot into the inactive slot (in memory; the caller saves)."""
+        new = self.state.inactive
+        info = self.state.slots[new]
+        if info.digest is None or info.sequence is None:
+            raise RuntimeError("inactive slot holds no verified image")
+        self.state.active = new
+        self.state.installed_sequence = info.sequence
+        self.state.boots += 1

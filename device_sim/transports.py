@@ -1,0 +1,424 @@
+"""Device-side transports: the notice/report link (MQTT or CoAP) and payload fetchers (HTTP, CoAP).
+
+Everything here is asyncio: one MQTT connection per device (aiomqtt), and ONE CoAP context and ONE
+HTTP client shared by all devices of a process, since a device's identity is in the MAC of its
+messages and not in its socket.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import aiocoap
+import aiomqtt
+import httpx
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
+
+from fwcm import protocol
+
+log = logging.getLogger(__name__)
+
+NoticeHandler = Callable[[bytes], None]
+Sink = Callable[[int, bytes], Awaitable[None]]
+"""Receives (offset, chunk) in order; may raise to abort the transfer."""
+
+COAP_BLOCK_SZX = 6
+"""Block2 size exponent: 2**(6+4) = 1024 bytes, the largest non-BERT block."""
+
+
+class LinkError(Exception):
+    """The link to the server is down or an exchange timed out; retrying later may succeed."""
+
+
+class ReportRejected(Exception):
+    """The server refused a report for good (malformed, bad MAC, oversized): resending is useless."""
+
+
+class FetchError(Exception):
+    """A payload fetch failed.  ``permanent`` means this URI will not work if tried again."""
+
+    def __init__(self, message: str, *, permanent: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.status = status
+
+
+# -- shared clients ---------------------------------------------------------------------------
+
+
+class SharedClients:
+    """The process-wide CoAP context and HTTP client, created on first use."""
+
+    def __init__(self, *, coap_transports: list[str] | None = None, http_timeout: float = 30.0) -> None:
+        self._coap: aiocoap.Context | None = None
+        self._coap_lock = asyncio.Lock()
+        self._coap_transports = coap_transports
+        self._http: httpx.AsyncClient | None = None
+        self._http_timeout = http_timeout
+
+    async def coap(self) -> aiocoap.Context:
+        async with self._coap_lock:
+            if self._coap is None:
+                self._coap = await aiocoap.Context.create_client_context(transports=self._coap_transports)
+            return self._coap
+
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+            self._http = httpx.AsyncClient(timeout=self._http_timeout, limits=limits)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        if self._coap is not None:
+            await self._coap.shutdown()
+            self._coap = None
+
+
+# -- links ------------------------------------------------------------------------------------
+
+
+class Link(abc.ABC):
+    """A device's connection to the server: receives notices, delivers reports."""
+
+    @abc.abstractmethod
+    async def open(self, on_notice: NoticeHandler) -> None:
+        """Connect; raise LinkError if that fails.  Notices are passed to ``on_notice``."""
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> None:
+        """Return when the connection is lost."""
+
+    @abc.abstractmethod
+    async def close(self, *, graceful: bool) -> None:
+        """Disconnect; ``graceful=False`` drops the connection as a power cut would."""
+
+    @abc.abstractmethod
+    async def send(self, data: bytes) -> None:
+        """Deliver one sealed report; return once the server acknowledged it."""
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+    ca_file: Path | None
+
+    @classmethod
+    def parse(cls, url: str, ca_file: Path | None = None) -> MqttTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+        tls = parts.scheme == "mqtts"
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        if ca_file is None and "ca" in query:
+            ca_file = Path(unquote(query["ca"]))
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ca_file=ca_file,
+        )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+
+
+class MqttLink(Link):
+    """MQTT 3.1.1 with a persistent session (clean_session False), QoS 1 both ways.
+
+    3.1.1 rather than 5 because both Mosquitto and amqtt (the embedded fallback broker) support it.
+    Presence: retained b"1" after connect, retained last will b"0" for an unclean drop.
+    """
+
+    def __init__(self, target: MqttTarget, tenant: str, device: str, *, keepalive: int = 30) -> None:
+        self.target = target
+        self.tenant = tenant
+        self.device = device
+        self.keepalive = keepalive
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._tls = target.tls_context()
+
+    async def open(self, on_notice: NoticeHandler) -> None:
+        presence = protocol.presence_topic(self.tenant, self.device)
+        client = aiomqtt.Client(
+            self.target.host,
+            self.target.port,
+            identifier=f"{self.tenant}.{self.device}",
+            username=self.target.username,
+            password=self.target.password,
+            clean_session=False,
+            will=aiomqtt.Will(presence, b"0", qos=1, retain=True),
+            keepalive=self.keepalive,
+            tls_context=self._tls,
+            timeout=15,
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"MQTT connect failed: {exc}") from None
+        self._client = client
+        try:
+            await client.subscribe(protocol.notice_topic(self.tenant, self.device), qos=1)
+            await client.publish(presence, b"1", qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            await self.close(graceful=False)
+            raise LinkError(f"MQTT subscribe failed: {exc}") from None
+        self._reader = asyncio.create_task(self._read(client, on_notice), name=f"mqtt-read-{self.device}")
+
+    @staticmethod
+    async def _read(client: aiomqtt.Client, on_notice: NoticeHandler) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for message in client.messages:
+                if isinstance(message.payload, bytes | bytearray):
+                    on_notice(bytes(message.payload))
+
+    async def wait_closed(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._reader)
+
+    async def close(self, *, graceful: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if graceful:
+            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError):
+                await client.publish(
+                    protocol.presence_topic(self.tenant, self.device), b"0", qos=1, retain=True, timeout=2
+                )
+            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
+                await asyncio.wait_for(client.__aexit__(None, None, None), 5)
+        else:
+            sock = client._client.socket()
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not None:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(self._reader), 3)
+            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
+                await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+            self._reader = None
+
+    async def send(self, data: bytes) -> None:
+        client = self._client
+        if client is None:
+            raise LinkError("not connected")
+        try:
+            await client.publish(protocol.status_topic(self.tenant, self.device), data, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"publish failed: {exc}") from None
+
+
+class CoapLink(Link):
+    """Observe ``/n/{tenant}/{device}``; POST reports to ``/s/{tenant}/{device}``.
+
+    The observation is re-registered every ``refresh`` seconds: a restarted server forgets its
+    observers, and a CoAP client cannot otherwise tell.
+    """
+
+    PERMANENT = frozenset({Code.BAD_REQUEST, Code.UNAUTHORIZED, Code.REQUEST_ENTITY_TOO_LARGE})
+
+    def __init__(
+        self,
+        clients: SharedClients,
+        base_url: str,
+        tenant: str,
+        device: str,
+        *,
+        refresh: float = 60.0,
+        timeout: float = 15.0,
+    ) -> None:
+        self.clients = clients
+        self.base = base_url.rstrip("/")
+        self.tenant = tenant
+        self.device = device
+        self.refresh = refresh
+        self.timeout = timeout
+        self._notice_uri = self.base + "/" + "/".join(protocol.coap_notice_path(tenant, device))
+        self._status_uri = self.base + "/" + "/".join(protocol.coap_status_path(tenant, device))
+        self._reader: asyncio.Task[None] | None = None
+        self._request: aiocoap.protocol.Request | None = None
+
+    async def _register(self, on_notice: NoticeHandler) -> aiocoap.protocol.Request:
+        ctx = await self.clients.coap()
+        request = ctx.request(aiocoap.Message(code=Code.GET, uri=self._notice_uri, observe=0))
+        try:
+            first = await asyncio.wait_for(request.response, self.timeout)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            with contextlib.suppress(Exception):
+                request.observation.cancel()
+            raise LinkError(f"CoAP observe failed: {exc!r}") from None
+        if not first.code.is_successful():
+            request.observation.cancel()
+            raise LinkError(f"CoAP observe refused: {first.code}")
+        if first.payload:
+            on_notice(first.payload)
+        return request
+
+    async def open(self, on_notice: NoticeHandler) -> None:
+        self._request = await self._register(on_notice)
+        self._reader = asyncio.create_task(self._read(on_notice), name=f"coap-observe-{self.device}")
+
+    async def _read(self, on_notice: NoticeHandler) -> None:
+        while True:
+            request = self._request
+            assert request is not None
+
+            async def follow(req: aiocoap.protocol.Request = request) -> None:
+                async for response in req.observation:
+                    if response.payload:
+                        on_notice(response.payload)
+
+            with contextlib.suppress(aiocoap.error.Error, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(follow(), self.refresh)
+            with contextlib.suppress(Exception):
+                request.observation.cancel()
+            try:
+                self._request = await self._register(on_notice)
+            except LinkError as exc:
+                log.info("%s: %s", self.device, exc)
+                return
+
+    async def wait_closed(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._reader)
+
+    async def close(self, *, graceful: bool) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._request is not None:
+            with contextlib.suppress(Exception):
+                self._request.observation.cancel()
+            self._request = None
+
+    async def send(self, data: bytes) -> None:
+        ctx = await self.clients.coap()
+        message = aiocoap.Message(code=Code.POST, uri=self._status_uri, payload=data)
+        try:
+            response = await asyncio.wait_for(ctx.request(message).response, self.timeout)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            raise LinkError(f"CoAP status POST failed: {exc!r}") from None
+        if response.code == Code.CHANGED:
+            return
+        if response.code in self.PERMANENT:
+            raise ReportRejected(f"server refused report: {response.code} {response.payload[:80]!r}")
+        raise LinkError(f"CoAP status POST answered {response.code}")
+
+
+# -- payload fetchers -------------------------------------------------------------------------
+
+
+SUPPORTED_SCHEMES = ("http", "https", "coap")
+
+
+def order_uris(uris: tuple[str, ...] | list[str], transport: str) -> list[str]:
+    """Try-each order for a device: URIs of its own transport's family first, then the rest.
+
+    CoAP devices prefer ``coap://``, MQTT devices ``http(s)://``; unsupported schemes are dropped.
+    """
+    preferred = ("coap",) if transport == "coap" else ("http", "https")
+    usable = [u for u in uris if urlsplit(u).scheme in SUPPORTED_SCHEMES]
+    return [u for u in usable if urlsplit(u).scheme in preferred] + [
+        u for u in usable if urlsplit(u).scheme not in preferred
+    ]
+
+
+async def fetch_http(client: httpx.AsyncClient, uri: str, offset: int, sink: Sink) -> None:
+    """GET ``uri`` from ``offset`` with ``Range: bytes=OFFSET-``; a 200 restarts at offset 0."""
+    headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+    try:
+        async with client.stream("GET", uri, headers=headers) as response:
+            if response.status_code == 206:
+                start = _content_range_start(response.headers.get("content-range", ""))
+                if start is None:
+                    raise FetchError(f"206 without usable Content-Range from {uri}")
+                pos = start
+            elif response.status_code == 200:
+                pos = 0
+            elif response.status_code == 416:
+                raise FetchError(f"{uri}: range {offset}- not satisfiable", status=416)
+            elif response.status_code in (400, 401, 403, 404, 410):
+                raise FetchError(f"{uri}: HTTP {response.status_code}", permanent=True, status=404)
+            else:
+                raise FetchError(f"{uri}: HTTP {response.status_code}", status=response.status_code)
+            async for chunk in response.aiter_bytes(16384):
+                await sink(pos, chunk)
+                pos += len(chunk)
+    except httpx.HTTPError as exc:
+        raise FetchError(f"{uri}: {exc.__class__.__name__}: {exc}") from None
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes START-END/TOTAL"
+    try:
+        unit, rng = value.split(" ", 1)
+        if unit.strip().lower() != "bytes":
+            return None
+        return int(rng.split("-", 1)[0])
+    except (ValueError, IndexError):
+        return None
+
+
+async def fetch_coap(
+    ctx: aiocoap.Context, uri: str, offset: int, sink: Sink, *, timeout: float = 15.0
+) -> None:
+    """GET ``uri`` block by block (Block2), starting at the block that contains ``offset``.
+
+    The blocks are requested one by one rather than through aiocoap's automatic assembly so that
+    each block can be written and its offset persisted, which is what makes resuming possible.
+    """
+    szx = COAP_BLOCK_SZX
+    block = offset // (1 << (szx + 4))
+    while True:
+        request = aiocoap.Message(code=Code.GET, uri=uri)
+        request.opt.block2 = BlockOption.BlockwiseTuple(block, False, szx)
+        try:
+            response = await asyncio.wait_for(ctx.request(request, handle_blockwise=False).response, timeout)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            raise FetchError(f"{uri}: {exc!r}") from None
+        if not response.code.is_successful():
+            permanent = response.code in (Code.NOT_FOUND, Code.BAD_REQUEST, Code.UNAUTHORIZED, Code.FORBIDDEN)
+            raise FetchError(f"{uri}: CoAP {response.code}", permanent=permanent, status=int(response.code))
+        opt = response.opt.block2
+        if opt is None:
+            # Small payload answered in one piece.
+            await sink(0, response.payload)
+            return
+        if not opt.is_valid_for_payload_size(len(response.payload)):
+            raise FetchError(f"{uri}: block {opt.block_number} has {len(response.payload)} bytes")
+        await sink(opt.start, response.payload)
+        if not opt.more:
+            return
+        # The server may have answered with smaller blocks than asked; continue in its size.
+        szx = opt.size_exponent
+        block = (opt.start + len(response.payload)) // opt.size
