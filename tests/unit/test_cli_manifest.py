@@ -1,0 +1,257 @@
+"""`fwcm keys` and `fwcm manifest` through Typer's CliRunner, on real files in a temporary directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fwcm.cli import keys, manifest
+from fwcm.manifest import decode_envelope, key_id, load_private_key, load_public_key
+
+app = typer.Typer()
+app.add_typer(keys.app, name="keys")
+app.add_typer(manifest.app, name="manifest")
+runner = CliRunner()
+
+FIRMWARE = b"\x7fELF firmware image " * 100
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "fw.bin").write_bytes(FIRMWARE)
+    return tmp_path
+
+
+def create(workdir: Path, *extra: str, key: str = "signer", out: str = "m.suit") -> Path:
+    code, stdout, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--key", workdir / f"{key}.key",
+        "--uri", "coap://127.0.0.1/p/{sha256}", "--uri", "http://127.0.0.1:8080/p/{sha256}",
+        "--sequence", "5", "--output", workdir / out, *extra,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote {workdir / out}")
+    return workdir / out
+
+
+IDS = (
+    "--vendor-id",
+    "11111111-2222-3333-4444-555555555555",
+    "--class-id",
+    "66666666-7777-8888-9999-000000000000",
+)
+
+
+# --- keys -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["es256", "eddsa"])
+def test_keys_generate(workdir: Path, alg: str) -> None:
+    code, stdout, _ = run("keys", "generate", "signer", "--alg", alg, "--dir", workdir)
+    assert code == 0
+    key_file, pub_file = workdir / "signer.key", workdir / "signer.pub"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    private = load_private_key(key_file.read_bytes())
+    public = load_public_key(pub_file.read_bytes())
+    assert key_id(private) == key_id(public)
+    assert key_id(public).hex() in stdout
+    assert key_file.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pub_file.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_keys_refuse_overwrite_without_force(workdir: Path) -> None:
+    assert run("keys", "generate", "signer", "--dir", workdir)[0] == 0
+    before = (workdir / "signer.key").read_bytes()
+    code, _, stderr = run("keys", "generate", "signer", "--dir", workdir)
+    assert code == 1
+    assert "exists" in one_error_line(stderr)
+    assert (workdir / "signer.key").read_bytes() == before
+    (workdir / "signer.key").chmod(0o644)
+    assert run("keys", "generate", "signer", "--dir", workdir, "--force")[0] == 0
+    assert (workdir / "signer.key").read_bytes() != before
+    assert stat.S_IMODE((workdir / "signer.key").stat().st_mode) == 0o600
+
+
+def test_keys_bad_alg(workdir: Path) -> None:
+    code, _, stderr = run("keys", "generate", "signer", "--alg", "rsa", "--dir", workdir)
+    assert code == 1
+    assert "rsa" in one_error_line(stderr)
+    assert not (workdir / "signer.key").exists()
+
+
+# --- create / inspect / verify ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["es256", "eddsa"])
+def test_create_and_verify(workdir: Path, alg: str) -> None:
+    run("keys", "generate", "signer", "--alg", alg, "--dir", workdir)
+    path = create(workdir, *IDS)
+    env = decode_envelope(path.read_bytes())
+    digest = hashlib.sha256(FIRMWARE).hexdigest()
+    assert env.info.image_digest.hex() == digest
+    assert env.info.image_size == len(FIRMWARE)
+    assert env.info.sequence == 5
+    assert env.info.vendor_id == uuid.UUID(IDS[1])
+    assert env.info.class_id == uuid.UUID(IDS[3])
+    assert env.info.uris == (f"coap://127.0.0.1/p/{digest}", f"http://127.0.0.1:8080/p/{digest}")
+
+    code, stdout, stderr = run("manifest", "verify", path, "--key", workdir / "signer.pub")
+    assert code == 0, stderr
+    assert stdout.splitlines() == [stdout.strip()]
+    assert stdout.startswith("valid: sequence 5")
+    assert stderr == ""
+
+
+def test_uuid5_options(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    path = create(workdir, "--vendor-domain", "example.com", "--model", "sensor-v1")
+    info = decode_envelope(path.read_bytes()).info
+    vendor = uuid.uuid5(uuid.NAMESPACE_DNS, "example.com")
+    assert info.vendor_id == vendor
+    assert info.class_id == uuid.uuid5(vendor, "sensor-v1")
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        (),
+        ("--vendor-domain", "example.com", "--vendor-id", IDS[1], "--class-id", IDS[3]),
+        ("--vendor-domain", "example.com"),
+        ("--vendor-domain", "example.com", "--model", "m", "--class-id", IDS[3]),
+    ],
+)
+def test_create_id_options_must_be_unambiguous(workdir: Path, ids: tuple[str, ...]) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, _, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--key", workdir / "signer.key", "--uri", "coap://h/p",
+        "--sequence", "1", "--output", workdir / "m.suit", *ids,
+    )  # fmt: skip
+    assert code == 1
+    assert "exactly one of" in one_error_line(stderr)
+    assert not (workdir / "m.suit").exists()
+
+
+@pytest.mark.parametrize(
+    ("what", "expect"),
+    [("firmware", "cannot read firmware"), ("key", "cannot read key"), ("badkey", "private key")],
+)
+def test_create_unreadable_inputs(workdir: Path, what: str, expect: str) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    firmware = workdir / ("missing.bin" if what == "firmware" else "fw.bin")
+    key = workdir / ("missing.key" if what == "key" else "signer.key")
+    if what == "badkey":
+        key = workdir / "signer.pub"
+    code, _, stderr = run(
+        "manifest", "create", firmware, "--key", key, "--uri", "coap://h/p", "--sequence", "1",
+        "--output", workdir / "m.suit", *IDS,
+    )  # fmt: skip
+    assert code == 1
+    assert expect in one_error_line(stderr)
+
+
+def test_verify_wrong_key(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    run("keys", "generate", "other", "--alg", "eddsa", "--dir", workdir)
+    path = create(workdir, *IDS)
+    code, stdout, stderr = run("manifest", "verify", path, "--key", workdir / "other.pub")
+    assert code == 1
+    assert stdout == ""
+    assert one_error_line(stderr).startswith(f"error: signature does not verify with {workdir / 'other.pub'}")
+    # several keys: the signer among them is enough
+    code, stdout, _ = run(
+        "manifest", "verify", path, "--key", workdir / "other.pub", "--key", workdir / "signer.pub"
+    )
+    assert code == 0
+    assert f"signed by {workdir / 'signer.pub'}" in stdout
+
+
+@pytest.mark.parametrize(
+    ("setup", "expect"),
+    [
+        ("missing-manifest", "cannot read manifest"),
+        ("missing-key", "cannot read key"),
+        ("not-a-manifest", "is not a valid manifest"),
+        ("not-a-key", "public key"),
+    ],
+)
+def test_verify_errors(workdir: Path, setup: str, expect: str) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    path = create(workdir, *IDS)
+    key = workdir / "signer.pub"
+    if setup == "missing-manifest":
+        path = workdir / "nope.suit"
+    elif setup == "missing-key":
+        key = workdir / "nope.pub"
+    elif setup == "not-a-manifest":
+        path = workdir / "fw.bin"
+    elif setup == "not-a-key":
+        key = workdir / "fw.bin"
+    code, stdout, stderr = run("manifest", "verify", path, "--key", key)
+    assert code == 1
+    assert stdout == ""
+    assert expect in one_error_line(stderr)
+
+
+def test_verify_fails_for_every_single_bit_flip(workdir: Path) -> None:
+    """The acceptance criterion, end to end through the CLI: no flipped bit is ever accepted."""
+    run("keys", "generate", "signer", "--alg", "eddsa", "--dir", workdir)
+    code, _, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--key", workdir / "signer.key", "--uri", "coap://h/p",
+        "--sequence", "1", "--output", workdir / "m.suit", *IDS,
+    )  # fmt: skip
+    assert code == 0, stderr
+    raw = (workdir / "m.suit").read_bytes()
+    flipped = workdir / "flipped.suit"
+    accepted = []
+    for bit in range(len(raw) * 8):
+        data = bytearray(raw)
+        data[bit // 8] ^= 0x80 >> (bit % 8)
+        flipped.write_bytes(bytes(data))
+        code, _, stderr = run("manifest", "verify", flipped, "--key", workdir / "signer.pub")
+        if code != 1:
+            accepted.append(bit)
+        else:
+            one_error_line(stderr)
+    assert accepted == []
+
+
+def test_inspect_table_and_json(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    path = create(workdir, *IDS)
+    code, stdout, _ = run("manifest", "inspect", path, "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    digest = hashlib.sha256(FIRMWARE).hexdigest()
+    assert data["sequence"] == 5
+    assert data["vendor_id"] == IDS[1] and data["class_id"] == IDS[3]
+    assert data["image_digest"] == digest and data["image_size"] == len(FIRMWARE)
+    assert data["uris"][0] == f"coap://127.0.0.1/p/{digest}"
+    assert data["signatures"][0]["alg"] == "ES256"
+    kid = key_id(load_public_key((workdir / "signer.pub").read_bytes())).hex()
+    assert data["signatures"][0]["kid"] == kid
+
+    code, stdout, _ = run("manifest", "inspect", path)
+    assert code == 0
+    assert "sequence" in stdout and IDS[1] in stdout and "ES256" in stdout
+
+    code, _, stderr = run("manifest", "inspect", workdir / "fw.bin")
+    assert code == 1
+    one_error_line(stderr)
