@@ -1,0 +1,270 @@
+"""Request and response bodies of the management API (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fwcm.store.models import Campaign, CampaignEvent, Device, DeviceEvent, Manifest, Payload, Signer
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="One sentence naming the problem.")
+
+
+class TenantOut(BaseModel):
+    id: int
+    slug: str
+    name: str
+    created_at: datetime | None
+
+
+class PayloadOut(BaseModel):
+    sha256: str
+    size: int
+    name: str | None
+    created_at: datetime | None
+    created: bool | None = Field(None, description="On upload: false when the image was already stored.")
+    url: str = Field(description="Path devices fetch the image from (HTTP Range, CoAP Block2).")
+
+    @classmethod
+    def of(cls, p: Payload, created: bool | None = None) -> PayloadOut:
+        return cls(
+            sha256=p.sha256,
+            size=p.size,
+            name=p.name,
+            created_at=p.created_at,
+            created=created,
+            url=f"/p/{p.sha256}",
+        )
+
+
+class SignerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    public_key_pem: str = Field(description="PEM SubjectPublicKeyInfo (P-256 or Ed25519).")
+
+
+class SignerOut(BaseModel):
+    name: str
+    alg: str
+    key_id: str = Field(description="SHA-256 of the SubjectPublicKeyInfo DER, hex; the COSE kid.")
+    public_key_pem: str
+    revoked_at: datetime | None
+    created_at: datetime | None
+
+    @classmethod
+    def of(cls, sg: Signer) -> SignerOut:
+        return cls(
+            name=sg.name,
+            alg=sg.alg,
+            key_id=sg.key_id,
+            public_key_pem=sg.public_key_pem,
+            revoked_at=sg.revoked_at,
+            created_at=sg.created_at,
+        )
+
+
+class ManifestOut(BaseModel):
+    id: int
+    digest: str = Field(description="SUIT digest (SHA-256) of the bstr-wrapped manifest: what was signed.")
+    sequence: int
+    vendor_id: str
+    class_id: str
+    image_digest: str
+    image_size: int
+    uris: list[str]
+    signer: str | None
+    name: str | None
+    size: int = Field(description="Envelope size in bytes.")
+    created_at: datetime | None
+    created: bool | None = None
+
+    @classmethod
+    def of(cls, m: Manifest, signer: str | None, created: bool | None = None) -> ManifestOut:
+        return cls(
+            id=m.id,
+            digest=m.digest,
+            sequence=m.sequence,
+            vendor_id=m.vendor_id,
+            class_id=m.class_id,
+            image_digest=m.image_digest,
+            image_size=m.image_size,
+            uris=list(m.uris),
+            signer=signer,
+            name=m.name,
+            size=len(m.envelope),
+            created_at=m.created_at,
+            created=created,
+        )
+
+
+class DeviceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    vendor_id: str
+    class_id: str
+    tags: dict[str, str | int] = Field(default_factory=dict)
+    sequence: int = 0
+    version: str | None = None
+    transport: str = "mqtt"
+    hardware_id: str | None = None
+    secret: str | None = Field(None, description="32 bytes as hex; generated when absent.")
+
+
+class DeviceOut(BaseModel):
+    name: str
+    vendor_id: str
+    class_id: str
+    tags: dict[str, Any]
+    sequence: int
+    version: str | None
+    transport: str
+    hardware_id: str | None
+    online: bool
+    last_seen: datetime | None
+    created_at: datetime | None
+    secret: str | None = Field(None, description="Only in the answer to the request that created it.")
+
+    @classmethod
+    def of(cls, d: Device, secret: bytes | None = None) -> DeviceOut:
+        return cls(
+            name=d.name,
+            vendor_id=d.vendor_id,
+            class_id=d.class_id,
+            tags=dict(d.tags or {}),
+            sequence=d.sequence,
+            version=d.version,
+            transport=d.transport,
+            hardware_id=d.hardware_id,
+            online=bool(d.online),
+            last_seen=d.last_seen,
+            created_at=d.created_at,
+            secret=secret.hex() if secret is not None else None,
+        )
+
+
+class DevicePage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[DeviceOut]
+
+
+class ImportedDevice(BaseModel):
+    name: str
+    secret: str
+
+
+class ImportOut(BaseModel):
+    imported: int
+    devices: list[ImportedDevice]
+
+
+class ImportErrorOut(BaseModel):
+    detail: str
+    errors: list[str] = Field(description="`line N: problem` for each refused row (capped).")
+
+
+class DeviceEventOut(BaseModel):
+    at: datetime
+    campaign_id: int
+    state: str
+    result: int
+    detail: str | None
+
+    @classmethod
+    def of(cls, e: DeviceEvent) -> DeviceEventOut:
+        return cls(at=e.at, campaign_id=e.campaign_id, state=e.state, result=e.result, detail=e.detail)
+
+
+class CampaignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    manifest_id: int
+    filter: str = Field("", description="Device filter; empty selects every device.")
+    policy: dict[str, Any] = Field(default_factory=dict, description="Rollout policy (phases, rate, …).")
+
+
+class CampaignOut(BaseModel):
+    id: int
+    name: str
+    manifest_id: int
+    filter: str
+    policy: dict[str, Any]
+    state: str
+    stop_reason: str | None
+    phase: int
+    total: int
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, c: Campaign) -> CampaignOut:
+        return cls(
+            id=c.id,
+            name=c.name,
+            manifest_id=c.manifest_id,
+            filter=c.filter,
+            policy=dict(c.policy or {}),
+            state=c.state,
+            stop_reason=c.stop_reason,
+            phase=c.phase,
+            total=c.total,
+            created_at=c.created_at,
+            started_at=c.started_at,
+            finished_at=c.finished_at,
+        )
+
+
+class FailureCount(BaseModel):
+    result: int
+    name: str
+    count: int
+
+
+class CampaignStats(BaseModel):
+    id: int
+    name: str
+    state: str
+    stop_reason: str | None
+    phase: int
+    total: int
+    counts: dict[str, int] = Field(description="Deployments per state (every state present).")
+    phases: dict[str, dict[str, int]] = Field(description="Per phase: deployments per state.")
+    failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class DeploymentOut(BaseModel):
+    device: str
+    state: str
+    result: int
+    result_name: str
+    detail: str | None
+    phase: int
+    attempt: int
+    progress: int | None
+    notified_at: datetime | None
+    updated_at: datetime | None
+
+
+class DeploymentPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[DeploymentOut]
+
+
+class CampaignEventOut(BaseModel):
+    at: datetime
+    state: str
+    reason: str | None
+
+    @classmethod
+    def of(cls, e: CampaignEvent) -> CampaignEventOut:
+        return cls(at=e.at, state=e.state, reason=e.reason)

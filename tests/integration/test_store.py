@@ -1,0 +1,421 @@
+"""Repository behaviour on real databases (SQLite file and PostgreSQL when configured)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from fwcm import filters, manifest
+from fwcm.store import repo
+from fwcm.store.db import Database
+from fwcm.store.models import CampaignEvent, Deployment, Device, Manifest
+from fwcm.store.payloads import PayloadStore, PayloadTooLarge
+
+VENDOR = str(manifest.vendor_id_for_domain("example.com"))
+CLASS_A = str(manifest.class_id_for(uuid.UUID(VENDOR), "sensor-a"))
+CLASS_B = str(manifest.class_id_for(uuid.UUID(VENDOR), "sensor-b"))
+
+
+def _tenant(db: Database, slug: str) -> int:
+    with db.session() as s:
+        t, _key = repo.create_tenant(s, slug)
+        return t.id
+
+
+def _csv(rows: list[str]) -> str:
+    return "name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret\n" + "\n".join(rows)
+
+
+FLEET = [
+    # name, class, tags, sequence, version, transport, hardware_id
+    ("d1", CLASS_A, {"region": "eu", "rack": "1"}, 1, "1.0", "mqtt", "hw-1"),
+    ("d2", CLASS_A, {"region": "eu"}, 5, "1.5", "coap", None),
+    ("d3", CLASS_A, {"region": "us", "rack": "2"}, 8, None, "mqtt", "hw-3"),
+    ("d4", CLASS_B, {"region": "eu", "rack": "10"}, 9, "2.0", "coap", None),
+    ("d5", CLASS_B, {}, 0, None, "mqtt", None),
+]
+
+
+def _add_fleet(db: Database, tenant_id: int) -> None:
+    with db.session() as s:
+        for name, cls, tags, seq, version, transport, hw in FLEET:
+            repo.register_device(
+                s,
+                tenant_id,
+                repo.validate_device(name, VENDOR, cls, tags, seq, version, transport, hw),
+            )
+
+
+def _names(db: Database, tenant_id: int, text: str) -> list[str]:
+    with db.session() as s:
+        _total, rows = repo.list_devices(s, tenant_id, text, limit=1000)
+        return [d.name for d in rows]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["d1", "d2", "d3", "d4", "d5"]),
+        (f'class == "{CLASS_A}" and tag.region == "eu" and sequence < 8', ["d1", "d2"]),
+        ('tag.region == "eu"', ["d1", "d2", "d4"]),
+        ('tag.region != "eu"', ["d3", "d5"]),
+        ('not tag.region == "eu"', ["d3", "d5"]),
+        ('tag.region in ["us", "asia"]', ["d3"]),
+        ('tag.region not in ["us"]', ["d1", "d2", "d4", "d5"]),
+        ("exists tag.rack", ["d1", "d3", "d4"]),
+        ("not exists tag.rack", ["d2", "d5"]),
+        ("tag.rack == 10", ["d4"]),
+        ('tag.rack < "2"', ["d1", "d4"]),
+        ("sequence >= 8 or transport == 'coap'", ["d2", "d3", "d4"]),
+        ("version == '1.0' or version == '2.0'", ["d1", "d4"]),
+        ("version != '1.0'", ["d2", "d3", "d4", "d5"]),
+        ("hardware_id in ['hw-1', 'hw-3']", ["d1", "d3"]),
+        ("exists version and not exists hardware_id", ["d2", "d4"]),
+        (f"vendor == '{VENDOR.upper()}' and class != '{CLASS_A}'", ["d4", "d5"]),
+        ("name in []", []),
+        ("name not in []", ["d1", "d2", "d3", "d4", "d5"]),
+        ("(name == 'd1' or name == 'd2') and not (sequence > 1)", ["d1"]),
+    ],
+)
+def test_filters_select_expected_devices(db: Database, text: str, expected: list[str]) -> None:
+    tid = _tenant(db, "acme")
+    _add_fleet(db, tid)
+    assert _names(db, tid, text) == expected
+
+
+def _py_value(field: str, dev: tuple[Any, ...]) -> Any:
+    name, cls, tags, seq, version, transport, hw = dev
+    if filters.is_tag(field):
+        return tags.get(filters.tag_key(field))
+    return {
+        "name": name,
+        "vendor": VENDOR,
+        "class": cls,
+        "sequence": seq,
+        "version": version,
+        "transport": transport,
+        "hardware_id": hw,
+    }[field]
+
+
+def _py_eval(node: filters.Node, dev: tuple[Any, ...]) -> bool:
+    """Reference semantics of the filter language, written independently of the SQL compiler."""
+    if isinstance(node, filters.All):
+        return True
+    if isinstance(node, filters.And):
+        return all(_py_eval(i, dev) for i in node.items)
+    if isinstance(node, filters.Or):
+        return any(_py_eval(i, dev) for i in node.items)
+    if isinstance(node, filters.Not):
+        return not _py_eval(node.item, dev)
+    v = _py_value(node.field, dev)
+    if isinstance(node, filters.Exists):
+        return v is not None
+    if isinstance(node, filters.In):
+        found = v is not None and v in node.values
+        return not found if node.negated else found
+    assert isinstance(node, filters.Compare)
+    if v is None:
+        return node.op == "!="
+    return {
+        "==": v == node.value,
+        "!=": v != node.value,
+        "<": v < node.value,
+        "<=": v <= node.value,
+        ">": v > node.value,
+        ">=": v >= node.value,
+    }[node.op]
+
+
+_small_text = st.text(alphabet="abdeu129.", max_size=3)
+_fields = st.sampled_from(["name", "version", "transport", "hardware_id", "tag.region", "tag.rack", "tag.x"])
+
+
+@st.composite
+def _leaf(draw: st.DrawFn) -> filters.Node:
+    kind = draw(st.sampled_from(["cmp", "cmp", "seq", "in", "exists"]))
+    if kind == "seq":
+        return filters.Compare(
+            "sequence", draw(st.sampled_from(filters.COMPARE_OPS)), draw(st.integers(-1, 10))
+        )
+    field = draw(_fields)
+    if kind == "exists":
+        return filters.Exists(field)
+    pool = st.one_of(_small_text, st.sampled_from(["eu", "us", "1", "10", "d1", "d4", "mqtt", "1.0", "hw-1"]))
+    if kind == "in":
+        return filters.In(field, tuple(draw(st.lists(pool, max_size=3))), draw(st.booleans()))
+    return filters.Compare(field, draw(st.sampled_from(filters.COMPARE_OPS)), draw(pool))
+
+
+_asts = st.recursive(
+    _leaf(),
+    lambda c: st.one_of(
+        c.map(filters.Not),
+        st.lists(c, min_size=2, max_size=3).map(lambda xs: filters.And(tuple(xs))),
+        st.lists(c, min_size=2, max_size=3).map(lambda xs: filters.Or(tuple(xs))),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(node=_asts)
+def test_sql_filter_matches_reference_semantics(db: Database, node: filters.Node) -> None:
+    # The fleet is written once per database; hypothesis then only reads.
+    with db.session() as s:
+        t = repo.tenant_by_slug(s, "ref")
+        tid = t.id if t else None
+    if tid is None:
+        tid = _tenant(db, "ref")
+        _add_fleet(db, tid)
+    text = filters.to_text(node)
+    expected = sorted(d[0] for d in FLEET if _py_eval(node, d))
+    assert _names(db, tid, text) == expected, text
+
+
+def test_list_devices_paginates_and_counts(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    _add_fleet(db, tid)
+    with db.session() as s:
+        total, rows = repo.list_devices(s, tid, 'tag.region == "eu"', limit=2, offset=1)
+    assert total == 3
+    assert [d.name for d in rows] == ["d2", "d4"]
+
+
+def test_csv_import_all_or_nothing_with_line_numbers(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    good = f"ok1,{VENDOR},{CLASS_A},region=eu;rack=2,3,1.0,mqtt,hw,"
+    text = _csv(
+        [
+            good,
+            f"bad name!,{VENDOR},{CLASS_A},,0,,mqtt,,",
+            f"ok2,not-a-uuid,{CLASS_A},,0,,mqtt,,",
+            f"ok3,{VENDOR},{CLASS_A},region,0,,mqtt,,",
+            f"ok4,{VENDOR},{CLASS_A},,-1,,mqtt,,",
+            f"ok5,{VENDOR},{CLASS_A},,0,,carrier-pigeon,,",
+            f"ok6,{VENDOR},{CLASS_A},,0,,mqtt,,abcd",
+            f"ok1,{VENDOR},{CLASS_A},,0,,mqtt,,",
+            "too,few",
+        ]
+    )
+    with pytest.raises(repo.ImportErrors) as info, db.session() as s:
+        repo.import_devices_csv(s, tid, text)
+    errs = info.value.errors
+    assert [e.split(":")[0] for e in errs] == [f"line {n}" for n in range(3, 11)]
+    assert "device name 'bad name!'" in errs[0]
+    assert "vendor_id must be a UUID" in errs[1]
+    assert "tag 'region' is not key=value" in errs[2]
+    assert "sequence must be a non-negative integer" in errs[3]
+    assert "transport must be one of mqtt, coap" in errs[4]
+    assert "secret must be 32 bytes" in errs[5]
+    assert "already appears on line 2" in errs[6]
+    assert "expected 9 fields, found 2" in errs[7]
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Device)) == 0
+
+
+def test_csv_import_refuses_names_that_exist(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    _add_fleet(db, tid)
+    with pytest.raises(repo.Conflict, match="'d2'"), db.session() as s:
+        repo.import_devices_csv(
+            s, tid, _csv([f"new1,{VENDOR},{CLASS_A},,,,,,", f"d2,{VENDOR},{CLASS_A},,,,,,"])
+        )
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Device).where(Device.name == "new1")) == 0
+
+
+def test_csv_import_header_subset_and_given_secret(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    secret = os.urandom(32).hex()
+    text = f"class_id,name,vendor_id,secret\n{CLASS_A},x1,{VENDOR},{secret}\n\n{CLASS_B},x2,{VENDOR},\n"
+    with db.session() as s:
+        devices = repo.import_devices_csv(s, tid, text)
+    assert [d.name for d in devices] == ["x1", "x2"]
+    with db.session() as s:
+        x1 = repo.get_device(s, tid, "x1")
+        x2 = repo.get_device(s, tid, "x2")
+        assert x1.secret.hex() == secret and x1.transport == "mqtt" and x1.sequence == 0
+        assert len(x2.secret) == 32 and x2.secret == devices[1].secret
+
+
+def test_csv_bad_header_reported_on_line_1(db: Database) -> None:
+    with pytest.raises(repo.ImportErrors, match="line 1: unknown column.*colour.*missing column.*class_id"):
+        repo.parse_devices_csv("name,vendor_id,colour\n")
+    with pytest.raises(repo.ImportErrors, match="line 1: empty file"):
+        repo.parse_devices_csv("")
+
+
+def test_csv_errors_are_capped(db: Database) -> None:
+    rows = [f"bad{i},x,y,,,,,," for i in range(80)]
+    with pytest.raises(repo.ImportErrors) as info:
+        repo.parse_devices_csv(_csv(rows))
+    assert len(info.value.errors) == repo.MAX_IMPORT_ERRORS
+    assert info.value.more == 30
+    assert "and 77 more" in str(info.value)
+
+
+def _manifest(db: Database, tid: int) -> int:
+    key = manifest.generate_private_key()
+    info = manifest.ManifestInfo(
+        sequence=9,
+        vendor_id=uuid.UUID(VENDOR),
+        class_id=uuid.UUID(CLASS_A),
+        image_digest=hashlib.sha256(b"fw").digest(),
+        image_size=2,
+        uris=("http://127.0.0.1/p/x",),
+    )
+    with db.session() as s:
+        repo.add_signer(s, tid, f"k{tid}", manifest.public_key_pem(key))
+        m, created = repo.upload_manifest(s, tid, manifest.build_envelope(info, key))
+        assert created
+        return m.id
+
+
+def test_campaign_start_freezes_matching_subset(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    other = _tenant(db, "other")
+    _add_fleet(db, tid)
+    _add_fleet(db, other)  # same names and tags in another tenant: must not join
+    mid = _manifest(db, tid)
+    with db.session() as s:
+        c = repo.create_campaign(s, tid, "eu", mid, "tag.region == 'eu'", {"rate": 10})
+        cid = c.id
+        assert c.state == "draft" and c.filter == 'tag.region == "eu"'
+    with db.session() as s:
+        c = repo.start_campaign(s, tid, cid)
+        assert (c.state, c.total) == ("running", 3)
+        assert c.started_at is not None
+    # A device registered later does not join a started campaign.
+    with db.session() as s:
+        repo.register_device(s, tid, repo.validate_device("late", VENDOR, CLASS_A, {"region": "eu"}))
+    with db.session() as s:
+        rows = s.execute(
+            select(Device.name, Deployment.state, Deployment.tenant_id, Deployment.last_seq)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.campaign_id == cid)
+            .order_by(Device.name)
+        ).all()
+        assert [tuple(r) for r in rows] == [
+            ("d1", "pending", tid, -1),
+            ("d2", "pending", tid, -1),
+            ("d4", "pending", tid, -1),
+        ]
+        stats = repo.campaign_stats(s, tid, cid)
+        assert stats["total"] == 3 and stats["counts"]["pending"] == 3 and stats["counts"]["failed"] == 0
+        total, devs = repo.campaign_devices(s, tid, cid, state="pending")
+        assert total == 3 and [d["device"] for d in devs] == ["d1", "d2", "d4"]
+        states = [e.state for e in s.scalars(select(CampaignEvent).where(CampaignEvent.campaign_id == cid))]
+        assert states == ["draft", "running"]
+    with pytest.raises(repo.Conflict, match="is running"), db.session() as s:
+        repo.start_campaign(s, tid, cid)
+    with pytest.raises(repo.NotFound), db.session() as s:
+        repo.start_campaign(s, other, cid)
+
+
+def test_campaign_state_changes(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    _add_fleet(db, tid)
+    mid = _manifest(db, tid)
+    with db.session() as s:
+        cid = repo.create_campaign(s, tid, "all", mid, "", None).id
+    with pytest.raises(repo.Conflict, match="pause needs a campaign that is running"), db.session() as s:
+        repo.change_campaign(s, tid, cid, "pause")
+    with db.session() as s:
+        repo.start_campaign(s, tid, cid)
+        assert repo.change_campaign(s, tid, cid, "pause").state == "paused"
+        assert repo.change_campaign(s, tid, cid, "resume").state == "running"
+        c = repo.change_campaign(s, tid, cid, "cancel")
+        assert c.state == "cancelled" and c.finished_at is not None
+    with pytest.raises(repo.Conflict), db.session() as s:
+        repo.change_campaign(s, tid, cid, "resume")
+    with db.session() as s:
+        assert [e.state for e in repo.campaign_events(s, tid, cid)] == [
+            "draft",
+            "running",
+            "paused",
+            "running",
+            "cancelled",
+        ]
+
+
+def test_campaign_refuses_bad_filter_and_foreign_manifest(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    other = _tenant(db, "other")
+    mid = _manifest(db, other)
+    with pytest.raises(filters.FilterError, match="unknown field 'colour'"), db.session() as s:
+        repo.create_campaign(s, tid, "x", mid, "colour == 'red'")
+    with pytest.raises(repo.Invalid, match=f"manifest {mid} not found"), db.session() as s:
+        repo.create_campaign(s, tid, "x", mid, "")
+
+
+def test_manifest_dedupe_and_signer_revocation(db: Database) -> None:
+    tid = _tenant(db, "acme")
+    key = manifest.generate_private_key("eddsa")
+    info = manifest.ManifestInfo(
+        sequence=1,
+        vendor_id=uuid.UUID(VENDOR),
+        class_id=uuid.UUID(CLASS_A),
+        image_digest=bytes(32),
+        image_size=1,
+        uris=("coap://h/p/0",),
+    )
+    env = manifest.build_envelope(info, key)
+    with db.session() as s:
+        sg = repo.add_signer(s, tid, "release", manifest.public_key_pem(key).decode())
+        assert sg.alg == "eddsa" and sg.key_id == manifest.key_id(key).hex()
+        first, created1 = repo.upload_manifest(s, tid, env)
+        again, created2 = repo.upload_manifest(s, tid, env)
+        assert created1 and not created2 and first.id == again.id
+        assert first.envelope == env and first.signer_id == sg.id
+    with pytest.raises(repo.Conflict, match="already registered as signer 'release'"), db.session() as s:
+        repo.add_signer(s, tid, "again", manifest.public_key_pem(key))
+    with db.session() as s:
+        repo.revoke_signer(s, tid, "release")
+    info2 = manifest.ManifestInfo(**{**info.__dict__, "sequence": 2})
+    with pytest.raises(manifest.SignatureError), db.session() as s:
+        repo.upload_manifest(s, tid, manifest.build_envelope(info2, key))
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Manifest)) == 1
+
+
+def test_tenant_keys_are_hashed_and_resolve(db: Database) -> None:
+    with db.session() as s:
+        t, key = repo.create_tenant(s, "acme", "Acme")
+    assert key.startswith("fwcm_")
+    with db.session() as s:
+        found = repo.tenant_for_key(s, key)
+        assert found is not None and found.id == t.id
+        assert repo.tenant_for_key(s, key + "x") is None
+        assert repo.tenant_for_key(s, "garbage") is None
+        from fwcm.store.models import ApiKey
+
+        stored = s.scalars(select(ApiKey.key_hash)).all()
+        assert key not in stored and hashlib.sha256(key.encode()).hexdigest() in stored
+    with pytest.raises(repo.Conflict), db.session() as s:
+        repo.create_tenant(s, "acme")
+    with pytest.raises(repo.Invalid), db.session() as s:
+        repo.create_tenant(s, "no spaces")
+
+
+def test_payload_store_is_atomic_and_content_addressed(tmp_path: Any) -> None:
+    store = PayloadStore(tmp_path / "payloads")
+    data = os.urandom(300_000)
+    sha = hashlib.sha256(data).hexdigest()
+    stored = store.write_chunks((data[i : i + 4096] for i in range(0, len(data), 4096)), limit=1 << 20)
+    assert stored.sha256 == sha and stored.size == len(data)
+    assert store.path_for(sha) == tmp_path / "payloads" / sha[:2] / sha[2:]
+    with store.open(sha) as f:
+        assert f.read() == data
+    with pytest.raises(PayloadTooLarge):
+        store.write_chunks([data], limit=1000)
+    assert list(store.tmp_dir.iterdir()) == []  # the refused upload left nothing behind
+    with pytest.raises(ValueError):
+        store.path_for("../../etc/passwd")
