@@ -247,7 +247,7 @@ def test_csv_import_header_subset_and_given_secret(db: Database) -> None:
 
 
 def test_csv_bad_header_reported_on_line_1(db: Database) -> None:
-    with pytest.raises(repo.ImportErrors, match="line 1: unknown column.*colour.*missing column.*class_id"):
+    with pytest.raises(repo.ImportErrors, match=r"line 1: unknown column.*colour.*missing column.*class_id"):
         repo.parse_devices_csv("name,vendor_id,colour\n")
     with pytest.raises(repo.ImportErrors, match="line 1: empty file"):
         repo.parse_devices_csv("")
