@@ -309,7 +309,7 @@ def trim_history(s: Session, keep: int = HISTORY_PER_DEVICE) -> int:
 
 
 def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, int, str] | None:
-    """The newest in-flight deployment of a device: (campaign, target, manifest id, state)."""
+    """The newest in-flight deployment of a device: (campaign, target, manifest id, campaign state)."""
     row = s.execute(
         select(
             Deployment.campaign_id,
@@ -318,7 +318,7 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
             Device.transport,
             Device.secret,
             Campaign.manifest_id,
-            Deployment.state,
+            Campaign.state,
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)

@@ -1,0 +1,135 @@
+"""The ``fwcm`` command: local tools (keys, manifests), API client commands, server and demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import Annotated
+
+import typer
+
+from fwcm.cli import keys, manifest, resources
+from fwcm.cli.demo import demo
+
+app = typer.Typer(
+    help="fwcm: firmware campaign manager for IoT fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(keys.app, name="keys", help="Signing keys.")
+manifest.app.command("upload", help="Upload a signed manifest to the server.")(resources.manifest_upload)
+manifest.app.command("list", help="List the tenant's manifests.")(resources.manifest_list)
+app.add_typer(manifest.app, name="manifest", help="SUIT manifests: create, inspect, verify, upload.")
+app.add_typer(resources.payload_app, name="payload", help="Firmware payloads on the server.")
+app.add_typer(resources.signer_app, name="signer", help="Public keys the tenant trusts.")
+app.add_typer(resources.device_app, name="device", help="Devices of the tenant.")
+app.add_typer(resources.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
+app.command("login", help="Store the server URL and API key in the config file.")(resources.login)
+app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
+
+admin_app = typer.Typer(help="Server-side administration (runs against the database directly).")
+app.add_typer(admin_app, name="admin")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@admin_app.command("tenant-create")
+def tenant_create(
+    slug: Annotated[str, typer.Argument(help="Short tenant id used in topics and paths, e.g. acme")],
+    name: Annotated[str | None, typer.Option(help="Display name")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    from fwcm.config import Settings
+    from fwcm.store import repo
+    from fwcm.store.db import Database
+
+    settings = Settings.from_env()
+    settings.ensure_dirs()
+    db = Database(settings.database_url)
+    db.migrate()
+    try:
+        with db.session() as s:
+            tenant, key = repo.create_tenant(s, slug, name or slug)
+            tenant_slug = tenant.slug
+    except Exception as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps({"tenant": tenant_slug, "api_key": key}))
+    else:
+        typer.echo(f"tenant {tenant_slug} created; API key (store it now, it is not shown again):\n{key}")
+
+
+@admin_app.command("migrate")
+def migrate() -> None:
+    """Bring the database schema to the newest revision."""
+    from fwcm.config import Settings
+    from fwcm.store.db import Database
+
+    settings = Settings.from_env()
+    settings.ensure_dirs()
+    db = Database(settings.database_url)
+    db.migrate()
+    db.dispose()
+    typer.echo("database schema is current")
+
+
+@app.command("server")
+def server(
+    mqtt: Annotated[str | None, typer.Option(help="Broker URL (default $FWCM_MQTT_URL)")] = None,
+    no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="Serve CoAP and HTTP only")] = False,
+    no_coap: Annotated[bool, typer.Option("--no-coap", help="Serve MQTT and HTTP only")] = False,
+    replica: Annotated[str | None, typer.Option(help="Replica name (MQTT client id, lease owner)")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run one server replica (REST API, MQTT, CoAP, engine) until SIGINT/SIGTERM."""
+    from fwcm.config import Settings
+    from fwcm.server.app import Server
+
+    _setup_logging(verbose)
+    overrides: dict[str, object] = {}
+    if mqtt:
+        overrides["mqtt_url"] = mqtt
+    settings = Settings.from_env(**overrides)
+    named: dict[str, str] = {"replica": replica} if replica else {}
+    srv = Server(settings, enable_mqtt=not no_mqtt, enable_coap=not no_coap, **named)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await srv.start()
+        logging.getLogger("fwcm").info(
+            "serving: http://%s:%d  coap://%s:%d  mqtt %s",
+            settings.http_host,
+            settings.http_port,
+            settings.coap_host,
+            settings.coap_port,
+            "off" if no_mqtt else settings.mqtt_url.split("@")[-1],
+        )
+        await stop.wait()
+        await srv.stop()
+
+    try:
+        asyncio.run(main())
+    except (ConnectionError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def run() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,208 @@
+"""Composition of one server replica: REST API, MQTT, CoAP, ingest and engine on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import uvicorn
+from prometheus_client import make_asgi_app
+
+from fwcm.config import Settings
+from fwcm.protocol import Notice, NoticeKind, encode_notice
+from fwcm.server.engine import Engine, Notifier
+from fwcm.server.ingest import Ingest
+from fwcm.server.metrics import REGISTRY
+from fwcm.store import deployments as dq
+from fwcm.store.db import Database
+from fwcm.store.payloads import PayloadStore
+from fwcm.transport.coap import CoapTransport
+from fwcm.transport.mqtt import MqttTransport
+
+log = logging.getLogger(__name__)
+
+
+class PayloadCache:
+    """Recently served payloads kept in memory: CoAP asks for every block separately."""
+
+    def __init__(self, store: PayloadStore, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+
+    def get(self, sha256: str) -> bytes | None:
+        data = self._items.get(sha256)
+        if data is not None:
+            self._items.move_to_end(sha256)
+            return data
+        if not self.store.exists(sha256):
+            return None
+        with self.store.open(sha256) as f:
+            data = f.read()
+        self._items[sha256] = data
+        self._size += len(data)
+        while self._size > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._size -= len(old)
+        return data
+
+
+@dataclass
+class Hooks:
+    """Called by the API after a campaign changes, so the engine acts at once."""
+
+    engine: Engine | None = None
+
+    def campaign_changed(self, campaign_id: int) -> None:
+        if self.engine is not None:
+            self.engine.wake()
+
+
+@dataclass
+class Server:
+    settings: Settings
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    enable_mqtt: bool = True
+    enable_coap: bool = True
+    enable_http: bool = True
+    migrate: bool = True
+
+    def __post_init__(self) -> None:
+        self.settings.ensure_dirs()
+        self.db = Database(self.settings.database_url)
+        self.payloads = PayloadStore(self.settings.payload_dir)
+        self.payload_cache = PayloadCache(self.payloads)
+        self.notifier = Notifier()
+        self.engine = Engine(self.db, self.notifier, self.replica)
+        self.ingest = Ingest(self.db, on_applied=self.engine.wake)
+        self.hooks = Hooks(self.engine)
+        self.mqtt: MqttTransport | None = None
+        self.coap: CoapTransport | None = None
+        self._http: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def create_api(self):  # type: ignore[no-untyped-def]
+        from fwcm.api import create_app
+
+        app = create_app(self.db, self.settings, hooks=self.hooks)
+        app.mount("/metrics", make_asgi_app(registry=REGISTRY))
+        return app
+
+    async def start(self) -> None:
+        if self.migrate:
+            await asyncio.to_thread(self.db.migrate)
+        if self.enable_mqtt:
+            self.mqtt = MqttTransport(
+                self.settings.mqtt_url, f"fwcm-server-{self.replica}", self.ingest.submit
+            )
+            await self.mqtt.start()
+            self.notifier.publish_mqtt = self.mqtt.publish_notice
+        if self.enable_coap:
+            self.coap = CoapTransport(
+                (self.settings.coap_host, self.settings.coap_port),
+                self.ingest.submit,
+                self.current_notice,
+                self.coap_payload,
+            )
+            await self.coap.start()
+            self.notifier.notify_coap = self.coap.notify
+        if self.enable_http:
+            config = uvicorn.Config(
+                self.create_api(),
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+            self._http = uvicorn.Server(config)
+            self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
+            while not self._http.started:
+                if self._tasks[-1].done():
+                    self._tasks[-1].result()
+                await asyncio.sleep(0.02)
+        self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
+        self._tasks.append(asyncio.create_task(self.engine.run(), name="engine"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        log.info("server %s running", self.replica)
+
+    async def stop(self) -> None:
+        await self.ingest.drain(5)
+        if self._http is not None:
+            self._http.should_exit = True
+        for t in self._tasks:
+            if t.get_name() != "http":
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 10)
+        with contextlib.suppress(Exception):
+            await self.engine.release()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        if self.coap is not None:
+            await self.coap.stop()
+        self.db.dispose()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def _housekeeping(self) -> None:
+        """Trim device history now and then so it stays bounded."""
+        while True:
+            await asyncio.sleep(60)
+            try:
+                trimmed = await asyncio.to_thread(self._trim)
+                if trimmed:
+                    log.info("trimmed %d old device events", trimmed)
+            except Exception:
+                log.exception("history trim failed")
+
+    def _trim(self) -> int:
+        with self.db.session() as s:
+            return dq.trim_history(s)
+
+    # -- CoAP sources -------------------------------------------------------------------------
+
+    async def current_notice(self, tenant: str, device: str) -> bytes | None:
+        """The notice a CoAP device sees when it (re-)observes, built from the database."""
+        found = await asyncio.to_thread(self._active_notice, tenant, device)
+        if found is None:
+            return None
+        campaign, target, manifest_id, state = found
+        kind = NoticeKind.CANCEL if state == "cancelled" else NoticeKind.UPDATE
+        envelope = self.notifier.envelopes.get(manifest_id)
+        if envelope is None:
+            envelope = await asyncio.to_thread(self._envelope, manifest_id)
+            self.notifier.envelopes[manifest_id] = envelope
+        notice = Notice(
+            kind=kind,
+            device=device,
+            campaign=campaign,
+            attempt=target.attempt,
+            issued=int(time.time()),
+            envelope=envelope if kind == NoticeKind.UPDATE else None,
+        )
+        return encode_notice(target.secret, notice)
+
+    def _active_notice(self, tenant: str, device: str) -> tuple[int, dq.Target, int, str] | None:
+        with self.db.session() as s:
+            return dq.active_notice(s, tenant, device)
+
+    def _envelope(self, manifest_id: int) -> bytes:
+        with self.db.session() as s:
+            return dq.manifest_envelope(s, manifest_id)
+
+    async def coap_payload(self, sha256: str) -> bytes | None:
+        return await asyncio.to_thread(self.payload_cache.get, sha256)
