@@ -328,3 +328,81 @@ def test_digest_mismatch_is_refused() -> None:
     swapped = cbor2.dumps(cbor2.CBORTag(107, {2: top.value[2], 3: other.value[3]}), canonical=True)
     with pytest.raises(ManifestError, match="digest does not match"):
         decode_envelope(swapped)
+
+
+# --- malformed envelopes name their problem ---------------------------------------------------------
+
+
+def _parts() -> tuple[bytes, list[object], list[object], bytes]:
+    top = cbor2.loads(build_envelope(make_info(), fixed_ed25519()))
+    auth = list(cbor2.loads(top.value[2]))
+    sign1 = list(cbor2.loads(auth[1]).value)
+    return top.value[2], auth, sign1, top.value[3]
+
+
+def _with_sign1(sign1: list[object]) -> bytes:
+    _, auth, _, manifest = _parts()
+    auth[1] = cbor2.dumps(cbor2.CBORTag(18, sign1))
+    return cbor2.dumps(cbor2.CBORTag(107, {2: cbor2.dumps(auth), 3: manifest}), canonical=True)
+
+
+def _case(name: str) -> bytes:
+    auth_bytes, auth, sign1, manifest = _parts()
+    valid = cbor2.dumps(cbor2.CBORTag(107, {2: auth_bytes, 3: manifest}), canonical=True)
+    if name == "unsigned":
+        return cbor2.dumps(cbor2.CBORTag(107, {3: manifest}))
+    if name == "untagged":
+        return cbor2.dumps({2: auth_bytes, 3: manifest}, canonical=True)
+    if name == "extra-key":
+        return cbor2.dumps(cbor2.CBORTag(107, {2: auth_bytes, 3: manifest, 23: b"text"}), canonical=True)
+    if name == "trailing":
+        return valid + b"\x00"
+    if name == "non-canonical":
+        return valid[:2] + b"\xb8\x02" + valid[3:]  # map(2) with a one-byte length argument
+    if name == "indefinite":
+        return b"\xd8\x6b\xbf" + valid[3:] + b"\xff"
+    if name == "duplicate-key":
+        return valid[:2] + b"\xa3" + valid[3:] + b"\x02\x40"
+    if name == "unprotected-x5chain":
+        return _with_sign1([sign1[0], {4: sign1[1][4], 33: b"\x30\x00"}, None, sign1[3]])  # type: ignore[index]
+    if name == "attached-payload":
+        return _with_sign1([sign1[0], sign1[1], auth[0], sign1[3]])
+    if name == "short-signature":
+        return _with_sign1([sign1[0], sign1[1], None, b"\x00" * 63])
+    if name == "crit-header":
+        return _with_sign1([cbor2.dumps({1: -8, 2: [99]}), sign1[1], None, sign1[3]])
+    if name == "huge-sequence":
+        m = dict(cbor2.loads(manifest))
+        m[2] = 2**64
+        new = cbor2.dumps(m, canonical=True)
+        digest = cbor2.dumps([-16, hashlib.sha256(cbor2.dumps(new)).digest()])
+        return cbor2.dumps(cbor2.CBORTag(107, {2: cbor2.dumps([digest, auth[1]]), 3: new}), canonical=True)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("unsigned", "authentication-wrapper missing"),
+        ("untagged", "tag 107"),
+        ("extra-key", "unsupported key 23"),
+        ("trailing", "trailing bytes"),
+        ("non-canonical", "deterministically"),
+        ("indefinite", "malformed CBOR"),
+        ("duplicate-key", "malformed CBOR"),
+        ("unprotected-x5chain", "unprotected header: unsupported key 33"),
+        ("attached-payload", "detached"),
+        ("short-signature", "64 bytes"),
+        ("crit-header", "protected header: unsupported key 2"),
+        ("huge-sequence", "sequence-number"),
+    ],
+)
+def test_malformed_envelopes(name: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        decode_envelope(_case(name))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xd8\x6b", "text", None, b"\x00" * (256 * 1024 + 1)])
+def test_not_bytes_or_empty(data: object) -> None:
+    with pytest.raises(ManifestError):
+        decode_envelope(data)  # type: ignore[arg-type]
