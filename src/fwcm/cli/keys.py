@@ -34,7 +34,9 @@ def write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
 
 @app.command()
 def generate(
-    name: str = typer.Argument(..., help="Base name: writes NAME.key (private) and NAME.pub (public)."),
+    name: str = typer.Argument(
+        ..., metavar="NAME", help="Base name: writes NAME.key (private) and NAME.pub (public)."
+    ),
     alg: str = typer.Option("es256", "--alg", help="es256 (P-256) or eddsa (Ed25519)."),
     directory: Path = typer.Option(Path("."), "--dir", help="Directory to write the files into."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),

@@ -92,7 +92,7 @@ def resolve_ids(
 @app.command()
 def create(
     firmware: Path = typer.Argument(
-        ..., help="The firmware image; its SHA-256 and size go into the manifest."
+        ..., metavar="FIRMWARE", help="The firmware image; its SHA-256 and size go into the manifest."
     ),
     key: Path = typer.Option(..., "--key", help="Private key file (NAME.key from `fwcm keys generate`)."),
     uri: list[str] = typer.Option(
@@ -178,7 +178,7 @@ def envelope_dict(env: Envelope) -> dict[str, Any]:
 
 @app.command()
 def inspect(
-    file: Path = typer.Argument(..., help="A SUIT envelope."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A SUIT envelope."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show what a manifest says (decoded, not signature-checked: use `verify` for that)."""
@@ -202,7 +202,7 @@ def inspect(
 
 @app.command()
 def verify(
-    file: Path = typer.Argument(..., help="A SUIT envelope."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A SUIT envelope."),
     key: list[Path] = typer.Option(..., "--key", help="Trusted public key file (NAME.pub); repeatable."),
 ) -> None:
     """Exit 0 only when FILE is a well-formed manifest signed by one of the given keys."""
