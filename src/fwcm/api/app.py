@@ -104,6 +104,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
+def current_tenant(request: Request) -> TenantCtx:
+    """Resolve ``Authorization: Bearer <key>`` to the calling tenant, or answer 401."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise HTTPException(
+            401, "missing API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
+        )
+    db: Database = request.app.state.db
+    with db.session() as s:
+        t = repo.tenant_for_key(s, key.strip())
+        if t is None:
+            raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+        return TenantCtx(t.id, t.slug, t.name)
+
+
+Tenant = Annotated[TenantCtx, Depends(current_tenant)]
+
+
 def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> FastAPI:
     """The management API plus the public payload route ``/p/{sha256}``."""
     settings.ensure_dirs()
@@ -131,20 +150,6 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             except Exception:  # the change is durable; the engine also polls
                 log.exception("campaign_changed hook failed for campaign %d", campaign_id)
 
-    def tenant(request: Request) -> TenantCtx:
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise HTTPException(
-                401, "missing API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
-            )
-        with db.session() as s:
-            t = repo.tenant_for_key(s, key.strip())
-            if t is None:
-                raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-            return TenantCtx(t.id, t.slug, t.name)
-
-    Tenant = Annotated[TenantCtx, Depends(tenant)]
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": sc.ErrorOut} for code in (400, 401, 404, 409, 413, 422)
     }
@@ -173,9 +178,15 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         },
     )
     async def upload_payload(
-        request: Request, t: Tenant, name: Annotated[str | None, Query(max_length=200)] = None
+        request: Request,
+        response: Response,
+        t: Tenant,
+        name: Annotated[str | None, Query(max_length=200)] = None,
     ) -> sc.PayloadOut:
-        """Store a firmware image (raw body), content-addressed by SHA-256; re-uploads are no-ops."""
+        """Store a firmware image (raw body), content-addressed by SHA-256.
+
+        Uploading an image the tenant already has answers 200 with ``created`` false.
+        """
         limit = settings.max_payload_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -190,6 +201,8 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         def record() -> sc.PayloadOut:
             with db.session() as s:
                 p, created = repo.record_payload(s, t.id, stored.sha256, stored.size, name)
+                if not created:
+                    response.status_code = 200
                 return sc.PayloadOut.of(p, created)
 
         return await run_in_threadpool(record)
@@ -268,15 +281,23 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         },
     )
     async def upload_manifest(
-        request: Request, t: Tenant, name: Annotated[str | None, Query(max_length=200)] = None
+        request: Request,
+        response: Response,
+        t: Tenant,
+        name: Annotated[str | None, Query(max_length=200)] = None,
     ) -> sc.ManifestOut:
-        """Upload a signed SUIT envelope (raw CBOR); refused unless a trusted signer signed it."""
+        """Upload a signed SUIT envelope (raw CBOR); refused unless a trusted signer signed it.
+
+        The same manifest uploaded again answers 200 with the stored one (``created`` false).
+        """
         limit = settings.max_manifest_bytes
         data = await _read_body(request, limit, "manifest")
 
         def store_manifest() -> sc.ManifestOut:
             with db.session() as s:
                 m, created = repo.upload_manifest(s, t.id, data, max_bytes=limit, name=name)
+                if not created:
+                    response.status_code = 200
                 return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id), created)
 
         return await run_in_threadpool(store_manifest)
