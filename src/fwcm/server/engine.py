@@ -94,7 +94,7 @@ class Engine:
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction on a worker thread."""
-        return await self._db(fn)
+        return await asyncio.to_thread(self._in_session, fn)
 
     async def step(self) -> None:
         leased: list[dq.LeasedCampaign] = await self._db(lambda s: dq.lease_campaigns(s, self.owner, LEASE_S))

@@ -1,0 +1,312 @@
+"""``fwcm demo``: a whole campaign on embedded defaults, end to end, with a simulated fleet.
+
+Everything is real: a broker process, the server's MQTT/CoAP/HTTP adapters on loopback, a
+SQLite file, the REST API for every tenant action, and devices that verify, download, install
+and report.  The demo checks that every device ended as its fault profile says it must.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+log = logging.getLogger("fwcm.demo")
+
+TERMINAL = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
+STATES = ("pending", "notified", "downloading", "downloaded", "installing", *TERMINAL)
+
+
+@dataclass
+class DemoOptions:
+    devices: int
+    transport: str
+    faults: str
+    campaign_file: Path | None
+    image_size: int
+    timeout: float
+
+
+def _transport_for(i: int, transport: str) -> str:
+    if transport == "mixed":
+        return "mqtt" if i % 2 == 0 else "coap"
+    return transport
+
+
+class Api:
+    """The few REST calls the demo makes, as the tenant."""
+
+    def __init__(self, base: str, key: str) -> None:
+        self.http = httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        r = await self.http.request(method, "/api/v1" + path, **kw)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def load_campaign_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read campaign file {path}: {exc}") from exc
+
+
+def _progress_table(stats: dict[str, Any], devices: int, elapsed: float) -> Table:
+    counts = stats.get("counts", {})
+    table = Table(title=f"campaign {stats.get('name')} — {stats.get('state')}  ({elapsed:.1f} s)")
+    for st in STATES:
+        table.add_column(st, justify="right")
+    table.add_row(*(str(counts.get(st, 0)) for st in STATES))
+    return table
+
+
+async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, Any]:
+    from device_sim.agent import DeviceConfig
+    from device_sim.faults import get_profile
+    from device_sim.fleet import run_fleet
+    from fwcm import manifest as mf
+    from fwcm.config import Settings
+    from fwcm.server.app import Server
+    from fwcm.store import repo
+    from fwcm.transport.broker import free_port, start_broker
+
+    profile = get_profile(opts.faults)
+    definition = load_campaign_file(opts.campaign_file)
+    workdir = Path(tempfile.mkdtemp(prefix="fwcm-demo-"))
+    started = time.monotonic()
+    broker = await asyncio.to_thread(start_broker)
+    server: Server | None = None
+    api: Api | None = None
+    try:
+        settings = Settings(
+            data_dir=workdir / "server",
+            mqtt_url=broker.url,
+            http_port=free_port(),
+            coap_port=free_port(socket.SOCK_DGRAM),
+        )
+        server = Server(settings, replica="demo")
+        await server.start()
+        console.log(f"broker: {broker.kind} on {broker.url}; server: {settings.public_http_url}, "
+                    f"{settings.public_coap_url}")
+        with server.db.session() as s:
+            _tenant, key = repo.create_tenant(s, "demo", "Demo Fleet Inc.")
+        api = Api(settings.public_http_url, key)
+
+        signing_key = mf.generate_private_key("es256")
+        pub = mf.public_key_pem(signing_key)
+        await api.call("POST", "/signers", json={"name": "release", "public_key_pem": pub.decode()})
+        image = random.Random(42).randbytes(opts.image_size)
+        sha = hashlib.sha256(image).hexdigest()
+        await api.call("POST", "/payloads", content=image, params={"name": "demo-firmware-2.0.bin"},
+                       headers={"content-type": "application/octet-stream"})
+        vendor = mf.vendor_id_for_domain("demo.fwcm.example")
+        klass = mf.class_id_for(vendor, "sensor-v1")
+        info = mf.ManifestInfo(
+            sequence=2,
+            vendor_id=vendor,
+            class_id=klass,
+            image_digest=bytes.fromhex(sha),
+            image_size=len(image),
+            uris=(f"{settings.public_http_url}/p/{sha}", f"{settings.public_coap_url}/p/{sha}"),
+        )
+        envelope = mf.build_envelope(info, signing_key)
+        man = await api.call("POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"})
+
+        rows = ["name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret"]
+        for i in range(opts.devices):
+            region = "eu" if i % 2 == 0 else "us"
+            rows.append(f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,"
+                        f"{_transport_for(i, opts.transport)},,")
+        imported = await api.call("POST", "/devices/import", content="\n".join(rows) + "\n",
+                                  headers={"content-type": "text/csv"})
+        secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
+        console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
+
+        spec = definition.get("campaign", {})
+        campaign = await api.call("POST", "/campaigns", json={
+            "name": spec.get("name", "demo-rollout"),
+            "manifest_id": man["id"],
+            "filter": spec.get("filter", ""),
+            "policy": definition.get("policy", {}),
+        })
+        cid = campaign["id"]
+
+        configs = [
+            DeviceConfig(
+                name=f"dev-{i:05d}",
+                tenant="demo",
+                secret=secrets[f"dev-{i:05d}"],
+                vendor_id=vendor,
+                class_id=klass,
+                transport=_transport_for(i, opts.transport),  # type: ignore[arg-type]
+                trust_anchors=[pub],
+                state_dir=workdir / "devices",
+                mqtt_url=broker.url,
+                coap_url=settings.public_coap_url,
+                installed_sequence=1,
+                index=i,
+            )
+            for i in range(opts.devices)
+        ]
+        stop = asyncio.Event()
+        fleet = asyncio.create_task(run_fleet(configs, profile, until=stop.is_set, timeout=opts.timeout))
+        await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
+        await api.call("POST", f"/campaigns/{cid}/start")
+        t0 = time.monotonic()
+
+        stats = await _watch(api, cid, opts, console, as_json, t0)
+        duration = time.monotonic() - t0
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(fleet, 15)
+        devices = await _all_deployments(api, cid)
+        return _summarize(opts, profile, stats, devices, duration, time.monotonic() - started)
+    finally:
+        if api is not None:
+            await api.close()
+        if server is not None:
+            await server.stop()
+        await asyncio.to_thread(broker.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _watch(api: Api, cid: int, opts: DemoOptions, console: Console, as_json: bool,
+                 t0: float) -> dict[str, Any]:
+    """Poll the campaign until it has ended and no device is still in flight."""
+    deadline = t0 + opts.timeout
+    stats: dict[str, Any] = {}
+    live = Live(console=console, refresh_per_second=4, transient=False) if not as_json else None
+    with live or contextlib.nullcontext():
+        while time.monotonic() < deadline:
+            stats = await api.call("GET", f"/campaigns/{cid}/stats")
+            if live is not None:
+                live.update(_progress_table(stats, opts.devices, time.monotonic() - t0))
+            counts = stats["counts"]
+            in_flight = sum(counts.get(st, 0) for st in ("notified", "downloading", "downloaded", "installing"))
+            if stats["state"] in ("completed", "cancelled", "stopped") and in_flight == 0:
+                break
+            await asyncio.sleep(0.25)
+    return stats
+
+
+async def _all_deployments(api: Api, cid: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while True:
+        page = await api.call("GET", f"/campaigns/{cid}/devices", params={"limit": 1000, "offset": len(out)})
+        out.extend(page["items"])
+        if not page["items"] or len(out) >= page["total"]:
+            return out
+
+
+def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: list[dict[str, Any]],
+               duration: float, total_s: float) -> dict[str, Any]:
+    by_state = Counter(d["state"] for d in devices)
+    ended_early = stats["state"] in ("stopped", "cancelled")
+    unexpected = []
+    for d in devices:
+        index = int(d["device"].split("-")[1])
+        expected = profile.expected_outcome(index)
+        ok = d["state"] == expected and (expected == "succeeded" or d["result"] == int(profile.expected_result(index)))
+        if not ok and ended_early and d["state"] in ("pending", "cancelled"):
+            ok = True
+        if not ok:
+            unexpected.append({"device": d["device"], "state": d["state"], "result": d["result"],
+                               "expected": expected})
+    failures = Counter(d["result_name"] for d in devices if d["state"] == "failed")
+    return {
+        "devices": opts.devices,
+        "transport": opts.transport,
+        "faults": opts.faults,
+        "campaign_state": stats.get("state"),
+        "stop_reason": stats.get("stop_reason"),
+        "succeeded": by_state.get("succeeded", 0),
+        "failed": by_state.get("failed", 0),
+        "notified": sum(n for st, n in by_state.items() if st not in ("pending",)) -
+        sum(1 for d in devices if d["state"] == "cancelled" and d["attempt"] == 0),
+        "by_state": dict(sorted(by_state.items())),
+        "failure_reasons": dict(failures),
+        "unexpected": unexpected[:20],
+        "unexpected_count": len(unexpected),
+        "ok": not unexpected and stats.get("state") in ("completed", "stopped", "cancelled"),
+        "duration_s": round(duration, 2),
+        "total_s": round(total_s, 2),
+    }
+
+
+def _summary_table(result: dict[str, Any]) -> Table:
+    t = Table(title="fwcm demo — result")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for k in ("devices", "transport", "faults", "campaign_state", "stop_reason", "notified", "succeeded", "failed",
+              "duration_s"):
+        t.add_row(k, str(result.get(k)))
+    for st, n in result["by_state"].items():
+        t.add_row(f"state {st}", str(n))
+    for reason, n in result["failure_reasons"].items():
+        t.add_row(f"failure {reason}", str(n))
+    t.add_row("as expected", "yes" if result["ok"] else f"NO ({result['unexpected_count']} devices)")
+    return t
+
+
+def demo(
+    devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices")] = 100,
+    transport: Annotated[str, typer.Option(help="mqtt | coap | mixed")] = "mixed",
+    faults: Annotated[str, typer.Option(help="none | flaky | corrupt | install-fail | offline | slow")] = "none",
+    campaign: Annotated[Path | None, typer.Option(help="Campaign definition (TOML), e.g. campaigns/staged.toml")]
+    = None,
+    image_size: Annotated[int, typer.Option(help="Firmware image size in bytes")] = 64 * 1024,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log at INFO")] = False,
+) -> None:
+    """Run a whole campaign on embedded defaults with a simulated fleet; exit 0 iff every device ended as
+    its fault profile says."""
+    if transport not in ("mqtt", "coap", "mixed"):
+        raise typer.BadParameter("transport must be mqtt, coap or mixed")
+    from device_sim.faults import get_profile
+
+    try:
+        get_profile(faults)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=as_json)
+    opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout)
+    try:
+        result = asyncio.run(_run(opts, console, as_json))
+    except (RuntimeError, OSError, ConnectionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print(_summary_table(result))
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        console.print(_summary_table(result))
+    raise typer.Exit(0 if result["ok"] else 1)
