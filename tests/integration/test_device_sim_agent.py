@@ -1,0 +1,341 @@
+"""The simulated device against a real Mosquitto, a real aiocoap server and an HTTP payload server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from devicekit import (
+    TENANT,
+    VENDOR,
+    CoapTestServer,
+    MqttServerSide,
+    PayloadHttpServer,
+    ReportLog,
+    Signer,
+    cancel_notice,
+    device_config,
+    firmware,
+    mosquitto,
+    running,
+    update_notice,
+    wait_until,
+)
+
+from device_sim.agent import DeviceAgent, DeviceConfig
+from device_sim.faults import DeviceFaults
+from device_sim.flash import Flash
+from device_sim.transports import SharedClients
+from fwcm import manifest
+from fwcm.protocol import LwState, Result
+
+pytestmark = pytest.mark.timeout(90)
+
+SUCCESS_FLOW = [
+    (LwState.DOWNLOADING, Result.INITIAL),
+    (LwState.DOWNLOADED, Result.INITIAL),
+    (LwState.UPDATING, Result.INITIAL),
+    (LwState.IDLE, Result.SUCCESS),
+]
+
+
+@pytest.fixture(scope="module")
+def broker_url() -> Iterator[str]:
+    try:
+        cm = mosquitto()
+        url = cm.__enter__()
+    except FileNotFoundError:
+        pytest.skip("mosquitto is not installed")
+    try:
+        yield url
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@dataclass
+class World:
+    """Server side of the wire for one test: reports, MQTT notices, HTTP and CoAP payloads."""
+
+    log: ReportLog
+    mqtt: MqttServerSide
+    http: PayloadHttpServer
+    coap: CoapTestServer
+    clients: SharedClients
+    signer: Signer
+    broker_url: str
+    state_dir: Path
+
+    def device(self, name: str, transport: str = "mqtt", **kw: object) -> DeviceConfig:
+        cfg = device_config(
+            name,
+            transport=transport,
+            trust=[self.signer.public_pem],
+            state_dir=self.state_dir,
+            mqtt_url=self.broker_url,
+            coap_url=self.coap.url,
+            **kw,  # type: ignore[arg-type]
+        )
+        self.log.secrets[name] = cfg.secret
+        return cfg
+
+    def publish_payload(self, image: bytes) -> tuple[str, list[str]]:
+        sha = self.http.add(image)
+        return sha, [self.http.url(sha), self.coap.payload_url(sha)]
+
+    async def notify(self, cfg: DeviceConfig, sealed: bytes) -> None:
+        if cfg.transport == "coap":
+            self.coap.notify(TENANT, cfg.name, sealed)
+        else:
+            await self.mqtt.notify(TENANT, cfg.name, sealed)
+
+    async def final(self, cfg: DeviceConfig, campaign: int, timeout: float = 30) -> tuple[LwState, Result]:
+        await wait_until(lambda: self.log.final(cfg.name, campaign) is not None, timeout, f"{cfg.name} final")
+        report = self.log.final(cfg.name, campaign)
+        assert report is not None
+        return report.state, report.result
+
+    def flow(self, cfg: DeviceConfig, campaign: int) -> list[tuple[LwState, Result]]:
+        return [
+            (r.state, r.result) for r in self.log.campaign(cfg.name, campaign) if r.progress in (None, 0, 100)
+        ]
+
+
+@pytest.fixture
+async def world(broker_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    log = ReportLog({})
+    payloads: dict[str, bytes] = {}
+    clients = SharedClients()
+    async with (
+        PayloadHttpServer() as http,
+        CoapTestServer(log, payloads) as coap,
+        MqttServerSide(broker_url, log) as mqtt,
+    ):
+        http.payloads = payloads
+        try:
+            yield World(log, mqtt, http, coap, clients, Signer(), broker_url, tmp_path)
+        finally:
+            await clients.aclose()
+
+
+def seqs(world: World, cfg: DeviceConfig, campaign: int) -> list[int]:
+    return [r.seq for r in world.log.campaign(cfg.name, campaign)]
+
+
+async def test_update_over_mqtt_and_http(world: World) -> None:
+    cfg = world.device("m1")
+    agent = DeviceAgent(cfg, world.clients)
+    image = firmware(150_000)
+    sha, uris = world.publish_payload(image)
+    envelope = world.signer.envelope(image, list(reversed(uris)))  # CoAP URI listed first
+    async with running([agent]):
+        await wait_until(lambda: bool(world.log.hellos("m1")), 15, "hello")
+        await world.notify(cfg, update_notice(cfg, 7, envelope))
+        assert await world.final(cfg, 7) == (LwState.IDLE, Result.SUCCESS)
+        await wait_until(lambda: len(world.log.hellos("m1")) >= 2, 10, "hello after reboot")
+    assert world.flow(cfg, 7) == SUCCESS_FLOW
+    assert seqs(world, cfg, 7) == [1, 2, 3, 4]
+    final = world.log.final("m1", 7)
+    assert final is not None and final.installed_sequence == 2
+    assert world.log.hellos("m1")[0].installed_sequence == 1
+    assert world.log.hellos("m1")[-1].installed_sequence == 2
+    assert world.http.requests == [(f"/p/{sha}", None)]  # an MQTT device prefers the HTTP URI
+    assert world.coap.blocks == []
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "b" and flash.state.installed_sequence == 2
+    assert flash.active_image() == image
+    assert flash.read_slot("a") == cfg.factory_image()
+    assert agent.status.reports_sent >= 6
+
+
+async def test_update_over_coap_block2_with_status_retries(world: World) -> None:
+    cfg = world.device("c1", transport="coap")
+    agent = DeviceAgent(cfg, world.clients)
+    image = firmware(20_000, seed=2)
+    sha, uris = world.publish_payload(image)
+    world.coap.notify(TENANT, "c1", update_notice(cfg, 8, world.signer.envelope(image, uris)))
+    world.coap.status.unavailable = 2  # the first two POSTs get 5.03 and must be retried
+    async with running([agent]):
+        assert await world.final(cfg, 8) == (LwState.IDLE, Result.SUCCESS)
+    assert world.flow(cfg, 8) == SUCCESS_FLOW
+    assert seqs(world, cfg, 8) == [1, 2, 3, 4]
+    assert world.http.requests == []  # a CoAP device prefers the coap:// URI
+    offsets = [off for s, off in world.coap.blocks if s == sha]
+    assert offsets == list(range(0, len(image), 1024))
+    assert Flash(cfg.device_dir).active_image() == image
+    assert world.coap.status.posts >= 2 + len(world.log.reports["c1"])
+
+
+async def test_refusals_before_download(world: World) -> None:
+    other_signer = Signer()
+    image = firmware(5000, seed=3)
+    _sha, uris = world.publish_payload(image)
+    good = world.signer.envelope(image, uris)
+    env = manifest.decode_envelope(good)
+    sig = env.signatures[0].signature
+    tampered = good.replace(sig, sig[:-1] + bytes([sig[-1] ^ 1]))
+    assert tampered != good
+    cases = {
+        "r-foreign": (other_signer.envelope(image, uris), Result.SIGNATURE_INVALID, {}),
+        "r-tampered": (tampered, Result.SIGNATURE_INVALID, {}),
+        "r-class": (
+            world.signer.envelope(image, uris, cls=manifest.class_id_for(VENDOR, "other")),
+            Result.CONDITION_MISMATCH,
+            {},
+        ),
+        "r-rollback": (
+            world.signer.envelope(image, uris, sequence=3),
+            Result.ROLLBACK_REFUSED,
+            {"installed_sequence": 5},
+        ),
+        "r-same": (
+            world.signer.envelope(image, uris, sequence=5),
+            Result.UP_TO_DATE,
+            {"installed_sequence": 5},
+        ),
+        "r-garbage": (b"\x01\x02not a manifest", Result.UNSUPPORTED_PACKAGE, {}),
+    }
+    configs = {name: world.device(name, **kw) for name, (_e, _r, kw) in cases.items()}
+    agents = [DeviceAgent(cfg, world.clients) for cfg in configs.values()]
+    async with running(agents):
+        for name, (envelope, _r, _kw) in cases.items():
+            await world.notify(configs[name], update_notice(configs[name], 9, envelope))
+        for name, (_e, expected, _kw) in cases.items():
+            assert await world.final(configs[name], 9) == (LwState.IDLE, expected), name
+    for name, cfg in configs.items():
+        assert world.flow(cfg, 9) == [(LwState.IDLE, cases[name][1])]
+        flash = Flash(cfg.device_dir)
+        assert flash.state.active == "a" and flash.active_image() == cfg.factory_image()
+    assert world.http.requests == []  # nothing was fetched for a refused manifest
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "coap"])
+async def test_corrupt_payload_is_refused_and_old_image_kept(world: World, transport: str) -> None:
+    cfg = world.device(f"bad-{transport}", transport=transport)
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(corrupt=True))
+    image = firmware(40_000, seed=4)
+    _sha, uris = world.publish_payload(image)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 10, world.signer.envelope(image, uris)))
+        assert await world.final(cfg, 10) == (LwState.IDLE, Result.INTEGRITY_FAILURE)
+    assert world.flow(cfg, 10) == [
+        (LwState.DOWNLOADING, Result.INITIAL),
+        (LwState.IDLE, Result.INTEGRITY_FAILURE),
+    ]
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "a" and flash.state.installed_sequence == 1
+    assert flash.active_image() == cfg.factory_image()
+    assert flash.read_slot("b") == b"" and flash.state.slots["b"].digest is None
+
+
+async def test_wrong_bytes_from_server_fail_integrity(world: World) -> None:
+    cfg = world.device("wrong-bytes")
+    agent = DeviceAgent(cfg, world.clients)
+    image = firmware(30_000, seed=5)
+    sha, uris = world.publish_payload(image)
+    world.http.payloads[sha] = image[:-1] + b"!"  # server serves altered bytes under the digest
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 11, world.signer.envelope(image, uris)))
+        assert await world.final(cfg, 11) == (LwState.IDLE, Result.INTEGRITY_FAILURE)
+    assert Flash(cfg.device_dir).active_image() == cfg.factory_image()
+
+
+async def test_install_failure_keeps_old_image(world: World) -> None:
+    cfg = world.device("inst")
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(install_fail=True))
+    image = firmware(10_000, seed=6)
+    _sha, uris = world.publish_payload(image)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 12, world.signer.envelope(image, uris)))
+        assert await world.final(cfg, 12) == (LwState.IDLE, Result.UPDATE_FAILED)
+    assert world.flow(cfg, 12)[-2:] == [
+        (LwState.UPDATING, Result.INITIAL),
+        (LwState.IDLE, Result.UPDATE_FAILED),
+    ]
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "a" and flash.active_image() == cfg.factory_image()
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "coap"])
+async def test_flaky_connection_resumes_from_offset(world: World, transport: str) -> None:
+    cfg = world.device(f"flaky-{transport}", transport=transport)
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(drop_at=0.4))
+    image = firmware(120_000, seed=7)
+    sha, uris = world.publish_payload(image)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 13, world.signer.envelope(image, uris)))
+        assert await world.final(cfg, 13) == (LwState.IDLE, Result.SUCCESS)
+    assert agent.status.connects >= 3  # first connect, the dropped one, the reboot
+    if transport == "mqtt":
+        starts = [start for path, start in world.http.requests if path.endswith(sha)]
+        assert starts[0] is None
+        assert len(starts) == 2 and starts[1] is not None and starts[1] >= 0.4 * len(image)
+    else:
+        # The drop happened after 40 %; afterwards the device asked for the next block, so every
+        # block was fetched exactly once and none from 0 again.
+        offsets = [off for s, off in world.coap.blocks if s == sha]
+        assert offsets == list(range(0, len(image), 1024))
+        assert len(world.coap.notices.registrations) >= 3
+    assert Flash(cfg.device_dir).active_image() == image
+    assert [r.seq for r in world.log.campaign(cfg.name, 13)] == list(
+        range(1, len(world.log.campaign(cfg.name, 13)) + 1)
+    )
+
+
+async def test_restart_mid_download_continues_with_increasing_seq(world: World) -> None:
+    cfg = world.device("restart")
+    image = firmware(200_000, seed=8)
+    sha, uris = world.publish_payload(image)
+    await world.notify(cfg, update_notice(cfg, 14, world.signer.envelope(image, uris)))
+    slow = DeviceFaults(throttle_bps=200_000)
+    first = DeviceAgent(cfg, world.clients, faults=slow)
+    task = asyncio.create_task(first.run())
+    try:
+        await wait_until(
+            lambda: first.flash.state.download is not None and first.flash.state.download.offset >= 64_000,
+            20,
+            "partial download",
+        )
+    finally:
+        task.cancel()  # a crash: no graceful shutdown
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    before = list(world.log.campaign("restart", 14))
+    assert [(r.state, r.seq) for r in before] == [(LwState.DOWNLOADING, 1)]
+    second = DeviceAgent(cfg, world.clients)
+    async with running([second]):
+        assert await world.final(cfg, 14) == (LwState.IDLE, Result.SUCCESS)
+    reports = world.log.campaign("restart", 14)
+    assert [r.seq for r in reports] == list(range(1, len(reports) + 1))
+    resumed = [r for r in reports if r.state == LwState.DOWNLOADING][1]
+    assert resumed.progress is not None and resumed.progress > 0
+    starts = [start for path, start in world.http.requests if path.endswith(sha)]
+    assert starts[0] is None and starts[1] is not None and starts[1] >= 32_000
+    assert Flash(cfg.device_dir).active_image() == image
+
+    # Started again with the same state: the (retained) notice is recognised as done.
+    third = DeviceAgent(cfg, world.clients)
+    hellos = len(world.log.hellos("restart"))
+    async with running([third]):
+        await wait_until(lambda: len(world.log.hellos("restart")) > hellos, 10, "hello")
+        await asyncio.sleep(0.5)
+    assert world.log.campaign("restart", 14) == reports
+
+
+async def test_cancel_before_install(world: World) -> None:
+    cfg = world.device("cancel-me")
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(throttle_bps=100_000))
+    image = firmware(300_000, seed=9)
+    _sha, uris = world.publish_payload(image)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 15, world.signer.envelope(image, uris)))
+        await wait_until(lambda: bool(world.log.campaign("cancel-me", 15)), 15, "downloading")
+        await world.notify(cfg, cancel_notice(cfg, 15))
+        assert await world.final(cfg, 15) == (LwState.IDLE, Result.CANCELLED)
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "a" and flash.active_image() == cfg.factory_image()
+    assert flash.read_slot("b") == b"" and flash.state.job is None
+    assert flash.state.outcomes["15:1"] == Result.CANCELLED
