@@ -1,0 +1,205 @@
+"""Client commands end to end: the Typer CLI talking HTTP to a real uvicorn server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import uvicorn
+from typer.testing import CliRunner
+
+from fwcm import manifest
+from fwcm.cli import resources
+
+VENDOR = manifest.vendor_id_for_domain("example.com")
+CLASS_A = manifest.class_id_for(VENDOR, "sensor-a")
+
+cli = typer.Typer()
+cli.add_typer(resources.payload_app, name="payload")
+cli.add_typer(resources.signer_app, name="signer")
+cli.add_typer(resources.device_app, name="device")
+cli.add_typer(resources.campaign_app, name="campaign")
+manifest_app = typer.Typer()
+manifest_app.command("upload")(resources.manifest_upload)
+manifest_app.command("list")(resources.manifest_list)
+cli.add_typer(manifest_app, name="manifest")
+cli.command("login")(resources.login)
+cli.command("whoami")(resources.whoami)
+runner = CliRunner()
+
+
+@pytest.fixture
+def server(api: Any) -> Iterator[str]:
+    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def env(server: str, api: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("FWCM_CONFIG", str(tmp_path / "cfg" / "config.toml"))
+    monkeypatch.setenv("FWCM_URL", server)
+    monkeypatch.setenv("FWCM_API_KEY", api.key)
+    return {"url": server, "key": api.key}
+
+
+def run(*args: Any) -> tuple[int, str, str]:
+    result = runner.invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def ok_json(*args: Any) -> Any:
+    code, out, err = run(*args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def one_error(*args: Any) -> str:
+    code, _out, err = run(*args)
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_full_tour_through_the_cli(env: dict[str, str], tmp_path: Path) -> None:
+    key = manifest.generate_private_key()
+    (tmp_path / "release.pub").write_bytes(manifest.public_key_pem(key))
+    image = b"firmware v2 " * 1000
+    (tmp_path / "fw.bin").write_bytes(image)
+    sha = hashlib.sha256(image).hexdigest()
+    info = manifest.ManifestInfo(
+        3, VENDOR, CLASS_A, bytes.fromhex(sha), len(image), (f"{env['url']}/p/{sha}",)
+    )
+    (tmp_path / "fw.suit").write_bytes(manifest.build_envelope(info, key))
+
+    code, out, err = run("signer", "add", "release", "--key", tmp_path / "release.pub")
+    assert code == 0 and out.startswith("signer release added (es256"), err
+    assert [s["name"] for s in ok_json("signer", "list")] == ["release"]
+
+    code, out, _ = run("payload", "upload", tmp_path / "fw.bin")
+    assert code == 0 and f"uploaded: {sha} ({len(image)} bytes)" in out
+    code, out, _ = run("payload", "upload", tmp_path / "fw.bin")
+    assert "already stored" in out
+    assert ok_json("payload", "list")[0]["name"] == "fw.bin"
+    assert ok_json("payload", "show", sha)["size"] == len(image)
+
+    m = ok_json("manifest", "upload", tmp_path / "fw.suit")
+    assert m["sequence"] == 3 and m["signer"] == "release"
+    assert [x["id"] for x in ok_json("manifest", "list")] == [m["id"]]
+
+    rows = [f"dev-{i},{VENDOR},{CLASS_A},region={'eu' if i % 2 else 'us'},1,,mqtt,," for i in range(20)]
+    header = "name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret"
+    (tmp_path / "fleet.csv").write_text("\n".join([header, *rows]) + "\n")
+    secrets_file = tmp_path / "secrets.csv"
+    code, out, err = run("device", "import", tmp_path / "fleet.csv", "--secrets-out", secrets_file)
+    assert code == 0 and out.startswith("imported 20 devices"), err
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    secret_lines = secrets_file.read_text().splitlines()
+    assert secret_lines[0] == "name,secret" and len(secret_lines) == 21
+
+    code, out, _ = run(
+        "device", "add", "solo", "--vendor-id", VENDOR, "--class-id", CLASS_A, "--tag", "region=eu"
+    )
+    assert code == 0 and "secret (shown once)" in out
+    page = ok_json("device", "list", "--filter", 'tag.region == "eu"')
+    assert page["total"] == 11
+    assert ok_json("device", "show", "solo")["tags"] == {"region": "eu"}
+    code, out, _ = run("device", "list", "--filter", 'tag.region == "us"', "--limit", "3")
+    assert code == 0 and "dev-0" in out and "of 10" in out
+
+    campaign_toml = tmp_path / "eu.toml"
+    campaign_toml.write_text(
+        f'name = "eu rollout"\nmanifest = {m["id"]}\nfilter = \'tag.region == "eu"\'\n\n'
+        "[policy]\nrate_per_minute = 100\nerror_threshold_percent = 10\n"
+    )
+    c = ok_json("campaign", "create", "--file", campaign_toml)
+    assert c["name"] == "eu rollout" and c["policy"] == {
+        "rate_per_minute": 100,
+        "error_threshold_percent": 10,
+    }
+    assert c["filter"] == 'tag.region == "eu"'
+    code, out, _ = run("campaign", "start", c["id"])
+    assert code == 0 and out.strip() == f"campaign {c['id']} running over 11 devices"
+    stats = ok_json("campaign", "status", c["id"])
+    assert stats["counts"]["pending"] == 11 and stats["state"] == "running"
+    code, out, _ = run("campaign", "status", c["id"])
+    assert code == 0 and "running" in out and "0/11 finished" in out
+    assert ok_json("campaign", "devices", c["id"], "--state", "pending")["total"] == 11
+    code, out, _ = run("campaign", "pause", c["id"])
+    assert out.strip() == f"campaign {c['id']} paused"
+    assert ok_json("campaign", "show", c["id"])["state"] == "paused"
+    assert [x["state"] for x in ok_json("campaign", "list")] == ["paused"]
+    assert [e["state"] for e in ok_json("campaign", "events", c["id"])] == ["draft", "running", "paused"]
+
+
+def test_cli_errors_are_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    assert one_error("device", "list", "--filter", "colour == 'red'") == (
+        "error: invalid filter at column 1: unknown field 'colour' "
+        "(known: vendor, class, name, version, transport, hardware_id, sequence, tag.<key>)"
+    )
+    assert one_error("device", "show", "ghost") == "error: device 'ghost' not found"
+    assert one_error("campaign", "start", "77") == "error: campaign 77 not found"
+    assert one_error("payload", "upload", tmp_path / "missing.bin").startswith("error: cannot read")
+    (tmp_path / "x.suit").write_bytes(b"not cbor at all")
+    assert one_error("manifest", "upload", tmp_path / "x.suit").startswith("error: manifest refused:")
+    (tmp_path / "bad.csv").write_text(
+        f"name,vendor_id,class_id\nok,{VENDOR},{CLASS_A}\nbad!,{VENDOR},{CLASS_A}\n"
+    )
+    line = one_error("device", "import", tmp_path / "bad.csv")
+    assert "nothing imported" in line and "line 3: device name 'bad!'" in line
+    assert one_error(
+        "device", "add", "x", "--vendor-id", VENDOR, "--class-id", CLASS_A, "--tag", "novalue"
+    ) == ("error: --tag 'novalue' must be KEY=VALUE")
+    assert (
+        one_error("campaign", "create", "--name", "x")
+        == "error: --manifest is required (or set it in --file)"
+    )
+
+
+def test_missing_key_and_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FWCM_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("FWCM_API_KEY", raising=False)
+    monkeypatch.delenv("FWCM_URL", raising=False)
+    assert one_error("device", "list").startswith("error: no API key: set FWCM_API_KEY or run `fwcm login")
+    monkeypatch.setenv("FWCM_API_KEY", "fwcm_x")
+    monkeypatch.setenv("FWCM_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert one_error("campaign", "list").startswith("error: cannot reach http://127.0.0.1:9")
+
+
+def test_login_writes_private_config_and_checks_key(
+    server: str, api: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "cfg" / "config.toml"
+    monkeypatch.setenv("FWCM_CONFIG", str(cfg))
+    monkeypatch.delenv("FWCM_API_KEY", raising=False)
+    monkeypatch.delenv("FWCM_URL", raising=False)
+    assert one_error("login", "--url", server, "--api-key", "fwcm_wrong") == (
+        "error: login refused: invalid API key"
+    )
+    assert not cfg.exists()
+    code, out, err = run("login", "--url", server + "/", "--api-key", api.key)
+    assert code == 0 and "as tenant acme" in out, err
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert cfg.read_text() == f'url = "{server}"\napi_key = "{api.key}"\n'
+    who = ok_json("whoami")
+    assert who["slug"] == "acme" and who["url"] == server
