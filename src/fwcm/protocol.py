@@ -12,6 +12,7 @@ import enum
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,9 +243,9 @@ class Sealed:
         if not hmac.compare_digest(_mac(key, self.protected, self.payload), self.tag):
             raise ProtocolError("mac", f"bad MAC from {self.kid!r}")
         body = _loads(self.payload)
-        if not isinstance(body, dict):
+        if not isinstance(body, Mapping):
             raise ProtocolError("shape", "message body is not a CBOR map")
-        return body
+        return dict(body)
 
 
 def unseal(data: bytes, max_size: int = MAX_REPORT_BYTES) -> Sealed:
@@ -256,18 +257,18 @@ def unseal(data: bytes, max_size: int = MAX_REPORT_BYTES) -> Sealed:
         if obj.tag != COSE_MAC0_TAG:
             raise ProtocolError("shape", f"unexpected CBOR tag {obj.tag}")
         obj = obj.value
-    if not (isinstance(obj, list) and len(obj) == 4):
+    if not (isinstance(obj, list | tuple) and len(obj) == 4):
         raise ProtocolError("shape", "not a COSE_Mac0 array")
     protected, unprotected, payload, tag = obj
     if not (isinstance(protected, bytes) and isinstance(payload, bytes) and isinstance(tag, bytes)):
         raise ProtocolError("shape", "COSE_Mac0 fields have wrong types")
-    if not isinstance(unprotected, dict) or not isinstance(unprotected.get(_HDR_KID), bytes):
+    if not isinstance(unprotected, Mapping) or not isinstance(unprotected.get(_HDR_KID), bytes):
         raise ProtocolError("shape", "COSE_Mac0 without kid")
     try:
         headers = _loads(protected) if protected else {}
     except ProtocolError:
         raise ProtocolError("shape", "protected header is not CBOR") from None
-    if not isinstance(headers, dict) or headers.get(_HDR_ALG) != HMAC_256_64:
+    if not isinstance(headers, Mapping) or headers.get(_HDR_ALG) != HMAC_256_64:
         raise ProtocolError("shape", "unsupported MAC algorithm")
     try:
         kid = unprotected[_HDR_KID].decode()
@@ -285,12 +286,20 @@ def encode_notice(key: bytes, notice: Notice) -> bytes:
 
 
 def decode_report(data: bytes, key: bytes) -> Report:
-    """Verify and decode a report with a known key (device side tests, simple callers)."""
-    return Report.from_map(unseal(data).open(key))
+    """Verify and decode a report with a known key; the MAC'd body must name the kid's device."""
+    frame = unseal(data)
+    report = Report.from_map(frame.open(key))
+    if report.device != frame.kid:
+        raise ProtocolError("forbidden", f"report of {report.device!r} under kid {frame.kid!r}")
+    return report
 
 
 def decode_notice(data: bytes, key: bytes) -> Notice:
-    return Notice.from_map(unseal(data, MAX_NOTICE_BYTES).open(key))
+    frame = unseal(data, MAX_NOTICE_BYTES)
+    notice = Notice.from_map(frame.open(key))
+    if notice.device != frame.kid:
+        raise ProtocolError("forbidden", f"notice for {notice.device!r} under kid {frame.kid!r}")
+    return notice
 
 
 # -- topics and paths -------------------------------------------------------------------------
@@ -372,6 +381,6 @@ def _opt_bytes(m: dict[Any, Any], key: int) -> bytes | None:
 
 
 def _bytes_list(v: Any) -> list[bytes]:
-    if not isinstance(v, list) or not all(isinstance(x, bytes) for x in v):
+    if not isinstance(v, list | tuple) or not all(isinstance(x, bytes) for x in v):
         raise ProtocolError("shape", "expected a list of byte strings")
     return list(v)
