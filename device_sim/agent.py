@@ -139,6 +139,7 @@ class DeviceAgent:
         backoff_max: float = 15.0,
         download_tries: int = 6,
         coap_refresh: float = 60.0,
+        start_delay: float = 0.0,
     ) -> None:
         self.config = config
         self.clients = clients
@@ -147,6 +148,7 @@ class DeviceAgent:
         self.backoff_max = backoff_max
         self.download_tries = download_tries
         self.coap_refresh = coap_refresh
+        self.start_delay = start_delay
         self.flash = Flash(config.device_dir)
         if not self.flash.exists:
             self.flash.provision(config.factory_image(), config.installed_sequence)
@@ -198,9 +200,8 @@ class DeviceAgent:
         if job is not None and job.phase == "installing":
             # Power was lost during the reboot: the bootloader boots the new slot.
             self._switch_slot()
-        if self.faults.online_delay:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.faults.online_delay)
+        if self.faults.online_delay or self.start_delay:
+            await self._sleep(self.faults.online_delay + self.start_delay)
         tasks = [
             asyncio.create_task(self._sender(), name=f"sender-{self.name}"),
             asyncio.create_task(self._dispatcher(), name=f"dispatch-{self.name}"),

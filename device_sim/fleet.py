@@ -1,0 +1,328 @@
+"""Run many simulated devices in one process, all on one event loop.
+
+``run_fleet`` starts one agent task per device (sharing one CoAP context and one HTTP client),
+applies a fault profile by device index, and returns a ``FleetReport`` that says how every device
+ended and whether that is what the profile predicts.  ``register_devices`` creates the devices
+through the management API's CSV import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import resource
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fwcm.protocol import LwState, Report, Result
+
+from .agent import AgentStatus, DeviceAgent, DeviceConfig
+from .faults import FaultProfile
+from .transports import SharedClients
+
+log = logging.getLogger(__name__)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard limit (thousands of sockets); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    return soft
+
+
+@dataclass
+class FleetReport:
+    """How the devices of a fleet run ended, by device name."""
+
+    profile: FaultProfile
+    devices: dict[str, AgentStatus] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    duration_s: float = 0.0
+    reports: int = 0
+
+    def result(self, name: str, campaign: int | None = None) -> Result | None:
+        """Final result for ``campaign`` (or the latest campaign the device finished)."""
+        results = self.devices[name].results
+        if campaign is not None:
+            return results.get(campaign)
+        return results[max(results)] if results else None
+
+    def finished(self, campaign: int | None = None) -> int:
+        return sum(1 for n in self.devices if self.result(n, campaign) is not None)
+
+    def all_finished(self, campaign: int | None = None) -> bool:
+        return self.finished(campaign) == len(self.devices)
+
+    def by_state(self, campaign: int | None = None) -> dict[str, int]:
+        """Counts per label: "succeeded", "failed:<RESULT>", or the LwM2M state of unfinished ones."""
+        counts: Counter[str] = Counter()
+        for name, st in self.devices.items():
+            result = self.result(name, campaign)
+            if result == Result.SUCCESS:
+                counts["succeeded"] += 1
+            elif result is not None:
+                counts[f"failed:{result.name}"] += 1
+            elif not st.connected and st.connects == 0:
+                counts["offline"] += 1
+            else:
+                counts[st.state.name.lower()] += 1
+        return dict(sorted(counts.items()))
+
+    def unexpected(self, campaign: int | None = None) -> list[str]:
+        """Devices whose final result differs from what the fault profile predicts."""
+        return [
+            name
+            for name, st in self.devices.items()
+            if self.result(name, campaign) != self.profile.expected_result(st.index)
+        ]
+
+    def succeeded(self, campaign: int | None = None) -> int:
+        return sum(1 for n in self.devices if self.result(n, campaign) == Result.SUCCESS)
+
+    def as_dict(self, campaign: int | None = None) -> dict[str, Any]:
+        finished = self.finished(campaign)
+        succeeded = self.succeeded(campaign)
+        return {
+            "devices": len(self.devices),
+            "profile": self.profile.name,
+            "finished": finished,
+            "succeeded": succeeded,
+            "failed": finished - succeeded,
+            "by_state": self.by_state(campaign),
+            "unexpected": self.unexpected(campaign),
+            "reports": self.reports,
+            "duration_s": round(self.duration_s, 2),
+        }
+
+
+Until = Callable[[FleetReport], bool]
+
+
+def all_finished(campaign: int | None = None) -> Until:
+    """Stop condition: every device has ended an update attempt (of ``campaign``, if given)."""
+    return lambda report: report.all_finished(campaign)
+
+
+async def run_fleet(
+    configs: list[DeviceConfig],
+    profile: FaultProfile,
+    *,
+    until: Until | None = None,
+    timeout: float | None = None,
+    on_report: Callable[[DeviceAgent, Report], None] | None = None,
+    on_tick: Callable[[FleetReport], None] | None = None,
+    connect_rate: float = 2000.0,
+    coap_transports: list[str] | None = None,
+) -> FleetReport:
+    """Run every device until ``until(report)`` holds, ``timeout`` passes, or the task is cancelled.
+
+    Devices start ``1/connect_rate`` seconds apart so thousands of them do not hit the broker in
+    the same instant.
+    """
+    raise_nofile_limit()
+    clients = SharedClients(coap_transports=coap_transports)
+    report = FleetReport(profile)
+
+    def listener(agent: DeviceAgent, r: Report) -> None:
+        report.reports += 1
+        if on_report is not None:
+            on_report(agent, r)
+
+    agents: list[DeviceAgent] = []
+    for i, cfg in enumerate(configs):
+        faults = profile.for_device(cfg.index)
+        agent = DeviceAgent(cfg, clients, faults=faults, listener=listener, start_delay=i / connect_rate)
+        agents.append(agent)
+        report.devices[cfg.name] = agent.status
+    log.info("starting %d devices (faults: %s)", len(agents), profile.name)
+    tasks = [asyncio.create_task(a.run(), name=f"device-{a.name}") for a in agents]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            report.duration_s = time.monotonic() - report.started
+            if on_tick is not None:
+                on_tick(report)
+            if until is not None and until(report):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("fleet run reached its time limit")
+                break
+            if all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.25)
+    finally:
+        for a in agents:
+            a.stop()
+        _done, pending = await asyncio.wait(tasks, timeout=15) if tasks else (set(), set())
+        for t in pending:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await clients.aclose()
+        report.duration_s = time.monotonic() - report.started
+    for t, res in zip(tasks, results, strict=True):
+        if isinstance(res, Exception):
+            log.error("device task %s failed", t.get_name(), exc_info=res)
+    return report
+
+
+# -- registration through the management API --------------------------------------------------
+
+
+@dataclass
+class FleetSpec:
+    """What ``python -m device_sim fleet`` needs to (re)build the device configs."""
+
+    tenant: str
+    devices: list[dict[str, Any]]
+    """name, secret (hex), transport, index, sequence"""
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tenant": self.tenant, "devices": self.devices}, indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> FleetSpec:
+        data = json.loads(path.read_text())
+        return cls(tenant=str(data["tenant"]), devices=list(data["devices"]))
+
+
+CSV_HEADER = [
+    "name",
+    "vendor_id",
+    "class_id",
+    "tags",
+    "sequence",
+    "version",
+    "transport",
+    "hardware_id",
+    "secret",
+]
+
+
+def transport_for(index: int, mode: str) -> str:
+    if mode == "mixed":
+        return "mqtt" if index % 2 == 0 else "coap"
+    if mode not in ("mqtt", "coap"):
+        raise ValueError(f"transport must be mqtt, coap or mixed, got {mode!r}")
+    return mode
+
+
+def devices_csv(
+    names: list[str], transports: list[str], vendor_id: uuid.UUID, class_id: uuid.UUID, sequence: int
+) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(
+        ["name", "vendor_id", "class_id", "tags", "sequence", "version", "transport", "hardware_id", "secret"]
+    )
+    for i, (name, transport) in enumerate(zip(names, transports, strict=True)):
+        tags = f"sim=1;transport={transport};group={i % 10}"
+        w.writerow(
+            [name, vendor_id, class_id, tags, sequence, f"1.0.{sequence}", transport, f"hw-{name}", ""]
+        )
+    return out.getvalue()
+
+
+async def register_devices(
+    api_url: str,
+    api_key: str,
+    *,
+    count: int,
+    transport: str,
+    vendor_id: uuid.UUID,
+    class_id: uuid.UUID,
+    prefix: str = "sim",
+    sequence: int = 1,
+) -> FleetSpec:
+    """Create ``count`` devices with the CSV import; the server generates their secrets."""
+    names = [f"{prefix}-{i:05d}" for i in range(count)]
+    transports = [transport_for(i, transport) for i in range(count)]
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=120) as client:
+        r = await client.get("/api/v1/tenant")
+        _raise_for(r, "reading the tenant")
+        tenant = str(r.json()["slug"])
+        body = devices_csv(names, transports, vendor_id, class_id, sequence)
+        r = await client.post("/api/v1/devices/import", content=body, headers={"Content-Type": "text/csv"})
+        _raise_for(r, "importing devices")
+        secrets = {d["name"]: d["secret"] for d in r.json()["devices"]}
+    missing = [n for n in names if n not in secrets]
+    if missing:
+        raise RuntimeError(f"import did not return secrets for {len(missing)} devices (e.g. {missing[0]})")
+    return FleetSpec(
+        tenant,
+        [
+            {"name": n, "secret": secrets[n], "transport": t, "index": i, "sequence": sequence}
+            for i, (n, t) in enumerate(zip(names, transports, strict=True))
+        ],
+    )
+
+
+def _raise_for(r: httpx.Response, what: str) -> None:
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise RuntimeError(f"{what} failed: HTTP {r.status_code}: {str(detail)[:300]}")
+
+
+def build_configs(
+    spec: FleetSpec,
+    *,
+    vendor_id: uuid.UUID,
+    class_id: uuid.UUID,
+    trust_anchors: list[bytes],
+    state_dir: Path,
+    mqtt_url: str,
+    coap_url: str,
+    mqtt_ca_file: Path | None = None,
+) -> list[DeviceConfig]:
+    return [
+        DeviceConfig(
+            name=d["name"],
+            tenant=spec.tenant,
+            secret=bytes.fromhex(d["secret"]),
+            vendor_id=vendor_id,
+            class_id=class_id,
+            transport="coap" if d["transport"] == "coap" else "mqtt",
+            trust_anchors=trust_anchors,
+            state_dir=state_dir,
+            mqtt_url=mqtt_url,
+            mqtt_ca_file=mqtt_ca_file,
+            coap_url=coap_url,
+            installed_sequence=int(d.get("sequence", 0)),
+            hardware_id=f"hw-{d['name']}",
+            index=int(d["index"]),
+        )
+        for d in spec.devices
+    ]
+
+
+def state_label(status: AgentStatus) -> str:
+    """Short label of what a device is doing right now, for displays."""
+    if status.results:
+        r = status.results[max(status.results)]
+        return "succeeded" if r == Result.SUCCESS else "failed"
+    if status.state == LwState.IDLE:
+        return "online" if status.connected else "offline"
+    return status.state.name.lower()
