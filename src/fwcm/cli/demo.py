@@ -175,7 +175,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             for i in range(opts.devices)
         ]
         stop = asyncio.Event()
-        fleet = asyncio.create_task(run_fleet(configs, profile, until=stop.is_set, timeout=opts.timeout))
+        fleet = asyncio.create_task(run_fleet(configs, profile, until=lambda _r: stop.is_set(), timeout=opts.timeout))
         await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
         await api.call("POST", f"/campaigns/{cid}/start")
         t0 = time.monotonic()
