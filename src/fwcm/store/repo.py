@@ -8,6 +8,7 @@ indistinguishable from a missing one (``NotFound``).  Functions run inside the c
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -123,10 +124,19 @@ def _hash_key(key: str) -> str:
 
 
 def _uuid(value: Any, field: str) -> str:
+    canonical = _canonical_uuid(str(value).strip())
+    if canonical is None:
+        raise Invalid(f"{field} must be a UUID, got {value!r}")
+    return canonical
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_uuid(text: str) -> str | None:
+    """Cached: a CSV import repeats the same few vendor and class ids on every row."""
     try:
-        return str(uuid.UUID(str(value).strip()))
+        return str(uuid.UUID(text))
     except ValueError:
-        raise Invalid(f"{field} must be a UUID, got {value!r}") from None
+        return None
 
 
 def _name(value: Any, what: str = "name") -> str:
