@@ -140,6 +140,7 @@ class DeviceAgent:
         download_tries: int = 6,
         coap_refresh: float = 60.0,
         start_delay: float = 0.0,
+        stop_flush_timeout: float = 5.0,
     ) -> None:
         self.config = config
         self.clients = clients
@@ -149,6 +150,7 @@ class DeviceAgent:
         self.download_tries = download_tries
         self.coap_refresh = coap_refresh
         self.start_delay = start_delay
+        self.stop_flush_timeout = stop_flush_timeout
         self.flash = Flash(config.device_dir)
         if not self.flash.exists:
             self.flash.provision(config.factory_image(), config.installed_sequence)
@@ -223,6 +225,8 @@ class DeviceAgent:
                 self.status.connects += 1
                 self._on_connected()
                 end = await self._session(link)
+                if end is _End.STOP:
+                    await self._flush_outbox(self.stop_flush_timeout)  # deliver what is queued first
                 self._connected.clear()
                 self.status.connected = False
                 self._link = None
@@ -398,7 +402,7 @@ class DeviceAgent:
 
     async def _flush_outbox(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.flash.state.outbox and time.monotonic() < deadline:
+        while (self.flash.state.outbox or self._hello is not None) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     # -- notices ----------------------------------------------------------------------------
