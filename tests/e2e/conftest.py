@@ -86,9 +86,10 @@ def firmware(size: int = 32 * 1024, seed: int = 7) -> bytes:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, broker: Broker) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, broker: Broker, database_url: str) -> AsyncIterator[Env]:
     settings = Settings(
         data_dir=tmp_path / "server",
+        database_url=database_url,
         mqtt_url=broker.url,
         http_port=free_port(),
         coap_port=free_port(socket.SOCK_DGRAM),

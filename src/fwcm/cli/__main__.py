@@ -1,0 +1,5 @@
+"""``python -m fwcm.cli`` runs the ``fwcm`` command."""
+
+from fwcm.cli.main import app
+
+app()

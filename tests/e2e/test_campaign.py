@@ -1,0 +1,125 @@
+"""Campaigns end to end: real server, broker, CoAP on UDP, HTTP payloads, and the simulated fleet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_sim.agent import DeviceConfig
+from device_sim.faults import get_profile
+from device_sim.fleet import FleetReport, run_fleet
+from fwcm import manifest as mf
+from fwcm.protocol import Result
+
+from .conftest import CLASS, VENDOR, Env, firmware
+
+
+def configs(env: Env, secrets: dict[str, bytes], transports: dict[str, str], tmp: Path) -> list[DeviceConfig]:
+    return [
+        DeviceConfig(
+            name=name,
+            tenant="acme",
+            secret=secrets[name],
+            vendor_id=VENDOR,
+            class_id=CLASS,
+            transport=transports[name],  # type: ignore[arg-type]
+            trust_anchors=[mf.public_key_pem(env.signing_key)],
+            state_dir=tmp / "devices",
+            mqtt_url=env.broker.url,
+            coap_url=env.settings.public_coap_url,
+            installed_sequence=1,
+            index=i,
+        )
+        for i, name in enumerate(sorted(secrets))
+    ]
+
+
+async def run_campaign(env: Env, tmp: Path, n: int, faults: str = "none") -> tuple[dict, FleetReport, int]:  # type: ignore[type-arg]
+    image = firmware(24 * 1024)
+    man = await env.manifest(image)
+    transports = {f"d{i:03d}": ("mqtt" if i % 2 else "coap") for i in range(n)}
+    secrets = await env.devices(list(transports.items()))
+    cid = await env.campaign(man["id"])
+    done = {"stats": None}
+
+    async def ended() -> bool:
+        stats = await env.call("GET", f"/campaigns/{cid}/stats")
+        done["stats"] = stats
+        busy = sum(stats["counts"][s] for s in ("notified", "downloading", "downloaded", "installing"))
+        return stats["state"] == "completed" and busy == 0
+
+    import asyncio
+
+    stop = asyncio.Event()
+    fleet = asyncio.create_task(
+        run_fleet(
+            configs(env, secrets, transports, tmp),
+            get_profile(faults),
+            until=lambda _r: stop.is_set(),
+            timeout=120,
+        )
+    )
+    await env.call("POST", f"/campaigns/{cid}/start")
+    deadline = asyncio.get_running_loop().time() + 120
+    while not await ended():
+        assert asyncio.get_running_loop().time() < deadline, f"campaign did not end: {done['stats']}"
+        await asyncio.sleep(0.2)
+    stop.set()
+    report = await fleet
+    return done["stats"], report, cid  # type: ignore[return-value]
+
+
+async def test_mixed_campaign_completes_on_both_databases(env: Env, tmp_path: Path) -> None:
+    stats, report, cid = await run_campaign(env, tmp_path, 12)
+    assert stats["counts"]["succeeded"] == 12 and stats["total"] == 12
+    assert all(s.installed_sequence == 2 for s in report.devices.values())
+    devices = await env.call("GET", "/devices", params={"limit": 100})
+    assert {d["sequence"] for d in devices["items"]} == {2}  # the hello after reboot recorded it
+    events = await env.call("GET", f"/campaigns/{cid}/events")
+    assert [e["state"] for e in events][-1] == "completed"
+
+
+async def test_corrupt_payloads_fail_with_integrity_and_keep_old_firmware(env: Env, tmp_path: Path) -> None:
+    stats, report, cid = await run_campaign(env, tmp_path, 20, faults="corrupt")
+    profile = get_profile("corrupt")
+    bad = {f"d{i:03d}" for i in range(20) if profile.affected(i)}
+    assert bad and stats["counts"]["failed"] == len(bad) and stats["counts"]["succeeded"] == 20 - len(bad)
+    failed = await env.call("GET", f"/campaigns/{cid}/devices", params={"state": "failed"})
+    assert {d["device"] for d in failed["items"]} == bad
+    assert {d["result"] for d in failed["items"]} == {int(Result.INTEGRITY_FAILURE)}
+    for name in bad:
+        assert report.devices[name].installed_sequence == 1  # old firmware still running
+
+
+def test_demo_command_json(tmp_path: Path) -> None:
+    """`fwcm demo --json` as a user runs it: exit 0 and a JSON summary as the last stdout line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fwcm.cli", "demo", "--devices", "16", "--transport", "mixed", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["succeeded"] == 16 and result["campaign_state"] == "completed"
+    assert result["by_state"] == {"succeeded": 16} and result["notified"] == 16
+
+
+@pytest.mark.parametrize("faults", ["corrupt", "install-fail"])
+def test_demo_with_failures_exits_zero_when_as_expected(tmp_path: Path, faults: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fwcm.cli", "demo", "--devices", "20", "--faults", faults, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = get_profile(faults).count_affected(20)
+    assert result["failed"] == expected and result["succeeded"] == 20 - expected
