@@ -124,3 +124,48 @@ def test_demo_with_failures_exits_zero_when_as_expected(tmp_path: Path, faults: 
     result = json.loads(out.stdout.strip().splitlines()[-1])
     expected = get_profile(faults).count_affected(20)
     assert result["failed"] == expected and result["succeeded"] == 20 - expected
+
+
+async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Path) -> None:
+    """Pending devices are cancelled at once; devices mid-download stop and report cancelled."""
+    import asyncio
+
+    image = firmware(256 * 1024)
+    man = await env.manifest(image)
+    transports = {f"d{i:03d}": ("mqtt" if i % 2 else "coap") for i in range(12)}
+    secrets = await env.devices(list(transports.items()))
+    cid = await env.campaign(man["id"], policy={"rate_per_minute": 6})
+    stop = asyncio.Event()
+    fleet = asyncio.create_task(
+        run_fleet(
+            configs(env, secrets, transports, tmp_path),
+            get_profile("slow"),
+            until=lambda _r: stop.is_set(),
+            timeout=120,
+        )
+    )
+    await env.call("POST", f"/campaigns/{cid}/start")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while (await env.call("GET", f"/campaigns/{cid}/stats"))["counts"]["downloading"] == 0:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.1)
+    await env.call("POST", f"/campaigns/{cid}/cancel")
+    while True:
+        stats = await env.call("GET", f"/campaigns/{cid}/stats")
+        if stats["finished_at"] and all(
+            stats["counts"][s] == 0
+            for s in ("pending", "notified", "downloading", "downloaded", "installing")
+        ):
+            break
+        assert loop.time() < deadline, stats
+        await asyncio.sleep(0.2)
+    stop.set()
+    await fleet
+    assert stats["state"] == "cancelled"
+    devices = (await env.call("GET", f"/campaigns/{cid}/devices", params={"limit": 100}))["items"]
+    never_notified = [d for d in devices if d["attempt"] == 0]
+    assert len(never_notified) >= 6 and all(d["state"] == "cancelled" for d in never_notified)
+    assert {d["state"] for d in devices} <= {"cancelled", "succeeded"}
+    stopped = [d for d in devices if d["attempt"] == 1 and d["state"] == "cancelled"]
+    assert stopped and all(d["result"] == int(Result.CANCELLED) for d in stopped)

@@ -183,10 +183,12 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         stats = await _watch(api, cid, opts, console, as_json, t0)
         duration = time.monotonic() - t0
         stop.set()
+        installed: dict[str, int] = {}
         with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(fleet, 15)
+            report = await asyncio.wait_for(fleet, 30)
+            installed = {name: st.installed_sequence for name, st in report.devices.items()}
         devices = await _all_deployments(api, cid)
-        return _summarize(opts, profile, stats, devices, duration, time.monotonic() - started)
+        return _summarize(opts, profile, stats, devices, installed, duration, time.monotonic() - started)
     finally:
         if api is not None:
             await api.close()
@@ -225,7 +227,12 @@ async def _all_deployments(api: Api, cid: int) -> list[dict[str, Any]]:
 
 
 def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: list[dict[str, Any]],
-               duration: float, total_s: float) -> dict[str, Any]:
+               installed: dict[str, int], duration: float, total_s: float) -> dict[str, Any]:
+    """Compare every device's end with what its fault profile calls for.
+
+    A succeeded device must run the new firmware (sequence 2); a failed one must still run the
+    old one (sequence 1), as the devices themselves say.
+    """
     by_state = Counter(d["state"] for d in devices)
     ended_early = stats["state"] in ("stopped", "cancelled")
     unexpected = []
@@ -235,9 +242,12 @@ def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: 
         ok = d["state"] == expected and (expected == "succeeded" or d["result"] == int(profile.expected_result(index)))
         if not ok and ended_early and d["state"] in ("pending", "cancelled"):
             ok = True
+        running = installed.get(d["device"])
+        if ok and d["state"] in ("succeeded", "failed") and running != (2 if d["state"] == "succeeded" else 1):
+            ok = False
         if not ok:
             unexpected.append({"device": d["device"], "state": d["state"], "result": d["result"],
-                               "expected": expected})
+                               "expected": expected, "running_sequence": running})
     failures = Counter(d["result_name"] for d in devices if d["state"] == "failed")
     return {
         "devices": opts.devices,
@@ -247,8 +257,8 @@ def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: 
         "stop_reason": stats.get("stop_reason"),
         "succeeded": by_state.get("succeeded", 0),
         "failed": by_state.get("failed", 0),
-        "notified": sum(n for st, n in by_state.items() if st not in ("pending",)) -
-        sum(1 for d in devices if d["state"] == "cancelled" and d["attempt"] == 0),
+        "notified": sum(1 for d in devices if d["attempt"] > 0),
+        "kept_old_firmware": sum(1 for d in devices if d["state"] == "failed" and installed.get(d["device"]) == 1),
         "by_state": dict(sorted(by_state.items())),
         "failure_reasons": dict(failures),
         "unexpected": unexpected[:20],

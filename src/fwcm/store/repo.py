@@ -791,8 +791,6 @@ def change_campaign(
     if action == "resume" and campaign.started_at is None:
         raise Conflict(f"campaign {campaign_id} was never started; use start")
     campaign.state = target
-    if target == "cancelled":
-        campaign.finished_at = now()
     if reason:
         campaign.stop_reason = reason
     _campaign_event(s, campaign, target, reason or f"{action} requested")
