@@ -82,6 +82,10 @@ async def test_mixed_campaign_completes_on_both_databases(env: Env, tmp_path: Pa
     assert {d["sequence"] for d in devices["items"]} == {2}  # the hello after reboot recorded it
     events = await env.call("GET", f"/campaigns/{cid}/events")
     assert [e["state"] for e in events][-1] == "completed"
+    metrics = (await env.http.get("/metrics")).text
+    assert 'fwcm_campaigns{state="completed"} 1.0' in metrics
+    assert 'fwcm_notices_sent_total{kind="update",transport="coap"}' in metrics
+    assert 'fwcm_reports_ingested_total{transport="mqtt"}' in metrics
 
 
 async def test_corrupt_payloads_fail_with_integrity_and_keep_old_firmware(env: Env, tmp_path: Path) -> None:

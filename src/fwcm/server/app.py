@@ -12,15 +12,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import uvicorn
-from prometheus_client import make_asgi_app
+from fastapi import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
 
 from fwcm.config import Settings
 from fwcm.protocol import Notice, NoticeKind, encode_notice
+from fwcm.rollout.states import CampaignState
 from fwcm.server.engine import Engine, Notifier
 from fwcm.server.ingest import Ingest
-from fwcm.server.metrics import REGISTRY
+from fwcm.server.metrics import CAMPAIGNS, REGISTRY
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
+from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore
 from fwcm.transport.coap import CoapTransport
 from fwcm.transport.mqtt import MqttTransport
@@ -92,7 +96,17 @@ class Server:
         from fwcm.api import create_app
 
         app = create_app(self.db, self.settings, hooks=self.hooks)
-        app.mount("/metrics", make_asgi_app(registry=REGISTRY))
+
+        @app.get("/metrics", include_in_schema=False)
+        def prometheus() -> Response:
+            """Prometheus exposition; campaign counts are read from the database at scrape time."""
+            with self.db.session() as s:
+                rows = s.execute(select(Campaign.state, func.count()).group_by(Campaign.state)).all()
+            found = dict(rows)
+            for state in CampaignState:
+                CAMPAIGNS.labels(state.value).set(found.get(state.value, 0))
+            return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
         return app
 
     async def start(self) -> None:

@@ -101,6 +101,7 @@ class MqttTransport:
         self._shared = shared and self.settings.version == 5
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
+        self._stopping = False
         self.client = make_client(self.settings, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -126,6 +127,7 @@ class MqttTransport:
             raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} not reachable")
 
     async def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         await asyncio.to_thread(self.client.loop_stop)
 
@@ -150,7 +152,8 @@ class MqttTransport:
 
     def _on_disconnect(self, _c: mqtt.Client, _ud: object, _flags: object, rc: object, _p: object) -> None:
         self._connected.clear()
-        log.warning("MQTT disconnected (%s); paho reconnects with backoff", rc)
+        if not self._stopping:
+            log.warning("MQTT disconnected (%s); paho reconnects with backoff", rc)
 
     def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
         mid, qos = msg.mid, msg.qos
