@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import Response
@@ -72,13 +71,15 @@ class Hooks:
 @dataclass
 class Server:
     settings: Settings
-    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    replica: str = ""
+    """Stable across restarts (MQTT session and campaign leases are tied to it); default host-port."""
     enable_mqtt: bool = True
     enable_coap: bool = True
     enable_http: bool = True
     migrate: bool = True
 
     def __post_init__(self) -> None:
+        self.replica = self.replica or f"{socket.gethostname()}-{self.settings.http_port}"
         self.settings.ensure_dirs()
         self.db = Database(self.settings.database_url)
         self.payloads = PayloadStore(self.settings.payload_dir)
