@@ -466,7 +466,7 @@ class PolicyState:
         ``rate / 60`` per second holding ``PACE_BURST_S`` seconds' worth, so a large rate is
         spread over the minute instead of leaving in one burst.
         """
-        in_window = self.notified_since(now - RATE_WINDOW_S)
+        in_window = self.notified_since(now - RATE_WINDOW_S - 1e-6)  # margin for float rounding
         left = math.floor(rate) - in_window
         per_s = rate / RATE_WINDOW_S
         cap = max(1.0, per_s * PACE_BURST_S)
@@ -500,6 +500,11 @@ def _get(c: Mapping[str, int], *states: DeviceState) -> int:
 def _settled(c: Mapping[str, int]) -> bool:
     """No device of these counts is pending or in progress."""
     return all(DeviceState(s) in DEVICE_TERMINAL for s, n in c.items() if n)
+
+
+def _reaches(part: int, whole: int, percent: float) -> bool:
+    """``part`` is at least ``percent`` % of ``whole``, compared exactly (no float rounding)."""
+    return Fraction(100 * part) >= Fraction(str(percent)) * whole
 
 
 def _pct(part: int, whole: int) -> str:
@@ -789,7 +794,7 @@ class Policy:
             ph = self.phases[cur]
             size = sum(c.values())
             ok = _get(c, DeviceState.SUCCEEDED, DeviceState.SKIPPED)
-            if 100 * ok >= ph.success_threshold * size or cur in state.success_override:
+            if _reaches(ok, size, ph.success_threshold) or cur in state.success_override:
                 if ph.advance == "approval":
                     reason = (
                         f"{self.label(cur)} done ({ok} of {size} devices succeeded); waiting for approval: "
@@ -839,7 +844,7 @@ class Policy:
         notified = sum(c.values()) - _get(c, DeviceState.PENDING)
         if failed < ph.error_min_devices or failed <= state.error_ack.get(p, -1):
             return None
-        if 100 * failed < ph.error_threshold * notified:
+        if not _reaches(failed, notified, ph.error_threshold):
             return None
         return (
             f"error threshold of {self.label(p)} crossed: {failed} of {notified} devices failed "
@@ -873,7 +878,7 @@ class Policy:
         c = counts.get(cur, Counter())
         size, ok = sum(c.values()), _get(c, DeviceState.SUCCEEDED, DeviceState.SKIPPED)
         thr = self.phases[cur].success_threshold
-        if size and 100 * ok < thr * size:
+        if size and not _reaches(ok, size, thr):
             text += f"; below the success threshold of {self.label(cur)} ({_pct(ok, size)} < {thr:g}%)"
         return text
 
