@@ -150,3 +150,11 @@ def test_last_phase_may_say_until_100_percent() -> None:
 def test_no_phases_is_one_phase_of_every_device() -> None:
     p = load_definition(MINIMAL).to_policy()
     assert p == Policy() and p.phase_sizes(42) == [42]
+
+
+def test_documented_example_loads() -> None:
+    """The annotated file in docs/rollout.md is a valid definition."""
+    doc = (CAMPAIGNS.parent / "docs" / "rollout.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    p = load_definition(block).to_policy()
+    assert p.phase_sizes(100) == [5, 95] and p.retries.max_backoff_s == 600
