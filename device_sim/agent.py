@@ -117,6 +117,8 @@ class AgentStatus:
     result: Result = Result.INITIAL
     installed_sequence: int = 0
     reports_sent: int = 0
+    pending_reports: int = 0
+    """Reports queued but not yet acknowledged by the server."""
     detail: str | None = None
     results: dict[int, Result] = field(default_factory=dict)
     """Final result per campaign (latest attempt)."""
@@ -350,6 +352,7 @@ class DeviceAgent:
             installed_sequence=st.installed_sequence,
         )
         st.outbox.append(protocol.encode_report(self.config.secret, report).hex())
+        self.status.pending_reports = len(st.outbox)
         if finish:
             st.finish(campaign, attempt, int(result))
             self.status.results[campaign] = result
@@ -397,6 +400,7 @@ class DeviceAgent:
             if from_outbox:
                 if st.outbox and st.outbox[0] == data.hex():
                     st.outbox.pop(0)
+                self.status.pending_reports = len(st.outbox)
             else:
                 self._hello = None
 
@@ -671,9 +675,11 @@ class DeviceAgent:
 
     async def _fetch(self, uri: str, offset: int, sink: Callable[[int, bytes], Awaitable[None]]) -> None:
         if uri.startswith("coap://"):
-            await fetch_coap(await self.clients.coap(), uri, offset, sink)
+            async with self.clients.coap_slots:
+                await fetch_coap(await self.clients.coap(), uri, offset, sink)
         else:
-            await fetch_http(self.clients.http(), uri, offset, sink)
+            async with self.clients.http_slots:
+                await fetch_http(self.clients.http(), uri, offset, sink)
 
     async def _drop_link(self) -> None:
         """Drop the device's connection (fault injection) and wait until it is back."""

@@ -65,7 +65,12 @@ class FleetReport:
         return results[max(results)] if results else None
 
     def finished(self, campaign: int | None = None) -> int:
-        return sum(1 for n in self.devices if self.result(n, campaign) is not None)
+        """Devices that ended an attempt and had every report acknowledged."""
+        return sum(
+            1
+            for n, st in self.devices.items()
+            if self.result(n, campaign) is not None and st.pending_reports == 0
+        )
 
     def all_finished(self, campaign: int | None = None) -> bool:
         return self.finished(campaign) == len(self.devices)

@@ -11,6 +11,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -59,7 +60,18 @@ class FetchError(Exception):
 class SharedClients:
     """The process-wide CoAP context and HTTP client, created on first use."""
 
-    def __init__(self, *, coap_transports: list[str] | None = None, http_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        coap_transports: list[str] | None = None,
+        http_timeout: float = 30.0,
+        http_connections: int = 64,
+        coap_transfers: int = 256,
+    ) -> None:
+        self.http_slots = asyncio.Semaphore(http_connections)
+        """Concurrent HTTP downloads: httpx's pool gets slow (quadratic) with thousands waiting in it."""
+        self.coap_slots = asyncio.Semaphore(coap_transfers)
+        self._http_connections = http_connections
         self._coap: aiocoap.Context | None = None
         self._coap_lock = asyncio.Lock()
         self._coap_transports = coap_transports
@@ -69,12 +81,16 @@ class SharedClients:
     async def coap(self) -> aiocoap.Context:
         async with self._coap_lock:
             if self._coap is None:
-                self._coap = await aiocoap.Context.create_client_context(transports=self._coap_transports)
+                transports = self._coap_transports
+                if transports is None and "AIOCOAP_CLIENT_TRANSPORT" not in os.environ:
+                    transports = ["simple6"]  # markedly faster than udp6 for a client-only context
+                self._coap = await aiocoap.Context.create_client_context(transports=transports)
             return self._coap
 
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
-            limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+            n = self._http_connections
+            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
             self._http = httpx.AsyncClient(timeout=self._http_timeout, limits=limits)
         return self._http
 
