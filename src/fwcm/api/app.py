@@ -478,6 +478,8 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     # -- public payload route for devices --------------------------------------------------------
 
+    published: set[str] = set()
+
     @app.api_route(
         "/p/{sha256}",
         methods=["GET", "HEAD"],
@@ -490,9 +492,11 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         sha = sha256.lower()
         if not is_sha256(sha) or not store.exists(sha):
             raise ApiError(404, f"payload {sha256} not found")
-        with db.session() as s:
-            if not repo.payload_is_published(s, sha):
-                raise ApiError(404, f"payload {sha256} not found")
+        if sha not in published:  # a published payload stays published: remember it
+            with db.session() as s:
+                if not repo.payload_is_published(s, sha):
+                    raise ApiError(404, f"payload {sha256} not found")
+            published.add(sha)
         return file_response(request.headers, store.path_for(sha), sha, head=request.method == "HEAD")
 
     return app

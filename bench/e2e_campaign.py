@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""End-to-end campaign benchmark with real processes.
+
+A broker (Mosquitto, or the embedded one), one ``fwcm server`` process, and one or more
+``python -m device_sim fleet`` processes; the devices register through the API, connect, and the
+campaign is timed from ``start`` until every device has ended.  Prints figures, never asserts.
+
+    bench/e2e_campaign.py --devices 10000 --transport mqtt --image-size 65536 --fleets 2
+    bench/e2e_campaign.py --devices 1000 --transport coap
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from fwcm import manifest as mf  # noqa: E402
+from fwcm.transport.broker import free_port, start_broker  # noqa: E402
+
+
+def rss_peak_mb(pid: int) -> float:
+    """Peak resident set size of a process (VmHWM), in MB."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="fwcm-bench-"))
+    broker = start_broker()
+    http_port, coap_port = free_port(), free_port(socket.SOCK_DGRAM)
+    env = dict(
+        os.environ,
+        FWCM_DATA_DIR=str(work / "server"),
+        FWCM_MQTT_URL=broker.url,
+        FWCM_HTTP_BIND=f"127.0.0.1:{http_port}",
+        FWCM_COAP_BIND=f"127.0.0.1:{coap_port}",
+    )
+    if args.database_url:
+        env["FWCM_DATABASE_URL"] = args.database_url
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "fwcm.cli", "admin", "tenant-create", "bench", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(out.stdout.strip().splitlines()[-1])["api_key"]
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fwcm.cli", "server", "--replica", "bench"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "server.log", "wb"),
+        )  # noqa: SIM115
+        procs.append(server)
+        base = f"http://127.0.0.1:{http_port}"
+        api = httpx.AsyncClient(
+            base_url=base + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=300
+        )
+        for _ in range(200):
+            try:
+                if (await api.get("/tenant")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+        signing = mf.generate_private_key("es256")
+        (work / "release.pub").write_bytes(mf.public_key_pem(signing))
+        await api.post(
+            "/signers", json={"name": "rel", "public_key_pem": mf.public_key_pem(signing).decode()}
+        )
+        image = random.Random(1).randbytes(args.image_size)
+        sha = hashlib.sha256(image).hexdigest()
+        (await api.post("/payloads", content=image)).raise_for_status()
+        vendor = mf.vendor_id_for_domain("bench.fwcm.example")
+        klass = mf.class_id_for(vendor, "bench")
+        info = mf.ManifestInfo(
+            2,
+            vendor,
+            klass,
+            bytes.fromhex(sha),
+            len(image),
+            (f"{base}/p/{sha}", f"coap://127.0.0.1:{coap_port}/p/{sha}"),
+        )
+        r = await api.post(
+            "/manifests",
+            content=mf.build_envelope(info, signing),
+            headers={"content-type": "application/cbor"},
+        )
+        r.raise_for_status()
+        manifest_id = r.json()["id"]
+
+        per = [
+            args.devices // args.fleets + (1 if i < args.devices % args.fleets else 0)
+            for i in range(args.fleets)
+        ]
+        r = await api.post("/campaigns", json={"name": "bench", "manifest_id": manifest_id, "filter": ""})
+        r.raise_for_status()
+        cid = r.json()["id"]
+        t_register = time.monotonic()
+        for j, n in enumerate(per):
+            cmd = [
+                sys.executable,
+                "-m",
+                "device_sim",
+                "fleet",
+                "--devices",
+                str(n),
+                "--transport",
+                args.transport,
+                "--faults",
+                "none",
+                "--url",
+                base,
+                "--api-key",
+                key,
+                "--mqtt",
+                broker.url,
+                "--coap",
+                f"coap://127.0.0.1:{coap_port}",
+                "--trust",
+                str(work / "release.pub"),
+                "--vendor-id",
+                str(vendor),
+                "--class-id",
+                str(klass),
+                "--state-dir",
+                str(work / f"fleet{j}"),
+                "--prefix",
+                f"f{j}",
+                "--campaign",
+                str(cid),
+                "--no-progress",
+                "--json",
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=open(work / f"fleet{j}.out", "wb"),  # noqa: SIM115
+                    stderr=open(work / f"fleet{j}.log", "wb"),
+                )
+            )  # noqa: SIM115
+        # wait until every device is registered and has said hello
+        while True:
+            metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
+            if metric(metrics, "fwcm_reports_ingested_total") >= args.devices:
+                break
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a process exited early; see {work}")
+            await asyncio.sleep(0.5)
+        t_online = time.monotonic() - t_register
+        print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
+
+        t0 = time.monotonic()
+        (await api.post(f"/campaigns/{cid}/start")).raise_for_status()
+        start_s = time.monotonic() - t0
+        stats: dict[str, object] = {}
+        while True:
+            stats = (await api.get(f"/campaigns/{cid}/stats")).json()
+            counts: dict[str, int] = stats["counts"]  # type: ignore[assignment]
+            busy = sum(counts[s] for s in ("pending", "notified", "downloading", "downloaded", "installing"))
+            if busy == 0 or time.monotonic() - t0 > args.timeout:
+                break
+            if args.verbose and int(time.monotonic() - t0) % 5 == 0:
+                print(
+                    f"{time.monotonic() - t0:6.1f} s {dict((k, v) for k, v in counts.items() if v)}",
+                    flush=True,
+                )
+            await asyncio.sleep(0.25)
+        duration = time.monotonic() - t0
+        metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
+        result = {
+            "devices": args.devices,
+            "transport": args.transport,
+            "image_size": args.image_size,
+            "fleets": args.fleets,
+            "broker": broker.kind,
+            "database": "postgresql" if args.database_url else "sqlite",
+            "campaign_state": stats.get("state"),
+            "counts": {k: v for k, v in stats["counts"].items() if v},  # type: ignore[union-attr]
+            "start_s": round(start_s, 3),
+            "end_to_end_s": round(duration, 2),
+            "devices_per_s": round(args.devices / duration, 1),
+            "payload_mb_per_s": round(args.devices * args.image_size / duration / 1e6, 2),
+            "reports_ingested": metric(metrics, "fwcm_reports_ingested_total"),
+            "notices_sent": metric(metrics, "fwcm_notices_sent_total"),
+            "server_peak_rss_mb": round(rss_peak_mb(server.pid), 1),
+        }
+        await api.aclose()
+        return result
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--transport", choices=["mqtt", "coap", "mixed"], default="mqtt")
+    ap.add_argument("--image-size", type=int, default=64 * 1024)
+    ap.add_argument("--fleets", type=int, default=1, help="device_sim processes")
+    ap.add_argument("--database-url", default="")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print progress while the campaign runs")
+    a = ap.parse_args()
+    res = asyncio.run(main(a))
+    for k, v in res.items():
+        print(f"{k:>20}: {v}")
+    if a.json:
+        print(json.dumps(res))
