@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from fwcm import manifest as mf  # noqa: E402
-from fwcm.transport.broker import free_port, start_broker  # noqa: E402
+from fwcm import manifest as mf
+from fwcm.transport.broker import free_port, start_broker
 
 
 def rss_peak_mb(pid: int) -> float:
@@ -77,7 +77,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(work / "server.log", "wb"),
-        )  # noqa: SIM115
+        )
         procs.append(server)
         base = f"http://127.0.0.1:{http_port}"
         api = httpx.AsyncClient(
@@ -162,10 +162,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 subprocess.Popen(
                     cmd,
                     env=env,
-                    stdout=open(work / f"fleet{j}.out", "wb"),  # noqa: SIM115
+                    stdout=open(work / f"fleet{j}.out", "wb"),
                     stderr=open(work / f"fleet{j}.log", "wb"),
                 )
-            )  # noqa: SIM115
+            )
         # wait until every device is registered and has said hello
         while True:
             metrics = (await httpx.AsyncClient().get(base + "/metrics")).text

@@ -100,14 +100,16 @@ async def test_corrupt_payloads_fail_with_integrity_and_keep_old_firmware(env: E
         assert report.devices[name].installed_sequence == 1  # old firmware still running
 
 
-def test_demo_command_json(tmp_path: Path) -> None:
-    """`fwcm demo --json` as a user runs it: exit 0 and a JSON summary as the last stdout line."""
+@pytest.mark.parametrize("broker", ["default", "amqtt"])
+def test_demo_command_json(tmp_path: Path, broker: str) -> None:
+    """`fwcm demo --json` as a user runs it, also on the embedded broker used where Mosquitto is absent."""
     out = subprocess.run(
         [sys.executable, "-m", "fwcm.cli", "demo", "--devices", "16", "--transport", "mixed", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env=dict(os.environ, FWCM_BROKER=broker),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

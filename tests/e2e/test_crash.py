@@ -21,7 +21,7 @@ from device_sim.fleet import run_fleet
 from fwcm import manifest as mf
 from fwcm.transport.broker import Broker, free_port
 
-from .conftest import CLASS, VENDOR, Env, firmware
+from .conftest import Env, firmware
 from .test_campaign import configs
 
 

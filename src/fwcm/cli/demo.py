@@ -112,8 +112,10 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         )
         server = Server(settings, replica="demo")
         await server.start()
-        console.log(f"broker: {broker.kind} on {broker.url}; server: {settings.public_http_url}, "
-                    f"{settings.public_coap_url}")
+        console.log(
+            f"broker: {broker.kind} on {broker.url}; server: {settings.public_http_url}, "
+            f"{settings.public_coap_url}"
+        )
         with server.db.session() as s:
             _tenant, key = repo.create_tenant(s, "demo", "Demo Fleet Inc.")
         api = Api(settings.public_http_url, key)
@@ -123,8 +125,13 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         await api.call("POST", "/signers", json={"name": "release", "public_key_pem": pub.decode()})
         image = random.Random(42).randbytes(opts.image_size)
         sha = hashlib.sha256(image).hexdigest()
-        await api.call("POST", "/payloads", content=image, params={"name": "demo-firmware-2.0.bin"},
-                       headers={"content-type": "application/octet-stream"})
+        await api.call(
+            "POST",
+            "/payloads",
+            content=image,
+            params={"name": "demo-firmware-2.0.bin"},
+            headers={"content-type": "application/octet-stream"},
+        )
         vendor = mf.vendor_id_for_domain("demo.fwcm.example")
         klass = mf.class_id_for(vendor, "sensor-v1")
         info = mf.ManifestInfo(
@@ -136,25 +143,33 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             uris=(f"{settings.public_http_url}/p/{sha}", f"{settings.public_coap_url}/p/{sha}"),
         )
         envelope = mf.build_envelope(info, signing_key)
-        man = await api.call("POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"})
+        man = await api.call(
+            "POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"}
+        )
 
         rows = ["name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret"]
         for i in range(opts.devices):
             region = "eu" if i % 2 == 0 else "us"
-            rows.append(f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,"
-                        f"{_transport_for(i, opts.transport)},,")
-        imported = await api.call("POST", "/devices/import", content="\n".join(rows) + "\n",
-                                  headers={"content-type": "text/csv"})
+            rows.append(
+                f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts.transport)},,"
+            )
+        imported = await api.call(
+            "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
+        )
         secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
         spec = definition.get("campaign", {})
-        campaign = await api.call("POST", "/campaigns", json={
-            "name": spec.get("name", "demo-rollout"),
-            "manifest_id": man["id"],
-            "filter": spec.get("filter", ""),
-            "policy": definition.get("policy", {}),
-        })
+        campaign = await api.call(
+            "POST",
+            "/campaigns",
+            json={
+                "name": spec.get("name", "demo-rollout"),
+                "manifest_id": man["id"],
+                "filter": spec.get("filter", ""),
+                "policy": definition.get("policy", {}),
+            },
+        )
         cid = campaign["id"]
 
         configs = [
@@ -175,7 +190,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             for i in range(opts.devices)
         ]
         stop = asyncio.Event()
-        fleet = asyncio.create_task(run_fleet(configs, profile, until=lambda _r: stop.is_set(), timeout=opts.timeout))
+        fleet = asyncio.create_task(
+            run_fleet(configs, profile, until=lambda _r: stop.is_set(), timeout=opts.timeout)
+        )
         await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
         await api.call("POST", f"/campaigns/{cid}/start")
         t0 = time.monotonic()
@@ -198,8 +215,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _watch(api: Api, cid: int, opts: DemoOptions, console: Console, as_json: bool,
-                 t0: float) -> dict[str, Any]:
+async def _watch(
+    api: Api, cid: int, opts: DemoOptions, console: Console, as_json: bool, t0: float
+) -> dict[str, Any]:
     """Poll the campaign until it has ended and no device is still in flight."""
     deadline = t0 + opts.timeout
     stats: dict[str, Any] = {}
@@ -210,7 +228,9 @@ async def _watch(api: Api, cid: int, opts: DemoOptions, console: Console, as_jso
             if live is not None:
                 live.update(_progress_table(stats, opts.devices, time.monotonic() - t0))
             counts = stats["counts"]
-            in_flight = sum(counts.get(st, 0) for st in ("notified", "downloading", "downloaded", "installing"))
+            in_flight = sum(
+                counts.get(st, 0) for st in ("notified", "downloading", "downloaded", "installing")
+            )
             if stats["state"] in ("completed", "cancelled", "stopped") and in_flight == 0:
                 break
             await asyncio.sleep(0.25)
@@ -226,8 +246,15 @@ async def _all_deployments(api: Api, cid: int) -> list[dict[str, Any]]:
             return out
 
 
-def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: list[dict[str, Any]],
-               installed: dict[str, int], duration: float, total_s: float) -> dict[str, Any]:
+def _summarize(
+    opts: DemoOptions,
+    profile: Any,
+    stats: dict[str, Any],
+    devices: list[dict[str, Any]],
+    installed: dict[str, int],
+    duration: float,
+    total_s: float,
+) -> dict[str, Any]:
     """Compare every device's end with what its fault profile calls for.
 
     A succeeded device must run the new firmware (sequence 2); a failed one must still run the
@@ -239,15 +266,28 @@ def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: 
     for d in devices:
         index = int(d["device"].split("-")[1])
         expected = profile.expected_outcome(index)
-        ok = d["state"] == expected and (expected == "succeeded" or d["result"] == int(profile.expected_result(index)))
+        ok = d["state"] == expected and (
+            expected == "succeeded" or d["result"] == int(profile.expected_result(index))
+        )
         if not ok and ended_early and d["state"] in ("pending", "cancelled"):
             ok = True
         running = installed.get(d["device"])
-        if ok and d["state"] in ("succeeded", "failed") and running != (2 if d["state"] == "succeeded" else 1):
+        if (
+            ok
+            and d["state"] in ("succeeded", "failed")
+            and running != (2 if d["state"] == "succeeded" else 1)
+        ):
             ok = False
         if not ok:
-            unexpected.append({"device": d["device"], "state": d["state"], "result": d["result"],
-                               "expected": expected, "running_sequence": running})
+            unexpected.append(
+                {
+                    "device": d["device"],
+                    "state": d["state"],
+                    "result": d["result"],
+                    "expected": expected,
+                    "running_sequence": running,
+                }
+            )
     failures = Counter(d["result_name"] for d in devices if d["state"] == "failed")
     return {
         "devices": opts.devices,
@@ -258,7 +298,9 @@ def _summarize(opts: DemoOptions, profile: Any, stats: dict[str, Any], devices: 
         "succeeded": by_state.get("succeeded", 0),
         "failed": by_state.get("failed", 0),
         "notified": sum(1 for d in devices if d["attempt"] > 0),
-        "kept_old_firmware": sum(1 for d in devices if d["state"] == "failed" and installed.get(d["device"]) == 1),
+        "kept_old_firmware": sum(
+            1 for d in devices if d["state"] == "failed" and installed.get(d["device"]) == 1
+        ),
         "by_state": dict(sorted(by_state.items())),
         "failure_reasons": dict(failures),
         "unexpected": unexpected[:20],
@@ -273,8 +315,17 @@ def _summary_table(result: dict[str, Any]) -> Table:
     t = Table(title="fwcm demo — result")
     t.add_column("")
     t.add_column("", justify="right")
-    for k in ("devices", "transport", "faults", "campaign_state", "stop_reason", "notified", "succeeded", "failed",
-              "duration_s"):
+    for k in (
+        "devices",
+        "transport",
+        "faults",
+        "campaign_state",
+        "stop_reason",
+        "notified",
+        "succeeded",
+        "failed",
+        "duration_s",
+    ):
         t.add_row(k, str(result.get(k)))
     for st, n in result["by_state"].items():
         t.add_row(f"state {st}", str(n))
@@ -287,9 +338,12 @@ def _summary_table(result: dict[str, Any]) -> Table:
 def demo(
     devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices")] = 100,
     transport: Annotated[str, typer.Option(help="mqtt | coap | mixed")] = "mixed",
-    faults: Annotated[str, typer.Option(help="none | flaky | corrupt | install-fail | offline | slow")] = "none",
-    campaign: Annotated[Path | None, typer.Option(help="Campaign definition (TOML), e.g. campaigns/staged.toml")]
-    = None,
+    faults: Annotated[
+        str, typer.Option(help="none | flaky | corrupt | install-fail | offline | slow")
+    ] = "none",
+    campaign: Annotated[
+        Path | None, typer.Option(help="Campaign definition (TOML), e.g. campaigns/staged.toml")
+    ] = None,
     image_size: Annotated[int, typer.Option(help="Firmware image size in bytes")] = 64 * 1024,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
@@ -305,8 +359,11 @@ def demo(
         get_profile(faults)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     console = Console(stderr=as_json)
     opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout)
     try:

@@ -103,8 +103,7 @@ def server(
     if mqtt:
         overrides["mqtt_url"] = mqtt
     settings = Settings.from_env(**overrides)
-    named: dict[str, str] = {"replica": replica} if replica else {}
-    srv = Server(settings, enable_mqtt=not no_mqtt, enable_coap=not no_coap, **named)
+    srv = Server(settings, replica=replica or "", enable_mqtt=not no_mqtt, enable_coap=not no_coap)
 
     async def main() -> None:
         stop = asyncio.Event()
