@@ -129,14 +129,12 @@ def test_full_tour_through_the_cli(env: dict[str, str], tmp_path: Path) -> None:
 
     campaign_toml = tmp_path / "eu.toml"
     campaign_toml.write_text(
-        f'name = "eu rollout"\nmanifest = {m["id"]}\nfilter = \'tag.region == "eu"\'\n\n'
-        "[policy]\nrate_per_minute = 100\nerror_threshold_percent = 10\n"
+        f'[campaign]\nname = "eu rollout"\nmanifest = {m["id"]}\nfilter = \'tag.region == "eu"\'\n\n'
+        '[rollout]\nrate_per_minute = 100\nerror_threshold = "10%"\n'
     )
     c = ok_json("campaign", "create", "--file", campaign_toml)
-    assert c["name"] == "eu rollout" and c["policy"] == {
-        "rate_per_minute": 100,
-        "error_threshold_percent": 10,
-    }
+    assert c["name"] == "eu rollout" and c["policy"]["rate_per_minute"] == 100
+    assert [p["error_threshold"] for p in c["policy"]["phases"]] == ["10%"]
     assert c["filter"] == 'tag.region == "eu"'
     code, out, _ = run("campaign", "start", c["id"])
     assert code == 0 and out.strip() == f"campaign {c['id']} running over 11 devices"

@@ -18,7 +18,6 @@ import socket
 import sys
 import tempfile
 import time
-import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +68,16 @@ class Api:
 
 
 def load_campaign_file(path: Path | None) -> dict[str, Any]:
+    """Name, filter and policy from a campaign definition (docs/rollout.md); defaults without one."""
+    from fwcm.rollout.definition import DefinitionError, load_definition
+
     if path is None:
-        return {}
+        return {"name": "demo-rollout", "filter": "", "policy": {}}
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise typer.BadParameter(f"cannot read campaign file {path}: {exc}") from exc
+        d = load_definition(path.read_text())
+    except (OSError, DefinitionError) as exc:
+        raise typer.BadParameter(f"campaign file {path}: {exc}") from exc
+    return {"name": d.name, "filter": d.filter, "policy": d.policy}
 
 
 def _progress_table(stats: dict[str, Any], devices: int, elapsed: float) -> Table:
@@ -159,17 +162,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
-        spec = definition.get("campaign", {})
-        campaign = await api.call(
-            "POST",
-            "/campaigns",
-            json={
-                "name": spec.get("name", "demo-rollout"),
-                "manifest_id": man["id"],
-                "filter": spec.get("filter", ""),
-                "policy": definition.get("policy", {}),
-            },
-        )
+        campaign = await api.call("POST", "/campaigns", json={**definition, "manifest_id": man["id"]})
         cid = campaign["id"]
 
         configs = [

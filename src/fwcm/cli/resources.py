@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fwcm.cli.client import ApiClient, ApiError, load_config, save_config
+from fwcm.rollout.definition import DefinitionError, load_definition
 
 make_client: Callable[[], ApiClient] = ApiClient.from_env
 """How commands obtain a client (the environment and config file by default)."""
@@ -392,25 +392,17 @@ def device_show(name: Annotated[str, typer.Argument(metavar="NAME")], as_json: J
 
 
 def read_campaign_file(path: Path) -> dict[str, Any]:
-    """A campaign definition in TOML.
-
-    Top-level ``name``, ``filter`` and ``manifest`` (an id) describe the campaign; the rollout
-    policy is the ``[policy]`` table when there is one, otherwise every other top-level key.
-    """
+    """A campaign definition in TOML (``[campaign]``, ``[rollout]``, ``[[phase]]``; docs/rollout.md)."""
     try:
-        data = tomllib.loads(path.read_text())
+        d = load_definition(path.read_text())
     except OSError as exc:
         raise _fail(f"cannot read {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise _fail(f"{path} is not valid TOML: {exc}") from None
-    fields: dict[str, Any] = {k: data.pop(k) for k in ("name", "filter", "manifest") if k in data}
-    if "policy" in data:
-        if not isinstance(data["policy"], dict):
-            raise _fail(f"{path}: policy must be a table")
-        fields["policy"] = data["policy"]
-    else:
-        fields["policy"] = data
-    return fields
+    except DefinitionError as exc:
+        raise _fail(f"{path}: {exc}") from None
+    spec: dict[str, Any] = {"name": d.name, "filter": d.filter, "policy": d.policy}
+    if d.manifest is not None:
+        spec["manifest"] = d.manifest
+    return spec
 
 
 def _campaign_row(c: dict[str, Any]) -> list[Any]:

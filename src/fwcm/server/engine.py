@@ -19,15 +19,18 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 
 from fwcm.protocol import Notice, NoticeKind, encode_notice
-from fwcm.rollout.policy import Policy, PolicyState
-from fwcm.rollout.states import CampaignState, DeviceState
+from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
+from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
 from fwcm.server import metrics
 from fwcm.store import deployments as dq
+from fwcm.store import repo
 from fwcm.store.db import Database
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 15.0
+JOIN_EVERY_S = 5.0
+"""How often a dynamic campaign looks for newly registered matching devices."""
 T = TypeVar("T")
 
 
@@ -39,6 +42,8 @@ class Notifier:
     notify_coap: Callable[[str, str], bool] | None = None
     current: dict[tuple[str, str], tuple[int, int, NoticeKind, int]] = field(default_factory=dict)
     envelopes: dict[int, bytes] = field(default_factory=dict)
+    windows: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+    """Install window per campaign (window mode "install"), carried in update notices."""
 
     def build(self, target: dq.Target, campaign: int, kind: NoticeKind, manifest_id: int) -> bytes:
         notice = Notice(
@@ -48,6 +53,7 @@ class Notifier:
             attempt=target.attempt,
             issued=int(time.time()),
             envelope=self.envelopes.get(manifest_id) if kind == NoticeKind.UPDATE else None,
+            window=self.windows.get(campaign) if kind == NoticeKind.UPDATE else None,
         )
         return encode_notice(target.secret, notice)
 
@@ -71,6 +77,10 @@ class Engine:
         self._wake = asyncio.Event()
         self._held: set[int] = set()
         self._policy_state: dict[int, PolicyState] = {}
+        self._policies: dict[int, Policy] = {}
+        self._joined: dict[int, float] = {}
+        self.notes: dict[int, str] = {}
+        """Why a campaign is not moving (window closed, rate limit, approval), for status displays."""
 
     def wake(self, _campaigns: object = None) -> None:
         self._wake.set()
@@ -103,8 +113,7 @@ class Engine:
             await self._load_envelope(c.manifest_id)
             if c.id not in self._held:
                 await self._resend_notified(c)
-            if c.state == CampaignState.RUNNING:
-                await self._advance(c)
+            await self._advance(c)
         self._held = held_now
         await self._process_cancellations()
 
@@ -122,31 +131,60 @@ class Engine:
         if targets:
             log.info("campaign %d: re-sent %d notices after taking the lease", c.id, len(targets))
 
+    def _policy(self, c: dq.LeasedCampaign) -> Policy:
+        cached = self._policies.get(c.id)
+        if cached is None:
+            cached = self._policies[c.id] = Policy.from_dict(c.policy)
+        return cached
+
     async def _advance(self, c: dq.LeasedCampaign) -> None:
-        policy = Policy.from_dict(c.policy)
-        state = self._policy_state.setdefault(c.id, PolicyState())
+        """One policy decision for a scheduled, running or paused campaign, carried out at once."""
+        policy = self._policy(c)
         now = time.time()
+        join_due = policy.dynamic and now - self._joined.get(c.id, 0.0) >= JOIN_EVERY_S
 
-        def work(s: Session) -> tuple[list[dq.Target], CampaignState | None, str | None]:
-            counts = dq.counts(s, c.id)
-            decision = policy.decide(counts, state, now)
-            targets = dq.take_pending(s, c.id, decision.notify)
-            if targets:
-                state.record_notified(len(targets), now)
-                counts = dq.counts(s, c.id)
-            final = policy.finished(counts)
-            if final is not None:
-                dq.set_campaign_state(s, c.id, c.tenant_id, final[0], final[1])
-            return targets, final[0] if final else None, final[1] if final else None
+        def work(s: Session) -> tuple[list[dq.Target], Decision]:
+            state = self._policy_state.get(c.id)
+            if state is None:  # first decision since this replica took the lease
+                state = self._policy_state[c.id] = PolicyState()
+                state.seed(dq.recent_notifications(s, c.id, now - 60.0))
+            dq.expire_in_progress(s, c.id, policy, now)
+            if join_due:
+                repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
+            view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
+            decision = policy.decide(view, state, now)
+            targets = dq.take_pending(s, c.id, decision.notify, max_phase=view.phase, now=now)
+            state.record_notified(len(targets), now)
+            if decision.advance_to is not None:
+                dq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
+            if decision.transition is not None:
+                dq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
+            return targets, decision
 
-        targets, final, reason = await self._db(work)
+        targets, decision = await self._db(work)
+        if join_due:
+            self._joined[c.id] = now
+        window = policy.window_span(now) if policy.window_mode == "install" else None
+        self.notifier.windows[c.id] = window
         for t in targets:
             self.notifier.send(t, c.id, NoticeKind.UPDATE, c.manifest_id)
         if targets:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
-        if final is not None:
-            log.info("campaign %d %s%s", c.id, final.value, f" ({reason})" if reason else "")
-            self._policy_state.pop(c.id, None)
+        if decision.advance_to is not None:
+            log.info("campaign %d: %s begins", c.id, policy.label(decision.advance_to))
+        if decision.transition is not None:
+            state, reason = decision.transition
+            log.info("campaign %d %s: %s", c.id, state.value, reason)
+            self.notes.pop(c.id, None)
+            if state in CAMPAIGN_TERMINAL:
+                self._forget(c.id)
+        elif decision.note:
+            self.notes[c.id] = decision.note
+
+    def _forget(self, campaign: int) -> None:
+        self._policy_state.pop(campaign, None)
+        self._policies.pop(campaign, None)
+        self._joined.pop(campaign, None)
 
     async def _process_cancellations(self) -> None:
         """Withdraw notices of campaigns cancelled since the last step."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fwcm import protocol
 from fwcm.protocol import ProtocolError
+from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
@@ -74,6 +75,7 @@ class Ingest:
     ) -> None:
         self.db = db
         self.keys = KeyCache(db)
+        self._policies: dict[int, Policy] = {}
         self._on_applied = on_applied
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._batch_max = batch_max
@@ -174,7 +176,7 @@ class Ingest:
                 if key is not None and m.payload in (b"0", b"1"):
                     presence[key.device_pk] = m.payload == b"1"
         with self.db.session() as s:
-            changed, campaigns = dq.apply_reports(s, verified)
+            changed, campaigns = dq.apply_reports(s, verified, self._policies)
             dq.set_presence(s, presence)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.inbound.kind == "presence":

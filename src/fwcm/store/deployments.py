@@ -11,8 +11,10 @@ from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple
 from sqlalchemy.orm import Session
 
 from fwcm.protocol import Report, Result
+from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import (
     DEVICE_TERMINAL,
+    IN_PROGRESS,
     CampaignState,
     DeploymentView,
     DeviceState,
@@ -54,6 +56,7 @@ class LeasedCampaign:
     state: str
     policy: dict[str, object]
     manifest_id: int
+    phase: int
 
 
 def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampaign]:
@@ -68,9 +71,16 @@ def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampai
         update(Campaign)
         .where(claimable)
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
-        .returning(Campaign.id, Campaign.tenant_id, Campaign.state, Campaign.policy, Campaign.manifest_id)
+        .returning(
+            Campaign.id,
+            Campaign.tenant_id,
+            Campaign.state,
+            Campaign.policy,
+            Campaign.manifest_id,
+            Campaign.phase,
+        )
     ).all()
-    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4]) for r in rows]
+    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
 
 
 def release_leases(s: Session, owner: str) -> None:
@@ -88,10 +98,16 @@ def counts(s: Session, campaign_id: int) -> Counter[str]:
     return Counter({state: n for state, n in rows})
 
 
-def take_pending(s: Session, campaign_id: int, limit: int) -> list[Target]:
-    """Mark up to ``limit`` pending deployments notified (new attempt) and return them."""
+def take_pending(
+    s: Session, campaign_id: int, limit: int, *, max_phase: int = 0, now: float | None = None
+) -> list[Target]:
+    """Mark up to ``limit`` pending deployments notified (new attempt) and return them.
+
+    Only phases up to ``max_phase`` are eligible, and retries only once their backoff has passed.
+    """
     if limit <= 0:
         return []
+    when = utcnow() if now is None else datetime.fromtimestamp(now, UTC)
     rows = s.execute(
         select(
             Deployment.device_id,
@@ -103,13 +119,17 @@ def take_pending(s: Session, campaign_id: int, limit: int) -> list[Target]:
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)
-        .where(Deployment.campaign_id == campaign_id, Deployment.state == DeviceState.PENDING.value)
-        .order_by(Deployment.device_id)
+        .where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.state == DeviceState.PENDING.value,
+            Deployment.phase <= max_phase,
+            or_(Deployment.retry_at.is_(None), Deployment.retry_at <= when),
+        )
+        .order_by(Deployment.phase, Deployment.device_id)
         .limit(limit)
     ).all()
     if not rows:
         return []
-    now = utcnow()
     s.connection().execute(
         update(Deployment)
         .where(
@@ -121,12 +141,98 @@ def take_pending(s: Session, campaign_id: int, limit: int) -> list[Target]:
             state=DeviceState.NOTIFIED.value,
             attempt=bindparam("a"),
             last_seq=-1,
-            notified_at=now,
-            updated_at=now,
+            notified_at=when,
+            updated_at=when,
+            retry_at=None,
         ),
         [{"d": r[0], "a": r[1] + 1} for r in rows],
     )
     return [Target(r[0], r[2], r[3], r[4], r[5], r[1] + 1) for r in rows]
+
+
+def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
+    """``(phase, state, count)`` rows: everything the rollout policy needs to decide."""
+    rows = s.execute(
+        select(Deployment.phase, Deployment.state, func.count())
+        .where(Deployment.campaign_id == campaign_id)
+        .group_by(Deployment.phase, Deployment.state)
+    ).all()
+    return [(int(p), str(st), int(n)) for p, st, n in rows]
+
+
+def recent_notifications(s: Session, campaign_id: int, since: float) -> list[float]:
+    """Notification times since ``since`` (epoch s), to restore the rate window after a restart."""
+    rows = s.execute(
+        select(Deployment.notified_at).where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.notified_at >= datetime.fromtimestamp(since, UTC),
+        )
+    ).all()
+    return [_epoch(r[0]) for r in rows if r[0] is not None]
+
+
+def _epoch(t: datetime) -> float:
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def set_phase(s: Session, campaign_id: int, tenant_id: int, phase: int, label: str) -> None:
+    s.execute(update(Campaign).where(Campaign.id == campaign_id).values(phase=phase))
+    s.add(
+        CampaignEvent(
+            tenant_id=tenant_id,
+            campaign_id=campaign_id,
+            at=utcnow(),
+            state="running",
+            reason=f"{label} begins",
+        )
+    )
+
+
+def expire_in_progress(s: Session, campaign_id: int, policy: Policy, now: float) -> int:
+    """Deployments silent for longer than the device timeout: retried later, or timed out."""
+    expired = 0
+    when = datetime.fromtimestamp(now, UTC)
+    for st in IN_PROGRESS:
+        cutoff = policy.timeout_cutoff(st.value, now)
+        if cutoff is None:
+            continue
+        rows = s.execute(
+            select(Deployment.device_id, Deployment.attempt, Deployment.tenant_id).where(
+                Deployment.campaign_id == campaign_id,
+                Deployment.state == st.value,
+                Deployment.updated_at <= datetime.fromtimestamp(cutoff, UTC),
+            )
+        ).all()
+        for device_id, attempt, tenant_id in rows:
+            at = policy.retry_at(None, attempt, now)
+            new = DeviceState.PENDING if at is not None else DeviceState.TIMED_OUT
+            s.execute(
+                update(Deployment)
+                .where(
+                    Deployment.campaign_id == campaign_id,
+                    Deployment.device_id == device_id,
+                    Deployment.state == st.value,
+                )
+                .values(
+                    state=new.value,
+                    updated_at=when,
+                    retry_at=datetime.fromtimestamp(at, UTC) if at is not None else None,
+                    detail=f"no report for {policy.device_timeout_s:g} s while {st.value}",
+                )
+            )
+            s.add(
+                DeviceEvent(
+                    tenant_id=tenant_id,
+                    campaign_id=campaign_id,
+                    device_id=device_id,
+                    at=when,
+                    state=DeviceState.TIMED_OUT.value,
+                    result=0,
+                    detail="retry scheduled" if at is not None else "timed out",
+                )
+            )
+            expired += 1
+    return expired
 
 
 def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Target]:
@@ -191,18 +297,37 @@ class Verified:
     report: Report
 
 
-def apply_reports(s: Session, batch: Sequence[Verified]) -> tuple[int, set[int]]:
+def campaign_policies(s: Session, campaign_ids: Iterable[int], cache: dict[int, Policy]) -> dict[int, Policy]:
+    """Rollout policies of campaigns (they do not change once a campaign runs), cached."""
+    missing = [c for c in set(campaign_ids) if c not in cache]
+    if missing:
+        for cid, policy in s.execute(select(Campaign.id, Campaign.policy).where(Campaign.id.in_(missing))):
+            cache[cid] = Policy.from_dict(policy or {})
+    return cache
+
+
+def apply_reports(
+    s: Session, batch: Sequence[Verified], policies: dict[int, Policy] | None = None
+) -> tuple[int, set[int]]:
     """Apply a batch of verified reports in the caller's transaction.
 
-    Returns the number of deployments changed and the campaigns they belong to.
+    A transient failure (per the campaign's retry rules) puts the deployment back to pending with
+    a retry time instead of failing it.  Returns the number of deployments changed and their
+    campaigns.
     """
     now = utcnow()
-    hello = [v for v in batch if v.report.campaign == 0]
-    for v in hello:
-        values: dict[str, object] = {"last_seen": now, "online": True}
-        if v.report.installed_sequence is not None:
-            values["sequence"] = v.report.installed_sequence
-        s.execute(update(Device).where(Device.id == v.key.device_pk).values(**values))
+    hellos = [
+        {"d": v.key.device_pk, "sq": v.report.installed_sequence}
+        for v in batch
+        if v.report.campaign == 0 and v.report.installed_sequence is not None
+    ]
+    if hellos:
+        s.connection().execute(
+            update(Device)
+            .where(Device.id == bindparam("d"))
+            .values(sequence=bindparam("sq"), last_seen=now, online=True),
+            hellos,
+        )
 
     reports = [v for v in batch if v.report.campaign != 0]
     if not reports:
@@ -218,6 +343,7 @@ def apply_reports(s: Session, batch: Sequence[Verified]) -> tuple[int, set[int]]
         ).where(tuple_(Deployment.campaign_id, Deployment.device_id).in_(list(pairs)))
     ).all()
     current = {(r[0], r[1]): DeploymentView(DeviceState(r[2]), r[3], r[4]) for r in rows}
+    policies = campaign_policies(s, {c for c, _d in current}, {} if policies is None else policies)
 
     updates: list[dict[str, object]] = []
     events: list[dict[str, object]] = []
@@ -230,13 +356,19 @@ def apply_reports(s: Session, batch: Sequence[Verified]) -> tuple[int, set[int]]
         change = apply_report(view, v.report)
         if change is None:
             continue
-        current[k] = DeploymentView(change.state, view.attempt, change.seq)
+        retry_at = None
+        if change.state == DeviceState.FAILED:
+            at = policies[k[0]].retry_at(change.result, view.attempt, now.timestamp())
+            retry_at = datetime.fromtimestamp(at, UTC) if at is not None else None
+        final = DeviceState.PENDING if retry_at is not None else change.state
+        current[k] = DeploymentView(final, view.attempt, change.seq)
         updates.append(
             {
                 "c": k[0],
                 "d": k[1],
-                "st": change.state.value,
+                "st": final.value,
                 "r": change.result,
+                "rt": retry_at,
                 "q": change.seq,
                 "a": view.attempt,
                 "p": v.report.progress,
@@ -252,7 +384,7 @@ def apply_reports(s: Session, batch: Sequence[Verified]) -> tuple[int, set[int]]
                     "at": now,
                     "state": change.state.value,
                     "result": change.result,
-                    "detail": v.report.detail,
+                    "detail": v.report.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}",
                 }
             )
         if change.state == DeviceState.SUCCEEDED and v.report.installed_sequence is not None:
@@ -272,6 +404,7 @@ def apply_reports(s: Session, batch: Sequence[Verified]) -> tuple[int, set[int]]
                 last_seq=bindparam("q"),
                 progress=bindparam("p"),
                 detail=bindparam("dt"),
+                retry_at=bindparam("rt"),
                 updated_at=now,
             ),
             updates,

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     and_,
+    case,
     false,
     func,
     insert,
@@ -37,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from fwcm import filters, manifest
 from fwcm.protocol import NAME_RE, Result
+from fwcm.rollout.policy import Policy, PolicyError
 from fwcm.store.models import (
     ApiKey,
     Campaign,
@@ -675,7 +678,10 @@ def _validate_policy(policy: Any) -> dict[str, Any]:
         return {}
     if not isinstance(policy, dict):
         raise Invalid("policy must be an object")
-    return policy
+    try:
+        return Policy.from_dict(policy).to_dict()
+    except PolicyError as exc:
+        raise Invalid(f"invalid rollout policy: {exc}") from None
 
 
 def create_campaign(
@@ -743,13 +749,20 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
             f"campaign {campaign_id} is {campaign.state}; only a draft or scheduled campaign can start"
         )
     cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
+    policy = Policy.from_dict(campaign.policy or {})
+    matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
+    bounds = policy.phase_bounds(matching)
+    # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
+    rank = func.row_number().over(order_by=Device.id) - 1
+    whens = [(rank < b, i) for i, b in enumerate(bounds[:-1])]
+    phase = case(*whens, else_=len(bounds) - 1) if whens else literal(0)
     source = select(
         literal(campaign.id),
         Device.id,
         literal(tenant_id),
         literal("pending"),
         literal(0),
-        literal(0),
+        phase,
         literal(0),
         literal(-1),
     ).where(cond)
@@ -762,9 +775,10 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
     if total is None or total < 0:
         total = s.scalar(select(func.count()).where(Deployment.campaign_id == campaign.id)) or 0
     campaign.total = total
-    campaign.state = "running"
+    campaign.state = policy.initial_state(time.time()).value
+    campaign.phase = 0
     campaign.started_at = now()
-    _campaign_event(s, campaign, "running", f"started with {total} devices")
+    _campaign_event(s, campaign, campaign.state, f"started with {total} devices")
     s.flush()
     log.info("campaign %d started over %d devices", campaign.id, total)
     return campaign
@@ -898,3 +912,36 @@ def campaign_events(s: Session, tenant_id: int, campaign_id: int) -> Sequence[Ca
         .where(CampaignEvent.tenant_id == tenant_id, CampaignEvent.campaign_id == campaign_id)
         .order_by(CampaignEvent.id)
     ).all()
+
+
+def join_new_devices(s: Session, campaign_id: int, tenant_id: int, phase: int) -> int:
+    """Dynamic membership: add devices that match the campaign's filter but are not in it yet."""
+    campaign = get_campaign(s, tenant_id, campaign_id)
+    cond = and_(
+        Device.tenant_id == tenant_id,
+        filter_clause(filters.parse(campaign.filter)),
+        ~select(Deployment.device_id)
+        .where(Deployment.campaign_id == campaign_id, Deployment.device_id == Device.id)
+        .exists(),
+    )
+    source = select(
+        literal(campaign_id),
+        Device.id,
+        literal(tenant_id),
+        literal("pending"),
+        literal(0),
+        literal(phase),
+        literal(0),
+        literal(-1),
+    ).where(cond)
+    added = s.execute(
+        insert(Deployment).from_select(
+            ["campaign_id", "device_id", "tenant_id", "state", "result", "phase", "attempt", "last_seq"],
+            source,
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    if added:
+        campaign.total += added
+        _campaign_event(s, campaign, campaign.state, f"{added} newly registered devices joined")
+        log.info("campaign %d: %d newly registered devices joined", campaign_id, added)
+    return int(added or 0)
