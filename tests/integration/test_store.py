@@ -286,7 +286,7 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
     _add_fleet(db, other)  # same names and tags in another tenant: must not join
     mid = _manifest(db, tid)
     with db.session() as s:
-        c = repo.create_campaign(s, tid, "eu", mid, "tag.region == 'eu'", {"rate": 10})
+        c = repo.create_campaign(s, tid, "eu", mid, "tag.region == 'eu'", {"rate_per_minute": 10})
         cid = c.id
         assert c.state == "draft" and c.filter == 'tag.region == "eu"'
     with db.session() as s:
@@ -420,3 +420,31 @@ def test_payload_store_is_atomic_and_content_addressed(tmp_path: Any) -> None:
     assert list(store.tmp_dir.iterdir()) == []  # the refused upload left nothing behind
     with pytest.raises(ValueError):
         store.path_for("../../etc/passwd")
+
+
+def test_invalid_policy_is_refused_at_creation(db: Database) -> None:
+    with db.session() as s:
+        tid = repo.create_tenant(s, "pol", "Pol")[0].id
+    mid = _manifest(db, tid)
+    with pytest.raises(repo.Invalid, match="unknown key 'rate'"), db.session() as s:
+        repo.create_campaign(s, tid, "x", mid, "", {"rate": 10})
+
+
+def test_start_assigns_phases_in_device_order(db: Database) -> None:
+    with db.session() as s:
+        tid = repo.create_tenant(s, "ph", "Ph")[0].id
+        for i in range(20):
+            repo.register_device(s, tid, repo.validate_device(f"d{i:02d}", VENDOR, CLASS_A, {}))
+    mid = _manifest(db, tid)
+    policy = {"phases": [{"until": "10%"}, {"until": "50%"}, {"until": "100%"}]}
+    with db.session() as s:
+        cid = repo.create_campaign(s, tid, "staged", mid, "", policy).id
+        repo.start_campaign(s, tid, cid)
+    with db.session() as s:
+        rows = s.execute(
+            select(Device.name, Deployment.phase)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.campaign_id == cid)
+            .order_by(Device.id)
+        ).all()
+    assert [p for _n, p in rows] == [0] * 2 + [1] * 8 + [2] * 10
