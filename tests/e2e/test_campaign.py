@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -82,6 +83,21 @@ async def test_mixed_campaign_completes_on_both_databases(env: Env, tmp_path: Pa
     assert {d["sequence"] for d in devices["items"]} == {2}  # the hello after reboot recorded it
     events = await env.call("GET", f"/campaigns/{cid}/events")
     assert [e["state"] for e in events][-1] == "completed"
+    # `fwcm campaign watch` on the finished campaign renders the final screen and exits 0
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fwcm.cli",
+        "campaign",
+        "watch",
+        str(cid),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, FWCM_URL=env.settings.public_http_url, FWCM_API_KEY=env.key, COLUMNS="120"),
+    )  # the server runs on this event loop: the watcher must not block it
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "COMPLETED" in out.decode() and "12/12" in out.decode()
     metrics = (await env.http.get("/metrics")).text
     assert 'fwcm_campaigns{state="completed"} 1.0' in metrics
     assert 'fwcm_notices_sent_total{kind="update",transport="coap"}' in metrics

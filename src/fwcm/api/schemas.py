@@ -235,6 +235,9 @@ class CampaignStats(BaseModel):
     total: int
     counts: dict[str, int] = Field(description="Deployments per state (every state present).")
     phases: dict[str, dict[str, int]] = Field(description="Per phase: deployments per state.")
+    phase_names: list[str] = Field(description="Name of each rollout phase, in order.")
+    per_minute: int = Field(description="Devices that reached a final state in the last 60 s.")
+    eta_s: float | None = Field(description="Seconds until every device is done at the current pace.")
     failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
     started_at: datetime | None
     finished_at: datetime | None

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fwcm.cli import keys, manifest, resources
+from fwcm.cli import keys, manifest, resources, watch
 from fwcm.cli.demo import demo
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.add_typer(manifest.app, name="manifest", help="SUIT manifests: create, inspe
 app.add_typer(resources.payload_app, name="payload", help="Firmware payloads on the server.")
 app.add_typer(resources.signer_app, name="signer", help="Public keys the tenant trusts.")
 app.add_typer(resources.device_app, name="device", help="Devices of the tenant.")
+resources.campaign_app.command("watch")(watch.watch)
 app.add_typer(resources.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
 app.command("login", help="Store the server URL and API key in the config file.")(resources.login)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)

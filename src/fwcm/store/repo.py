@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -69,6 +69,7 @@ DEPLOYMENT_STATES = (
     "timed_out",
     "cancelled",
 )
+TERMINAL_STATES = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
 TRANSPORTS = ("mqtt", "coap")
 SECRET_BYTES = 32
 API_KEY_PREFIX = "fwcm_"
@@ -841,6 +842,16 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         .order_by(func.count().desc())
     ):
         failures.append({"result": code, "name": _result_name(code), "count": n})
+    # Throughput: devices that reached a terminal state in the last minute; ETA from that pace.
+    recent = s.scalar(
+        select(func.count()).where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(TERMINAL_STATES),
+            Deployment.updated_at >= now() - timedelta(seconds=60),
+        )
+    ) or 0
+    remaining = sum(n for st, n in counts.items() if st not in TERMINAL_STATES)
+    policy = Policy.from_dict(campaign.policy or {})
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -850,6 +861,9 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "total": campaign.total,
         "counts": counts,
         "phases": {str(k): v for k, v in sorted(phases.items())},
+        "phase_names": [policy.label(i) for i in range(len(policy.phases))],
+        "per_minute": recent,
+        "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
         "failures": failures,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
