@@ -1,0 +1,202 @@
+"""Rollout rules carried out by the engine against a real server: retries, timeouts, pause and
+resume, dynamic membership, scheduled start and maintenance windows.
+
+Devices here are scripted CoAP clients speaking the wire protocol directly, so each test decides
+exactly what a device reports and when."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiocoap
+import pytest
+from aiocoap.numbers.codes import Code
+
+from fwcm import protocol
+from fwcm.protocol import LwState, Notice, Report, Result
+
+from .conftest import Env, firmware
+
+
+class ScriptedDevice:
+    """A device whose every message the test writes by hand."""
+
+    def __init__(self, ctx: aiocoap.Context, env: Env, name: str, secret: bytes) -> None:
+        self.ctx, self.env, self.name, self.secret = ctx, env, name, secret
+        self.seq: dict[tuple[int, int], int] = {}
+
+    async def notice(self) -> Notice | None:
+        uri = f"{self.env.settings.public_coap_url}/n/acme/{self.name}"
+        resp = await asyncio.wait_for(self.ctx.request(aiocoap.Message(code=Code.GET, uri=uri)).response, 10)
+        return protocol.decode_notice(resp.payload, self.secret) if resp.payload else None
+
+    async def report(self, n: Notice, state: LwState, result: Result = Result.INITIAL) -> None:
+        key = (n.campaign, n.attempt)
+        self.seq[key] = self.seq.get(key, -1) + 1
+        r = Report(
+            self.name,
+            n.campaign,
+            n.attempt,
+            self.seq[key],
+            state,
+            result,
+            installed_sequence=2 if result == Result.SUCCESS else None,
+        )
+        uri = f"{self.env.settings.public_coap_url}/s/acme/{self.name}"
+        msg = aiocoap.Message(code=Code.POST, uri=uri, payload=protocol.encode_report(self.secret, r))
+        resp = await asyncio.wait_for(self.ctx.request(msg).response, 10)
+        assert resp.code == Code.CHANGED
+
+    async def succeed(self, n: Notice) -> None:
+        for st in (LwState.DOWNLOADING, LwState.DOWNLOADED, LwState.UPDATING):
+            await self.report(n, st)
+        await self.report(n, LwState.IDLE, Result.SUCCESS)
+
+
+@pytest.fixture
+async def coap() -> AsyncIterator[aiocoap.Context]:
+    ctx = await aiocoap.Context.create_client_context()
+    yield ctx
+    await ctx.shutdown()
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)
+
+
+async def setup(
+    env: Env, coap: aiocoap.Context, n: int, policy: dict[str, Any]
+) -> tuple[int, list[ScriptedDevice]]:
+    man = await env.manifest(firmware(1024))
+    secrets = await env.devices([(f"s{i}", "coap") for i in range(n)])
+    cid = await env.campaign(man["id"], policy=policy)
+    return cid, [ScriptedDevice(coap, env, name, secret) for name, secret in sorted(secrets.items())]
+
+
+async def stats(env: Env, cid: int) -> dict[str, Any]:
+    return dict(await env.call("GET", f"/campaigns/{cid}/stats"))
+
+
+async def test_transient_failure_is_retried_with_a_new_attempt(env: Env, coap: aiocoap.Context) -> None:
+    policy = {"retries": {"max_attempts": 3, "backoff": "1s"}}
+    cid, [dev] = await setup(env, coap, 1, policy)
+    await env.call("POST", f"/campaigns/{cid}/start")
+    first = await until(dev.notice)
+    assert first.attempt == 1
+    await dev.report(first, LwState.DOWNLOADING)
+    await dev.report(first, LwState.IDLE, Result.CONNECTION_LOST)
+    second = await until(lambda: _attempt(dev, 2))
+    await dev.succeed(second)
+    s = await until(lambda: _state(env, cid, "completed"))
+    assert s["counts"]["succeeded"] == 1
+    d = (await env.call("GET", f"/campaigns/{cid}/devices"))["items"][0]
+    assert d["attempt"] == 2 and d["state"] == "succeeded"
+
+
+async def test_permanent_failure_is_not_retried(env: Env, coap: aiocoap.Context) -> None:
+    cid, [dev] = await setup(env, coap, 1, {"retries": {"max_attempts": 3, "backoff": "1s"}})
+    await env.call("POST", f"/campaigns/{cid}/start")
+    n = await until(dev.notice)
+    await dev.report(n, LwState.IDLE, Result.INTEGRITY_FAILURE)
+    s = await until(lambda: _state(env, cid, "completed"))
+    assert s["counts"]["failed"] == 1 and s["failures"][0]["name"] == "integrity_failure"
+
+
+async def test_silent_device_times_out(env: Env, coap: aiocoap.Context) -> None:
+    cid, devs = await setup(env, coap, 2, {"device_timeout": "1s"})
+    await env.call("POST", f"/campaigns/{cid}/start")
+    n = await until(devs[0].notice)
+    await devs[0].succeed(n)  # the other device never answers
+    s = await until(lambda: _state(env, cid, "completed"))
+    assert s["counts"]["succeeded"] == 1 and s["counts"]["timed_out"] == 1
+
+
+async def test_pause_stops_new_notices_and_resume_continues(env: Env, coap: aiocoap.Context) -> None:
+    cid, devs = await setup(env, coap, 6, {"rate_per_minute": 120})  # 2 per second
+    await env.call("POST", f"/campaigns/{cid}/start")
+    await until(lambda: _count(env, cid, "notified", at_least=1))
+    await env.call("POST", f"/campaigns/{cid}/pause")
+    await asyncio.sleep(0.5)
+    frozen = (await stats(env, cid))["counts"]["pending"]
+    await asyncio.sleep(2.0)
+    s = await stats(env, cid)
+    assert s["state"] == "paused" and s["counts"]["pending"] == frozen > 0
+    for d in devs:  # a device already notified may finish while paused
+        n = await d.notice()
+        if n is not None:
+            await d.succeed(n)
+    await env.call("POST", f"/campaigns/{cid}/resume")
+
+    async def all_done() -> bool:
+        for d in devs:
+            n = await d.notice()
+            if n is not None and (n.campaign, n.attempt) not in d.seq:
+                await d.succeed(n)
+        return bool(await _state(env, cid, "completed"))
+
+    await until(all_done, timeout=30)
+    assert (await stats(env, cid))["counts"]["succeeded"] == 6
+
+
+async def test_dynamic_campaign_takes_in_devices_registered_later(env: Env, coap: aiocoap.Context) -> None:
+    cid, [dev] = await setup(env, coap, 1, {"dynamic": True})
+    await env.call("POST", f"/campaigns/{cid}/start")
+    await dev.succeed(await until(dev.notice))
+    late = await env.devices([("late", "coap")])
+    late_dev = ScriptedDevice(coap, env, "late", late["late"])
+    n = await until(late_dev.notice)
+    assert n.campaign == cid
+    await late_dev.succeed(n)
+    s = await until(lambda: _count(env, cid, "succeeded", at_least=2))
+    assert s["total"] == 2 and s["state"] == "running"  # dynamic campaigns stay open
+
+
+async def test_scheduled_start_waits(env: Env, coap: aiocoap.Context) -> None:
+    start_at = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cid, [dev] = await setup(env, coap, 1, {"start_at": start_at})
+    started = await env.call("POST", f"/campaigns/{cid}/start")
+    assert started["state"] == "scheduled"
+    await asyncio.sleep(0.5)
+    assert (await stats(env, cid))["counts"]["pending"] == 1
+    n = await until(dev.notice, timeout=15)
+    assert (await stats(env, cid))["state"] == "running"
+    await dev.succeed(n)
+    await until(lambda: _state(env, cid, "completed"))
+
+
+async def test_no_notice_outside_the_maintenance_window(env: Env, coap: aiocoap.Context) -> None:
+    now = datetime.now(UTC)
+    opens = (now + timedelta(hours=2)).strftime("%H:%M")
+    closes = (now + timedelta(hours=3)).strftime("%H:%M")
+    window = {"start": opens, "end": closes, "tz": "UTC", "mode": "notify"}
+    cid, [dev] = await setup(env, coap, 1, {"window": window})
+    await env.call("POST", f"/campaigns/{cid}/start")
+    await asyncio.sleep(1.5)
+    s = await stats(env, cid)
+    assert s["state"] == "running" and s["counts"]["pending"] == 1
+    assert await dev.notice() is None
+
+
+async def _attempt(dev: ScriptedDevice, attempt: int) -> Notice | None:
+    n = await dev.notice()
+    return n if n is not None and n.attempt == attempt else None
+
+
+async def _state(env: Env, cid: int, state: str) -> dict[str, Any] | None:
+    s = await stats(env, cid)
+    return s if s["state"] == state else None
+
+
+async def _count(env: Env, cid: int, state: str, at_least: int) -> dict[str, Any] | None:
+    s = await stats(env, cid)
+    return s if s["counts"][state] >= at_least else None
