@@ -843,13 +843,16 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
     ):
         failures.append({"result": code, "name": _result_name(code), "count": n})
     # Throughput: devices that reached a terminal state in the last minute; ETA from that pace.
-    recent = s.scalar(
-        select(func.count()).where(
-            Deployment.campaign_id == campaign_id,
-            Deployment.state.in_(TERMINAL_STATES),
-            Deployment.updated_at >= now() - timedelta(seconds=60),
+    recent = (
+        s.scalar(
+            select(func.count()).where(
+                Deployment.campaign_id == campaign_id,
+                Deployment.state.in_(TERMINAL_STATES),
+                Deployment.updated_at >= now() - timedelta(seconds=60),
+            )
         )
-    ) or 0
+        or 0
+    )
     remaining = sum(n for st, n in counts.items() if st not in TERMINAL_STATES)
     policy = Policy.from_dict(campaign.policy or {})
     return {
@@ -948,14 +951,18 @@ def join_new_devices(s: Session, campaign_id: int, tenant_id: int, phase: int) -
         literal(0),
         literal(-1),
     ).where(cond)
-    added = s.execute(
-        insert(Deployment).from_select(
-            ["campaign_id", "device_id", "tenant_id", "state", "result", "phase", "attempt", "last_seq"],
-            source,
-        )
-    ).rowcount  # type: ignore[attr-defined]
+    added = len(
+        s.execute(
+            insert(Deployment)
+            .from_select(
+                ["campaign_id", "device_id", "tenant_id", "state", "result", "phase", "attempt", "last_seq"],
+                source,
+            )
+            .returning(Deployment.device_id)
+        ).all()
+    )
     if added:
         campaign.total += added
         _campaign_event(s, campaign, campaign.state, f"{added} newly registered devices joined")
         log.info("campaign %d: %d newly registered devices joined", campaign_id, added)
-    return int(added or 0)
+    return added
