@@ -448,3 +448,34 @@ def test_start_assigns_phases_in_device_order(db: Database) -> None:
             .order_by(Device.id)
         ).all()
     assert [p for _n, p in rows] == [0] * 2 + [1] * 8 + [2] * 10
+
+
+def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:
+    from datetime import UTC, datetime
+
+    from fwcm.store import deployments as dq
+    from fwcm.store.models import DeviceEvent
+
+    with db.session() as s:
+        for device in (1, 2):
+            for i in range(dq.HISTORY_PER_DEVICE + 7):
+                s.add(
+                    DeviceEvent(
+                        tenant_id=1,
+                        campaign_id=1,
+                        device_id=device,
+                        at=datetime.now(UTC),
+                        state="notified",
+                        result=i,
+                    )
+                )
+    with db.session() as s:
+        assert dq.trim_history(s) == 14
+    with db.session() as s:
+        kept = s.execute(
+            select(DeviceEvent.device_id, func.min(DeviceEvent.result), func.count())
+            .group_by(DeviceEvent.device_id)
+            .order_by(DeviceEvent.device_id)
+        ).all()
+    # the newest events stay: results 7 .. 56 for each device
+    assert [tuple(r) for r in kept] == [(1, 7, dq.HISTORY_PER_DEVICE), (2, 7, dq.HISTORY_PER_DEVICE)]
