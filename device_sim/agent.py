@@ -593,6 +593,7 @@ class DeviceAgent:
             self._report(n.campaign, n.attempt, LwState.DOWNLOADED, progress=100)
             await self._step_delay()
 
+        await self._wait_for_window(n)
         self._set_phase(job, "installing")
         self._report(n.campaign, n.attempt, LwState.UPDATING)
         await self._step_delay()
@@ -603,6 +604,15 @@ class DeviceAgent:
         self._booted.clear()
         self._reboot_req.set()
         await self._booted.wait()
+
+    async def _wait_for_window(self, n: Notice) -> None:
+        """Download now, install later: keep the downloaded image until the install window opens."""
+        if n.window is None:
+            return
+        delay = n.window[0] - time.time()
+        if delay > 0:
+            log.info("%s: installing when the window opens in %.0f s", self.name, delay)
+            await asyncio.sleep(delay)
 
     async def _step_delay(self) -> None:
         if self.faults.step_delay:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,3 +340,21 @@ async def test_cancel_before_install(world: World) -> None:
     assert flash.state.active == "a" and flash.active_image() == cfg.factory_image()
     assert flash.read_slot("b") == b"" and flash.state.job is None
     assert flash.state.outcomes["15:1"] == Result.CANCELLED
+
+
+async def test_install_waits_for_the_install_window(world: World) -> None:
+    """A notice with an install window: download at once, install only once the window opens."""
+    cfg = world.device("w1")
+    agent = DeviceAgent(cfg, world.clients)
+    image = firmware(4_000, seed=5)
+    _sha, uris = world.publish_payload(image)
+    opens = int(time.time()) + 3
+    async with running([agent]):
+        await wait_until(lambda: bool(world.log.hellos("w1")), 15, "hello")
+        notice = update_notice(cfg, 9, world.signer.envelope(image, uris), window=(opens, opens + 3600))
+        await world.notify(cfg, notice)
+        states = lambda: [st for st, _r in world.flow(cfg, 9)]  # noqa: E731
+        await wait_until(lambda: LwState.DOWNLOADED in states(), 15, "downloaded")
+        assert LwState.UPDATING not in states() and time.time() < opens
+        assert await world.final(cfg, 9) == (LwState.IDLE, Result.SUCCESS)
+        assert time.time() >= opens
