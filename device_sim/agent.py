@@ -689,7 +689,7 @@ class DeviceAgent:
                 await fetch_coap(await self.clients.coap(), uri, offset, sink)
         else:
             async with self.clients.http_slots:
-                await fetch_http(self.clients.http(), uri, offset, sink)
+                await fetch_http(uri, offset, sink, timeout=self.clients.http_timeout)
 
     async def _drop_link(self) -> None:
         """Drop the device's connection (fault injection) and wait until it is back."""

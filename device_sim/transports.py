@@ -14,14 +14,13 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiocoap
 import aiomqtt
-import httpx
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
@@ -69,14 +68,12 @@ class SharedClients:
         coap_transfers: int = 256,
     ) -> None:
         self.http_slots = asyncio.Semaphore(http_connections)
-        """Concurrent HTTP downloads: httpx's pool gets slow (quadratic) with thousands waiting in it."""
+        """Concurrent HTTP downloads, so thousands of devices do not open thousands of sockets at once."""
         self.coap_slots = asyncio.Semaphore(coap_transfers)
-        self._http_connections = http_connections
+        self.http_timeout = http_timeout
         self._coap: aiocoap.Context | None = None
         self._coap_lock = asyncio.Lock()
         self._coap_transports = coap_transports
-        self._http: httpx.AsyncClient | None = None
-        self._http_timeout = http_timeout
 
     async def coap(self) -> aiocoap.Context:
         async with self._coap_lock:
@@ -87,17 +84,7 @@ class SharedClients:
                 self._coap = await aiocoap.Context.create_client_context(transports=transports)
             return self._coap
 
-    def http(self) -> httpx.AsyncClient:
-        if self._http is None:
-            n = self._http_connections
-            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-            self._http = httpx.AsyncClient(timeout=self._http_timeout, limits=limits)
-        return self._http
-
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
         if self._coap is not None:
             await self._coap.shutdown()
             self._coap = None
@@ -369,29 +356,89 @@ def order_uris(uris: tuple[str, ...] | list[str], transport: str) -> list[str]:
     ]
 
 
-async def fetch_http(client: httpx.AsyncClient, uri: str, offset: int, sink: Sink) -> None:
-    """GET ``uri`` from ``offset`` with ``Range: bytes=OFFSET-``; a 200 restarts at offset 0."""
-    headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0) -> None:
+    """GET ``uri`` from ``offset`` with ``Range: bytes=OFFSET-``; a 200 restarts at offset 0.
+
+    A deliberately small HTTP/1.1 client (one request per connection, Content-Length or chunked
+    bodies), as a constrained device has: a general-purpose client's connection pool costs more
+    CPU than the transfer itself when thousands of simulated devices share one process.
+    """
+    u = urlsplit(uri)
+    secure = u.scheme == "https"
+    host, port = u.hostname or "127.0.0.1", u.port or (443 if secure else 80)
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
     try:
-        async with client.stream("GET", uri, headers=headers) as response:
-            if response.status_code == 206:
-                start = _content_range_start(response.headers.get("content-range", ""))
-                if start is None:
-                    raise FetchError(f"206 without usable Content-Range from {uri}")
-                pos = start
-            elif response.status_code == 200:
-                pos = 0
-            elif response.status_code == 416:
-                raise FetchError(f"{uri}: range {offset}- not satisfiable", status=416)
-            elif response.status_code in (400, 401, 403, 404, 410):
-                raise FetchError(f"{uri}: HTTP {response.status_code}", permanent=True, status=404)
-            else:
-                raise FetchError(f"{uri}: HTTP {response.status_code}", status=response.status_code)
-            async for chunk in response.aiter_bytes(16384):
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise FetchError(f"{uri}: cannot connect: {exc!r}") from None
+    try:
+        head = f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: close\r\nUser-Agent: fwcm-sim\r\n"
+        if offset > 0:
+            head += f"Range: bytes={offset}-\r\n"
+        writer.write((head + "\r\n").encode("latin-1"))
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status, headers = _parse_head(raw)
+        if status == 206:
+            start = _content_range_start(headers.get("content-range", ""))
+            if start is None:
+                raise FetchError(f"206 without usable Content-Range from {uri}")
+            pos = start
+        elif status == 200:
+            pos = 0
+        elif status == 416:
+            raise FetchError(f"{uri}: range {offset}- not satisfiable", status=416)
+        elif status in (400, 401, 403, 404, 410):
+            raise FetchError(f"{uri}: HTTP {status}", permanent=True, status=404)
+        else:
+            raise FetchError(f"{uri}: HTTP {status}", status=status)
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            async for chunk in _chunks(reader, timeout):
                 await sink(pos, chunk)
                 pos += len(chunk)
-    except httpx.HTTPError as exc:
+            return
+        length = int(headers.get("content-length", "-1"))
+        received = 0
+        while length < 0 or received < length:
+            chunk = await asyncio.wait_for(reader.read(16384), timeout)
+            if not chunk:
+                break
+            await sink(pos, chunk)
+            pos += len(chunk)
+            received += len(chunk)
+        if 0 <= length != received:
+            raise FetchError(f"{uri}: connection closed after {received} of {length} bytes")
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         raise FetchError(f"{uri}: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        writer.close()
+
+
+def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    """Status code and lower-cased headers of an HTTP/1.1 response head."""
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError(f"not an HTTP response: {status_line[:40]!r}")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
+    """Decode a chunked transfer-encoded body."""
+    while True:
+        size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+            return
+        yield await asyncio.wait_for(reader.readexactly(size), timeout)
+        await asyncio.wait_for(reader.readexactly(2), timeout)
 
 
 def _content_range_start(value: str) -> int | None:
