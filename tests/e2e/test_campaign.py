@@ -191,3 +191,29 @@ async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Pa
     assert {d["state"] for d in devices} <= {"cancelled", "succeeded"}
     stopped = [d for d in devices if d["attempt"] == 1 and d["state"] == "cancelled"]
     assert stopped and all(d["result"] == int(Result.CANCELLED) for d in stopped)
+
+
+async def test_device_payload_route_on_the_running_server(env: Env) -> None:
+    """/p/{sha256} as devices see it on the running server: ranges, ETag, HEAD and 404."""
+    import hashlib
+
+    image = firmware(70_000, seed=11)
+    sha = hashlib.sha256(image).hexdigest()
+    await env.call("POST", "/payloads", content=image)
+    anon = env.http.__class__(base_url=env.settings.public_http_url)
+    try:
+        full = await anon.get(f"/p/{sha}")
+        assert full.status_code == 200 and full.content == image and full.headers["etag"] == f'"{sha}"'
+        part = await anon.get(f"/p/{sha.upper()}", headers={"Range": "bytes=65536-"})
+        assert part.status_code == 206 and part.content == image[65536:]
+        assert part.headers["content-range"] == f"bytes 65536-69999/{len(image)}"
+        assert (await anon.get(f"/p/{sha}", headers={"Range": "bytes=80000-"})).status_code == 416
+        assert (await anon.get(f"/p/{sha}", headers={"If-None-Match": f'"{sha}"'})).status_code == 304
+        head = await anon.head(f"/p/{sha}")
+        assert (
+            head.status_code == 200 and head.headers["content-length"] == str(len(image)) and not head.content
+        )
+        assert (await anon.get(f"/p/{'0' * 64}")).status_code == 404
+        assert (await anon.get("/p/not-a-digest")).status_code == 404
+    finally:
+        await anon.aclose()

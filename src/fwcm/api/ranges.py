@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.responses import Response, StreamingResponse
@@ -70,17 +71,27 @@ def _read(path: Path, start: int, length: int) -> Iterator[bytes]:
             yield chunk
 
 
-def file_response(headers: Mapping[str, str], path: Path, sha256: str, *, head: bool = False) -> Response:
-    """200 / 206 / 304 / 416 for ``path`` as requested by ``headers`` (Range, If-None-Match, If-Range)."""
-    size = path.stat().st_size
+@dataclass(frozen=True)
+class Plan:
+    """What to answer: status, headers, and which bytes of the file (none for 304/416)."""
+
+    status: int
+    headers: dict[str, str]
+    start: int = 0
+    length: int = 0
+
+
+def plan(headers: Mapping[str, str], size: int, sha256: str) -> Plan:
+    """200 / 206 / 304 / 416 for a file of ``size`` bytes as requested by ``headers``
+    (Range, If-None-Match, If-Range); shared by every route that serves payload bytes."""
     etag = f'"{sha256}"'
     base = {
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "public, max-age=31536000, immutable",
+        "etag": etag,
+        "accept-ranges": "bytes",
+        "cache-control": "public, max-age=31536000, immutable",
     }
     if _etag_matches(headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=base)
+        return Plan(304, base)
     range_header = headers.get("range")
     if_range = headers.get("if-range")
     if if_range is not None and if_range.strip() != etag:
@@ -88,24 +99,27 @@ def file_response(headers: Mapping[str, str], path: Path, sha256: str, *, head: 
     try:
         rng = parse_range(range_header, size)
     except RangeNotSatisfiable:
-        return Response(
-            status_code=416,
-            headers={**base, "Content-Range": f"bytes */{size}"},
-            content=b"",
-        )
+        return Plan(416, {**base, "content-range": f"bytes */{size}", "content-length": "0"})
     if rng is None:
-        start, length, status = 0, size, 200
-        extra = {}
-    else:
-        start, end = rng
-        length, status = end - start + 1, 206
-        extra = {"Content-Range": f"bytes {start}-{end}/{size}"}
-    out_headers = {**base, **extra, "Content-Length": str(length)}
-    if head:
-        return Response(status_code=status, headers=out_headers, media_type="application/octet-stream")
+        return Plan(200, {**base, "content-length": str(size)}, 0, size)
+    first, last = rng
+    length = last - first + 1
+    return Plan(
+        206,
+        {**base, "content-range": f"bytes {first}-{last}/{size}", "content-length": str(length)},
+        first,
+        length,
+    )
+
+
+def file_response(headers: Mapping[str, str], path: Path, sha256: str, *, head: bool = False) -> Response:
+    """The Starlette response for ``path`` according to :func:`plan`."""
+    p = plan(headers, path.stat().st_size, sha256)
+    if p.status in (304, 416) or head:
+        return Response(status_code=p.status, headers=p.headers, media_type="application/octet-stream")
     return StreamingResponse(
-        _read(path, start, length),
-        status_code=status,
-        headers=out_headers,
+        _read(path, p.start, p.length),
+        status_code=p.status,
+        headers=p.headers,
         media_type="application/octet-stream",
     )

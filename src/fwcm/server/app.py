@@ -9,12 +9,14 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
+from fwcm.api.ranges import plan
 from fwcm.config import Settings
 from fwcm.protocol import Notice, NoticeKind, encode_notice
 from fwcm.rollout.states import CampaignState
@@ -24,29 +26,46 @@ from fwcm.server.metrics import CAMPAIGNS, REGISTRY
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
-from fwcm.store.payloads import PayloadStore
+from fwcm.store.payloads import PayloadStore, is_sha256
 from fwcm.transport.coap import CoapTransport
 from fwcm.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 
+MiB = 1024 * 1024
+
 
 class PayloadCache:
-    """Recently served payloads kept in memory: CoAP asks for every block separately."""
+    """Recently served payloads kept in memory: a campaign sends the same image to every device,
+    and CoAP asks for every block separately.  Images above ``max_item`` are not cached."""
 
-    def __init__(self, store: PayloadStore, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, store: PayloadStore, max_bytes: int = 64 * MiB, max_item: int = 8 * MiB) -> None:
         self.store = store
         self.max_bytes = max_bytes
+        self.max_item = max_item
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._size = 0
 
-    def get(self, sha256: str) -> bytes | None:
+    def peek(self, sha256: str) -> bytes | None:
+        """The payload if it is in memory (no I/O: safe on the event loop)."""
         data = self._items.get(sha256)
         if data is not None:
             self._items.move_to_end(sha256)
+        return data
+
+    def get(self, sha256: str, *, cache_only: bool = False) -> bytes | None:
+        """The payload, loaded from the store if needed; None if unknown (or too large and
+        ``cache_only``)."""
+        data = self.peek(sha256)
+        if data is not None:
             return data
         if not self.store.exists(sha256):
             return None
+        if self.store.size(sha256) > self.max_item:
+            if cache_only:
+                return None
+            with self.store.open(sha256) as f:
+                return f.read()
         with self.store.open(sha256) as f:
             data = f.read()
         self._items[sha256] = data
@@ -55,6 +74,36 @@ class PayloadCache:
             _, old = self._items.popitem(last=False)
             self._size -= len(old)
         return data
+
+
+class DevicePayloads:
+    """ASGI front of the HTTP server: ``GET``/``HEAD /p/{sha256}`` answered from memory with
+    Range and ETag, without the API's routing and thread pool (every device of a campaign asks for
+    the same image); everything else, and images too large to cache, go to the API."""
+
+    def __init__(self, app: Any, cache: PayloadCache) -> None:
+        self.app = app
+        self.cache = cache
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/p/") or scope["method"] not in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        sha = path[3:].lower()
+        if not is_sha256(sha):
+            return await self.app(scope, receive, send)
+        data = self.cache.peek(sha)
+        if data is None:
+            data = await asyncio.to_thread(self.cache.get, sha, cache_only=True)
+        if data is None:
+            return await self.app(scope, receive, send)  # unknown (404) or streamed from disk
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        p = plan(headers, len(data), sha)
+        body = data[p.start : p.start + p.length] if scope["method"] == "GET" else b""
+        raw = [(k.encode(), v.encode()) for k, v in p.headers.items()]
+        raw.append((b"content-type", b"application/octet-stream"))
+        await send({"type": "http.response.start", "status": p.status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -108,7 +157,7 @@ class Server:
                 CAMPAIGNS.labels(state.value).set(found.get(state.value, 0))
             return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-        return app
+        return DevicePayloads(app, self.payload_cache)
 
     async def start(self) -> None:
         if self.migrate:
