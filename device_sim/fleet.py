@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,9 @@ async def run_fleet(
     the same instant.
     """
     raise_nofile_limit()
+    # aiomqtt runs paho's blocking connect in the default executor; its few default threads would
+    # let only a handful of thousands of devices (re)connect at a time.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
     clients = SharedClients(coap_transports=coap_transports)
     report = FleetReport(profile)
 

@@ -159,7 +159,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/tenant", response_model=sc.TenantOut, tags=["tenant"])
     def get_tenant(t: Tenant) -> sc.TenantOut:
-        with db.session() as s:
+        with db.read() as s:
             row = repo.tenant_by_slug(s, t.slug)
             return sc.TenantOut(id=t.id, slug=t.slug, name=t.name, created_at=row.created_at if row else None)
 
@@ -209,7 +209,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/payloads", response_model=list[sc.PayloadOut], tags=["payloads"])
     def list_payloads(t: Tenant) -> list[sc.PayloadOut]:
-        with db.session() as s:
+        with db.read() as s:
             return [sc.PayloadOut.of(p) for p in repo.list_payloads(s, t.id)]
 
     def _payload_sha(sha256: str) -> str:
@@ -220,7 +220,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/payloads/{sha256}", response_model=sc.PayloadOut, tags=["payloads"])
     def get_payload(sha256: str, t: Tenant) -> sc.PayloadOut:
-        with db.session() as s:
+        with db.read() as s:
             return sc.PayloadOut.of(repo.get_payload(s, t.id, _payload_sha(sha256)))
 
     @api.api_route(
@@ -252,12 +252,12 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/signers", response_model=list[sc.SignerOut], tags=["signers"])
     def list_signers(t: Tenant) -> list[sc.SignerOut]:
-        with db.session() as s:
+        with db.read() as s:
             return [sc.SignerOut.of(x) for x in repo.list_signers(s, t.id)]
 
     @api.get("/signers/{name}", response_model=sc.SignerOut, tags=["signers"])
     def get_signer(name: str, t: Tenant) -> sc.SignerOut:
-        with db.session() as s:
+        with db.read() as s:
             return sc.SignerOut.of(repo.get_signer(s, t.id, name))
 
     @api.post("/signers/{name}/revoke", response_model=sc.SignerOut, tags=["signers"])
@@ -304,7 +304,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/manifests", response_model=list[sc.ManifestOut], tags=["manifests"])
     def list_manifests(t: Tenant) -> list[sc.ManifestOut]:
-        with db.session() as s:
+        with db.read() as s:
             names = {x.id: x.name for x in repo.list_signers(s, t.id)}
             return [
                 sc.ManifestOut.of(m, names.get(m.signer_id) if m.signer_id else None)
@@ -313,7 +313,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/manifests/{manifest_id}", response_model=sc.ManifestOut, tags=["manifests"])
     def get_manifest(manifest_id: int, t: Tenant) -> sc.ManifestOut:
-        with db.session() as s:
+        with db.read() as s:
             m = repo.get_manifest(s, t.id, manifest_id)
             return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id))
 
@@ -379,7 +379,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> sc.DevicePage:
-        with db.session() as s:
+        with db.read() as s:
             total, rows = repo.list_devices(s, t.id, filter, limit, offset)
             return sc.DevicePage(
                 total=total, limit=limit, offset=offset, items=[sc.DeviceOut.of(d) for d in rows]
@@ -387,7 +387,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/devices/{name}", response_model=sc.DeviceOut, tags=["devices"])
     def get_device(name: str, t: Tenant) -> sc.DeviceOut:
-        with db.session() as s:
+        with db.read() as s:
             return sc.DeviceOut.of(repo.get_device(s, t.id, name))
 
     @api.get("/devices/{name}/events", response_model=list[sc.DeviceEventOut], tags=["devices"])
@@ -395,7 +395,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         name: str, t: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[sc.DeviceEventOut]:
         """Recent deployment state changes of one device, newest first."""
-        with db.session() as s:
+        with db.read() as s:
             return [sc.DeviceEventOut.of(e) for e in repo.device_history(s, t.id, name, limit)]
 
     # -- campaigns ----------------------------------------------------------------------------
@@ -409,12 +409,12 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/campaigns", response_model=list[sc.CampaignOut], tags=["campaigns"])
     def list_campaigns(t: Tenant, state: str | None = None) -> list[sc.CampaignOut]:
-        with db.session() as s:
+        with db.read() as s:
             return [sc.CampaignOut.of(c) for c in repo.list_campaigns(s, t.id, state)]
 
     @api.get("/campaigns/{campaign_id}", response_model=sc.CampaignOut, tags=["campaigns"])
     def get_campaign(campaign_id: int, t: Tenant) -> sc.CampaignOut:
-        with db.session() as s:
+        with db.read() as s:
             return sc.CampaignOut.of(repo.get_campaign(s, t.id, campaign_id))
 
     @api.post("/campaigns/{campaign_id}/start", response_model=sc.CampaignOut, tags=["campaigns"])
@@ -451,7 +451,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
     def campaign_stats(campaign_id: int, t: Tenant) -> sc.CampaignStats:
-        with db.session() as s:
+        with db.read() as s:
             return sc.CampaignStats(**repo.campaign_stats(s, t.id, campaign_id))
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
@@ -471,7 +471,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/campaigns/{campaign_id}/events", response_model=list[sc.CampaignEventOut], tags=["campaigns"])
     def campaign_events(campaign_id: int, t: Tenant) -> list[sc.CampaignEventOut]:
         """Every state change of the campaign with its time and reason."""
-        with db.session() as s:
+        with db.read() as s:
             return [sc.CampaignEventOut.of(e) for e in repo.campaign_events(s, t.id, campaign_id)]
 
     app.include_router(api)
@@ -493,7 +493,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         if not is_sha256(sha) or not store.exists(sha):
             raise ApiError(404, f"payload {sha256} not found")
         if sha not in published:  # a published payload stays published: remember it
-            with db.session() as s:
+            with db.read() as s:
                 if not repo.payload_is_published(s, sha):
                     raise ApiError(404, f"payload {sha256} not found")
             published.add(sha)

@@ -135,7 +135,7 @@ class Server:
         self.payload_cache = PayloadCache(self.payloads)
         self.notifier = Notifier()
         self.engine = Engine(self.db, self.notifier, self.replica)
-        self.ingest = Ingest(self.db, on_applied=self.engine.wake)
+        self.ingest = Ingest(self.db)
         self.hooks = Hooks(self.engine)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None

@@ -29,6 +29,9 @@ from fwcm.store.db import Database
 log = logging.getLogger(__name__)
 
 LEASE_S = 15.0
+MIN_STEP_S = 0.1
+EXPIRE_EVERY_S = 1.0
+"""How often in-progress deployments are checked against the device timeout."""
 JOIN_EVERY_S = 5.0
 """How often a dynamic campaign looks for newly registered matching devices."""
 T = TypeVar("T")
@@ -79,14 +82,21 @@ class Engine:
         self._policy_state: dict[int, PolicyState] = {}
         self._policies: dict[int, Policy] = {}
         self._joined: dict[int, float] = {}
+        self._expired_at: dict[int, float] = {}
+        self._leased: list[dq.LeasedCampaign] = []
+        self._leased_at = -LEASE_S
+        self._lease_now = True
         self.notes: dict[int, str] = {}
         """Why a campaign is not moving (window closed, rate limit, approval), for status displays."""
 
     def wake(self, _campaigns: object = None) -> None:
+        """A campaign changed through the API: look at the leases again at once."""
+        self._lease_now = True
         self._wake.set()
 
     async def run(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.step()
             except Exception:
@@ -94,6 +104,8 @@ class Engine:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            # under load a step is what costs: never run them back to back
+            await asyncio.sleep(max(0.0, MIN_STEP_S - (time.monotonic() - started)))
 
     async def release(self) -> None:
         await self._db(lambda s: dq.release_leases(s, self.owner))
@@ -102,12 +114,26 @@ class Engine:
         with self.db.session() as s:
             return fn(s)
 
+    def _read_held(self, ids: list[int]) -> list[dq.LeasedCampaign]:
+        with self.db.read() as s:
+            return dq.held_campaigns(s, ids, self.owner)
+
     async def _db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction on a worker thread."""
         return await asyncio.to_thread(self._in_session, fn)
 
     async def step(self) -> None:
-        leased: list[dq.LeasedCampaign] = await self._db(lambda s: dq.lease_campaigns(s, self.owner, LEASE_S))
+        """Renew leases now and then (a write), otherwise re-read the held campaigns (a read)."""
+        now = time.monotonic()
+        if self._lease_now or now - self._leased_at >= LEASE_S / 3:
+            self._lease_now = False
+            self._leased_at = now
+            leased = await self._db(lambda s: dq.lease_campaigns(s, self.owner, LEASE_S))
+            await self._process_cancellations()
+        else:
+            ids = [c.id for c in self._leased]
+            leased = await asyncio.to_thread(self._read_held, ids) if ids else []
+        self._leased = leased
         held_now = {c.id for c in leased}
         for c in leased:
             await self._load_envelope(c.manifest_id)
@@ -115,7 +141,6 @@ class Engine:
                 await self._resend_notified(c)
             await self._advance(c)
         self._held = held_now
-        await self._process_cancellations()
 
     async def _load_envelope(self, manifest_id: int) -> None:
         if manifest_id not in self.notifier.envelopes:
@@ -142,13 +167,15 @@ class Engine:
         policy = self._policy(c)
         now = time.time()
         join_due = policy.dynamic and now - self._joined.get(c.id, 0.0) >= JOIN_EVERY_S
+        expire_due = now - self._expired_at.get(c.id, 0.0) >= EXPIRE_EVERY_S
 
         def work(s: Session) -> tuple[list[dq.Target], Decision]:
             state = self._policy_state.get(c.id)
             if state is None:  # first decision since this replica took the lease
                 state = self._policy_state[c.id] = PolicyState()
                 state.seed(dq.recent_notifications(s, c.id, now - 60.0))
-            dq.expire_in_progress(s, c.id, policy, now)
+            if expire_due:
+                dq.expire_in_progress(s, c.id, policy, now)
             if join_due:
                 repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
             view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
@@ -164,6 +191,8 @@ class Engine:
         targets, decision = await self._db(work)
         if join_due:
             self._joined[c.id] = now
+        if expire_due:
+            self._expired_at[c.id] = now
         window = policy.window_span(now) if policy.window_mode == "install" else None
         self.notifier.windows[c.id] = window
         for t in targets:
@@ -185,6 +214,7 @@ class Engine:
         self._policy_state.pop(campaign, None)
         self._policies.pop(campaign, None)
         self._joined.pop(campaign, None)
+        self._expired_at.pop(campaign, None)
 
     async def _process_cancellations(self) -> None:
         """Withdraw notices of campaigns cancelled since the last step."""

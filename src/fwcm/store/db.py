@@ -48,14 +48,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _begin(conn: Any) -> None:
+    readonly = conn.get_execution_options().get("fwcm_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        # Let SQLAlchemy issue BEGIN IMMEDIATE so writers queue on the lock instead of failing
-        # with "database is locked" when a read transaction is upgraded.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # Writers BEGIN IMMEDIATE so they queue on the lock instead of failing with "database is
+        # locked" when a read transaction is upgraded; read-only sessions (see Database.read) use a
+        # plain BEGIN, which in WAL mode never waits for a writer.
+        event.listen(engine, "begin", _begin)
 
         @event.listens_for(engine, "connect")
         def _no_pysqlite_begin(dbapi_conn: Any, _record: Any) -> None:
@@ -72,6 +78,9 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = sessionmaker(
+            self.engine.execution_options(fwcm_readonly=True), expire_on_commit=False
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -81,6 +90,13 @@ class Database:
     def session(self) -> Iterator[Session]:
         with self.sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it does not take the write lock."""
+        with self.read_sessions() as s, s.begin():
+            yield s
+            s.rollback()
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""

@@ -83,6 +83,22 @@ def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampai
     return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
 
 
+def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaign]:
+    """The active campaigns among ``ids`` still leased to ``owner``, freshly read (no write)."""
+    active = [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.SCHEDULED.value]
+    rows = s.execute(
+        select(
+            Campaign.id,
+            Campaign.tenant_id,
+            Campaign.state,
+            Campaign.policy,
+            Campaign.manifest_id,
+            Campaign.phase,
+        ).where(Campaign.id.in_(ids), Campaign.lease_owner == owner, Campaign.state.in_(active))
+    ).all()
+    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
+
+
 def release_leases(s: Session, owner: str) -> None:
     s.execute(
         update(Campaign).where(Campaign.lease_owner == owner).values(lease_owner=None, lease_until=None)
