@@ -190,7 +190,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             stats = (await api.get(f"/campaigns/{cid}/stats")).json()
             counts: dict[str, int] = stats["counts"]  # type: ignore[assignment]
             busy = sum(counts[s] for s in ("pending", "notified", "downloading", "downloaded", "installing"))
-            if busy == 0 or time.monotonic() - t0 > args.timeout:
+            final = stats["state"] in ("completed", "stopped", "cancelled")
+            if (busy == 0 and final) or time.monotonic() - t0 > args.timeout:
                 break
             if args.verbose and int(time.monotonic() - t0) % 5 == 0:
                 print(
