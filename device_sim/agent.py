@@ -686,7 +686,7 @@ class DeviceAgent:
     async def _fetch(self, uri: str, offset: int, sink: Callable[[int, bytes], Awaitable[None]]) -> None:
         if uri.startswith("coap://"):
             async with self.clients.coap_slots:
-                await fetch_coap(await self.clients.coap(), uri, offset, sink)
+                await fetch_coap(await self.clients.coap(self.name), uri, offset, sink)
         else:
             async with self.clients.http_slots:
                 await fetch_http(uri, offset, sink, timeout=self.clients.http_timeout)

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,28 +67,39 @@ class SharedClients:
         http_timeout: float = 30.0,
         http_connections: int = 64,
         coap_transfers: int = 256,
+        coap_sockets: int = 32,
     ) -> None:
         self.http_slots = asyncio.Semaphore(http_connections)
         """Concurrent HTTP downloads, so thousands of devices do not open thousands of sockets at once."""
         self.coap_slots = asyncio.Semaphore(coap_transfers)
         self.http_timeout = http_timeout
-        self._coap: aiocoap.Context | None = None
+        self.coap_sockets = coap_sockets
+        self._coap: dict[int, aiocoap.Context] = {}
         self._coap_lock = asyncio.Lock()
         self._coap_transports = coap_transports
 
-    async def coap(self) -> aiocoap.Context:
+    async def coap(self, device: str = "") -> aiocoap.Context:
+        """The CoAP client context (one UDP socket) a device speaks through.
+
+        aiocoap keeps one confirmable exchange in flight per remote endpoint (NSTART = 1), so a
+        fleet sharing a single socket would exchange one message at a time with the server; real
+        devices each have their own endpoint.  Devices are spread over a pool of contexts, each
+        device always on the same one.
+        """
+        slot = zlib.crc32(device.encode()) % self.coap_sockets
         async with self._coap_lock:
-            if self._coap is None:
+            ctx = self._coap.get(slot)
+            if ctx is None:
                 transports = self._coap_transports
                 if transports is None and "AIOCOAP_CLIENT_TRANSPORT" not in os.environ:
                     transports = ["simple6"]  # markedly faster than udp6 for a client-only context
-                self._coap = await aiocoap.Context.create_client_context(transports=transports)
-            return self._coap
+                ctx = self._coap[slot] = await aiocoap.Context.create_client_context(transports=transports)
+            return ctx
 
     async def aclose(self) -> None:
-        if self._coap is not None:
-            await self._coap.shutdown()
-            self._coap = None
+        contexts, self._coap = list(self._coap.values()), {}
+        for ctx in contexts:
+            await ctx.shutdown()
 
 
 # -- links ------------------------------------------------------------------------------------
@@ -269,7 +281,7 @@ class CoapLink(Link):
         self._request: aiocoap.protocol.Request | None = None
 
     async def _register(self, on_notice: NoticeHandler) -> aiocoap.protocol.Request:
-        ctx = await self.clients.coap()
+        ctx = await self.clients.coap(self.device)
         request = ctx.request(aiocoap.Message(code=Code.GET, uri=self._notice_uri, observe=0))
         try:
             first = await asyncio.wait_for(request.response, self.timeout)
@@ -325,7 +337,7 @@ class CoapLink(Link):
             self._request = None
 
     async def send(self, data: bytes) -> None:
-        ctx = await self.clients.coap()
+        ctx = await self.clients.coap(self.device)
         message = aiocoap.Message(code=Code.POST, uri=self._status_uri, payload=data)
         try:
             response = await asyncio.wait_for(ctx.request(message).response, self.timeout)

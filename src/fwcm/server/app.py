@@ -269,4 +269,6 @@ class Server:
             return dq.manifest_envelope(s, manifest_id)
 
     async def coap_payload(self, sha256: str) -> bytes | None:
-        return await asyncio.to_thread(self.payload_cache.get, sha256)
+        """Payload bytes for a Block2 request: from memory when cached (every block asks again)."""
+        data = self.payload_cache.peek(sha256)
+        return data if data is not None else await asyncio.to_thread(self.payload_cache.get, sha256)
