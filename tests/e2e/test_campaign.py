@@ -152,7 +152,7 @@ async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Pa
     """Pending devices are cancelled at once; devices mid-download stop and report cancelled."""
     import asyncio
 
-    image = firmware(256 * 1024)
+    image = firmware(1024 * 1024)  # the first (throttled) device needs ~20 s: ample time to cancel it
     man = await env.manifest(image)
     transports = {f"d{i:03d}": ("mqtt" if i % 2 else "coap") for i in range(12)}
     secrets = await env.devices(list(transports.items()))
@@ -190,7 +190,7 @@ async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Pa
     assert len(never_notified) >= 6 and all(d["state"] == "cancelled" for d in never_notified)
     assert {d["state"] for d in devices} <= {"cancelled", "succeeded"}
     stopped = [d for d in devices if d["attempt"] == 1 and d["state"] == "cancelled"]
-    assert stopped and all(d["result"] == int(Result.CANCELLED) for d in stopped)
+    assert stopped and all(d["result"] == int(Result.CANCELLED) for d in stopped), devices
 
 
 async def test_device_payload_route_on_the_running_server(env: Env) -> None:

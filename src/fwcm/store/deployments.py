@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from fwcm.protocol import Report, Result
@@ -59,42 +59,42 @@ class LeasedCampaign:
     phase: int
 
 
+_LEASE_COLUMNS = (
+    Campaign.id,
+    Campaign.tenant_id,
+    Campaign.state,
+    Campaign.policy,
+    Campaign.manifest_id,
+    Campaign.phase,
+)
+
+
+_ACTIVE = (CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.SCHEDULED.value)
+"""Campaign states the engine works on."""
+
+
 def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampaign]:
     """Take (or renew) the lease of every active campaign no other live replica holds."""
     now = utcnow()
-    active = [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.SCHEDULED.value]
     claimable = and_(
-        Campaign.state.in_(active),
+        Campaign.state.in_(_ACTIVE),
         or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now),
     )
     rows = s.execute(
         update(Campaign)
         .where(claimable)
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
-        .returning(
-            Campaign.id,
-            Campaign.tenant_id,
-            Campaign.state,
-            Campaign.policy,
-            Campaign.manifest_id,
-            Campaign.phase,
-        )
+        .returning(*_LEASE_COLUMNS)
     ).all()
     return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
 
 
 def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaign]:
     """The active campaigns among ``ids`` still leased to ``owner``, freshly read (no write)."""
-    active = [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.SCHEDULED.value]
     rows = s.execute(
-        select(
-            Campaign.id,
-            Campaign.tenant_id,
-            Campaign.state,
-            Campaign.policy,
-            Campaign.manifest_id,
-            Campaign.phase,
-        ).where(Campaign.id.in_(ids), Campaign.lease_owner == owner, Campaign.state.in_(active))
+        select(*_LEASE_COLUMNS).where(
+            Campaign.id.in_(ids), Campaign.lease_owner == owner, Campaign.state.in_(_ACTIVE)
+        )
     ).all()
     return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
 
@@ -114,6 +114,22 @@ def counts(s: Session, campaign_id: int) -> Counter[str]:
     return Counter({state: n for state, n in rows})
 
 
+def _targets() -> Select[int, int, str, str, str, bytes]:
+    """Deployment rows with what a notice needs: device key, name, tenant slug and transport."""
+    return (
+        select(
+            Deployment.device_id,
+            Deployment.attempt,
+            Tenant.slug,
+            Device.name,
+            Device.transport,
+            Device.secret,
+        )
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+    )
+
+
 def take_pending(
     s: Session, campaign_id: int, limit: int, *, max_phase: int = 0, now: float | None = None
 ) -> list[Target]:
@@ -125,16 +141,7 @@ def take_pending(
         return []
     when = utcnow() if now is None else datetime.fromtimestamp(now, UTC)
     rows = s.execute(
-        select(
-            Deployment.device_id,
-            Deployment.attempt,
-            Tenant.slug,
-            Device.name,
-            Device.transport,
-            Device.secret,
-        )
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
+        _targets()
         .where(
             Deployment.campaign_id == campaign_id,
             Deployment.state == DeviceState.PENDING.value,
@@ -254,17 +261,7 @@ def expire_in_progress(s: Session, campaign_id: int, policy: Policy, now: float)
 def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Target]:
     """Deployments in the given states, for re-sending or withdrawing their notice."""
     rows = s.execute(
-        select(
-            Deployment.device_id,
-            Deployment.attempt,
-            Tenant.slug,
-            Device.name,
-            Device.transport,
-            Device.secret,
-        )
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
-        .where(Deployment.campaign_id == campaign_id, Deployment.state.in_(list(states)))
+        _targets().where(Deployment.campaign_id == campaign_id, Deployment.state.in_(list(states)))
     ).all()
     return [Target(r[0], r[2], r[3], r[4], r[5], r[1]) for r in rows]
 
