@@ -227,6 +227,8 @@ async def _watch(
             if stats["state"] in ("completed", "cancelled", "stopped") and in_flight == 0:
                 break
             await asyncio.sleep(0.25)
+    if live is not None:
+        console.print()  # end the live table's line before the summary
     return stats
 
 
@@ -317,9 +319,10 @@ def _summary_table(result: dict[str, Any]) -> Table:
         "notified",
         "succeeded",
         "failed",
+        "kept_old_firmware",
         "duration_s",
     ):
-        t.add_row(k, str(result.get(k)))
+        t.add_row("reason" if k == "stop_reason" else k, str(result.get(k)))
     for st, n in result["by_state"].items():
         t.add_row(f"state {st}", str(n))
     for reason, n in result["failure_reasons"].items():
