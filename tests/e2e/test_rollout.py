@@ -200,3 +200,20 @@ async def _state(env: Env, cid: int, state: str) -> dict[str, Any] | None:
 async def _count(env: Env, cid: int, state: str, at_least: int) -> dict[str, Any] | None:
     s = await stats(env, cid)
     return s if s["counts"][state] >= at_least else None
+
+
+async def test_approval_phase_pauses_until_resumed(env: Env, coap: aiocoap.Context) -> None:
+    policy = {"phases": [{"size": 1, "advance": "approval"}, {"until": "100%"}]}
+    cid, devs = await setup(env, coap, 3, policy)
+    await env.call("POST", f"/campaigns/{cid}/start")
+    first = await until(devs[0].notice)
+    await devs[0].succeed(first)
+    paused = await until(lambda: _state(env, cid, "paused"))
+    assert "waiting for approval" in paused["stop_reason"] and paused["counts"]["pending"] == 2
+    await asyncio.sleep(1.0)
+    assert (await stats(env, cid))["counts"]["pending"] == 2  # nobody else is notified meanwhile
+    await env.call("POST", f"/campaigns/{cid}/resume")
+    for d in devs[1:]:
+        await d.succeed(await until(d.notice))
+    done = await until(lambda: _state(env, cid, "completed"))
+    assert done["counts"]["succeeded"] == 3 and done["phase"] == 1
