@@ -184,6 +184,7 @@ async def test_no_notice_outside_the_maintenance_window(env: Env, coap: aiocoap.
     await asyncio.sleep(1.5)
     s = await stats(env, cid)
     assert s["state"] == "running" and s["counts"]["pending"] == 1
+    assert s["note"].startswith("outside the maintenance window")  # operators see why
     assert await dev.notice() is None
 
 

@@ -231,6 +231,9 @@ class CampaignStats(BaseModel):
     name: str
     state: str
     stop_reason: str | None
+    note: str | None = Field(
+        None, description="Why the campaign is not moving right now (window, rate, schedule)."
+    )
     phase: int
     total: int
     counts: dict[str, int] = Field(description="Deployments per state (every state present).")

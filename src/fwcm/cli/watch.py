@@ -61,6 +61,8 @@ def render(stats: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [head]
     if stats.get("stop_reason"):
         parts.append(Text(f"reason: {stats['stop_reason']}", style="yellow"))
+    if stats.get("note"):
+        parts.append(Text(f"note: {stats['note']}", style="cyan"))
 
     phases = Table.grid(padding=(0, 1))
     phases.add_column(justify="left")

@@ -86,7 +86,7 @@ class Engine:
         self._leased: list[dq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
-        self.notes: dict[int, str] = {}
+        self.notes: dict[int, str | None] = {}
         """Why a campaign is not moving (window closed, rate limit, approval), for status displays."""
 
     def wake(self, _campaigns: object = None) -> None:
@@ -186,6 +186,10 @@ class Engine:
                 dq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
             if decision.transition is not None:
                 dq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
+            note = None if decision.transition is not None else decision.note
+            if note != self.notes.get(c.id):  # written only when it changes
+                dq.set_note(s, c.id, note)
+                self.notes[c.id] = note
             return targets, decision
 
         targets, decision = await self._db(work)
@@ -204,17 +208,15 @@ class Engine:
         if decision.transition is not None:
             state, reason = decision.transition
             log.info("campaign %d %s: %s", c.id, state.value, reason)
-            self.notes.pop(c.id, None)
             if state in CAMPAIGN_TERMINAL:
                 self._forget(c.id)
-        elif decision.note:
-            self.notes[c.id] = decision.note
 
     def _forget(self, campaign: int) -> None:
         self._policy_state.pop(campaign, None)
         self._policies.pop(campaign, None)
         self._joined.pop(campaign, None)
         self._expired_at.pop(campaign, None)
+        self.notes.pop(campaign, None)
 
     async def _process_cancellations(self) -> None:
         """Withdraw notices of campaigns cancelled since the last step."""

@@ -198,6 +198,10 @@ def _epoch(t: datetime) -> float:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
+def set_note(s: Session, campaign_id: int, note: str | None) -> None:
+    s.execute(update(Campaign).where(Campaign.id == campaign_id).values(note=note))
+
+
 def set_phase(s: Session, campaign_id: int, tenant_id: int, phase: int, label: str) -> None:
     s.execute(update(Campaign).where(Campaign.id == campaign_id).values(phase=phase))
     s.add(
@@ -280,7 +284,7 @@ def set_campaign_state(
     s: Session, campaign: int, tenant_id: int, state: CampaignState, reason: str | None
 ) -> None:
     now = utcnow()
-    values: dict[str, object] = {"state": state.value, "stop_reason": reason}
+    values: dict[str, object] = {"state": state.value, "stop_reason": reason, "note": None}
     if state in (CampaignState.COMPLETED, CampaignState.CANCELLED, CampaignState.STOPPED):
         values.update(finished_at=now, lease_owner=None, lease_until=None)
     s.execute(update(Campaign).where(Campaign.id == campaign).values(**values))

@@ -860,6 +860,7 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "name": campaign.name,
         "state": campaign.state,
         "stop_reason": campaign.stop_reason,
+        "note": campaign.note,
         "phase": campaign.phase,
         "total": campaign.total,
         "counts": counts,
