@@ -162,7 +162,7 @@ async def test_dynamic_campaign_takes_in_devices_registered_later(env: Env, coap
 
 
 async def test_scheduled_start_waits(env: Env, coap: aiocoap.Context) -> None:
-    start_at = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    start_at = (datetime.now(UTC) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")  # >= 3 s ahead
     cid, [dev] = await setup(env, coap, 1, {"start_at": start_at})
     started = await env.call("POST", f"/campaigns/{cid}/start")
     assert started["state"] == "scheduled"

@@ -224,12 +224,12 @@ class Engine:
         def work(s: Session) -> list[tuple[int, int, list[dq.Target]]]:
             out = []
             for cid, _tenant, manifest_id in dq.cancelled_unsettled(s, self.owner, LEASE_S):
-                dq.cancel_pending(s, cid)
                 targets = dq.in_flight(
                     s,
                     cid,
                     [DeviceState.NOTIFIED.value, DeviceState.DOWNLOADING.value, DeviceState.DOWNLOADED.value],
                 )
+                dq.cancel_not_started(s, cid)
                 dq.settle_cancel(s, cid)
                 out.append((cid, manifest_id, targets))
             return out

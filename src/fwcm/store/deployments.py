@@ -270,11 +270,16 @@ def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Targe
     return [Target(r[0], r[2], r[3], r[4], r[5], r[1]) for r in rows]
 
 
-def cancel_pending(s: Session, campaign_id: int) -> int:
+def cancel_not_started(s: Session, campaign_id: int) -> int:
+    """Cancel deployments whose device has not reported any progress (pending or notified).
+
+    A notified device still gets the cancel notice; whatever it reports afterwards changes nothing.
+    """
     now = utcnow()
+    not_started = [DeviceState.PENDING.value, DeviceState.NOTIFIED.value]
     res = s.execute(
         update(Deployment)
-        .where(Deployment.campaign_id == campaign_id, Deployment.state == DeviceState.PENDING.value)
+        .where(Deployment.campaign_id == campaign_id, Deployment.state.in_(not_started))
         .values(state=DeviceState.CANCELLED.value, result=int(Result.CANCELLED), updated_at=now)
     )
     return int(res.rowcount or 0)  # type: ignore[attr-defined]
