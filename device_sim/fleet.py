@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from fwcm.protocol import LwState, Report, Result
+from fwcm.store.repo import CSV_COLUMNS
 
 from .agent import AgentStatus, DeviceAgent, DeviceConfig
 from .faults import FaultProfile
@@ -214,17 +215,7 @@ class FleetSpec:
         return cls(tenant=str(data["tenant"]), devices=list(data["devices"]))
 
 
-CSV_HEADER = [
-    "name",
-    "vendor_id",
-    "class_id",
-    "tags",
-    "sequence",
-    "version",
-    "transport",
-    "hardware_id",
-    "secret",
-]
+CSV_HEADER = list(CSV_COLUMNS)
 
 
 def transport_for(index: int, mode: str) -> str:

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,48 +45,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-# -- Mosquitto --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def mosquitto() -> Iterator[str]:
-    """Run Mosquitto on a free port; yield its URL.  The caller skips when it is not installed."""
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if binary is None:
-        raise FileNotFoundError("mosquitto")
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="devicekit-mosquitto-"))
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {proc.stderr.read() if proc.stderr else b''!r}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- reports ----------------------------------------------------------------------------------

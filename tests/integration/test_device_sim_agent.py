@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from devicekit import (
     cancel_notice,
     device_config,
     firmware,
-    mosquitto,
     running,
     update_notice,
     wait_until,
@@ -42,19 +41,6 @@ SUCCESS_FLOW = [
     (LwState.UPDATING, Result.INITIAL),
     (LwState.IDLE, Result.SUCCESS),
 ]
-
-
-@pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
-    try:
-        cm = mosquitto()
-        url = cm.__enter__()
-    except FileNotFoundError:
-        pytest.skip("mosquitto is not installed")
-    try:
-        yield url
-    finally:
-        cm.__exit__(None, None, None)
 
 
 @dataclass

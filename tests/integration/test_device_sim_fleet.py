@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from devicekit import (
     Signer,
     device_config,
     firmware,
-    mosquitto,
     update_notice,
 )
 
@@ -25,19 +23,6 @@ from device_sim.fleet import all_finished, run_fleet, transport_for
 from fwcm.protocol import Result
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
-    try:
-        cm = mosquitto()
-        url = cm.__enter__()
-    except FileNotFoundError:
-        pytest.skip("mosquitto is not installed")
-    try:
-        yield url
-    finally:
-        cm.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("profile_name", ["none", "flaky", "corrupt", "install-fail", "offline", "slow"])
