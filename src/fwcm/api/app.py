@@ -41,6 +41,8 @@ class TenantCtx:
     id: int
     slug: str
     name: str
+    kind: str = "fleet"
+    """``fleet`` or ``manufacturer``: a manufacturer only registers devices for others to claim."""
 
 
 class ApiError(Exception):
@@ -117,7 +119,7 @@ def current_tenant(request: Request) -> TenantCtx:
         t = repo.tenant_for_key(s, key.strip())
         if t is None:
             raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-        return TenantCtx(t.id, t.slug, t.name)
+        return TenantCtx(t.id, t.slug, t.name, t.kind)
 
 
 Tenant = Annotated[TenantCtx, Depends(current_tenant)]

@@ -47,6 +47,9 @@ def _setup_logging(verbose: bool) -> None:
 def tenant_create(
     slug: Annotated[str, typer.Argument(help="Short tenant id used in topics and paths, e.g. acme")],
     name: Annotated[str | None, typer.Option(help="Display name")] = None,
+    kind: Annotated[
+        str, typer.Option(help="fleet (owns devices and campaigns) or manufacturer (registers devices)")
+    ] = "fleet",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
@@ -60,7 +63,7 @@ def tenant_create(
     db.migrate()
     try:
         with db.session() as s:
-            tenant, key = repo.create_tenant(s, slug, name or slug)
+            tenant, key = repo.create_tenant(s, slug, name or slug, kind)
             tenant_slug = tenant.slug
     except Exception as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -68,7 +71,7 @@ def tenant_create(
     finally:
         db.dispose()
     if as_json:
-        typer.echo(json.dumps({"tenant": tenant_slug, "api_key": key}))
+        typer.echo(json.dumps({"tenant": tenant_slug, "kind": kind, "api_key": key}))
     else:
         typer.echo(f"tenant {tenant_slug} created; API key (store it now, it is not shown again):\n{key}")
 

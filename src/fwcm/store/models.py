@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -37,6 +38,10 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     slug: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16), default="fleet", server_default="fleet")
+    """``fleet`` (owns devices and campaigns) or ``manufacturer`` (registers unclaimed devices)."""
+    ca_cert_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The tenant CA certificate the operator issued: signer certificates must chain to it."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -62,6 +67,10 @@ class Signer(Base):
     alg: Mapped[str] = mapped_column(String(16))
     key_id: Mapped[str] = mapped_column(String(64))
     public_key_pem: Mapped[str] = mapped_column(Text)
+    cert_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Signer certificate (root → tenant CA → signer); None for a bare trusted key."""
+    hardware_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    """Developer signer: the only hardware its builds may target; None for production signers."""
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -105,6 +114,7 @@ class Device(Base):
     __tablename__ = "devices"
     __table_args__ = (
         UniqueConstraint("tenant_id", "name"),
+        UniqueConstraint("factory_id", name="uq_devices_factory_id"),
         Index("ix_devices_tenant_class", "tenant_id", "class_id"),
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -118,6 +128,13 @@ class Device(Base):
     transport: Mapped[str] = mapped_column(String(8), default="mqtt")
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     hardware_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attest_key_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Public attestation key made at provisioning; attested campaigns need it."""
+    factory_id: Mapped[int | None] = mapped_column(
+        ForeignKey("factory_devices.id", name="fk_devices_factory_id"), nullable=True
+    )
+    """The manufacturer's record this device was claimed from: unique, so one owner at a time."""
+    firmware_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     online: Mapped[bool] = mapped_column(default=False)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -135,6 +152,8 @@ class Campaign(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     """Why a running campaign is not moving right now (window closed, rate limit), from the engine."""
+    attestation: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Devices must attest (fresh nonce, attestation key) before they get an install token."""
     phase: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -162,6 +181,44 @@ class Deployment(Base):
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    nonce: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """Attestation nonce of the current attempt; cleared when used, so it is single-use."""
+    nonce_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class FactoryDevice(Base):
+    """A device as its manufacturer registered it: unclaimed until a fleet tenant proves the claim code.
+
+    ``owner_id`` is set by one conditional UPDATE (``… WHERE owner_id IS NULL``), so concurrent
+    claims of one device have exactly one winner.
+    """
+
+    __tablename__ = "factory_devices"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    manufacturer_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    hardware_id: Mapped[str] = mapped_column(String(128))
+    vendor_id: Mapped[str] = mapped_column(String(36))
+    class_id: Mapped[str] = mapped_column(String(36))
+    firmware_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    claim_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 (hex) of the claim code printed on the box; the code itself is never stored."""
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    attest_key_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True, index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ServerKey(Base):
+    """The key that signs install tokens and installation credentials, shared by all replicas."""
+
+    __tablename__ = "server_keys"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    private_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class DeviceEvent(Base):

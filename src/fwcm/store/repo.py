@@ -155,12 +155,14 @@ def _name(value: Any, what: str = "name") -> str:
 # -- tenants ----------------------------------------------------------------------------------
 
 
-def create_tenant(s: Session, slug: str, name: str | None = None) -> tuple[Tenant, str]:
+def create_tenant(s: Session, slug: str, name: str | None = None, kind: str = "fleet") -> tuple[Tenant, str]:
     """Create a tenant and its first API key; the plaintext key is returned only here."""
     _name(slug, "tenant slug")
+    if kind not in ("fleet", "manufacturer"):
+        raise ValueError(f"tenant kind must be fleet or manufacturer, not {kind!r}")
     if s.scalar(select(Tenant.id).where(Tenant.slug == slug)) is not None:
         raise Conflict(f"tenant {slug!r} already exists")
-    tenant = Tenant(slug=slug, name=name or slug)
+    tenant = Tenant(slug=slug, name=name or slug, kind=kind)
     s.add(tenant)
     s.flush()
     key = add_api_key(s, tenant.id)
