@@ -23,8 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlencode
 
-from fwcm import manifest, protocol
+from fwcm import attestation, manifest, pki, protocol
 from fwcm.protocol import LwState, Notice, NoticeKind, Report, Result
 
 from .faults import DeviceFaults
@@ -46,6 +47,8 @@ from .transports import (
 log = logging.getLogger(__name__)
 
 Transport = Literal["mqtt", "coap"]
+UNAUTHORIZED = (401, 129)
+"""HTTP 401 and CoAP 4.01: the payload endpoint refused the install token."""
 SAVE_EVERY_BYTES = 32 * 1024
 """During a download the offset is persisted at least this often (and at every interruption)."""
 
@@ -68,6 +71,11 @@ class DeviceConfig:
     coap_url: str = "coap://127.0.0.1:5683"
     installed_sequence: int = 0
     hardware_id: str | None = None
+    trust_root: bytes | None = None
+    """PEM of the operator root CA: when set, manifests must carry a chain that leads to it."""
+    attest_key: bytes | None = None
+    """PEM private attestation key made at provisioning (its public half is registered)."""
+    firmware_name: str = "fwcm-sim"
     index: int = 0
     flash_size: int = 16 * 1024 * 1024
     """Capacity of one slot; larger images are refused with NOT_ENOUGH_FLASH."""
@@ -120,6 +128,8 @@ class AgentStatus:
     pending_reports: int = 0
     """Reports queued but not yet acknowledged by the server."""
     detail: str | None = None
+    credentials: int = 0
+    """Installation credentials held."""
     results: dict[int, Result] = field(default_factory=dict)
     """Final result per campaign (latest attempt)."""
 
@@ -157,11 +167,16 @@ class DeviceAgent:
         if not self.flash.exists:
             self.flash.provision(config.factory_image(), config.installed_sequence)
         self._trust = [manifest.load_public_key(pem) for pem in config.trust_anchors]
+        self._root = pki.load_cert(config.trust_root) if config.trust_root else None
+        self._attest_key = manifest.load_private_key(config.attest_key) if config.attest_key else None
+        self._token: bytes | None = None
+        self._token_ready = asyncio.Event()
         self.status = AgentStatus(
             config.name,
             config.index,
             config.transport,
             installed_sequence=self.flash.state.installed_sequence,
+            credentials=len(self.flash.state.credentials),
         )
         self._rng = random.Random(f"{config.tenant}/{config.name}")
         self._link: Link | None = None
@@ -182,6 +197,7 @@ class DeviceAgent:
         self.handlers: dict[NoticeKind, NoticeHandlerFn] = {
             NoticeKind.UPDATE: self._on_update,
             NoticeKind.CANCEL: self._on_cancel,
+            NoticeKind.CREDENTIAL: self._on_credential,
         }
         """Notice kinds this firmware understands; later features register more here."""
 
@@ -299,6 +315,10 @@ class DeviceAgent:
             LwState.IDLE,
             Result.INITIAL,
             installed_sequence=st.installed_sequence,
+            extra={
+                protocol.REPORT_FIRMWARE_NAME: self.config.firmware_name,
+                protocol.REPORT_FIRMWARE_VERSION: f"1.0.{st.installed_sequence}",
+            },
         )
         self.flash.save()
         self._hello = protocol.encode_report(self.config.secret, hello)
@@ -337,6 +357,7 @@ class DeviceAgent:
         progress: int | None = None,
         detail: str | None = None,
         finish: bool = False,
+        extra: dict[int, object] | None = None,
     ) -> Report:
         """Queue a report: its seq is taken and the outbox persisted before anything is sent."""
         st = self.flash.state
@@ -350,6 +371,7 @@ class DeviceAgent:
             progress=progress,
             detail=detail,
             installed_sequence=st.installed_sequence,
+            extra=dict(extra or {}),
         )
         st.outbox.append(protocol.encode_report(self.config.secret, report).hex())
         self.status.pending_reports = len(st.outbox)
@@ -459,6 +481,10 @@ class DeviceAgent:
             current = self._job_notice
             assert current is not None
             if (current.campaign, current.attempt) == (n.campaign, n.attempt):
+                token = n.extra.get(protocol.NOTICE_TOKEN)
+                if isinstance(token, bytes):
+                    self._token = token
+                    self._token_ready.set()
                 return  # duplicate delivery
             if self._job_phase in ("installing", "booted"):
                 self._pending = n  # finish the install first
@@ -504,7 +530,8 @@ class DeviceAgent:
             if self._job_phase in ("installing", "booted"):
                 log.info("%s: cancel ignored, already installing", self.name)
                 return
-            await self._cancel_job("cancelled")
+            reason = n.extra.get(protocol.NOTICE_REASON)
+            await self._cancel_job(reason if isinstance(reason, str) else "cancelled")
             return
         job = st.job
         if job is not None and job.campaign == n.campaign:
@@ -531,9 +558,12 @@ class DeviceAgent:
             reason = self._cancel_reason
             if reason is not None:
                 self.flash.discard_inactive()
-                self._report(
-                    n.campaign, n.attempt, LwState.IDLE, Result.CANCELLED, detail=reason, finish=True
+                result = (
+                    Result.ATTESTATION_REFUSED
+                    if reason.startswith("attestation refused")
+                    else Result.CANCELLED
                 )
+                self._report(n.campaign, n.attempt, LwState.IDLE, result, detail=reason, finish=True)
             else:
                 self.flash.save()
             raise
@@ -551,11 +581,8 @@ class DeviceAgent:
             env = manifest.decode_envelope(n.envelope)
         except manifest.ManifestError as exc:
             raise Refusal(Result.UNSUPPORTED_PACKAGE, f"manifest: {exc}") from None
-        try:
-            key = manifest.verify_envelope(env, self._trust)
-        except manifest.SignatureError as exc:
-            raise Refusal(Result.SIGNATURE_INVALID, f"signature: {exc}") from None
-        if n.revoked and manifest.key_id(key) in n.revoked:
+        kid = self._verify_signer(env)
+        if n.revoked and kid in n.revoked:
             raise Refusal(Result.SIGNER_REVOKED, "manifest signed by a revoked key")
         info = env.info
         if info.vendor_id != self.config.vendor_id or info.class_id != self.config.class_id:
@@ -583,6 +610,8 @@ class DeviceAgent:
         await self._step_delay()
 
         if not resume_install:
+            if n.nonce is not None:
+                await self._attest(n, env.digest)
             self._set_phase(job, "downloading")
             await self._download(n, job, list(info.uris))
             got, got_size = self.flash.inactive_digest()
@@ -604,6 +633,75 @@ class DeviceAgent:
         self._booted.clear()
         self._reboot_req.set()
         await self._booted.wait()
+
+    def _verify_signer(self, env: manifest.Envelope) -> bytes:
+        """Check who signed: through the certificate chain to the provisioned root when there is
+        one (a developer build must list this device's hardware ID), else against the trusted
+        keys. Returns the signer's key id."""
+        if self._root is None:
+            try:
+                return manifest.key_id(manifest.verify_envelope(env, self._trust))
+            except manifest.SignatureError as exc:
+                raise Refusal(Result.SIGNATURE_INVALID, f"signature: {exc}") from None
+        try:
+            signer = pki.verify_manifest(env, self._root)
+        except pki.ChainError as exc:
+            raise Refusal(Result.CHAIN_INVALID, f"certificate chain ({exc.reason}): {exc}") from None
+        except manifest.SignatureError as exc:
+            raise Refusal(Result.SIGNATURE_INVALID, f"signature: {exc}") from None
+        if signer.hardware_ids is not None and self.config.hardware_id not in signer.hardware_ids:
+            raise Refusal(
+                Result.HARDWARE_NOT_LISTED,
+                f"developer build of {signer.name!r} is not for hardware {self.config.hardware_id!r}",
+            )
+        return signer.key_id
+
+    async def _attest(self, n: Notice, manifest_digest: bytes, timeout: float = 30.0) -> None:
+        """Prove this device with its attestation key over the server's nonce, then wait for the
+        install token the payload endpoints ask for."""
+        assert n.nonce is not None
+        if n.extra.get(protocol.NOTICE_TOKEN) is not None:
+            token = n.extra[protocol.NOTICE_TOKEN]
+            self._token = token if isinstance(token, bytes) else None
+            if self._token is not None:
+                return  # attested before a restart: the notice already carries the token
+        if self._attest_key is None:
+            raise Refusal(Result.ATTESTATION_REFUSED, "this device has no attestation key")
+        self._token, self._token_ready = None, asyncio.Event()
+        st = self.flash.state
+        evidence = self._evidence(n.nonce, manifest_digest)
+        st.evidence = evidence.hex()
+        self._set_phase_name("attesting")
+        self._report(n.campaign, n.attempt, LwState.IDLE, extra={protocol.REPORT_EVIDENCE: evidence})
+        try:
+            await asyncio.wait_for(self._token_ready.wait(), timeout)
+        except TimeoutError:
+            raise Refusal(Result.ATTESTATION_REFUSED, "no install token after attesting") from None
+
+    def _evidence(self, nonce: bytes, manifest_digest: bytes) -> bytes:
+        assert self._attest_key is not None
+        st = self.flash.state
+        if self.faults.attest_replay:
+            if st.evidence is not None:
+                return bytes.fromhex(st.evidence)  # an attestation recorded earlier, replayed
+            nonce = hashlib.sha256(b"recorded " + nonce).digest()[:16]  # a nonce of another time
+        key = manifest.generate_private_key("es256") if self.faults.attest_forged else self._attest_key
+        active = image_sha256(self.flash.active_image())
+        ev = attestation.Evidence(nonce, self.name, bytes.fromhex(active), manifest_digest)
+        return attestation.make_evidence(key, ev)
+
+    def _set_phase_name(self, phase: str) -> None:
+        self._job_phase = phase
+
+    async def _on_credential(self, n: Notice) -> None:
+        """Keep the server-signed installation credential of an install this device made."""
+        data = n.extra.get(protocol.NOTICE_CREDENTIAL)
+        if not isinstance(data, bytes) or str(n.campaign) in self.flash.state.credentials:
+            return
+        self.flash.state.credentials[str(n.campaign)] = data.hex()
+        self.flash.save()
+        self.status.credentials = len(self.flash.state.credentials)
+        log.info("%s: installation credential for campaign %d stored", self.name, n.campaign)
 
     async def _wait_for_window(self, n: Notice) -> None:
         """Download now, install later: keep the downloaded image until the install window opens."""
@@ -668,6 +766,8 @@ class DeviceAgent:
                 except FetchError as exc:
                     self.flash.save()
                     log.info("%s: fetch %s failed at %d: %s", self.name, uri, pos, exc)
+                    if exc.status in UNAUTHORIZED:
+                        raise Refusal(Result.ATTESTATION_REFUSED, f"install token refused: {exc}") from None
                     if exc.permanent:
                         permanent.append(uri)
                     continue
@@ -684,6 +784,9 @@ class DeviceAgent:
                 await asyncio.sleep(min(0.5 * 2**tries, 10.0) * (0.5 + self._rng.random()))
 
     async def _fetch(self, uri: str, offset: int, sink: Callable[[int, bytes], Awaitable[None]]) -> None:
+        if self._token is not None:
+            query = urlencode({"d": f"{self.config.tenant}/{self.name}", "t": attestation.b64(self._token)})
+            uri = f"{uri}{'&' if '?' in uri else '?'}{query}"
         if uri.startswith("coap://"):
             async with self.clients.coap_slots:
                 await fetch_coap(await self.clients.coap(self.name), uri, offset, sink)

@@ -30,6 +30,10 @@ class DeviceFaults:
     """Download rate limit in bytes per second."""
     step_delay: float = 0.0
     """Pause between state changes (verify, downloaded, install)."""
+    attest_forged: bool = False
+    """Rogue: signs its attestation with a key that is not the one registered for it."""
+    attest_replay: bool = False
+    """Rogue: answers a nonce with an attestation recorded earlier instead of a fresh one."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Room for later device-side behaviours (consent answers, rogue attestations, ...)."""
 
@@ -69,6 +73,8 @@ class FaultProfile:
                 return DeviceFaults(online_delay=2.0 + 0.5 * spread)
             case "slow":
                 return DeviceFaults(throttle_bps=48 * 1024, step_delay=0.2 + 0.1 * spread)
+            case "rogue":
+                return DeviceFaults(attest_forged=spread % 2 == 0, attest_replay=spread % 2 == 1)
         return DeviceFaults()
 
     def expected_result(self, index: int) -> Result:
@@ -94,8 +100,29 @@ PROFILES: dict[str, FaultProfile] = {
         FaultProfile("install-fail", "every 10th device fails to install", 10, 5, Result.UPDATE_FAILED),
         FaultProfile("offline", "every 5th device comes online only after a few seconds", 5, 2),
         FaultProfile("slow", "every 3rd device downloads throttled and pauses between steps", 3, 0),
+        FaultProfile(
+            "rogue",
+            "every 10th device is rogue: a forged attestation key, or a replayed attestation",
+            10,
+            7,
+            Result.ATTESTATION_REFUSED,
+        ),
+        FaultProfile(
+            "revoked",
+            "the manifest's signer is revoked once the campaign runs: nobody installs it after that",
+            every=0,
+        ),
+        FaultProfile(
+            "dev-build",
+            "a developer build, certified for the hardware IDs of every 2nd device, offered to all",
+            2,
+            1,
+            Result.HARDWARE_NOT_LISTED,
+        ),
     )
 }
+SCENARIOS = ("revoked", "dev-build")
+"""Profiles that shape what the server offers (the demo plays them) rather than how devices act."""
 
 
 def get_profile(name: str) -> FaultProfile:

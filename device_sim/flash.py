@@ -82,6 +82,10 @@ class DeviceState:
     outbox: list[str] = field(default_factory=list)
     """Sealed reports (hex) not yet acknowledged by the server, oldest first."""
     boots: int = 0
+    credentials: dict[str, str] = field(default_factory=dict)
+    """Installation credentials (hex COSE_Sign1) by campaign: proof of what was installed."""
+    evidence: str | None = None
+    """The last attestation evidence sent (hex); only a rogue device ever sends it again."""
 
     @property
     def inactive(self) -> SlotName:
@@ -127,6 +131,8 @@ class DeviceState:
             download=Download(**download) if download else None,
             outbox=[str(x) for x in data.get("outbox", [])],
             boots=int(data.get("boots", 0)),
+            credentials={str(k): str(v) for k, v in data.get("credentials", {}).items()},
+            evidence=data.get("evidence"),
         )
 
 

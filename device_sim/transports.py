@@ -402,7 +402,7 @@ async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0
         elif status == 416:
             raise FetchError(f"{uri}: range {offset}- not satisfiable", status=416)
         elif status in (400, 401, 403, 404, 410):
-            raise FetchError(f"{uri}: HTTP {status}", permanent=True, status=404)
+            raise FetchError(f"{uri}: HTTP {status}", permanent=True, status=status)
         else:
             raise FetchError(f"{uri}: HTTP {status}", status=status)
         if headers.get("transfer-encoding", "").lower() == "chunked":

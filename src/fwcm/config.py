@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 from fwcm.store.db import normalize_url
 
 MiB = 1024 * 1024
@@ -46,6 +48,9 @@ class Settings:
     public_http_url: str = ""
     """Base URL devices use for HTTP payloads (``{base}/p/{sha256}``); defaults to the HTTP bind."""
     public_coap_url: str = ""
+    pki_root: Path | None = None
+    """Operator root CA certificate (PEM): signer chains and tenant CAs must lead to it."""
+    _root: x509.Certificate | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -56,6 +61,16 @@ class Settings:
             self.public_http_url = f"http://{self.http_host}:{self.http_port}"
         if not self.public_coap_url:
             self.public_coap_url = f"coap://{self.coap_host}:{self.coap_port}"
+
+    def root_cert(self) -> x509.Certificate | None:
+        """The operator root, loaded once; None when no PKI is configured."""
+        if self.pki_root is None:
+            return None
+        if self._root is None:
+            from fwcm import pki
+
+            self._root = pki.load_cert(Path(self.pki_root).read_bytes())
+        return self._root
 
     @property
     def payload_dir(self) -> Path:
@@ -82,6 +97,7 @@ class Settings:
             "mqtt_url": os.environ.get("FWCM_MQTT_URL") or "mqtt://127.0.0.1:1883",
             "public_http_url": os.environ.get("FWCM_PUBLIC_HTTP_URL", ""),
             "public_coap_url": os.environ.get("FWCM_PUBLIC_COAP_URL", ""),
+            "pki_root": Path(os.environ["FWCM_PKI_ROOT"]) if os.environ.get("FWCM_PKI_ROOT") else None,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -87,6 +87,23 @@ class NoticeKind(enum.IntEnum):
     COMMIT = 3
     ABORT = 4
     INVITE = 5
+    CREDENTIAL = 6
+    """After a successful attested install: the server-signed installation credential."""
+
+
+# Extension keys (>= 10) of notices and reports; ``docs/protocol.md`` has the CDDL.
+NOTICE_TOKEN = 10
+"""Update notice: the install token (COSE_Sign1) that payload endpoints require."""
+NOTICE_CREDENTIAL = 11
+"""Credential notice: the installation credential (COSE_Sign1)."""
+NOTICE_REASON = 12
+"""Cancel notice: why (e.g. the attestation was refused)."""
+REPORT_EVIDENCE = 10
+"""Report: attestation evidence (COSE_Sign1 by the device's attestation key)."""
+REPORT_FIRMWARE_NAME = 11
+"""Hello: the name of the running firmware."""
+REPORT_FIRMWARE_VERSION = 12
+"""Hello: the version string of the running firmware."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fwcm import filters
+from fwcm import filters, pki
 from fwcm.api import schemas as sc
 from fwcm.api.ranges import file_response
 from fwcm.config import Settings
@@ -82,6 +82,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(status, f"manifest refused: {exc}")
 
     app.add_exception_handler(ManifestError, manifest_error)
+
+    async def chain_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, pki.ChainError)
+        return _error(422, f"certificate chain refused ({exc.reason}): {exc}", reason=exc.reason)
+
+    app.add_exception_handler(pki.ChainError, chain_error)
 
     async def api_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -245,10 +251,13 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.post("/signers", response_model=sc.SignerOut, status_code=201, tags=["signers"])
     def add_signer(body: sc.SignerIn, t: Tenant) -> sc.SignerOut:
-        """Trust a public key for manifest signatures."""
+        """Trust a signer: a bare public key, or a signer certificate issued by the tenant's CA."""
         try:
             with db.session() as s:
-                return sc.SignerOut.of(repo.add_signer(s, t.id, body.name, body.public_key_pem))
+                signer = repo.add_signer(
+                    s, t.id, body.name, body.public_key_pem, cert_pem=body.cert_pem, root=settings.root_cert()
+                )
+                return sc.SignerOut.of(signer)
         except ManifestError as exc:
             raise ApiError(422, f"public key refused: {exc}") from None
 
@@ -264,9 +273,14 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.post("/signers/{name}/revoke", response_model=sc.SignerOut, tags=["signers"])
     def revoke_signer(name: str, t: Tenant) -> sc.SignerOut:
-        """Stop accepting new manifests signed by this key."""
+        """Stop trusting this signer: its manifests are refused, campaigns delivering one are
+        cancelled, and every later notice tells the tenant's devices to refuse it too."""
         with db.session() as s:
-            return sc.SignerOut.of(repo.revoke_signer(s, t.id, name))
+            signer, cancelled = repo.revoke_signer(s, t.id, name)
+            out = sc.SignerOut.of(signer)
+        for cid in cancelled:
+            notify(cid)
+        return out
 
     # -- manifests ----------------------------------------------------------------------------
 
@@ -297,7 +311,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
         def store_manifest() -> sc.ManifestOut:
             with db.session() as s:
-                m, created = repo.upload_manifest(s, t.id, data, max_bytes=limit, name=name)
+                m, created = repo.upload_manifest(
+                    s, t.id, data, max_bytes=limit, name=name, root=settings.root_cert()
+                )
                 if not created:
                     response.status_code = 200
                 return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id), created)
@@ -406,7 +422,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     def create_campaign(body: sc.CampaignIn, t: Tenant) -> sc.CampaignOut:
         """A draft campaign: a manifest, a device filter (checked now) and a rollout policy."""
         with db.session() as s:
-            c = repo.create_campaign(s, t.id, body.name, body.manifest_id, body.filter, body.policy)
+            c = repo.create_campaign(
+                s, t.id, body.name, body.manifest_id, body.filter, body.policy, attestation=body.attestation
+            )
             return sc.CampaignOut.of(c)
 
     @api.get("/campaigns", response_model=list[sc.CampaignOut], tags=["campaigns"])
@@ -475,6 +493,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         """Every state change of the campaign with its time and reason."""
         with db.read() as s:
             return [sc.CampaignEventOut.of(e) for e in repo.campaign_events(s, t.id, campaign_id)]
+
 
     app.include_router(api)
 

@@ -44,7 +44,11 @@ class PayloadOut(BaseModel):
 class SignerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    public_key_pem: str = Field(description="PEM SubjectPublicKeyInfo (P-256 or Ed25519).")
+    public_key_pem: str | None = Field(None, description="PEM SubjectPublicKeyInfo (P-256 or Ed25519).")
+    cert_pem: str | None = Field(
+        None,
+        description="Signer certificate (PEM, optionally followed by the tenant CA) instead of a bare key.",
+    )
 
 
 class SignerOut(BaseModel):
@@ -52,6 +56,10 @@ class SignerOut(BaseModel):
     alg: str
     key_id: str = Field(description="SHA-256 of the SubjectPublicKeyInfo DER, hex; the COSE kid.")
     public_key_pem: str
+    certified: bool = Field(False, description="Certified by the tenant CA (x5chain signer).")
+    hardware_ids: list[str] | None = Field(
+        None, description="Developer signer: hardware its builds may target."
+    )
     revoked_at: datetime | None
     created_at: datetime | None
 
@@ -62,6 +70,8 @@ class SignerOut(BaseModel):
             alg=sg.alg,
             key_id=sg.key_id,
             public_key_pem=sg.public_key_pem,
+            certified=sg.cert_pem is not None,
+            hardware_ids=list(sg.hardware_ids) if sg.hardware_ids is not None else None,
             revoked_at=sg.revoked_at,
             created_at=sg.created_at,
         )
@@ -112,6 +122,9 @@ class DeviceIn(BaseModel):
     transport: str = "mqtt"
     hardware_id: str | None = None
     secret: str | None = Field(None, description="32 bytes as hex; generated when absent.")
+    attest_key_pem: str | None = Field(
+        None, description="Public attestation key (PEM), made at provisioning."
+    )
 
 
 class DeviceOut(BaseModel):
@@ -186,6 +199,7 @@ class CampaignIn(BaseModel):
     manifest_id: int
     filter: str = Field("", description="Device filter; empty selects every device.")
     policy: dict[str, Any] = Field(default_factory=dict, description="Rollout policy (phases, rate, …).")
+    attestation: bool = Field(False, description="Devices attest before they get an install token.")
 
 
 class CampaignOut(BaseModel):
@@ -196,6 +210,7 @@ class CampaignOut(BaseModel):
     policy: dict[str, Any]
     state: str
     stop_reason: str | None
+    attestation: bool = False
     phase: int
     total: int
     created_at: datetime | None
@@ -212,6 +227,7 @@ class CampaignOut(BaseModel):
             policy=dict(c.policy or {}),
             state=c.state,
             stop_reason=c.stop_reason,
+            attestation=bool(c.attestation),
             phase=c.phase,
             total=c.total,
             created_at=c.created_at,

@@ -8,6 +8,7 @@ and report.  The demo checks that every device ended as its fault profile says i
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -43,6 +44,7 @@ class DemoOptions:
     campaign_file: Path | None
     image_size: int
     timeout: float
+    attestation: bool = False
 
 
 def _transport_for(i: int, transport: str) -> str:
@@ -94,6 +96,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
     from device_sim.faults import get_profile
     from device_sim.fleet import run_fleet
     from fwcm import manifest as mf
+    from fwcm import pki
     from fwcm.config import Settings
     from fwcm.server.app import Server
     from fwcm.store import repo
@@ -125,7 +128,12 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
 
         signing_key = mf.generate_private_key("es256")
         pub = mf.public_key_pem(signing_key)
-        await api.call("POST", "/signers", json={"name": "release", "public_key_pem": pub.decode()})
+        trust = _Trust.make(opts, workdir, signing_key)
+        if trust.root_pem is not None:
+            settings.pki_root = workdir / "root.pem"
+            with server.db.session() as s:
+                repo.set_tenant_ca(s, "demo", trust.ca_pem, pki.load_cert(trust.root_pem))
+        await api.call("POST", "/signers", json={"name": "release", **trust.signer_body(pub)})
         image = random.Random(42).randbytes(opts.image_size)
         sha = hashlib.sha256(image).hexdigest()
         await api.call(
@@ -145,16 +153,21 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             image_size=len(image),
             uris=(f"{settings.public_http_url}/p/{sha}", f"{settings.public_coap_url}/p/{sha}"),
         )
-        envelope = mf.build_envelope(info, signing_key)
+        envelope = mf.build_envelope(info, signing_key, x5chain=trust.x5chain)
         man = await api.call(
             "POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"}
         )
 
-        rows = ["name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret"]
+        attest_keys = [
+            mf.generate_private_key("es256") if opts.attestation else None for _ in range(opts.devices)
+        ]
+        rows = ["name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret,attest_key"]
         for i in range(opts.devices):
             region = "eu" if i % 2 == 0 else "us"
+            ak = attest_keys[i]
             rows.append(
-                f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts.transport)},,"
+                f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts.transport)},"
+                f"hw-{i:05d},,{_spki_b64(ak) if ak is not None else ''}"
             )
         imported = await api.call(
             "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
@@ -162,7 +175,18 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
-        campaign = await api.call("POST", "/campaigns", json={**definition, "manifest_id": man["id"]})
+        body = {**definition, "manifest_id": man["id"], "attestation": opts.attestation}
+        server_refused = None
+        if opts.faults == "dev-build":
+            campaign = await api.call("POST", "/campaigns", json=body)
+            try:
+                await api.call("POST", f"/campaigns/{campaign['id']}/start")
+            except RuntimeError as exc:
+                server_refused = str(exc)
+                console.log(f"server refused to offer the developer build to unlisted devices: {exc}")
+            listed = ", ".join(f'"{h}"' for h in trust.hardware_ids or ())
+            body["filter"] = f"hardware_id in [{listed}]"
+        campaign = await api.call("POST", "/campaigns", json=body)
         cid = campaign["id"]
 
         configs = [
@@ -178,6 +202,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
                 mqtt_url=broker.url,
                 coap_url=settings.public_coap_url,
                 installed_sequence=1,
+                hardware_id=f"hw-{i:05d}",
+                trust_root=trust.root_pem,
+                attest_key=mf.private_key_pem(attest_keys[i]) if attest_keys[i] is not None else None,  # type: ignore[arg-type]
                 index=i,
             )
             for i in range(opts.devices)
@@ -189,16 +216,29 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
         await api.call("POST", f"/campaigns/{cid}/start")
         t0 = time.monotonic()
+        if opts.faults == "revoked":
+            await _revoke_when_running(api, cid, console)
 
         stats = await _watch(api, cid, opts, console, as_json, t0)
         duration = time.monotonic() - t0
         stop.set()
         installed: dict[str, int] = {}
+        credentials = 0
         with contextlib.suppress(asyncio.TimeoutError, Exception):
             report = await asyncio.wait_for(fleet, 30)
             installed = {name: st.installed_sequence for name, st in report.devices.items()}
+            credentials = sum(st.credentials for st in report.devices.values())
         devices = await _all_deployments(api, cid)
-        return _summarize(opts, profile, stats, devices, installed, duration, time.monotonic() - started)
+        result = _summarize(opts, profile, stats, devices, installed, duration, time.monotonic() - started)
+        if opts.attestation:
+            result["attestation"] = True
+            result["credentials"] = credentials
+            if credentials != result["succeeded"]:
+                result["ok"] = False
+        if server_refused is not None:
+            result["server_refused"] = server_refused
+            result["not_targeted"] = opts.devices - len(devices)
+        return result
     finally:
         if api is not None:
             await api.close()
@@ -206,6 +246,73 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             await server.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _revoke_when_running(api: Api, cid: int, console: Console) -> None:
+    """The ``revoked`` scenario: the release signer is revoked while devices are updating."""
+    for _ in range(200):
+        stats = await api.call("GET", f"/campaigns/{cid}/stats")
+        if stats["counts"].get("notified", 0) or stats["counts"].get("downloading", 0):
+            break
+        await asyncio.sleep(0.02)
+    await api.call("POST", "/signers/release/revoke")
+    console.log("signer 'release' revoked while the campaign runs")
+
+
+def _spki_b64(key: Any) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der).decode()
+
+
+@dataclass
+class _Trust:
+    """The demo's signing set-up: a bare key, or (attestation, dev-build, revoked) the operator
+    root → tenant CA → signer chain that devices are provisioned to check."""
+
+    root_pem: bytes | None = None
+    ca_pem: bytes = b""
+    signer_cert_pem: bytes = b""
+    x5chain: list[bytes] | None = None
+    hardware_ids: tuple[str, ...] | None = None
+
+    @classmethod
+    def make(cls, opts: DemoOptions, workdir: Path, signing_key: Any) -> _Trust:
+        from fwcm import manifest as mf
+        from fwcm import pki
+
+        if not (opts.attestation or opts.faults in ("dev-build", "revoked", "rogue")):
+            return cls()
+        root_key = mf.generate_private_key("es256")
+        root = pki.make_root(root_key, "fwcm demo operator root")
+        ca_key = mf.generate_private_key("es256")
+        ca = pki.make_tenant_ca(root_key, root, mf.public_of(ca_key), "demo")
+        hardware = None
+        if opts.faults == "dev-build":
+            hardware = tuple(f"hw-{i:05d}" for i in range(opts.devices) if i % 2 == 0)
+        signer = pki.make_signer(
+            ca_key,
+            ca,
+            mf.public_of(signing_key),
+            "release",
+            hardware_ids=list(hardware) if hardware else None,
+        )
+        (workdir / "root.pem").write_bytes(pki.cert_pem(root))
+        return cls(
+            root_pem=pki.cert_pem(root),
+            ca_pem=pki.cert_pem(ca),
+            signer_cert_pem=pki.cert_pem(signer),
+            x5chain=[pki.cert_der(signer), pki.cert_der(ca)],
+            hardware_ids=hardware,
+        )
+
+    def signer_body(self, pub: bytes) -> dict[str, str]:
+        if self.root_pem is None:
+            return {"public_key_pem": pub.decode()}
+        return {"cert_pem": self.signer_cert_pem.decode()}
 
 
 async def _watch(
@@ -335,13 +442,19 @@ def demo(
     devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices")] = 100,
     transport: Annotated[str, typer.Option(help="mqtt | coap | mixed")] = "mixed",
     faults: Annotated[
-        str, typer.Option(help="none | flaky | corrupt | install-fail | offline | slow")
+        str,
+        typer.Option(
+            help="none | flaky | corrupt | install-fail | offline | slow | rogue | revoked | dev-build"
+        ),
     ] = "none",
     campaign: Annotated[
         Path | None, typer.Option(help="Campaign definition (TOML), e.g. campaigns/staged.toml")
     ] = None,
     image_size: Annotated[int, typer.Option(help="Firmware image size in bytes")] = 64 * 1024,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    attestation: Annotated[
+        bool, typer.Option("--attestation", help="Devices attest before install (certificate chain, tokens)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log at INFO")] = False,
 ) -> None:
@@ -361,7 +474,9 @@ def demo(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     console = Console(stderr=as_json)
-    opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout)
+    if faults == "rogue" and not attestation:
+        raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")
+    opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout, attestation)
     try:
         result = asyncio.run(_run(opts, console, as_json))
     except (RuntimeError, OSError, ConnectionError) as exc:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fwcm.cli import keys, manifest, resources, watch
+from fwcm.cli import keys, manifest, pki, resources, watch
 from fwcm.cli.demo import demo
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(keys.app, name="keys", help="Signing keys.")
+app.add_typer(pki.app, name="pki", help="Certificates: operator root, tenant CAs, signers.")
 manifest.app.command("upload", help="Upload a signed manifest to the server.")(resources.manifest_upload)
 manifest.app.command("list", help="List the tenant's manifests.")(resources.manifest_list)
 app.add_typer(manifest.app, name="manifest", help="SUIT manifests: create, inspect, verify, upload.")
@@ -41,6 +42,41 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+@admin_app.command("tenant-ca")
+def tenant_ca(
+    slug: Annotated[str, typer.Argument(help="Tenant slug")],
+    cert: Annotated[str, typer.Argument(help="Tenant CA certificate PEM (from `fwcm pki tenant-ca`)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Register the CA certificate the operator issued to a tenant (checked against FWCM_PKI_ROOT)."""
+    from pathlib import Path
+
+    from fwcm import pki as pki_lib
+    from fwcm.config import Settings
+    from fwcm.store import repo
+    from fwcm.store.db import Database
+
+    settings = Settings.from_env()
+    root = settings.root_cert()
+    if root is None:
+        typer.echo("error: set FWCM_PKI_ROOT to the operator root certificate first", err=True)
+        raise typer.Exit(1)
+    db = Database(settings.database_url)
+    db.migrate()
+    try:
+        with db.session() as s:
+            repo.set_tenant_ca(s, slug, Path(cert).read_bytes(), root)
+    except (OSError, pki_lib.ChainError, repo.NotFound) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps({"tenant": slug, "ca": cert}))
+    else:
+        typer.echo(f"tenant {slug}: CA registered")
 
 
 @admin_app.command("tenant-create")

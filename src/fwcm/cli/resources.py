@@ -165,20 +165,34 @@ def payload_show(sha256: Annotated[str, typer.Argument(metavar="SHA256")], as_js
 @signer_app.command("add")
 def signer_add(
     name: Annotated[str, typer.Argument(help="Signer name", metavar="NAME")],
-    key: Annotated[Path, typer.Option("--key", help="Public key PEM (NAME.pub from `fwcm keys generate`)")],
+    key: Annotated[
+        Path | None, typer.Option("--key", help="Public key PEM (NAME.pub from `fwcm keys generate`)")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="Signer certificate PEM (from `fwcm pki signer`)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Trust a public key for this tenant's manifests."""
+    """Trust a signer for this tenant's manifests: a bare public key, or a certificate that the
+    tenant's CA issued (developer certificates limit their builds to listed hardware)."""
+    if (key is None) == (cert is None):
+        raise _fail("give exactly one of --key or --cert")
+    path = key or cert
+    assert path is not None
     try:
-        pem = key.read_text()
+        pem = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"cannot read key {key}: {exc}") from None
+        raise _fail(f"cannot read {path}: {exc}") from None
+    body = {"name": name, "public_key_pem": pem} if key else {"name": name, "cert_pem": pem}
     with api() as client:
-        sg = client.post("/signers", {"name": name, "public_key_pem": pem})
+        sg = client.post("/signers", body)
     if as_json:
         _print_json(sg)
     else:
-        typer.echo(f"signer {sg['name']} added ({sg['alg']}, key id {sg['key_id'][:16]}…)")
+        kind = "certified" if sg.get("certified") else "bare key"
+        if sg.get("hardware_ids") is not None:
+            kind = f"developer build signer for {len(sg['hardware_ids'])} hardware IDs"
+        typer.echo(f"signer {sg['name']} added ({sg['alg']}, {kind}, key id {sg['key_id'][:16]}…)")
 
 
 @signer_app.command("list")
@@ -201,7 +215,7 @@ def signer_list(as_json: JsonOpt = False) -> None:
 
 @signer_app.command("revoke")
 def signer_revoke(name: Annotated[str, typer.Argument(metavar="NAME")], as_json: JsonOpt = False) -> None:
-    """Stop accepting new manifests signed by this key."""
+    """Stop trusting a signer: its manifests are refused, campaigns delivering one are cancelled."""
     with api() as client:
         sg = client.post(f"/signers/{name}/revoke")
     if as_json:
@@ -399,7 +413,12 @@ def read_campaign_file(path: Path) -> dict[str, Any]:
         raise _fail(f"cannot read {path}: {exc.strerror or exc}") from None
     except DefinitionError as exc:
         raise _fail(f"{path}: {exc}") from None
-    spec: dict[str, Any] = {"name": d.name, "filter": d.filter, "policy": d.policy}
+    spec: dict[str, Any] = {
+        "name": d.name,
+        "filter": d.filter,
+        "policy": d.policy,
+        "attestation": d.attestation,
+    }
     if d.manifest is not None:
         spec["manifest"] = d.manifest
     return spec
@@ -426,6 +445,9 @@ def campaign_create(
     manifest: Annotated[int | None, typer.Option("--manifest", help="Manifest id")] = None,
     filter: Annotated[str | None, typer.Option("--filter", "-f", help="Device filter (empty: all)")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="Campaign definition (TOML)")] = None,
+    attestation: Annotated[
+        bool | None, typer.Option("--attestation/--no-attestation", help="Devices attest before install")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a draft campaign; options override the values in --file."""
@@ -444,6 +466,7 @@ def campaign_create(
         "manifest_id": spec["manifest"],
         "filter": spec.get("filter", ""),
         "policy": spec.get("policy", {}),
+        "attestation": spec.get("attestation", False) if attestation is None else attestation,
     }
     with api() as client:
         c = client.post("/campaigns", body)

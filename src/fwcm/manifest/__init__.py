@@ -21,6 +21,7 @@ from .keys import (
     load_public_key,
     private_key_pem,
     public_key_pem,
+    public_of,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "load_public_key",
     "private_key_pem",
     "public_key_pem",
+    "public_of",
     "vendor_id_for_domain",
     "verify_envelope",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from fwcm.rollout.policy import Policy, PolicyError, check_keys
 
-CAMPAIGN_KEYS = ("name", "description", "filter", "dynamic", "manifest")
+CAMPAIGN_KEYS = ("name", "description", "filter", "dynamic", "manifest", "attestation")
 TOP_KEYS = ("campaign", "rollout", "phase")
 
 
@@ -33,6 +33,8 @@ class CampaignDefinition:
     description: str | None = None
     manifest: int | str | None = None
     """Manifest id or digest, when the file names one; the command line may give it instead."""
+    attestation: bool = False
+    """Devices attest before they are given an install token."""
 
     def to_policy(self) -> Policy:
         return Policy.from_dict(self.policy)
@@ -67,6 +69,9 @@ def definition_from_dict(doc: dict[str, Any]) -> CampaignDefinition:
         manifest = campaign.get("manifest")
         if manifest is not None and (isinstance(manifest, bool) or not isinstance(manifest, int | str)):
             raise DefinitionError("campaign.manifest: must be a manifest id or digest")
+        attestation = campaign.get("attestation", False)
+        if not isinstance(attestation, bool):
+            raise DefinitionError("campaign.attestation: must be true or false")
         rollout = doc.get("rollout", {})
         if not isinstance(rollout, dict):
             raise DefinitionError("rollout: must be a table ([rollout])")
@@ -93,4 +98,5 @@ def definition_from_dict(doc: dict[str, Any]) -> CampaignDefinition:
         dynamic=policy.dynamic,
         description=description,
         manifest=manifest,
+        attestation=attestation,
     )

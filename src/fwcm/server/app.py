@@ -8,21 +8,26 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import uvicorn
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
+from fwcm import attestation, manifest
 from fwcm.api.ranges import plan
 from fwcm.config import Settings
-from fwcm.protocol import Notice, NoticeKind, encode_notice
+from fwcm.manifest import PublicKey
+from fwcm.manifest.keys import public_of
+from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
 from fwcm.server.engine import Engine, Notifier
-from fwcm.server.ingest import Ingest
-from fwcm.server.metrics import CAMPAIGNS, REGISTRY
+from fwcm.server.ingest import Credentials, Ingest
+from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
@@ -33,6 +38,8 @@ from fwcm.transport.mqtt import MqttTransport
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+PROTECTED_REFRESH_S = 2.0
+"""How long the set of token-protected payloads is trusted before it is read again."""
 
 
 class PayloadCache:
@@ -76,14 +83,19 @@ class PayloadCache:
         return data
 
 
+RefusalFn = Callable[[str, dict[str, str], str], Awaitable[str | None]]
+"""(sha256, query, transport) → why a payload fetch is refused, or None."""
+
+
 class DevicePayloads:
     """ASGI front of the HTTP server: ``GET``/``HEAD /p/{sha256}`` answered from memory with
     Range and ETag, without the API's routing and thread pool (every device of a campaign asks for
     the same image); everything else, and images too large to cache, go to the API."""
 
-    def __init__(self, app: Any, cache: PayloadCache) -> None:
+    def __init__(self, app: Any, cache: PayloadCache, refusal: RefusalFn | None = None) -> None:
         self.app = app
         self.cache = cache
+        self.refusal = refusal
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path: str = scope.get("path", "")
@@ -92,6 +104,15 @@ class DevicePayloads:
         sha = path[3:].lower()
         if not is_sha256(sha):
             return await self.app(scope, receive, send)
+        if self.refusal is not None:
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            refused = await self.refusal(sha, query, "http")
+            if refused is not None:
+                body = f"install token refused: {refused}\n".encode()
+                deny = [(b"content-type", b"text/plain"), (b"www-authenticate", b'Bearer realm="fwcm"')]
+                await send({"type": "http.response.start", "status": 401, "headers": deny})
+                await send({"type": "http.response.body", "body": body})
+                return
         data = self.cache.peek(sha)
         if data is None:
             data = await asyncio.to_thread(self.cache.get, sha, cache_only=True)
@@ -135,7 +156,11 @@ class Server:
         self.payload_cache = PayloadCache(self.payloads)
         self.notifier = Notifier()
         self.engine = Engine(self.db, self.notifier, self.replica)
-        self.ingest = Ingest(self.db)
+        self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
+        self.token_keys: list[PublicKey] = []
+        self._protected: set[str] = set()
+        self._protected_at = -PROTECTED_REFRESH_S
+        self._tokens_ok: dict[tuple[str, str, str], float] = {}
         self.hooks = Hooks(self.engine)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
@@ -157,11 +182,12 @@ class Server:
                 CAMPAIGNS.labels(state.value).set(found.get(state.value, 0))
             return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-        return DevicePayloads(app, self.payload_cache)
+        return DevicePayloads(app, self.payload_cache, self.payload_refusal)
 
     async def start(self) -> None:
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
+        await asyncio.to_thread(self._load_signing_keys)
         if self.enable_mqtt:
             self.mqtt = MqttTransport(
                 self.settings.mqtt_url, f"fwcm-server-{self.replica}", self.ingest.submit
@@ -174,6 +200,7 @@ class Server:
                 self.ingest.submit,
                 self.current_notice,
                 self.coap_payload,
+                self.payload_refusal,
             )
             await self.coap.start()
             self.notifier.notify_coap = self.coap.notify
@@ -244,29 +271,90 @@ class Server:
         found = await asyncio.to_thread(self._active_notice, tenant, device)
         if found is None:
             return None
-        campaign, target, manifest_id, state = found
-        kind = NoticeKind.CANCEL if state == "cancelled" else NoticeKind.UPDATE
-        envelope = self.notifier.envelopes.get(manifest_id)
-        if envelope is None:
-            envelope = await asyncio.to_thread(self._envelope, manifest_id)
-            self.notifier.envelopes[manifest_id] = envelope
-        notice = Notice(
-            kind=kind,
-            device=device,
-            campaign=campaign,
-            attempt=target.attempt,
-            issued=int(time.time()),
-            envelope=envelope if kind == NoticeKind.UPDATE else None,
-        )
-        return encode_notice(target.secret, notice)
+        campaign, target, manifest_id, kind = found
+        if manifest_id not in self.notifier.envelopes:
+            self.notifier.envelopes[manifest_id] = await asyncio.to_thread(self._envelope, manifest_id)
+        return self.notifier.build(target, campaign, kind, manifest_id)
 
-    def _active_notice(self, tenant: str, device: str) -> tuple[int, dq.Target, int, str] | None:
-        with self.db.session() as s:
-            return dq.active_notice(s, tenant, device)
+    def _active_notice(self, tenant: str, device: str) -> tuple[int, dq.Target, int, NoticeKind] | None:
+        with self.db.read() as s:
+            found = dq.active_notice(s, tenant, device)
+            if found is not None:
+                campaign, target, manifest_id, state = found
+                kind = NoticeKind.CANCEL if state == "cancelled" else NoticeKind.UPDATE
+                return campaign, target, manifest_id, kind
+            done = dq.last_attested_success(s, tenant, device)
+            if done is not None:
+                return done[0], done[1], done[2], NoticeKind.CREDENTIAL
+        return None
 
     def _envelope(self, manifest_id: int) -> bytes:
         with self.db.session() as s:
             return dq.manifest_envelope(s, manifest_id)
+
+    # -- attestation ----------------------------------------------------------------------------
+
+    def _load_signing_keys(self) -> None:
+        with self.db.session() as s:
+            pems = dq.server_signing_keys(s)
+        keys = [manifest.load_private_key(p) for p in pems]
+        self.notifier.signing_key = keys[0]
+        self.token_keys = [public_of(k) for k in keys]
+
+    def _deliver_attested(self, results: list[dq.AttestationResult], credentials: Credentials) -> None:
+        """After ingest committed: install tokens (or refusals) and credentials go to the devices."""
+        for r in results:
+            if r.reason is None:
+                self.notifier.send(r.target, r.campaign, NoticeKind.UPDATE, r.manifest_id)
+            else:
+                reason = f"attestation refused: {r.reason}"
+                self.notifier.send(r.target, r.campaign, NoticeKind.CANCEL, r.manifest_id, reason=reason)
+        for campaign, target, manifest_id in credentials:
+            self.notifier.send(target, campaign, NoticeKind.CREDENTIAL, manifest_id)
+
+    def _protected_images(self) -> set[str]:
+        now = time.monotonic()
+        if now - self._protected_at >= PROTECTED_REFRESH_S:
+            with self.db.read() as s:
+                self._protected = dq.protected_images(s)
+            self._protected_at = now
+        return self._protected
+
+    async def payload_refusal(self, sha256: str, query: dict[str, str], transport: str) -> str | None:
+        """Why a payload fetch is refused (None: serve it). Images of attested campaigns need a
+        valid install token (``t``) for the asking device (``d=tenant/device``) and that image."""
+        protected = self._protected
+        if time.monotonic() - self._protected_at >= PROTECTED_REFRESH_S:
+            protected = await asyncio.to_thread(self._protected_images)
+        if sha256 not in protected:
+            return None
+        tenant, _, device = query.get("d", "").partition("/")
+        seen = (sha256, query.get("d", ""), query.get("t", ""))
+        if self._tokens_ok.get(seen, 0.0) > time.time():
+            return None  # CoAP asks once per block: verify a token once
+        try:
+            if "t" not in query or not device:
+                raise attestation.AttestationError(
+                    "missing", "an install token (t) and device (d) are required"
+                )
+            grant = attestation.check_token(
+                attestation.unb64(query["t"]),
+                self.token_keys,
+                tenant=tenant,
+                device=device,
+                image_digest=bytes.fromhex(sha256),
+                now=time.time(),
+            )
+        except attestation.AttestationError as err:
+            TOKENS_REFUSED.labels(transport, err.reason).inc()
+            log.warning(
+                "payload %s… refused to %s/%s over %s: %s", sha256[:12], tenant, device, transport, err
+            )
+            return f"{err.reason}: {err}"
+        if len(self._tokens_ok) > 50_000:
+            self._tokens_ok.clear()
+        self._tokens_ok[seen] = float(grant.expires)
+        return None
 
     async def coap_payload(self, sha256: str) -> bytes | None:
         """Payload bytes for a Block2 request: from memory when cached (every block asks again)."""

@@ -14,11 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from fwcm.protocol import Notice, NoticeKind, encode_notice
+from fwcm import attestation, manifest
+from fwcm.attestation import Grant
+from fwcm.manifest import PrivateKey
+from fwcm.protocol import NOTICE_CREDENTIAL, NOTICE_REASON, NOTICE_TOKEN, Notice, NoticeKind, encode_notice
 from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
 from fwcm.server import metrics
@@ -39,7 +42,12 @@ T = TypeVar("T")
 
 @dataclass
 class Notifier:
-    """Routes sealed notices to each device's transport."""
+    """Builds each device's notice and routes it to the device's transport.
+
+    Update notices carry what the device needs besides the manifest: the attestation nonce, the
+    install token once the device attested, the install window, and the key ids of the tenant's
+    revoked signers, so a device learns of a revocation with its next notice.
+    """
 
     publish_mqtt: Callable[[str, str, bytes], None] | None = None
     notify_coap: Callable[[str, str], bool] | None = None
@@ -47,27 +55,86 @@ class Notifier:
     envelopes: dict[int, bytes] = field(default_factory=dict)
     windows: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     """Install window per campaign (window mode "install"), carried in update notices."""
+    revoked: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    """Key ids of revoked signers per tenant slug."""
+    signing_key: PrivateKey | None = None
+    """Signs install tokens and installation credentials."""
+    _facts: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
 
-    def build(self, target: dq.Target, campaign: int, kind: NoticeKind, manifest_id: int) -> bytes:
+    def facts(self, manifest_id: int) -> tuple[bytes, bytes, int]:
+        """(manifest digest, image digest, sequence) of a loaded manifest."""
+        found = self._facts.get(manifest_id)
+        if found is None:
+            env = manifest.decode_envelope(self.envelopes[manifest_id])
+            found = self._facts[manifest_id] = (env.digest, env.info.image_digest, env.info.sequence)
+        return found
+
+    def grant(self, target: dq.Target, campaign: int, manifest_id: int) -> Grant:
+        digest, image, sequence = self.facts(manifest_id)
+        now = int(time.time())
+        return Grant(
+            target.tenant,
+            target.name,
+            digest,
+            image,
+            campaign,
+            expires=now + attestation.TOKEN_TTL_S,
+            sequence=sequence,
+            installed_at=now,
+        )
+
+    def build(
+        self,
+        target: dq.Target,
+        campaign: int,
+        kind: NoticeKind,
+        manifest_id: int,
+        *,
+        reason: str | None = None,
+    ) -> bytes:
+        extra: dict[int, Any] = {}
+        update = kind == NoticeKind.UPDATE
+        if update and target.attested and self.signing_key is not None:
+            extra[NOTICE_TOKEN] = attestation.issue_token(
+                self.signing_key, self.grant(target, campaign, manifest_id)
+            )
+        if kind == NoticeKind.CREDENTIAL and self.signing_key is not None:
+            extra[NOTICE_CREDENTIAL] = attestation.issue_credential(
+                self.signing_key, self.grant(target, campaign, manifest_id)
+            )
+        if reason is not None:
+            extra[NOTICE_REASON] = reason[:100]
         notice = Notice(
             kind=kind,
             device=target.name,
             campaign=campaign,
             attempt=target.attempt,
             issued=int(time.time()),
-            envelope=self.envelopes.get(manifest_id) if kind == NoticeKind.UPDATE else None,
-            window=self.windows.get(campaign) if kind == NoticeKind.UPDATE else None,
+            envelope=self.envelopes.get(manifest_id) if update else None,
+            nonce=target.nonce if update else None,
+            revoked=self.revoked.get(target.tenant, ()),
+            window=self.windows.get(campaign) if update else None,
+            extra=extra,
         )
         return encode_notice(target.secret, notice)
 
-    def send(self, target: dq.Target, campaign: int, kind: NoticeKind, manifest_id: int) -> None:
+    def send(
+        self,
+        target: dq.Target,
+        campaign: int,
+        kind: NoticeKind,
+        manifest_id: int,
+        *,
+        reason: str | None = None,
+    ) -> None:
         key = (target.tenant, target.name)
         self.current[key] = (campaign, target.attempt, kind, manifest_id)
         if target.transport == "coap":
             if self.notify_coap is not None:
                 self.notify_coap(target.tenant, target.name)
         elif self.publish_mqtt is not None:
-            self.publish_mqtt(target.tenant, target.name, self.build(target, campaign, kind, manifest_id))
+            data = self.build(target, campaign, kind, manifest_id, reason=reason)
+            self.publish_mqtt(target.tenant, target.name, data)
         metrics.NOTICES_SENT.labels(target.transport, kind.name.lower()).inc()
 
 
@@ -128,7 +195,10 @@ class Engine:
         if self._lease_now or now - self._leased_at >= LEASE_S / 3:
             self._lease_now = False
             self._leased_at = now
-            leased = await self._db(lambda s: dq.lease_campaigns(s, self.owner, LEASE_S))
+            leased, revoked = await self._db(
+                lambda s: (dq.lease_campaigns(s, self.owner, LEASE_S), dq.revoked_key_ids(s))
+            )
+            self.notifier.revoked = revoked
             await self._process_cancellations()
         else:
             ids = [c.id for c in self._leased]
@@ -180,7 +250,9 @@ class Engine:
                 repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
             view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
             decision = policy.decide(view, state, now)
-            targets = dq.take_pending(s, c.id, decision.notify, max_phase=view.phase, now=now)
+            targets = dq.take_pending(
+                s, c.id, decision.notify, max_phase=view.phase, now=now, attestation=c.attestation
+            )
             state.record_notified(len(targets), now)
             if decision.advance_to is not None:
                 dq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fwcm import protocol
-from fwcm.protocol import ProtocolError
+from fwcm.protocol import REPORT_EVIDENCE, ProtocolError, Result
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
 from fwcm.store import deployments as dq
@@ -23,6 +23,10 @@ from fwcm.store.db import Database
 from fwcm.transport.inbound import Inbound
 
 log = logging.getLogger(__name__)
+
+Credentials = list[tuple[int, dq.Target, int]]
+"""(campaign, target, manifest id) of attested installs that succeeded: credentials are due."""
+AttestedFn = Callable[[list[dq.AttestationResult], Credentials], None]
 
 KEY_CACHE_TTL_S = 60.0
 
@@ -70,6 +74,7 @@ class Ingest:
         db: Database,
         on_applied: Callable[[set[int]], None] = lambda _c: None,
         *,
+        on_attested: AttestedFn = lambda _a, _c: None,
         batch_max: int = 2000,
         linger_s: float = 0.01,
     ) -> None:
@@ -77,6 +82,7 @@ class Ingest:
         self.keys = KeyCache(db)
         self._policies: dict[int, Policy] = {}
         self._on_applied = on_applied
+        self.on_attested = on_attested
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._batch_max = batch_max
         self._linger = linger_s
@@ -119,7 +125,7 @@ class Ingest:
         delay = 0.2
         while True:
             try:
-                outcomes, campaigns = await asyncio.to_thread(self._process, batch)
+                outcomes, campaigns, attested, credentials = await asyncio.to_thread(self._process, batch)
                 break
             except Exception:
                 log.exception("ingest batch of %d failed; retrying without acknowledging", len(batch))
@@ -131,10 +137,14 @@ class Ingest:
                 metrics.INGEST_LATENCY.observe(now - item.arrived)
             item.inbound.on_done(outcome)
         metrics.BATCH_SIZE.observe(len(batch))
+        if attested or credentials:
+            self.on_attested(attested, credentials)
         if campaigns:
             self._on_applied(campaigns)
 
-    def _process(self, batch: list[_Item]) -> tuple[list[ProtocolError | None], set[int]]:
+    def _process(
+        self, batch: list[_Item]
+    ) -> tuple[list[ProtocolError | None], set[int], list[dq.AttestationResult], Credentials]:
         """Verify and apply a batch in one transaction; returns per-message outcome."""
         outcomes: list[ProtocolError | None] = [None] * len(batch)
         sealed: dict[int, protocol.Sealed] = {}
@@ -175,9 +185,23 @@ class Ingest:
                 key = keys.get((m.tenant, m.device))
                 if key is not None and m.payload in (b"0", b"1"):
                     presence[key.device_pk] = m.payload == b"1"
+        evidence = [v for v in verified if REPORT_EVIDENCE in v.report.extra]
+        reports = [v for v in verified if REPORT_EVIDENCE not in v.report.extra]
+        done = [
+            (v.report.campaign, v.key.device_pk)
+            for v in reports
+            if v.report.campaign and v.report.result == Result.SUCCESS
+        ]
         with self.db.session() as s:
-            changed, campaigns = dq.apply_reports(s, verified, self._policies)
+            attested = dq.apply_attestations(s, evidence)
+            changed, campaigns = dq.apply_reports(s, reports, self._policies)
+            credentials = dq.credential_targets(s, done) if done else []
             dq.set_presence(s, presence)
+        for a in attested:
+            metrics.ATTESTATIONS.labels(a.reason or "accepted").inc()
+            if a.reason is not None:
+                log.warning("attestation of %s/%s refused: %s", a.target.tenant, a.target.name, a.reason)
+                campaigns.add(a.campaign)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.inbound.kind == "presence":
                 continue
@@ -195,4 +219,4 @@ class Ingest:
                     outcome,
                 )
         log.debug("batch of %d: %d deployments changed", len(batch), changed)
-        return outcomes, campaigns
+        return outcomes, campaigns, attested, credentials

@@ -28,3 +28,12 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 CAMPAIGNS = Gauge("fwcm_campaigns", "Campaigns by state", ["state"], registry=REGISTRY)
+ATTESTATIONS = Counter(
+    "fwcm_attestations_total", "Attestation evidence judged, by outcome", ["outcome"], registry=REGISTRY
+)
+TOKENS_REFUSED = Counter(
+    "fwcm_install_tokens_refused_total",
+    "Payload fetches refused for a missing or invalid install token",
+    ["transport", "reason"],
+    registry=REGISTRY,
+)

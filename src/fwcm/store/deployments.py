@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from fwcm.protocol import Report, Result
+from fwcm import attestation
+from fwcm.attestation import NONCE_BYTES, Grant
+from fwcm.manifest import generate_private_key, load_public_key, private_key_pem
+from fwcm.protocol import REPORT_EVIDENCE, REPORT_FIRMWARE_NAME, REPORT_FIRMWARE_VERSION, Report, Result
 from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import (
     DEVICE_TERMINAL,
@@ -20,7 +24,17 @@ from fwcm.rollout.states import (
     DeviceState,
     apply_report,
 )
-from fwcm.store.models import Campaign, CampaignEvent, Deployment, Device, DeviceEvent, Manifest, Tenant
+from fwcm.store.models import (
+    Campaign,
+    CampaignEvent,
+    Deployment,
+    Device,
+    DeviceEvent,
+    Manifest,
+    ServerKey,
+    Signer,
+    Tenant,
+)
 
 HISTORY_PER_DEVICE = 50
 """Device history kept per device; older events are trimmed (bounded growth)."""
@@ -47,6 +61,10 @@ class Target:
     transport: str
     secret: bytes
     attempt: int
+    nonce: bytes | None = None
+    """Outstanding attestation nonce (attested campaigns, before the device attested)."""
+    attested: bool = False
+    """The device attested for this attempt: its notice carries an install token."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class LeasedCampaign:
     policy: dict[str, object]
     manifest_id: int
     phase: int
+    attestation: bool = False
 
 
 _LEASE_COLUMNS = (
@@ -66,6 +85,7 @@ _LEASE_COLUMNS = (
     Campaign.policy,
     Campaign.manifest_id,
     Campaign.phase,
+    Campaign.attestation,
 )
 
 
@@ -86,7 +106,7 @@ def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampai
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
         .returning(*_LEASE_COLUMNS)
     ).all()
-    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
+    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5], bool(r[6])) for r in rows]
 
 
 def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaign]:
@@ -96,7 +116,7 @@ def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaig
             Campaign.id.in_(ids), Campaign.lease_owner == owner, Campaign.state.in_(_ACTIVE)
         )
     ).all()
-    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5]) for r in rows]
+    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5], bool(r[6])) for r in rows]
 
 
 def release_leases(s: Session, owner: str) -> None:
@@ -114,7 +134,7 @@ def counts(s: Session, campaign_id: int) -> Counter[str]:
     return Counter({state: n for state, n in rows})
 
 
-def _targets() -> Select[int, int, str, str, str, bytes]:
+def _targets() -> Select[int, int, str, str, str, bytes, bytes | None, datetime | None]:
     """Deployment rows with what a notice needs: device key, name, tenant slug and transport."""
     return (
         select(
@@ -124,6 +144,8 @@ def _targets() -> Select[int, int, str, str, str, bytes]:
             Device.name,
             Device.transport,
             Device.secret,
+            Deployment.nonce,
+            Deployment.attested_at,
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)
@@ -131,11 +153,18 @@ def _targets() -> Select[int, int, str, str, str, bytes]:
 
 
 def take_pending(
-    s: Session, campaign_id: int, limit: int, *, max_phase: int = 0, now: float | None = None
+    s: Session,
+    campaign_id: int,
+    limit: int,
+    *,
+    max_phase: int = 0,
+    now: float | None = None,
+    attestation: bool = False,
 ) -> list[Target]:
     """Mark up to ``limit`` pending deployments notified (new attempt) and return them.
 
     Only phases up to ``max_phase`` are eligible, and retries only once their backoff has passed.
+    In an attested campaign every new attempt gets a fresh single-use nonce.
     """
     if limit <= 0:
         return []
@@ -153,6 +182,7 @@ def take_pending(
     ).all()
     if not rows:
         return []
+    nonces = {r[0]: secrets.token_bytes(NONCE_BYTES) if attestation else None for r in rows}
     s.connection().execute(
         update(Deployment)
         .where(
@@ -167,10 +197,13 @@ def take_pending(
             notified_at=when,
             updated_at=when,
             retry_at=None,
+            nonce=bindparam("n"),
+            nonce_at=when if attestation else None,
+            attested_at=None,
         ),
-        [{"d": r[0], "a": r[1] + 1} for r in rows],
+        [{"d": r[0], "a": r[1] + 1, "n": nonces[r[0]]} for r in rows],
     )
-    return [Target(r[0], r[2], r[3], r[4], r[5], r[1] + 1) for r in rows]
+    return [Target(r[0], r[2], r[3], r[4], r[5], r[1] + 1, nonces[r[0]]) for r in rows]
 
 
 def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
@@ -267,7 +300,11 @@ def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Targe
     rows = s.execute(
         _targets().where(Deployment.campaign_id == campaign_id, Deployment.state.in_(list(states)))
     ).all()
-    return [Target(r[0], r[2], r[3], r[4], r[5], r[1]) for r in rows]
+    return [_target(r) for r in rows]
+
+
+def _target(r: Row[int, int, str, str, str, bytes, bytes | None, datetime | None]) -> Target:
+    return Target(r[0], r[2], r[3], r[4], r[5], r[1], r[6], r[7] is not None)
 
 
 def cancel_not_started(s: Session, campaign_id: int) -> int:
@@ -339,15 +376,26 @@ def apply_reports(
     """
     now = utcnow()
     hellos = [
-        {"d": v.key.device_pk, "sq": v.report.installed_sequence}
+        {
+            "d": v.key.device_pk,
+            "sq": v.report.installed_sequence,
+            "fn": _short_text(v.report.extra.get(REPORT_FIRMWARE_NAME), 200),
+            "fv": _short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64),
+        }
         for v in batch
         if v.report.campaign == 0 and v.report.installed_sequence is not None
     ]
-    if hellos:
+    if hellos:  # the hello is the device's receipt of what it runs
         s.connection().execute(
             update(Device)
             .where(Device.id == bindparam("d"))
-            .values(sequence=bindparam("sq"), last_seen=now, online=True),
+            .values(
+                sequence=bindparam("sq"),
+                firmware_name=func.coalesce(bindparam("fn"), Device.firmware_name),
+                version=func.coalesce(bindparam("fv"), Device.version),
+                last_seen=now,
+                online=True,
+            ),
             hellos,
         )
 
@@ -441,6 +489,10 @@ def apply_reports(
     return len(updates), {int(u["c"]) for u in updates}  # type: ignore[call-overload]
 
 
+def _short_text(v: object, limit: int) -> str | None:
+    return v[:limit] if isinstance(v, str) else None
+
+
 def set_presence(s: Session, device_pks: dict[int, bool]) -> None:
     now = utcnow()
     if device_pks:
@@ -474,6 +526,8 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
             Device.secret,
             Campaign.manifest_id,
             Campaign.state,
+            Deployment.nonce,
+            Deployment.attested_at,
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)
@@ -491,8 +545,255 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
     ).first()
     if row is None:
         return None
-    target = Target(row[1], tenant, device, row[3], row[4], row[2])
+    target = Target(row[1], tenant, device, row[3], row[4], row[2], row[7], row[8] is not None)
     return row[0], target, row[5], row[6]
+
+
+def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tuple[int, Target, int]]:
+    """Succeeded deployments of attested campaigns among (campaign, device) ``pairs``."""
+    wanted = list(set(pairs))
+    if not wanted:
+        return []
+    rows = s.execute(
+        select(
+            Deployment.campaign_id,
+            Deployment.device_id,
+            Deployment.attempt,
+            Tenant.slug,
+            Device.name,
+            Device.transport,
+            Device.secret,
+            Campaign.manifest_id,
+        )
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .where(
+            tuple_(Deployment.campaign_id, Deployment.device_id).in_(wanted),
+            Campaign.attestation.is_(True),
+            Deployment.state == DeviceState.SUCCEEDED.value,
+        )
+    ).all()
+    return [(r[0], Target(r[1], r[3], r[4], r[5], r[6], r[2]), r[7]) for r in rows]
+
+
+def last_attested_success(s: Session, tenant: str, device: str) -> tuple[int, Target, int] | None:
+    """The device's newest succeeded deployment of an attested campaign: its credential is due."""
+    row = s.execute(
+        select(
+            Deployment.campaign_id,
+            Deployment.device_id,
+            Deployment.attempt,
+            Device.transport,
+            Device.secret,
+            Campaign.manifest_id,
+        )
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .where(
+            Tenant.slug == tenant,
+            Device.name == device,
+            Campaign.attestation.is_(True),
+            Deployment.state == DeviceState.SUCCEEDED.value,
+        )
+        .order_by(Deployment.campaign_id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return row[0], Target(row[1], tenant, device, row[3], row[4], row[2]), row[5]
+
+
+# -- attestation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    """One evidence report judged: ``grant`` to sign into a token, or ``reason`` it was refused."""
+
+    campaign: int
+    manifest_id: int
+    target: Target
+    grant: Grant | None
+    reason: str | None
+
+
+def apply_attestations(s: Session, batch: Sequence[Verified]) -> list[AttestationResult]:
+    """Judge evidence reports against each deployment's outstanding nonce, in the caller's transaction.
+
+    Accepted: the nonce is consumed and the deployment marked attested. Refused: the deployment
+    fails with ATTESTATION_REFUSED and the reason. Duplicates (sequence already applied) and
+    evidence for attempts no longer current are ignored.
+    """
+    if not batch:
+        return []
+    now = utcnow()
+    pairs = {(v.report.campaign, v.key.device_pk) for v in batch}
+    rows = s.execute(
+        select(
+            Deployment.campaign_id,
+            Deployment.device_id,
+            Deployment.state,
+            Deployment.attempt,
+            Deployment.last_seq,
+            Deployment.nonce,
+            Deployment.nonce_at,
+            Device.attest_key_pem,
+            Device.name,
+            Device.transport,
+            Device.secret,
+            Tenant.slug,
+            Manifest.digest,
+            Manifest.image_digest,
+            Campaign.manifest_id,
+            Campaign.attestation,
+        )
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .join(Manifest, Manifest.id == Campaign.manifest_id)
+        .where(tuple_(Deployment.campaign_id, Deployment.device_id).in_(list(pairs)))
+    ).all()
+    by_pair = {(r[0], r[1]): r for r in rows}
+    out: list[AttestationResult] = []
+    for v in sorted(batch, key=lambda v: v.report.seq):
+        r = by_pair.get((v.report.campaign, v.key.device_pk))
+        rep = v.report
+        if r is None or not r[15] or r[3] != rep.attempt or r[4] >= rep.seq:
+            continue
+        if r[2] != DeviceState.NOTIFIED.value:
+            continue
+        target = Target(r[1], r[11], r[8], r[9], r[10], r[3])
+        evidence = rep.extra.get(REPORT_EVIDENCE)
+        try:
+            key = load_public_key(r[7].encode()) if r[7] else None
+            age = (now - _aware(r[6])).total_seconds() if r[6] is not None else None
+            attestation.check_evidence(
+                evidence if isinstance(evidence, bytes) else b"",
+                key,
+                device=r[8],
+                nonce=r[5],
+                nonce_age_s=age,
+                manifest_digest=bytes.fromhex(r[12]),
+            )
+        except attestation.AttestationError as err:
+            _refuse_attestation(s, v, r[3], err, now)
+            out.append(AttestationResult(r[0], r[14], target, None, err.reason))
+            del by_pair[(r[0], r[1])]  # later evidence in this batch finds nothing to judge
+            continue
+        s.execute(
+            update(Deployment)
+            .where(Deployment.campaign_id == r[0], Deployment.device_id == r[1], Deployment.attempt == r[3])
+            .values(nonce=None, attested_at=now, last_seq=rep.seq, updated_at=now)
+        )
+        grant = Grant(
+            r[11],
+            r[8],
+            bytes.fromhex(r[12]),
+            bytes.fromhex(r[13]),
+            r[0],
+            expires=int(now.timestamp()) + attestation.TOKEN_TTL_S,
+        )
+        out.append(AttestationResult(r[0], r[14], replace(target, attested=True), grant, None))
+    return out
+
+
+def _refuse_attestation(
+    s: Session, v: Verified, attempt: int, err: attestation.AttestationError, now: datetime
+) -> None:
+    detail = f"attestation refused: {err.reason}: {err}"[:200]
+    s.execute(
+        update(Deployment)
+        .where(
+            Deployment.campaign_id == v.report.campaign,
+            Deployment.device_id == v.key.device_pk,
+            Deployment.attempt == attempt,
+        )
+        .values(
+            state=DeviceState.FAILED.value,
+            result=int(Result.ATTESTATION_REFUSED),
+            detail=detail,
+            nonce=None,
+            last_seq=v.report.seq,
+            updated_at=now,
+        )
+    )
+    s.add(
+        DeviceEvent(
+            tenant_id=v.key.tenant_id,
+            campaign_id=v.report.campaign,
+            device_id=v.key.device_pk,
+            at=now,
+            state=DeviceState.FAILED.value,
+            result=int(Result.ATTESTATION_REFUSED),
+            detail=detail,
+        )
+    )
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def grant_for(s: Session, campaign_id: int, device_pk: int, *, ttl_s: int) -> Grant | None:
+    """What a token or credential for this deployment says (tenant, device, manifest and image)."""
+    row = s.execute(
+        select(Tenant.slug, Device.name, Manifest.digest, Manifest.image_digest, Manifest.sequence)
+        .select_from(Deployment)
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .join(Manifest, Manifest.id == Campaign.manifest_id)
+        .where(Deployment.campaign_id == campaign_id, Deployment.device_id == device_pk)
+    ).first()
+    if row is None:
+        return None
+    now = int(utcnow().timestamp())
+    return Grant(
+        row[0],
+        row[1],
+        bytes.fromhex(row[2]),
+        bytes.fromhex(row[3]),
+        campaign_id,
+        expires=now + ttl_s,
+        sequence=row[4],
+        installed_at=now,
+    )
+
+
+def server_signing_keys(s: Session) -> list[bytes]:
+    """PEM private keys that sign tokens and credentials, oldest first; made on first use."""
+    keys = list(s.scalars(select(ServerKey.private_pem).order_by(ServerKey.id)))
+    if not keys:
+        pem = private_key_pem(generate_private_key("eddsa"))
+        s.add(ServerKey(private_pem=pem))
+        s.flush()
+        keys = [pem]
+    return keys
+
+
+def revoked_key_ids(s: Session) -> dict[str, tuple[bytes, ...]]:
+    """Key ids of revoked signers per tenant slug: carried in every notice to that tenant's devices."""
+    out: dict[str, list[bytes]] = {}
+    for slug, key_id_hex in s.execute(
+        select(Tenant.slug, Signer.key_id)
+        .join(Tenant, Tenant.id == Signer.tenant_id)
+        .where(Signer.revoked_at.is_not(None))
+    ):
+        out.setdefault(slug, []).append(bytes.fromhex(key_id_hex))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def protected_images(s: Session) -> set[str]:
+    """Image digests of attested campaigns that may still deliver: fetching them needs a token."""
+    rows = s.execute(
+        select(Manifest.image_digest)
+        .join(Campaign, Campaign.manifest_id == Manifest.id)
+        .where(Campaign.attestation.is_(True), Campaign.state.in_(_ACTIVE))
+    ).scalars()
+    return set(rows)
 
 
 def cancelled_unsettled(s: Session, owner: str, lease_s: float) -> list[tuple[int, int, int]]:

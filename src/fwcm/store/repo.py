@@ -7,6 +7,7 @@ indistinguishable from a missing one (``NotFound``).  Functions run inside the c
 
 from __future__ import annotations
 
+import base64
 import csv
 import functools
 import hashlib
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from cryptography import x509
 from sqlalchemy import (
     ColumnElement,
     Table,
@@ -37,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fwcm import filters, manifest
+from fwcm import filters, manifest, pki
 from fwcm.protocol import NAME_RE, Result
 from fwcm.rollout.policy import Policy, PolicyError
 from fwcm.store.models import (
@@ -84,6 +86,7 @@ CSV_COLUMNS = (
     "transport",
     "hardware_id",
     "secret",
+    "attest_key",
 )
 CSV_REQUIRED = ("name", "vendor_id", "class_id")
 _IN_CHUNK = 5000
@@ -192,11 +195,31 @@ def tenant_by_slug(s: Session, slug: str) -> Tenant | None:
 # -- signers ----------------------------------------------------------------------------------
 
 
-def add_signer(s: Session, tenant_id: int, name: str, public_key_pem: str | bytes) -> Signer:
-    """Trust a public key for this tenant's manifests; raises ManifestError for a bad key."""
+def add_signer(
+    s: Session,
+    tenant_id: int,
+    name: str,
+    public_key_pem: str | bytes | None = None,
+    *,
+    cert_pem: str | bytes | None = None,
+    root: x509.Certificate | None = None,
+) -> Signer:
+    """Trust a signer for this tenant's manifests: a bare public key, or a signer certificate that
+    chains to the operator root through the tenant's CA (developer certificates carry the hardware
+    IDs their builds may target). Raises ManifestError for a bad key, ChainError for a bad chain."""
     _name(name, "signer name")
-    pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
-    key = manifest.load_public_key(pem)
+    cert_text: str | None = None
+    hardware_ids: list[str] | None = None
+    if cert_pem is not None:
+        info = _signer_chain(s, tenant_id, cert_pem, root)
+        key = info.public_key
+        cert_text = pki.cert_pem(pki.load_cert(info.leaf_der)).decode()
+        hardware_ids = list(info.hardware_ids) if info.hardware_ids is not None else None
+    elif public_key_pem is not None:
+        pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+        key = manifest.load_public_key(pem)
+    else:
+        raise Invalid("a signer needs a public key or a certificate")
     kid = manifest.key_id(key).hex()
     for other in s.scalars(
         select(Signer).where(Signer.tenant_id == tenant_id, (Signer.name == name) | (Signer.key_id == kid))
@@ -210,10 +233,47 @@ def add_signer(s: Session, tenant_id: int, name: str, public_key_pem: str | byte
         alg=manifest.key_alg(key),
         key_id=kid,
         public_key_pem=manifest.public_key_pem(key).decode(),
+        cert_pem=cert_text,
+        hardware_ids=hardware_ids,
     )
     s.add(signer)
     s.flush()
     return signer
+
+
+def _signer_chain(
+    s: Session, tenant_id: int, cert_pem: str | bytes, root: x509.Certificate | None
+) -> pki.SignerInfo:
+    """Validate a signer certificate (optionally followed by its CA) against root and tenant CA."""
+    if root is None:
+        raise Invalid("this server has no operator root CA configured (FWCM_PKI_ROOT)")
+    tenant = s.get(Tenant, tenant_id)
+    assert tenant is not None
+    if not tenant.ca_cert_pem:
+        raise Invalid(f"tenant {tenant.slug!r} has no CA registered; the operator issues one")
+    data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+    certs = pki.load_pem_chain(data)
+    ca = pki.load_cert(tenant.ca_cert_pem.encode())
+    if len(certs) > 1 and pki.cert_der(certs[1]) != pki.cert_der(ca):
+        raise pki.ChainError("issuer_mismatch", "the certificate's CA is not this tenant's CA")
+    info = pki.validate_chain([pki.cert_der(certs[0]), pki.cert_der(ca)], root)
+    if info.tenant != tenant.slug:
+        raise pki.ChainError("issuer_mismatch", f"certificate issued for tenant {info.tenant!r}")
+    return info
+
+
+def set_tenant_ca(s: Session, slug: str, ca_pem: str | bytes, root: x509.Certificate) -> Tenant:
+    """Register the CA certificate the operator issued to a tenant (checked against the root)."""
+    tenant = tenant_by_slug(s, slug)
+    if tenant is None:
+        raise NotFound(f"tenant {slug!r} not found")
+    data = ca_pem.encode() if isinstance(ca_pem, str) else ca_pem
+    ca = pki.load_pem_chain(data)[0]
+    pki.check_tenant_ca(ca, root)
+    if pki.tenant_of(ca) != slug:
+        raise pki.ChainError("issuer_mismatch", f"CA issued for tenant {pki.tenant_of(ca)!r}, not {slug!r}")
+    tenant.ca_cert_pem = pki.cert_pem(ca).decode()
+    return tenant
 
 
 def list_signers(s: Session, tenant_id: int) -> Sequence[Signer]:
@@ -227,12 +287,27 @@ def get_signer(s: Session, tenant_id: int, name: str) -> Signer:
     return signer
 
 
-def revoke_signer(s: Session, tenant_id: int, name: str) -> Signer:
-    """Stop trusting a key for new manifests; manifests already stored keep their signer."""
+def revoke_signer(s: Session, tenant_id: int, name: str) -> tuple[Signer, list[int]]:
+    """Stop trusting a signer: its manifests are refused from now on, and campaigns still
+    delivering one are cancelled (devices get the revocation with the cancel notice and refuse
+    the image if they have not installed it yet). Returns the signer and the cancelled campaigns."""
     signer = get_signer(s, tenant_id, name)
+    cancelled: list[int] = []
     if signer.revoked_at is None:
         signer.revoked_at = now()
-    return signer
+        active = s.scalars(
+            select(Campaign)
+            .join(Manifest, Manifest.id == Campaign.manifest_id)
+            .where(
+                Campaign.tenant_id == tenant_id,
+                Manifest.signer_id == signer.id,
+                Campaign.state.in_(("draft", "scheduled", "running", "paused")),
+            )
+        ).all()
+        for c in active:
+            change_campaign(s, tenant_id, c.id, "cancel", f"signer {name!r} revoked")
+            cancelled.append(c.id)
+    return signer, cancelled
 
 
 # -- payloads ---------------------------------------------------------------------------------
@@ -278,20 +353,37 @@ def payload_is_published(s: Session, sha256: str) -> bool:
 
 
 def upload_manifest(
-    s: Session, tenant_id: int, data: bytes, *, max_bytes: int = 64 * 1024, name: str | None = None
+    s: Session,
+    tenant_id: int,
+    data: bytes,
+    *,
+    max_bytes: int = 64 * 1024,
+    name: str | None = None,
+    root: x509.Certificate | None = None,
 ) -> tuple[Manifest, bool]:
     """Decode and verify an envelope against the tenant's trusted signers, then store it.
 
-    Raises ManifestError (malformed) or SignatureError (not signed by a trusted, unrevoked key).
+    An envelope carrying an ``x5chain`` is also checked like a device checks it: the chain must
+    lead to the operator ``root`` through this tenant's CA. Raises ManifestError (malformed),
+    SignatureError (not signed by a registered, unrevoked signer) or ChainError (bad chain).
     Uploading the same manifest twice returns the stored one with ``created`` False.
     """
     if len(data) > max_bytes:
         raise TooLarge(f"manifest of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     env = manifest.decode_envelope(data)
-    signers = [
-        sg
-        for sg in s.scalars(select(Signer).where(Signer.tenant_id == tenant_id, Signer.revoked_at.is_(None)))
-    ]
+    if any(sig.x5chain for sig in env.signatures):
+        if root is None:
+            raise Invalid("manifest carries a certificate chain but no operator root CA is configured")
+        certified = pki.verify_manifest(env, root)
+        slug = s.scalar(select(Tenant.slug).where(Tenant.id == tenant_id))
+        if certified.tenant != slug:
+            raise pki.ChainError("issuer_mismatch", f"signed under the CA of tenant {certified.tenant!r}")
+    all_signers = list(s.scalars(select(Signer).where(Signer.tenant_id == tenant_id)))
+    signers = [sg for sg in all_signers if sg.revoked_at is None]
+    revoked = {bytes.fromhex(sg.key_id): sg.name for sg in all_signers if sg.revoked_at is not None}
+    for sig in env.signatures:
+        if sig.kid in revoked:
+            raise manifest.SignatureError(f"signed by revoked signer {revoked[sig.kid]!r}")
     if not signers:
         raise manifest.SignatureError("no trusted signers registered; add one with `fwcm signer add`")
     keys = {}
@@ -356,6 +448,7 @@ class NewDevice:
     transport: str
     hardware_id: str | None
     secret: bytes
+    attest_key_pem: str | None = None
 
     def row(self, tenant_id: int) -> dict[str, Any]:
         return {
@@ -369,6 +462,7 @@ class NewDevice:
             "transport": self.transport,
             "hardware_id": self.hardware_id,
             "secret": self.secret,
+            "attest_key_pem": self.attest_key_pem,
             "online": False,
         }
 
@@ -410,6 +504,7 @@ def validate_device(
     transport: Any = "mqtt",
     hardware_id: Any = None,
     secret: Any = None,
+    attest_key_pem: Any = None,
 ) -> NewDevice:
     """Check one device's fields; raise Invalid naming the first bad one."""
     if sequence is None or sequence == "":
@@ -445,7 +540,32 @@ def validate_device(
         transport=transport,
         hardware_id=_opt_text(hardware_id, "hardware_id", 128),
         secret=secret_b,
+        attest_key_pem=_attest_key(attest_key_pem),
     )
+
+
+def _attest_key(value: Any) -> str | None:
+    """A public attestation key as PEM, or base64 of its DER (one CSV cell); stored as PEM."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Invalid("attestation key must be text (PEM or base64 DER)")
+    text = value.strip()
+    data = text.encode() if text.startswith("-----BEGIN") else _b64_pem(text)
+    try:
+        key = manifest.load_public_key(data)
+    except manifest.ManifestError as exc:
+        raise Invalid(f"attestation key refused: {exc}") from None
+    return manifest.public_key_pem(key).decode()
+
+
+def _b64_pem(text: str) -> bytes:
+    try:
+        der = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise Invalid("attestation key is neither PEM nor base64 DER") from None
+    lines = [base64.b64encode(der[i : i + 48]).decode() for i in range(0, len(der), 48)]
+    return ("-----BEGIN PUBLIC KEY-----\n" + "\n".join(lines) + "\n-----END PUBLIC KEY-----\n").encode()
 
 
 def register_device(s: Session, tenant_id: int, dev: NewDevice) -> Device:
@@ -536,6 +656,7 @@ def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[Ne
                 transport=values.get("transport", "").strip() or "mqtt",
                 hardware_id=values.get("hardware_id", "").strip() or None,
                 secret=values.get("secret", "").strip() or None,
+                attest_key_pem=values.get("attest_key", "").strip() or None,
             )
         except Invalid as exc:
             err(line, str(exc))
@@ -694,6 +815,8 @@ def create_campaign(
     manifest_id: int,
     filter_text: str | None,
     policy: dict[str, Any] | None = None,
+    *,
+    attestation: bool = False,
 ) -> Campaign:
     """A draft campaign; the filter is checked now so a typo never reaches start."""
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
@@ -709,6 +832,7 @@ def create_campaign(
         manifest_id=manifest_id,
         filter=canonical,
         policy=_validate_policy(policy),
+        attestation=attestation,
         state="draft",
         phase=0,
         total=0,
@@ -752,6 +876,7 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
             f"campaign {campaign_id} is {campaign.state}; only a draft or scheduled campaign can start"
         )
     cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
+    _check_signer_scope(s, campaign, cond)
     policy = Policy.from_dict(campaign.policy or {})
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     bounds = policy.phase_bounds(matching)
@@ -785,6 +910,38 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
     s.flush()
     log.info("campaign %d started over %d devices", campaign.id, total)
     return campaign
+
+
+def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool]) -> None:
+    """A revoked signer's manifest never starts; a developer build targets listed hardware only."""
+    signer = s.scalar(
+        select(Signer)
+        .join(Manifest, Manifest.signer_id == Signer.id)
+        .where(Manifest.id == campaign.manifest_id)
+    )
+    if signer is None:
+        return
+    if signer.revoked_at is not None:
+        raise Conflict(f"the manifest's signer {signer.name!r} is revoked")
+    if signer.hardware_ids is None:
+        return
+    listed = [str(h) for h in signer.hardware_ids]
+    unlisted = (
+        s.execute(
+            select(Device.name)
+            .where(cond, or_(Device.hardware_id.is_(None), Device.hardware_id.notin_(listed)))
+            .order_by(Device.id)
+        )
+        .scalars()
+        .all()
+    )
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (" …" if len(unlisted) > 5 else "")
+        raise Conflict(
+            f"developer build of signer {signer.name!r} may only target its {len(listed)} listed "
+            f"hardware IDs; {len(unlisted)} targeted devices are not listed ({shown}); "
+            "narrow the filter, e.g. hardware_id in (...)"
+        )
 
 
 _TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 NoticeSource = Callable[[str, str], Awaitable[bytes | None]]
 PayloadSource = Callable[[str], Awaitable[bytes | None]]
+RefusalSource = Callable[[str, dict[str, str], str], Awaitable[str | None]]
+"""(sha256, query, transport) → why a payload fetch is refused (4.01), or None."""
 
 _REFUSAL_CODES = {
     "oversized": Code.REQUEST_ENTITY_TOO_LARGE,
@@ -146,14 +148,20 @@ def _refused(key: tuple[str, str], reason: str) -> Inbound:
 class PayloadResource(resource.Resource, resource.PathCapable):
     """Payload bytes by SHA-256; aiocoap slices the response into Block2 blocks."""
 
-    def __init__(self, source: PayloadSource) -> None:
+    def __init__(self, source: PayloadSource, refusal: RefusalSource | None = None) -> None:
         super().__init__()
         self._source = source
+        self._refusal = refusal
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         path = request.opt.uri_path
         if len(path) != 1 or len(path[0]) != 64:
             return aiocoap.Message(code=Code.NOT_FOUND)
+        if self._refusal is not None:
+            query = dict(q.partition("=")[::2] for q in request.opt.uri_query)
+            refused = await self._refusal(path[0].lower(), query, "coap")
+            if refused is not None:
+                return aiocoap.Message(code=Code.UNAUTHORIZED, payload=refused.encode()[:100])
         data = await self._source(path[0].lower())
         if data is None:
             return aiocoap.Message(code=Code.NOT_FOUND)
@@ -171,13 +179,14 @@ class CoapTransport:
         deliver: Callable[[Inbound], None],
         notices: NoticeSource,
         payloads: PayloadSource,
+        refusal: RefusalSource | None = None,
     ) -> None:
         self.bind = bind
         self.notices = NoticeResource(notices)
         site = resource.Site()
         site.add_resource(["n"], self.notices)
         site.add_resource(["s"], StatusResource(deliver))
-        site.add_resource(["p"], PayloadResource(payloads))
+        site.add_resource(["p"], PayloadResource(payloads, refusal))
         self._site = site
         self._context: aiocoap.Context | None = None
 

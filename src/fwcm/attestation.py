@@ -1,0 +1,276 @@
+"""Device attestation, install tokens and installation credentials (sans-IO).
+
+Three signed CBOR objects, each a COSE_Sign1 (tag 18, ES256 or EdDSA by key type) around a map
+with small integer keys:
+
+* **evidence** — signed by the device's attestation key: ``{1: nonce, 2: device, 3: installed
+  image digest, 4: manifest digest}``. The nonce comes from the server in the update notice and
+  is single-use, so evidence cannot be replayed.
+* **install token** — signed by the server: ``{1: tenant, 2: device, 3: manifest digest, 4: image
+  digest, 5: expires, 6: campaign}``. Payload endpoints of an attested campaign serve only to a
+  request carrying a valid token for that device and image.
+* **credential** — signed by the server after a successful install: ``{1: tenant, 2: device,
+  3: manifest digest, 4: image digest, 5: sequence, 6: installed at, 7: campaign}``. The device
+  keeps it as proof of what it installed and from whom.
+
+Every check raises :class:`AttestationError` whose ``reason`` is a short metric label.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+
+from fwcm.manifest.keys import PrivateKey, PublicKey, key_id, public_of
+
+COSE_SIGN1_TAG = 18
+ALG_ES256 = -7
+ALG_EDDSA = -8
+NONCE_BYTES = 16
+MAX_OBJECT_BYTES = 1024
+TOKEN_TTL_S = 300
+"""Install tokens are short-lived: long enough to download, too short to hoard."""
+NONCE_TTL_S = 600
+"""A nonce not answered within this time is stale."""
+
+
+class AttestationError(ValueError):
+    """Evidence, a token or a credential that must be refused; ``reason`` names why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# -- COSE_Sign1 -------------------------------------------------------------------------------
+
+
+def _alg(key: PrivateKey | PublicKey) -> int:
+    return ALG_EDDSA if isinstance(public_of(key), ed25519.Ed25519PublicKey) else ALG_ES256
+
+
+def _to_be_signed(protected: bytes, payload: bytes) -> bytes:
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def sign1(key: PrivateKey, claims: Mapping[int, Any]) -> bytes:
+    """Sign ``claims`` with ``key`` into a tagged COSE_Sign1 carrying the key id."""
+    protected = cbor2.dumps({1: _alg(key)})
+    payload = cbor2.dumps(dict(claims), canonical=True)
+    data = _to_be_signed(protected, payload)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(data)
+    else:
+        r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {4: key_id(key)}, payload, signature]))
+
+
+def _verify(key: PublicKey, alg: int, signature: bytes, data: bytes) -> bool:
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            if alg != ALG_EDDSA:
+                return False
+            key.verify(signature, data)
+        else:
+            if alg != ALG_ES256 or len(signature) != 64:
+                return False
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            key.verify(utils.encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def open_sign1(data: bytes, keys: Iterable[PublicKey]) -> dict[int, Any]:
+    """Verify a COSE_Sign1 against any of ``keys`` and return its claims map."""
+    if not isinstance(data, bytes) or len(data) > MAX_OBJECT_BYTES:
+        raise AttestationError("malformed", "signed object missing or too large")
+    try:
+        obj = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
+        raise AttestationError("malformed", f"not CBOR: {exc}") from None
+    if isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG:
+        obj = obj.value
+    if not (isinstance(obj, list | tuple) and len(obj) == 4):
+        raise AttestationError("malformed", "not a COSE_Sign1 array")
+    protected, _unprotected, payload, signature = obj
+    if not all(isinstance(x, bytes) for x in (protected, payload, signature)):
+        raise AttestationError("malformed", "COSE_Sign1 fields have wrong types")
+    try:
+        headers = cbor2.loads(protected)
+        claims = cbor2.loads(payload)
+    except Exception:
+        raise AttestationError("malformed", "COSE_Sign1 header or payload is not CBOR") from None
+    if not isinstance(headers, Mapping) or not isinstance(claims, Mapping):
+        raise AttestationError("malformed", "COSE_Sign1 header or payload is not a map")
+    tbs = _to_be_signed(protected, payload)
+    if not any(_verify(k, headers.get(1, 0), signature, tbs) for k in keys):
+        raise AttestationError("bad_signature", "signature does not verify with the expected key")
+    return dict(claims)
+
+
+def _bytes(claims: Mapping[int, Any], k: int) -> bytes:
+    v = claims.get(k)
+    if not isinstance(v, bytes):
+        raise AttestationError("malformed", f"claim {k} must be bytes")
+    return v
+
+
+def _text(claims: Mapping[int, Any], k: int) -> str:
+    v = claims.get(k)
+    if not isinstance(v, str):
+        raise AttestationError("malformed", f"claim {k} must be text")
+    return v
+
+
+def _int(claims: Mapping[int, Any], k: int) -> int:
+    v = claims.get(k)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise AttestationError("malformed", f"claim {k} must be an integer")
+    return v
+
+
+# -- evidence ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evidence:
+    nonce: bytes
+    device: str
+    image_digest: bytes
+    manifest_digest: bytes
+
+
+def make_evidence(key: PrivateKey, ev: Evidence) -> bytes:
+    """What a device sends to prove itself before it is given an install token."""
+    return sign1(key, {1: ev.nonce, 2: ev.device, 3: ev.image_digest, 4: ev.manifest_digest})
+
+
+def check_evidence(
+    data: bytes,
+    key: PublicKey | None,
+    *,
+    device: str,
+    nonce: bytes | None,
+    nonce_age_s: float | None,
+    manifest_digest: bytes,
+) -> Evidence:
+    """Verify evidence against the device's registered key and the deployment's current nonce.
+
+    ``nonce`` is None once the nonce was used (or never issued): evidence then counts as replayed.
+    """
+    if key is None:
+        raise AttestationError("no_key", f"device {device!r} has no registered attestation key")
+    claims = open_sign1(data, [key])
+    ev = Evidence(_bytes(claims, 1), _text(claims, 2), _bytes(claims, 3), _bytes(claims, 4))
+    if ev.device != device:
+        raise AttestationError("wrong_device", f"evidence names {ev.device!r}, sent by {device!r}")
+    if nonce is None:
+        raise AttestationError("replayed", "no nonce outstanding: evidence replayed or unsolicited")
+    if ev.nonce != nonce:
+        raise AttestationError("stale_nonce", "evidence answers a nonce that is not the current one")
+    if nonce_age_s is not None and nonce_age_s > NONCE_TTL_S:
+        raise AttestationError("expired", f"nonce is {nonce_age_s:.0f} s old (limit {NONCE_TTL_S} s)")
+    if ev.manifest_digest != manifest_digest:
+        raise AttestationError("wrong_manifest", "evidence is for another manifest")
+    return ev
+
+
+# -- install tokens ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an install token or a credential says: who may fetch or has installed what."""
+
+    tenant: str
+    device: str
+    manifest_digest: bytes
+    image_digest: bytes
+    campaign: int
+    expires: int = 0
+    sequence: int = 0
+    installed_at: int = 0
+
+
+def issue_token(key: PrivateKey, g: Grant) -> bytes:
+    return sign1(
+        key, {1: g.tenant, 2: g.device, 3: g.manifest_digest, 4: g.image_digest, 5: g.expires, 6: g.campaign}
+    )
+
+
+def check_token(
+    data: bytes, keys: Iterable[PublicKey], *, tenant: str, device: str, image_digest: bytes, now: float
+) -> Grant:
+    """Verify an install token for a fetch of ``image_digest`` by ``tenant/device``."""
+    claims = open_sign1(data, keys)
+    g = Grant(
+        _text(claims, 1),
+        _text(claims, 2),
+        _bytes(claims, 3),
+        _bytes(claims, 4),
+        _int(claims, 6),
+        expires=_int(claims, 5),
+    )
+    if (g.tenant, g.device) != (tenant, device):
+        raise AttestationError(
+            "wrong_device", f"token of {g.tenant}/{g.device} presented by {tenant}/{device}"
+        )
+    if g.image_digest != image_digest:
+        raise AttestationError("wrong_payload", "token is for another image")
+    if now >= g.expires:
+        raise AttestationError("expired", f"token expired {now - g.expires:.0f} s ago")
+    return g
+
+
+# -- installation credentials -----------------------------------------------------------------
+
+
+def issue_credential(key: PrivateKey, g: Grant) -> bytes:
+    return sign1(
+        key,
+        {
+            1: g.tenant,
+            2: g.device,
+            3: g.manifest_digest,
+            4: g.image_digest,
+            5: g.sequence,
+            6: g.installed_at,
+            7: g.campaign,
+        },
+    )
+
+
+def read_credential(data: bytes, keys: Iterable[PublicKey]) -> Grant:
+    claims = open_sign1(data, keys)
+    return Grant(
+        _text(claims, 1),
+        _text(claims, 2),
+        _bytes(claims, 3),
+        _bytes(claims, 4),
+        _int(claims, 7),
+        sequence=_int(claims, 5),
+        installed_at=_int(claims, 6),
+    )
+
+
+# -- transport helpers ------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise AttestationError("malformed", "token is not base64url") from None
