@@ -219,7 +219,7 @@ def add_signer(
         pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
         key = manifest.load_public_key(pem)
     else:
-        raise Invalid("a signer needs a public key or a certificate")
+        raise Invalid("a signer needs public_key_pem (a bare key) or cert_pem (a signer certificate)")
     kid = manifest.key_id(key).hex()
     for other in s.scalars(
         select(Signer).where(Signer.tenant_id == tenant_id, (Signer.name == name) | (Signer.key_id == kid))
