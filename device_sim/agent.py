@@ -153,6 +153,7 @@ class DeviceAgent:
         coap_refresh: float = 60.0,
         start_delay: float = 0.0,
         stop_flush_timeout: float = 5.0,
+        token_timeout: float = 30.0,
     ) -> None:
         self.config = config
         self.clients = clients
@@ -163,6 +164,7 @@ class DeviceAgent:
         self.coap_refresh = coap_refresh
         self.start_delay = start_delay
         self.stop_flush_timeout = stop_flush_timeout
+        self.token_timeout = token_timeout
         self.flash = Flash(config.device_dir)
         if not self.flash.exists:
             self.flash.provision(config.factory_image(), config.installed_sequence)
@@ -171,6 +173,8 @@ class DeviceAgent:
         self._attest_key = manifest.load_private_key(config.attest_key) if config.attest_key else None
         self._token: bytes | None = None
         self._token_ready = asyncio.Event()
+        self._job_kid: bytes | None = None
+        """Key id of the signer of the manifest being installed (a revocation aborts the job)."""
         self.status = AgentStatus(
             config.name,
             config.index,
@@ -531,6 +535,8 @@ class DeviceAgent:
                 log.info("%s: cancel ignored, already installing", self.name)
                 return
             reason = n.extra.get(protocol.NOTICE_REASON)
+            if self._job_kid is not None and self._job_kid in n.revoked:
+                reason = "signer revoked: the image is refused"
             await self._cancel_job(reason if isinstance(reason, str) else "cancelled")
             return
         job = st.job
@@ -558,11 +564,11 @@ class DeviceAgent:
             reason = self._cancel_reason
             if reason is not None:
                 self.flash.discard_inactive()
-                result = (
-                    Result.ATTESTATION_REFUSED
-                    if reason.startswith("attestation refused")
-                    else Result.CANCELLED
-                )
+                result = Result.CANCELLED
+                if reason.startswith("attestation refused"):
+                    result = Result.ATTESTATION_REFUSED
+                elif reason.startswith("signer revoked"):
+                    result = Result.SIGNER_REVOKED
                 self._report(n.campaign, n.attempt, LwState.IDLE, result, detail=reason, finish=True)
             else:
                 self.flash.save()
@@ -581,7 +587,7 @@ class DeviceAgent:
             env = manifest.decode_envelope(n.envelope)
         except manifest.ManifestError as exc:
             raise Refusal(Result.UNSUPPORTED_PACKAGE, f"manifest: {exc}") from None
-        kid = self._verify_signer(env)
+        kid = self._job_kid = self._verify_signer(env)
         if n.revoked and kid in n.revoked:
             raise Refusal(Result.SIGNER_REVOKED, "manifest signed by a revoked key")
         info = env.info
@@ -656,7 +662,7 @@ class DeviceAgent:
             )
         return signer.key_id
 
-    async def _attest(self, n: Notice, manifest_digest: bytes, timeout: float = 30.0) -> None:
+    async def _attest(self, n: Notice, manifest_digest: bytes) -> None:
         """Prove this device with its attestation key over the server's nonce, then wait for the
         install token the payload endpoints ask for."""
         assert n.nonce is not None
@@ -674,7 +680,7 @@ class DeviceAgent:
         self._set_phase_name("attesting")
         self._report(n.campaign, n.attempt, LwState.IDLE, extra={protocol.REPORT_EVIDENCE: evidence})
         try:
-            await asyncio.wait_for(self._token_ready.wait(), timeout)
+            await asyncio.wait_for(self._token_ready.wait(), self.token_timeout)
         except TimeoutError:
             raise Refusal(Result.ATTESTATION_REFUSED, "no install token after attesting") from None
 
