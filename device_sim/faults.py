@@ -75,6 +75,8 @@ class FaultProfile:
                 return DeviceFaults(throttle_bps=48 * 1024, step_delay=0.2 + 0.1 * spread)
             case "rogue":
                 return DeviceFaults(attest_forged=spread % 2 == 0, attest_replay=spread % 2 == 1)
+            case "revoked":
+                return DeviceFaults(step_delay=0.3)  # slow enough to be caught mid-update
         return DeviceFaults()
 
     def expected_result(self, index: int) -> Result:
@@ -109,8 +111,9 @@ PROFILES: dict[str, FaultProfile] = {
         ),
         FaultProfile(
             "revoked",
-            "the manifest's signer is revoked once the campaign runs: nobody installs it after that",
-            every=0,
+            "the manifest's signer is revoked while devices update: the rest refuse or never get it",
+            every=1,
+            offset=0,
         ),
         FaultProfile(
             "dev-build",

@@ -471,3 +471,27 @@ def test_demo_with_attestation(tmp_path: Path, faults: str) -> None:
     assert result["succeeded"] == 30 - rogue and result["failed"] == rogue
     assert result["credentials"] == 30 - rogue
     assert result["failure_reasons"] == ({"attestation_refused": rogue} if rogue else {})
+
+
+def test_demo_revoked_signer_and_developer_build(tmp_path: Path) -> None:
+    """Revoked mid-campaign: no device installs afterwards (over MQTT and CoAP); a developer build
+    is refused by the server for unlisted hardware and installs on the listed devices."""
+
+    def demo(faults: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "fwcm.cli", "demo", "--devices", "20", "--faults", faults, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    revoked = demo("revoked")
+    assert revoked["campaign_state"] == "cancelled" and "revoked" in revoked["stop_reason"]
+    refused = revoked["device_results"].get("signer_revoked", 0)
+    assert refused > 0 and refused + revoked["succeeded"] == 20
+    dev = demo("dev-build")
+    assert "not listed" in dev["server_refused"] and dev["not_targeted"] == 10
+    assert dev["succeeded"] == 10 and dev["failed"] == 0

@@ -224,10 +224,14 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         stop.set()
         installed: dict[str, int] = {}
         credentials = 0
+        device_results: Counter[str] = Counter()
         with contextlib.suppress(asyncio.TimeoutError, Exception):
             report = await asyncio.wait_for(fleet, 30)
             installed = {name: st.installed_sequence for name, st in report.devices.items()}
             credentials = sum(st.credentials for st in report.devices.values())
+            device_results = Counter(
+                st.results[cid].name.lower() for st in report.devices.values() if cid in st.results
+            )
         devices = await _all_deployments(api, cid)
         result = _summarize(opts, profile, stats, devices, installed, duration, time.monotonic() - started)
         if opts.attestation:
@@ -235,6 +239,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             result["credentials"] = credentials
             if credentials != result["succeeded"]:
                 result["ok"] = False
+        result["device_results"] = dict(sorted(device_results.items()))
         if server_refused is not None:
             result["server_refused"] = server_refused
             result["not_targeted"] = opts.devices - len(devices)
@@ -373,6 +378,10 @@ def _summarize(
         )
         if not ok and ended_early and d["state"] in ("pending", "cancelled"):
             ok = True
+        if profile.name == "revoked":  # installed before the revocation, or refused/withdrawn after
+            ok = d["state"] in ("succeeded", "cancelled", "pending") or (
+                d["state"] == "failed" and d["result"] == 17  # SIGNER_REVOKED
+            )
         running = installed.get(d["device"])
         if (
             ok

@@ -535,9 +535,25 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
         .where(
             Tenant.slug == tenant,
             Device.name == device,
-            Deployment.state.notin_([st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]),
-            Campaign.state.in_(
-                [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.CANCELLED.value]
+            or_(
+                and_(
+                    Deployment.state.notin_(
+                        [st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]
+                    ),
+                    Campaign.state.in_(
+                        [
+                            CampaignState.RUNNING.value,
+                            CampaignState.PAUSED.value,
+                            CampaignState.CANCELLED.value,
+                        ]
+                    ),
+                ),
+                # withdrawn before the device reported: it may have started, so it sees the cancel
+                and_(
+                    Campaign.state == CampaignState.CANCELLED.value,
+                    Deployment.state == DeviceState.CANCELLED.value,
+                    Deployment.attempt > 0,
+                ),
             ),
         )
         .order_by(Deployment.campaign_id.desc())

@@ -940,7 +940,7 @@ def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool
         raise Conflict(
             f"developer build of signer {signer.name!r} may only target its {len(listed)} listed "
             f"hardware IDs; {len(unlisted)} targeted devices are not listed ({shown}); "
-            "narrow the filter, e.g. hardware_id in (...)"
+            'narrow the filter, e.g. hardware_id in ["…", "…"]'
         )
 
 
