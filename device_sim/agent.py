@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
+import cbor2
+
 from fwcm import attestation, manifest, pki, protocol
 from fwcm.protocol import LwState, Notice, NoticeKind, Report, Result
 
@@ -130,6 +132,8 @@ class AgentStatus:
     detail: str | None = None
     credentials: int = 0
     """Installation credentials held."""
+    removed: int = 0
+    """Time-limited installs removed again."""
     results: dict[int, Result] = field(default_factory=dict)
     """Final result per campaign (latest attempt)."""
 
@@ -173,6 +177,9 @@ class DeviceAgent:
         self._attest_key = manifest.load_private_key(config.attest_key) if config.attest_key else None
         self._token: bytes | None = None
         self._token_ready = asyncio.Event()
+        self._group: dict[int, str] = {}
+        """Group installs: the server's decision per campaign ("commit" or "abort")."""
+        self._group_changed = asyncio.Event()
         self._job_kid: bytes | None = None
         """Key id of the signer of the manifest being installed (a revocation aborts the job)."""
         self.status = AgentStatus(
@@ -202,6 +209,9 @@ class DeviceAgent:
             NoticeKind.UPDATE: self._on_update,
             NoticeKind.CANCEL: self._on_cancel,
             NoticeKind.CREDENTIAL: self._on_credential,
+            NoticeKind.INVITE: self._on_invite,
+            NoticeKind.COMMIT: self._on_group_decision,
+            NoticeKind.ABORT: self._on_group_decision,
         }
         """Notice kinds this firmware understands; later features register more here."""
 
@@ -229,6 +239,7 @@ class DeviceAgent:
         tasks = [
             asyncio.create_task(self._sender(), name=f"sender-{self.name}"),
             asyncio.create_task(self._dispatcher(), name=f"dispatch-{self.name}"),
+            asyncio.create_task(self._usage(), name=f"usage-{self.name}"),
         ]
         backoff = 0.5
         try:
@@ -346,6 +357,15 @@ class DeviceAgent:
         job = self.flash.state.job
         if job is None or job.phase != "booted":
             return
+        if job.limits:
+            now = time.time()
+            self.flash.state.usage[str(job.campaign)] = {
+                "attempt": job.attempt,
+                "since": now,
+                "last": now,
+                "uses": 0,
+                **job.limits,
+            }
         self._report(job.campaign, job.attempt, LwState.IDLE, Result.SUCCESS, finish=True)
         self._booted.set()
 
@@ -611,6 +631,9 @@ class DeviceAgent:
             job = existing
         else:
             job = Job(n.campaign, n.attempt, "downloading", info.sequence, digest, info.image_size)
+        job.limits = _limits(n.extra.get(protocol.NOTICE_LIMITS))
+        if n.extra.get(protocol.NOTICE_PREPARE):
+            job.notice = cbor2.dumps(n.to_map()).hex()
         st.job = job
         self.flash.save()
         await self._step_delay()
@@ -628,6 +651,8 @@ class DeviceAgent:
             self._report(n.campaign, n.attempt, LwState.DOWNLOADED, progress=100)
             await self._step_delay()
 
+        if n.extra.get(protocol.NOTICE_PREPARE):
+            await self._wait_for_commit(n)
         await self._wait_for_window(n)
         self._set_phase(job, "installing")
         self._report(n.campaign, n.attempt, LwState.UPDATING)
@@ -695,6 +720,120 @@ class DeviceAgent:
         active = image_sha256(self.flash.active_image())
         ev = attestation.Evidence(nonce, self.name, bytes.fromhex(active), manifest_digest)
         return attestation.make_evidence(key, ev)
+
+    async def _wait_for_commit(self, n: Notice) -> None:
+        """Group install: prepared (downloaded and verified); install only on the group's commit."""
+        log.info("%s: prepared for group install of campaign %d; waiting for commit", self.name, n.campaign)
+        while n.campaign not in self._group:
+            self._group_changed.clear()
+            await self._group_changed.wait()
+        if self._group[n.campaign] != "commit":
+            raise Refusal(Result.CANCELLED, "group aborted: the image is discarded")
+
+    async def _on_group_decision(self, n: Notice) -> None:
+        decision = "commit" if n.kind == NoticeKind.COMMIT else "abort"
+        self._group[n.campaign] = decision
+        self._group_changed.set()
+        if self._job_running():
+            return  # the running job is waiting for exactly this
+        st = self.flash.state
+        job = st.job
+        if job is None or job.campaign != n.campaign or job.phase not in ("downloading", "downloaded"):
+            return
+        if decision == "commit" and job.phase == "downloaded" and job.notice is not None:
+            stored = protocol.Notice.from_map(cbor2.loads(bytes.fromhex(job.notice)))
+            self._start_job(stored)  # restarted while prepared: the commit is durable, install now
+            return
+        self.flash.discard_inactive()
+        st.job = None
+        self._report(
+            job.campaign, job.attempt, LwState.IDLE, Result.CANCELLED, detail="group aborted", finish=True
+        )
+
+    async def _on_invite(self, n: Notice) -> None:
+        """Answer an invitation as this device's owner would (the fault profile decides)."""
+        if self.flash.state.is_finished(n.campaign, n.attempt):
+            return
+        invitation = n.extra.get(protocol.NOTICE_INVITATION)
+        offered = invitation.get(3, {}) if isinstance(invitation, dict) else {}
+        answer = self.faults.consent
+        if answer == "ignore":
+            log.info("%s: invitation to campaign %d left unanswered", self.name, n.campaign)
+            return
+        if answer == "decline":
+            body = {1: False}
+            self._report(
+                n.campaign,
+                n.attempt,
+                LwState.IDLE,
+                Result.DECLINED,
+                extra={protocol.REPORT_ANSWER: body},
+                finish=True,
+            )
+            return
+        choice = {}
+        for option, values in offered.items():
+            wanted = self.faults.choice.get(option)
+            choice[option] = wanted if wanted in values else values[0]
+        self._report(
+            n.campaign,
+            n.attempt,
+            LwState.IDLE,
+            extra={protocol.REPORT_ANSWER: {1: True, 2: choice}},
+            finish=True,
+        )
+
+    async def _usage(self) -> None:
+        """Installed software in use: count uses, send accounting, remove it at its limit."""
+        while True:
+            await asyncio.sleep(0.25)
+            st = self.flash.state
+            for key, u in list(st.usage.items()):
+                now = time.time()
+                every = float(u.get("every") or 1.0)
+                if now - u["last"] < every:
+                    continue
+                u["last"] = now
+                u["uses"] += 1
+                expired = "expires" in u and now - u["since"] >= u["expires"]
+                used_up = "max_uses" in u and u["uses"] >= u["max_uses"]
+                if expired or used_up:
+                    self._remove(int(key), u, "use limit reached" if used_up else "time limit reached")
+                elif u.get("every"):
+                    self._account(int(key), u, "interim")
+                else:
+                    self.flash.save()
+
+    def _account(self, campaign: int, u: dict[str, float], kind: str, detail: str | None = None) -> None:
+        record: dict[int, object] = {1: kind, 2: int(u["uses"]), 3: int(time.time() - u["since"])}
+        if detail:
+            record[4] = detail
+        self._report(
+            campaign,
+            int(u["attempt"]),
+            LwState.IDLE,
+            Result.SUCCESS,
+            extra={protocol.REPORT_ACCOUNTING: record},
+        )
+
+    def _remove(self, campaign: int, u: dict[str, float], why: str) -> None:
+        """Time-limited install ended: boot the previous slot again and say so."""
+        st = self.flash.state
+        try:
+            self.flash.activate()
+        except RuntimeError:
+            log.warning("%s: nothing to return to; keeping the installed software", self.name)
+        st.usage.pop(str(campaign), None)
+        self.status.installed_sequence = st.installed_sequence
+        self.status.removed += 1
+        log.info(
+            "%s: software of campaign %d removed (%s); back on sequence %d",
+            self.name,
+            campaign,
+            why,
+            st.installed_sequence,
+        )
+        self._account(campaign, u, "removed", why)
 
     def _set_phase_name(self, phase: str) -> None:
         self._job_phase = phase
@@ -807,6 +946,15 @@ class DeviceAgent:
         deadline = time.monotonic() + 30
         while self.status.connects == before and not self._stop.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+
+def _limits(v: object) -> dict[str, float] | None:
+    """Usage limits and accounting interval from an update notice (key 15)."""
+    if not isinstance(v, dict):
+        return None
+    names = {1: "max_uses", 2: "expires", 3: "every"}
+    out = {names[k]: float(x) for k, x in v.items() if k in names and isinstance(x, int | float) and x > 0}
+    return out or None
 
 
 def image_sha256(data: bytes) -> str:

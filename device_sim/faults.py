@@ -34,6 +34,10 @@ class DeviceFaults:
     """Rogue: signs its attestation with a key that is not the one registered for it."""
     attest_replay: bool = False
     """Rogue: answers a nonce with an attestation recorded earlier instead of a fresh one."""
+    consent: str = "accept"
+    """How the device's owner answers invitations: accept, decline or ignore."""
+    choice: dict[str, str] = field(default_factory=dict)
+    """Options chosen when accepting (the first value offered otherwise)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Room for later device-side behaviours (consent answers, rogue attestations, ...)."""
 
@@ -75,6 +79,9 @@ class FaultProfile:
                 return DeviceFaults(throttle_bps=48 * 1024, step_delay=0.2 + 0.1 * spread)
             case "rogue":
                 return DeviceFaults(attest_forged=spread % 2 == 0, attest_replay=spread % 2 == 1)
+            case "consent":
+                answer = ("accept", "accept", "accept", "decline", "ignore")[index % 5]
+                return DeviceFaults(consent=answer, choice={"variant": ("basic", "pro")[index % 2]})
             case "revoked":
                 return DeviceFaults(step_delay=0.3)  # slow enough to be caught mid-update
         return DeviceFaults()
@@ -112,6 +119,12 @@ PROFILES: dict[str, FaultProfile] = {
         FaultProfile(
             "revoked",
             "the manifest's signer is revoked while devices update: the rest refuse or never get it",
+            every=1,
+            offset=0,
+        ),
+        FaultProfile(
+            "consent",
+            "owners answer invitations: 3 in 5 accept (basic or pro), 1 declines, 1 ignores it",
             every=1,
             offset=0,
         ),

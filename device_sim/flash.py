@@ -55,6 +55,10 @@ class Job:
     sequence: int
     digest: str
     size: int
+    notice: str | None = None
+    """Group installs: the update notice (CBOR, hex), kept to install on commit after a restart."""
+    limits: dict[str, float] | None = None
+    """Time-limited installs: max_uses / expires_after / accounting_every from the notice."""
 
     @property
     def key(self) -> str:
@@ -86,6 +90,8 @@ class DeviceState:
     """Installation credentials (hex COSE_Sign1) by campaign: proof of what was installed."""
     evidence: str | None = None
     """The last attestation evidence sent (hex); only a rogue device ever sends it again."""
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Installed software that reports usage (and may expire), by campaign."""
 
     @property
     def inactive(self) -> SlotName:
@@ -133,6 +139,7 @@ class DeviceState:
             boots=int(data.get("boots", 0)),
             credentials={str(k): str(v) for k, v in data.get("credentials", {}).items()},
             evidence=data.get("evidence"),
+            usage={str(k): dict(v) for k, v in data.get("usage", {}).items()},
         )
 
 

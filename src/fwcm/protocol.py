@@ -98,12 +98,22 @@ NOTICE_CREDENTIAL = 11
 """Credential notice: the installation credential (COSE_Sign1)."""
 NOTICE_REASON = 12
 """Cancel notice: why (e.g. the attestation was refused)."""
+NOTICE_INVITATION = 13
+"""Invite notice: ``{1: requester, 2: campaign name, 3: {option: [values]}, 4: deadline, 5: initiator}``."""
+NOTICE_PREPARE = 14
+"""Update notice of a group install: download and verify, then wait for commit or abort."""
+NOTICE_LIMITS = 15
+"""Update notice: ``{1: max uses, 2: expires at, 3: accounting interval s}`` of the installed software."""
 REPORT_EVIDENCE = 10
 """Report: attestation evidence (COSE_Sign1 by the device's attestation key)."""
 REPORT_FIRMWARE_NAME = 11
 """Hello: the name of the running firmware."""
 REPORT_FIRMWARE_VERSION = 12
 """Hello: the version string of the running firmware."""
+REPORT_ANSWER = 13
+"""Answer to an invitation: ``{1: accepted, 2: {option: chosen value}}``."""
+REPORT_ACCOUNTING = 14
+"""Usage of installed software: ``{1: "interim" | "final" | "removed", 2: uses, 3: seconds, 4: detail}``."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from fwcm.api import schemas as sc
 from fwcm.api.ranges import file_response
 from fwcm.config import Settings
 from fwcm.manifest import ManifestError, SignatureError
+from fwcm.store import consent as cq
 from fwcm.store import repo
 from fwcm.store.db import Database
 from fwcm.store.payloads import EmptyPayload, PayloadStore, PayloadTooLarge, is_sha256
@@ -423,9 +424,30 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         """A draft campaign: a manifest, a device filter (checked now) and a rollout policy."""
         with db.session() as s:
             c = repo.create_campaign(
-                s, t.id, body.name, body.manifest_id, body.filter, body.policy, attestation=body.attestation
+                s,
+                t.id,
+                body.name,
+                body.manifest_id,
+                body.filter,
+                body.policy,
+                attestation=body.attestation,
+                consent=body.consent,
             )
             return sc.CampaignOut.of(c)
+
+    @api.get("/campaigns/{campaign_id}/accounting", response_model=sc.AccountingOut, tags=["campaigns"])
+    def campaign_accounting(campaign_id: int, t: Tenant) -> sc.AccountingOut:
+        """Usage reported by the installed software of a campaign, per device."""
+        with db.read() as s:
+            repo.get_campaign(s, t.id, campaign_id)
+            rows = [sc.AccountingRow(**r) for r in cq.accounting_report(s, t.id, campaign_id)]
+        return sc.AccountingOut(
+            campaign=campaign_id,
+            devices=rows,
+            total_uses=sum(r.uses for r in rows),
+            reporting=len(rows),
+            removed=sum(1 for r in rows if r.removed),
+        )
 
     @api.get("/campaigns", response_model=list[sc.CampaignOut], tags=["campaigns"])
     def list_campaigns(t: Tenant, state: str | None = None) -> list[sc.CampaignOut]:

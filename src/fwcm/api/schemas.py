@@ -200,6 +200,9 @@ class CampaignIn(BaseModel):
     filter: str = Field("", description="Device filter; empty selects every device.")
     policy: dict[str, Any] = Field(default_factory=dict, description="Rollout policy (phases, rate, …).")
     attestation: bool = Field(False, description="Devices attest before they get an install token.")
+    consent: dict[str, Any] | None = Field(
+        None, description="Consent campaign: deadline, quorum, options, variants, group, limits, peers."
+    )
 
 
 class CampaignOut(BaseModel):
@@ -211,6 +214,9 @@ class CampaignOut(BaseModel):
     state: str
     stop_reason: str | None
     attestation: bool = False
+    consent: dict[str, Any] | None = None
+    consent_stage: str | None = None
+    group_decision: str | None = None
     phase: int
     total: int
     created_at: datetime | None
@@ -228,6 +234,9 @@ class CampaignOut(BaseModel):
             state=c.state,
             stop_reason=c.stop_reason,
             attestation=bool(c.attestation),
+            consent=c.consent,
+            consent_stage=c.consent_stage,
+            group_decision=c.group_decision,
             phase=c.phase,
             total=c.total,
             created_at=c.created_at,
@@ -260,6 +269,29 @@ class CampaignStats(BaseModel):
     failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
     started_at: datetime | None
     finished_at: datetime | None
+    consent: dict[str, Any] | None = Field(
+        None, description="Consent campaigns: stage, invited/accepted/declined/no_answer, group decision."
+    )
+
+
+class AccountingRow(BaseModel):
+    device: str
+    uses: int
+    seconds: int
+    last_report_at: datetime | None
+    last_kind: str
+    ended: bool = Field(description="A final or removal record arrived: the software's use ended.")
+    removed: bool = Field(description="The software was removed again (use or time limit reached).")
+    detail: str | None
+    records: int
+
+
+class AccountingOut(BaseModel):
+    campaign: int
+    devices: list[AccountingRow]
+    total_uses: int
+    reporting: int
+    removed: int
 
 
 class DeploymentOut(BaseModel):

@@ -45,6 +45,7 @@ class DemoOptions:
     image_size: int
     timeout: float
     attestation: bool = False
+    consent: bool = False
 
 
 def _transport_for(i: int, transport: str) -> str:
@@ -102,7 +103,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
     from fwcm.store import repo
     from fwcm.transport.broker import free_port, start_broker
 
-    profile = get_profile(opts.faults)
+    profile = get_profile("consent" if opts.consent else opts.faults)
     definition = load_campaign_file(opts.campaign_file)
     workdir = Path(tempfile.mkdtemp(prefix="fwcm-demo-"))
     started = time.monotonic()
@@ -176,6 +177,18 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
         body = {**definition, "manifest_id": man["id"], "attestation": opts.attestation}
+        if opts.consent:
+            pro = await _pro_variant(api, info, image, signing_key, trust.x5chain)
+            body["consent"] = {
+                "deadline": "6s",
+                "quorum": "50%",
+                "options": {"variant": ["basic", "pro"]},
+                "variant_option": "variant",
+                "variants": {"basic": man["id"], "pro": pro},
+                "accounting_every": "1s",
+                "max_uses": 3,
+            }
+            console.log("consent campaign: basic and pro variants, quorum 50% within 6 s, 3 uses each")
         server_refused = None
         if opts.faults == "dev-build":
             campaign = await api.call("POST", "/campaigns", json=body)
@@ -221,6 +234,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
 
         stats = await _watch(api, cid, opts, console, as_json, t0)
         duration = time.monotonic() - t0
+        accounting: dict[str, Any] | None = None
+        if opts.consent:
+            accounting = await _await_accounting(api, cid, stats)
         stop.set()
         installed: dict[str, int] = {}
         credentials = 0
@@ -240,6 +256,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             if credentials != result["succeeded"]:
                 result["ok"] = False
         result["device_results"] = dict(sorted(device_results.items()))
+        if opts.consent:
+            _consent_summary(result, stats, devices, profile, accounting or {})
         if server_refused is not None:
             result["server_refused"] = server_refused
             result["not_targeted"] = opts.devices - len(devices)
@@ -251,6 +269,71 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             await server.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _pro_variant(api: Api, info: Any, image: bytes, key: Any, x5chain: list[bytes] | None) -> int:
+    """The consent demo's second variant: another image under the same rules."""
+    from dataclasses import replace
+
+    from fwcm import manifest as mf
+
+    pro = image[::-1]
+    sha = hashlib.sha256(pro).hexdigest()
+    await api.call("POST", "/payloads", content=pro, params={"name": "demo-firmware-2.0-pro.bin"})
+    uris = tuple(u.replace(hashlib.sha256(image).hexdigest(), sha) for u in info.uris)
+    envelope = mf.build_envelope(
+        replace(info, image_digest=bytes.fromhex(sha), uris=uris), key, x5chain=x5chain
+    )
+    man = await api.call("POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"})
+    return int(man["id"])
+
+
+async def _await_accounting(
+    api: Api, cid: int, stats: dict[str, Any], timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait until every installed copy has used up its 3 uses and reported its removal."""
+    installed = stats["counts"].get("succeeded", 0)
+    deadline = time.monotonic() + timeout
+    report: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        report = await api.call("GET", f"/campaigns/{cid}/accounting")
+        if report["removed"] >= installed:
+            break
+        await asyncio.sleep(0.5)
+    return report
+
+
+def _consent_summary(
+    result: dict[str, Any],
+    stats: dict[str, Any],
+    devices: list[dict[str, Any]],
+    profile: Any,
+    accounting: dict[str, Any],
+) -> None:
+    """Every device must end as its owner answered: accepted → installed, declined, or no answer."""
+    consent = stats.get("consent") or {}
+    result.update(
+        faults="consent",
+        consent=True,
+        accepted=consent.get("accepted", 0),
+        declined=consent.get("declined", 0),
+        no_answer=consent.get("no_answer", 0),
+        accounting={k: accounting.get(k, 0) for k in ("reporting", "total_uses", "removed")},
+    )
+    expected = {"accept": "succeeded", "decline": "declined", "ignore": "no_answer"}
+    wrong = [
+        d
+        for d in devices
+        if d["state"] != expected[profile.for_device(int(d["device"].split("-")[1])).consent]
+    ]
+    result["unexpected"] = [{"device": d["device"], "state": d["state"]} for d in wrong[:20]]
+    result["unexpected_count"] = len(wrong)
+    result["ok"] = (
+        not wrong
+        and result["succeeded"] == result["accepted"] > 0
+        and result["declined"] > 0
+        and result["accounting"]["removed"] == result["succeeded"]
+    )
 
 
 async def _revoke_when_running(api: Api, cid: int, console: Console) -> None:
@@ -464,6 +547,10 @@ def demo(
     attestation: Annotated[
         bool, typer.Option("--attestation", help="Devices attest before install (certificate chain, tokens)")
     ] = False,
+    consent: Annotated[
+        bool,
+        typer.Option("--consent", help="Consent campaign: invitations, quorum, variants, accounting, 3 uses"),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log at INFO")] = False,
 ) -> None:
@@ -485,7 +572,7 @@ def demo(
     console = Console(stderr=as_json)
     if faults == "rogue" and not attestation:
         raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")
-    opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout, attestation)
+    opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout, attestation, consent)
     try:
         result = asyncio.run(_run(opts, console, as_json))
     except (RuntimeError, OSError, ConnectionError) as exc:

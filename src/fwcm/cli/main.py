@@ -30,6 +30,7 @@ app.add_typer(resources.signer_app, name="signer", help="Public keys the tenant 
 app.add_typer(resources.device_app, name="device", help="Devices of the tenant.")
 resources.campaign_app.command("watch")(watch.watch)
 app.add_typer(resources.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
+app.add_typer(resources.accounting_app, name="accounting", help="Usage reported by installed software.")
 app.command("login", help="Store the server URL and API key in the config file.")(resources.login)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 

@@ -28,6 +28,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 payload_app = typer.Typer(help="Firmware payloads on the server.", no_args_is_help=True)
 signer_app = typer.Typer(help="Public keys the tenant trusts to sign manifests.", no_args_is_help=True)
 device_app = typer.Typer(help="Devices of the tenant.", no_args_is_help=True)
+accounting_app = typer.Typer(help="Usage reported by installed software.", no_args_is_help=True)
 campaign_app = typer.Typer(
     help="Campaigns: a manifest rolled out to a filtered set of devices.", no_args_is_help=True
 )
@@ -419,6 +420,8 @@ def read_campaign_file(path: Path) -> dict[str, Any]:
         "policy": d.policy,
         "attestation": d.attestation,
     }
+    if d.consent is not None:
+        spec["consent"] = d.consent
     if d.manifest is not None:
         spec["manifest"] = d.manifest
     return spec
@@ -468,6 +471,8 @@ def campaign_create(
         "policy": spec.get("policy", {}),
         "attestation": spec.get("attestation", False) if attestation is None else attestation,
     }
+    if spec.get("consent") is not None:
+        body["consent"] = spec["consent"]
     with api() as client:
         c = client.post("/campaigns", body)
     if as_json:
@@ -583,6 +588,35 @@ def campaign_status(
         _print_json(stats)
     else:
         print_status(stats)
+
+
+@accounting_app.command("report")
+def accounting_report(
+    campaign: Annotated[int, typer.Option("--campaign", help="Campaign id")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Per device: usage counters of the installed software and how its use ended."""
+    with api() as client:
+        report = client.get(f"/campaigns/{campaign}/accounting")
+    if as_json:
+        _print_json(report)
+        return
+    _table(
+        f"accounting of campaign {campaign}: {report['reporting']} devices, {report['total_uses']} uses, "
+        f"{report['removed']} removed",
+        ["device", "uses", "seconds", "last report", "ended", "detail"],
+        [
+            [
+                r["device"],
+                r["uses"],
+                r["seconds"],
+                f"{r['last_kind']} {_short(r['last_report_at'])}",
+                "removed" if r["removed"] else ("yes" if r["ended"] else ""),
+                r["detail"] or "",
+            ]
+            for r in report["devices"]
+        ],
+    )
 
 
 @campaign_app.command("devices")

@@ -13,10 +13,11 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy, PolicyError, check_keys
 
 CAMPAIGN_KEYS = ("name", "description", "filter", "dynamic", "manifest", "attestation")
-TOP_KEYS = ("campaign", "rollout", "phase")
+TOP_KEYS = ("campaign", "rollout", "phase", "consent")
 
 
 class DefinitionError(PolicyError):
@@ -35,6 +36,8 @@ class CampaignDefinition:
     """Manifest id or digest, when the file names one; the command line may give it instead."""
     attestation: bool = False
     """Devices attest before they are given an install token."""
+    consent: dict[str, Any] | None = None
+    """The checked ``[consent]`` table in its stored form, for consent campaigns."""
 
     def to_policy(self) -> Policy:
         return Policy.from_dict(self.policy)
@@ -72,6 +75,9 @@ def definition_from_dict(doc: dict[str, Any]) -> CampaignDefinition:
         attestation = campaign.get("attestation", False)
         if not isinstance(attestation, bool):
             raise DefinitionError("campaign.attestation: must be true or false")
+        consent = None
+        if "consent" in doc:
+            consent = ConsentSpec.parse(doc["consent"], "consent").to_dict()
         rollout = doc.get("rollout", {})
         if not isinstance(rollout, dict):
             raise DefinitionError("rollout: must be a table ([rollout])")
@@ -99,4 +105,5 @@ def definition_from_dict(doc: dict[str, Any]) -> CampaignDefinition:
         description=description,
         manifest=manifest,
         attestation=attestation,
+        consent=consent,
     )

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fwcm.protocol import TRANSIENT_RESULTS
-from fwcm.rollout.states import DEVICE_TERMINAL, IN_PROGRESS, CampaignState, DeviceState
+from fwcm.rollout.states import DEVICE_TERMINAL, IN_PROGRESS, NOT_FOR_ME, CampaignState, DeviceState
 
 DEFAULT_BATCH = 1000
 """Most devices notified in one decision: keeps one engine transaction small, not a rate cap."""
@@ -793,7 +793,7 @@ class Policy:
         if cur < last and _get(c, DeviceState.PENDING) == 0:
             ph = self.phases[cur]
             size = sum(c.values())
-            ok = _get(c, DeviceState.SUCCEEDED, DeviceState.SKIPPED)
+            ok = _get(c, DeviceState.SUCCEEDED, *NOT_FOR_ME)
             if _reaches(ok, size, ph.success_threshold) or cur in state.success_override:
                 if ph.advance == "approval":
                     reason = (
@@ -876,7 +876,7 @@ class Policy:
         parts = [f"{all_c[s.value]} {s.value}" for s in DeviceState if all_c.get(s.value)]
         text = f"all {total} devices done: {', '.join(parts) or 'none'}"
         c = counts.get(cur, Counter())
-        size, ok = sum(c.values()), _get(c, DeviceState.SUCCEEDED, DeviceState.SKIPPED)
+        size, ok = sum(c.values()), _get(c, DeviceState.SUCCEEDED, *NOT_FOR_ME)
         thr = self.phases[cur].success_threshold
         if size and not _reaches(ok, size, thr):
             text += f"; below the success threshold of {self.label(cur)} ({_pct(ok, size)} < {thr:g}%)"

@@ -57,6 +57,8 @@ def campaign_transition(current: str, target: str) -> CampaignState:
 
 class DeviceState(enum.StrEnum):
     PENDING = "pending"
+    INVITED = "invited"
+    """Consent campaigns: asked, no answer yet (an accepting device goes back to pending)."""
     NOTIFIED = "notified"
     DOWNLOADING = "downloading"
     DOWNLOADED = "downloaded"
@@ -66,6 +68,8 @@ class DeviceState(enum.StrEnum):
     SKIPPED = "skipped"
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
+    DECLINED = "declined"
+    NO_ANSWER = "no_answer"
 
 
 DEVICE_TERMINAL = frozenset(
@@ -75,8 +79,12 @@ DEVICE_TERMINAL = frozenset(
         DeviceState.SKIPPED,
         DeviceState.TIMED_OUT,
         DeviceState.CANCELLED,
+        DeviceState.DECLINED,
+        DeviceState.NO_ANSWER,
     }
 )
+NOT_FOR_ME = frozenset({DeviceState.SKIPPED, DeviceState.DECLINED, DeviceState.NO_ANSWER})
+"""Ends that are no failure: the update was not for this device, or its owner said no."""
 IN_PROGRESS = frozenset(
     {DeviceState.NOTIFIED, DeviceState.DOWNLOADING, DeviceState.DOWNLOADED, DeviceState.INSTALLING}
 )
@@ -97,6 +105,8 @@ def state_for_report(state: LwState, result: Result) -> DeviceState:
         return DeviceState.SUCCEEDED
     if result == Result.CANCELLED:
         return DeviceState.CANCELLED
+    if result == Result.DECLINED:
+        return DeviceState.DECLINED
     if result in SKIP_RESULTS:
         return DeviceState.SKIPPED
     if result == Result.INITIAL:

@@ -271,21 +271,22 @@ class Server:
         found = await asyncio.to_thread(self._active_notice, tenant, device)
         if found is None:
             return None
-        campaign, target, manifest_id, kind = found
-        if manifest_id not in self.notifier.envelopes:
-            self.notifier.envelopes[manifest_id] = await asyncio.to_thread(self._envelope, manifest_id)
-        return self.notifier.build(target, campaign, kind, manifest_id)
+        if found.manifest_id not in self.notifier.envelopes:
+            self.notifier.envelopes[found.manifest_id] = await asyncio.to_thread(
+                self._envelope, found.manifest_id
+            )
+        return self.notifier.build(
+            found.target, found.campaign, found.kind, found.manifest_id, reason=found.reason
+        )
 
-    def _active_notice(self, tenant: str, device: str) -> tuple[int, dq.Target, int, NoticeKind] | None:
+    def _active_notice(self, tenant: str, device: str) -> dq.ActiveNotice | None:
         with self.db.read() as s:
             found = dq.active_notice(s, tenant, device)
             if found is not None:
-                campaign, target, manifest_id, state = found
-                kind = NoticeKind.CANCEL if state == "cancelled" else NoticeKind.UPDATE
-                return campaign, target, manifest_id, kind
+                return found
             done = dq.last_attested_success(s, tenant, device)
             if done is not None:
-                return done[0], done[1], done[2], NoticeKind.CREDENTIAL
+                return dq.ActiveNotice(done[0], done[1], done[2], NoticeKind.CREDENTIAL)
         return None
 
     def _envelope(self, manifest_id: int) -> bytes:

@@ -21,10 +21,22 @@ from sqlalchemy.orm import Session
 from fwcm import attestation, manifest
 from fwcm.attestation import Grant
 from fwcm.manifest import PrivateKey
-from fwcm.protocol import NOTICE_CREDENTIAL, NOTICE_REASON, NOTICE_TOKEN, Notice, NoticeKind, encode_notice
+from fwcm.protocol import (
+    NOTICE_CREDENTIAL,
+    NOTICE_INVITATION,
+    NOTICE_LIMITS,
+    NOTICE_PREPARE,
+    NOTICE_REASON,
+    NOTICE_TOKEN,
+    Notice,
+    NoticeKind,
+    encode_notice,
+)
+from fwcm.rollout.consent import ConsentSpec, group_verdict, quorum_verdict
 from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
 from fwcm.server import metrics
+from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
 from fwcm.store import repo
 from fwcm.store.db import Database
@@ -59,6 +71,10 @@ class Notifier:
     """Key ids of revoked signers per tenant slug."""
     signing_key: PrivateKey | None = None
     """Signs install tokens and installation credentials."""
+    invitations: dict[int, dict[int, Any]] = field(default_factory=dict)
+    """Consent campaigns: what invite notices carry (requester, name, options, deadline)."""
+    extras: dict[int, dict[int, Any]] = field(default_factory=dict)
+    """Per campaign: extension keys of its update notices (group prepare, usage limits)."""
     _facts: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
 
     def facts(self, manifest_id: int) -> tuple[bytes, bytes, int]:
@@ -104,6 +120,10 @@ class Notifier:
             )
         if reason is not None:
             extra[NOTICE_REASON] = reason[:100]
+        if update:
+            extra.update(self.extras.get(campaign, {}))
+        if kind == NoticeKind.INVITE:
+            extra[NOTICE_INVITATION] = self.invitations.get(campaign, {})
         notice = Notice(
             kind=kind,
             device=target.name,
@@ -148,6 +168,7 @@ class Engine:
         self._held: set[int] = set()
         self._policy_state: dict[int, PolicyState] = {}
         self._policies: dict[int, Policy] = {}
+        self._consents: dict[int, ConsentSpec] = {}
         self._joined: dict[int, float] = {}
         self._expired_at: dict[int, float] = {}
         self._leased: list[dq.LeasedCampaign] = []
@@ -207,9 +228,18 @@ class Engine:
         held_now = {c.id for c in leased}
         for c in leased:
             await self._load_envelope(c.manifest_id)
+            spec = self._consent(c)
+            if spec is not None:
+                for mid in spec.variants.values():
+                    await self._load_envelope(mid)
+                if c.consent_stage != "granted":
+                    await self._ask(c, spec)
+                    continue
             if c.id not in self._held:
                 await self._resend_notified(c)
             await self._advance(c)
+            if spec is not None and spec.group and c.group_decision is None:
+                await self._coordinate(c, spec)
         self._held = held_now
 
     async def _load_envelope(self, manifest_id: int) -> None:
@@ -222,7 +252,7 @@ class Engine:
             lambda s: dq.in_flight(s, c.id, [DeviceState.NOTIFIED.value])
         )
         for t in targets:
-            self.notifier.send(t, c.id, NoticeKind.UPDATE, c.manifest_id)
+            self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
         if targets:
             log.info("campaign %d: re-sent %d notices after taking the lease", c.id, len(targets))
 
@@ -251,8 +281,18 @@ class Engine:
             view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
             decision = policy.decide(view, state, now)
             targets = dq.take_pending(
-                s, c.id, decision.notify, max_phase=view.phase, now=now, attestation=c.attestation
+                s,
+                c.id,
+                decision.notify,
+                max_phase=view.phase,
+                now=now,
+                attestation=c.attestation,
+                consented_only=c.consent is not None,
             )
+            if c.consent is not None and expire_due:
+                cq.take_for_invite(s, c.id)  # devices that joined late are asked too
+                if now >= self._deadline(c):
+                    cq.expire_invitations(s, c.id)
             state.record_notified(len(targets), now)
             if decision.advance_to is not None:
                 dq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
@@ -272,7 +312,7 @@ class Engine:
         window = policy.window_span(now) if policy.window_mode == "install" else None
         self.notifier.windows[c.id] = window
         for t in targets:
-            self.notifier.send(t, c.id, NoticeKind.UPDATE, c.manifest_id)
+            self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
         if targets:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
         if decision.advance_to is not None:
@@ -283,8 +323,114 @@ class Engine:
             if state in CAMPAIGN_TERMINAL:
                 self._forget(c.id)
 
+    # -- consent campaigns ------------------------------------------------------------------
+
+    def _consent(self, c: dq.LeasedCampaign) -> ConsentSpec | None:
+        """The campaign's consent rules (cached), and what its notices carry because of them."""
+        if c.consent is None:
+            return None
+        spec = self._consents.get(c.id)
+        if spec is None:
+            spec = self._consents[c.id] = ConsentSpec.from_stored(c.consent)
+            self.notifier.invitations[c.id] = {
+                1: spec.requester or "",
+                2: c.name,
+                3: {k: list(v) for k, v in spec.options.items()},
+                4: int(self._deadline(c)),
+                5: spec.initiator or "",
+            }
+            extras: dict[int, Any] = {}
+            if spec.group:
+                extras[NOTICE_PREPARE] = True
+            limits = {
+                k: v
+                for k, v in (
+                    (1, spec.max_uses),
+                    (2, int(spec.expires_after_s) if spec.expires_after_s else None),
+                    (3, int(spec.accounting_every_s) if spec.accounting_every_s else None),
+                )
+                if v is not None
+            }
+            if limits:
+                extras[NOTICE_LIMITS] = limits
+            self.notifier.extras[c.id] = extras
+        return spec
+
+    def _deadline(self, c: dq.LeasedCampaign) -> float:
+        spec = self._consents[c.id]
+        started = c.started_at.timestamp() if c.started_at is not None else time.time()
+        return started + spec.deadline_s
+
+    async def _ask(self, c: dq.LeasedCampaign, spec: ConsentSpec) -> None:
+        """Invite, count the answers, and grant or refuse the campaign by its quorum rule."""
+        now = time.time()
+        passed = now >= self._deadline(c)
+
+        def work(s: Session) -> tuple[list[dq.Target], str, str, list[dq.Target]]:
+            invites = cq.take_for_invite(s, c.id)
+            if c.consent_stage is None:
+                cq.set_stage(s, c.id, "asking")
+            verdict, reason = quorum_verdict(spec.quorum, cq.tally(s, c.id), deadline_passed=passed)
+            withdrawn: list[dq.Target] = []
+            if verdict == "grant":
+                cq.set_stage(s, c.id, "granted")
+                dq.add_campaign_event(s, c.id, c.tenant_id, c.state, f"consent granted: {reason}")
+                dq.set_note(s, c.id, None)
+            elif verdict == "refuse":
+                withdrawn = cq.refuse(s, c.id, c.tenant_id, reason)
+            elif reason != self.notes.get(c.id):
+                dq.set_note(s, c.id, reason)
+            self.notes[c.id] = reason
+            return invites, verdict, reason, withdrawn
+
+        invites, verdict, reason, withdrawn = await self._db(work)
+        for t in invites:
+            self.notifier.send(t, c.id, NoticeKind.INVITE, c.manifest_id)
+        if invites:
+            log.info("campaign %d: invited %d devices", c.id, len(invites))
+        for t in withdrawn:
+            self.notifier.send(t, c.id, NoticeKind.CANCEL, c.manifest_id, reason=reason)
+        if verdict != "wait":
+            log.info(
+                "campaign %d: consent %s: %s", c.id, "granted" if verdict == "grant" else "refused", reason
+            )
+            self._lease_now = True  # act on the new stage at once
+            if verdict == "refuse":
+                self._forget(c.id)
+
+    async def _coordinate(self, c: dq.LeasedCampaign, spec: ConsentSpec) -> None:
+        """Group install: commit once every member prepared, abort on a failure or the deadline.
+        The decision is written before any commit or abort notice leaves."""
+        granted = c.granted_at.timestamp() if c.granted_at is not None else time.time()
+        passed = time.time() >= granted + spec.prepare_within_s
+
+        def work(s: Session) -> tuple[str, str, list[dq.Target]]:
+            verdict, reason = group_verdict(cq.group(s, c.id), deadline_passed=passed)
+            if verdict == "wait" or not cq.decide_group(s, c.id, verdict):
+                return "wait", reason, []
+            dq.add_campaign_event(s, c.id, c.tenant_id, c.state, reason)
+            if verdict == "commit":
+                return verdict, reason, cq.members(s, c.id, [DeviceState.DOWNLOADED.value])
+            targets = cq.members(
+                s,
+                c.id,
+                [DeviceState.NOTIFIED.value, DeviceState.DOWNLOADING.value, DeviceState.DOWNLOADED.value],
+            )
+            cq.abort_members(s, c.id, reason)
+            return verdict, reason, targets
+
+        verdict, reason, targets = await self._db(work)
+        if verdict == "wait":
+            return
+        kind = NoticeKind.COMMIT if verdict == "commit" else NoticeKind.ABORT
+        for t in targets:
+            self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id, reason=reason)
+        log.info("campaign %d: %s (%d members told)", c.id, reason, len(targets))
+        self._lease_now = True
+
     def _forget(self, campaign: int) -> None:
         self._policy_state.pop(campaign, None)
+        self._consents.pop(campaign, None)
         self._policies.pop(campaign, None)
         self._joined.pop(campaign, None)
         self._expired_at.pop(campaign, None)

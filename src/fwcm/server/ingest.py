@@ -14,12 +14,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from fwcm import protocol
-from fwcm.protocol import REPORT_EVIDENCE, ProtocolError, Result
+from fwcm.protocol import REPORT_ACCOUNTING, REPORT_ANSWER, REPORT_EVIDENCE, ProtocolError, Result
+from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
+from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
+from fwcm.store.models import Campaign
 from fwcm.transport.inbound import Inbound
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,7 @@ class Ingest:
         self.db = db
         self.keys = KeyCache(db)
         self._policies: dict[int, Policy] = {}
+        self._consents: dict[int, cq.AnswerContext | None] = {}
         self._on_applied = on_applied
         self.on_attested = on_attested
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -142,6 +149,18 @@ class Ingest:
         if campaigns:
             self._on_applied(campaigns)
 
+    def _answer_contexts(self, s: Session, campaigns: set[int]) -> dict[int, cq.AnswerContext]:
+        """Consent rules of campaigns receiving answers (cached: they do not change once started)."""
+        missing = [c for c in campaigns if c not in self._consents]
+        if missing:
+            rows = s.execute(
+                select(Campaign.id, Campaign.consent, Campaign.manifest_id).where(Campaign.id.in_(missing))
+            ).all()
+            for cid, consent, manifest_id in rows:
+                spec = ConsentSpec.from_stored(consent) if consent else None
+                self._consents[cid] = cq.AnswerContext(spec, manifest_id) if spec else None
+        return {c: ctx for c in campaigns if (ctx := self._consents.get(c)) is not None}
+
     def _process(
         self, batch: list[_Item]
     ) -> tuple[list[ProtocolError | None], set[int], list[dq.AttestationResult], Credentials]:
@@ -186,7 +205,10 @@ class Ingest:
                 if key is not None and m.payload in (b"0", b"1"):
                     presence[key.device_pk] = m.payload == b"1"
         evidence = [v for v in verified if REPORT_EVIDENCE in v.report.extra]
-        reports = [v for v in verified if REPORT_EVIDENCE not in v.report.extra]
+        answers = [v for v in verified if REPORT_ANSWER in v.report.extra]
+        usage = [v for v in verified if REPORT_ACCOUNTING in v.report.extra]
+        special = {id(v) for v in evidence + answers + usage}
+        reports = [v for v in verified if id(v) not in special]
         done = [
             (v.report.campaign, v.key.device_pk)
             for v in reports
@@ -195,6 +217,11 @@ class Ingest:
         with self.db.session() as s:
             attested = dq.apply_attestations(s, evidence)
             changed, campaigns = dq.apply_reports(s, reports, self._policies)
+            if answers:
+                contexts = self._answer_contexts(s, {v.report.campaign for v in answers})
+                campaigns |= cq.apply_answers(s, answers, contexts)
+            if usage:
+                cq.apply_accounting(s, usage)
             credentials = dq.credential_targets(s, done) if done else []
             dq.set_presence(s, presence)
         for a in attested:

@@ -7,14 +7,22 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from fwcm import attestation
 from fwcm.attestation import NONCE_BYTES, Grant
 from fwcm.manifest import generate_private_key, load_public_key, private_key_pem
-from fwcm.protocol import REPORT_EVIDENCE, REPORT_FIRMWARE_NAME, REPORT_FIRMWARE_VERSION, Report, Result
+from fwcm.protocol import (
+    REPORT_EVIDENCE,
+    REPORT_FIRMWARE_NAME,
+    REPORT_FIRMWARE_VERSION,
+    NoticeKind,
+    Report,
+    Result,
+)
 from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import (
     DEVICE_TERMINAL,
@@ -65,6 +73,8 @@ class Target:
     """Outstanding attestation nonce (attested campaigns, before the device attested)."""
     attested: bool = False
     """The device attested for this attempt: its notice carries an install token."""
+    manifest_id: int | None = None
+    """Consent campaigns with variants: this device's manifest (None: the campaign's)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,12 @@ class LeasedCampaign:
     manifest_id: int
     phase: int
     attestation: bool = False
+    consent: dict[str, object] | None = None
+    consent_stage: str | None = None
+    started_at: datetime | None = None
+    granted_at: datetime | None = None
+    group_decision: str | None = None
+    name: str = ""
 
 
 _LEASE_COLUMNS = (
@@ -86,6 +102,12 @@ _LEASE_COLUMNS = (
     Campaign.manifest_id,
     Campaign.phase,
     Campaign.attestation,
+    Campaign.consent,
+    Campaign.consent_stage,
+    Campaign.started_at,
+    Campaign.granted_at,
+    Campaign.group_decision,
+    Campaign.name,
 )
 
 
@@ -106,7 +128,29 @@ def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampai
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
         .returning(*_LEASE_COLUMNS)
     ).all()
-    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5], bool(r[6])) for r in rows]
+    return [_leased(r) for r in rows]
+
+
+def _leased(r: Sequence[Any]) -> LeasedCampaign:
+    return LeasedCampaign(
+        r[0],
+        r[1],
+        r[2],
+        r[3] or {},
+        r[4],
+        r[5],
+        bool(r[6]),
+        r[7],
+        r[8],
+        _maybe_aware(r[9]),
+        _maybe_aware(r[10]),
+        r[11],
+        r[12],
+    )
+
+
+def _maybe_aware(t: datetime | None) -> datetime | None:
+    return None if t is None else _aware(t)
 
 
 def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaign]:
@@ -116,7 +160,7 @@ def held_campaigns(s: Session, ids: list[int], owner: str) -> list[LeasedCampaig
             Campaign.id.in_(ids), Campaign.lease_owner == owner, Campaign.state.in_(_ACTIVE)
         )
     ).all()
-    return [LeasedCampaign(r[0], r[1], r[2], r[3] or {}, r[4], r[5], bool(r[6])) for r in rows]
+    return [_leased(r) for r in rows]
 
 
 def release_leases(s: Session, owner: str) -> None:
@@ -134,7 +178,7 @@ def counts(s: Session, campaign_id: int) -> Counter[str]:
     return Counter({state: n for state, n in rows})
 
 
-def _targets() -> Select[int, int, str, str, str, bytes, bytes | None, datetime | None]:
+def _targets() -> Select[int, int, str, str, str, bytes, bytes | None, datetime | None, int | None]:
     """Deployment rows with what a notice needs: device key, name, tenant slug and transport."""
     return (
         select(
@@ -146,6 +190,7 @@ def _targets() -> Select[int, int, str, str, str, bytes, bytes | None, datetime 
             Device.secret,
             Deployment.nonce,
             Deployment.attested_at,
+            Deployment.manifest_id,
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)
@@ -160,6 +205,7 @@ def take_pending(
     max_phase: int = 0,
     now: float | None = None,
     attestation: bool = False,
+    consented_only: bool = False,
 ) -> list[Target]:
     """Mark up to ``limit`` pending deployments notified (new attempt) and return them.
 
@@ -176,6 +222,7 @@ def take_pending(
             Deployment.state == DeviceState.PENDING.value,
             Deployment.phase <= max_phase,
             or_(Deployment.retry_at.is_(None), Deployment.retry_at <= when),
+            Deployment.choice.is_not(None) if consented_only else true(),
         )
         .order_by(Deployment.phase, Deployment.device_id)
         .limit(limit)
@@ -203,7 +250,7 @@ def take_pending(
         ),
         [{"d": r[0], "a": r[1] + 1, "n": nonces[r[0]]} for r in rows],
     )
-    return [Target(r[0], r[2], r[3], r[4], r[5], r[1] + 1, nonces[r[0]]) for r in rows]
+    return [Target(r[0], r[2], r[3], r[4], r[5], r[1] + 1, nonces[r[0]], False, r[8]) for r in rows]
 
 
 def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
@@ -303,8 +350,8 @@ def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Targe
     return [_target(r) for r in rows]
 
 
-def _target(r: Row[int, int, str, str, str, bytes, bytes | None, datetime | None]) -> Target:
-    return Target(r[0], r[2], r[3], r[4], r[5], r[1], r[6], r[7] is not None)
+def _target(r: Row[int, int, str, str, str, bytes, bytes | None, datetime | None, int | None]) -> Target:
+    return Target(r[0], r[2], r[3], r[4], r[5], r[1], r[6], r[7] is not None, r[8])
 
 
 def cancel_not_started(s: Session, campaign_id: int) -> int:
@@ -331,6 +378,10 @@ def set_campaign_state(
         values.update(finished_at=now, lease_owner=None, lease_until=None)
     s.execute(update(Campaign).where(Campaign.id == campaign).values(**values))
     s.add(CampaignEvent(tenant_id=tenant_id, campaign_id=campaign, at=now, state=state.value, reason=reason))
+
+
+def add_campaign_event(s: Session, campaign: int, tenant_id: int, state: str, reason: str) -> None:
+    s.add(CampaignEvent(tenant_id=tenant_id, campaign_id=campaign, at=utcnow(), state=state, reason=reason))
 
 
 def manifest_envelope(s: Session, manifest_id: int) -> bytes:
@@ -515,8 +566,21 @@ def trim_history(s: Session, keep: int = HISTORY_PER_DEVICE) -> int:
     return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, int, str] | None:
-    """The newest in-flight deployment of a device: (campaign, target, manifest id, campaign state)."""
+@dataclass(frozen=True)
+class ActiveNotice:
+    """What a device's notice resource shows now (CoAP builds notices on demand)."""
+
+    campaign: int
+    target: Target
+    manifest_id: int
+    kind: NoticeKind
+    reason: str | None = None
+
+
+def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
+    """The newest deployment of a device that still has something to say to it."""
+    in_flight = [st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]
+    withdrawn = and_(Deployment.state == DeviceState.CANCELLED.value, Deployment.attempt > 0)
     row = s.execute(
         select(
             Deployment.campaign_id,
@@ -524,10 +588,13 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
             Deployment.attempt,
             Device.transport,
             Device.secret,
-            Campaign.manifest_id,
+            func.coalesce(Deployment.manifest_id, Campaign.manifest_id),
             Campaign.state,
             Deployment.nonce,
             Deployment.attested_at,
+            Deployment.state,
+            Campaign.group_decision,
+            Deployment.detail,
         )
         .join(Device, Device.id == Deployment.device_id)
         .join(Tenant, Tenant.id == Device.tenant_id)
@@ -537,9 +604,7 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
             Device.name == device,
             or_(
                 and_(
-                    Deployment.state.notin_(
-                        [st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]
-                    ),
+                    Deployment.state.notin_(in_flight),
                     Campaign.state.in_(
                         [
                             CampaignState.RUNNING.value,
@@ -548,11 +613,14 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
                         ]
                     ),
                 ),
-                # withdrawn before the device reported: it may have started, so it sees the cancel
+                # withdrawn before the device reported (cancel, quorum not met, group abort): it may
+                # have started, so it must see the withdrawal
                 and_(
-                    Campaign.state == CampaignState.CANCELLED.value,
-                    Deployment.state == DeviceState.CANCELLED.value,
-                    Deployment.attempt > 0,
+                    withdrawn,
+                    or_(
+                        Campaign.state.in_([CampaignState.CANCELLED.value, CampaignState.STOPPED.value]),
+                        Campaign.group_decision == "abort",
+                    ),
                 ),
             ),
         )
@@ -562,7 +630,15 @@ def active_notice(s: Session, tenant: str, device: str) -> tuple[int, Target, in
     if row is None:
         return None
     target = Target(row[1], tenant, device, row[3], row[4], row[2], row[7], row[8] is not None)
-    return row[0], target, row[5], row[6]
+    kind = NoticeKind.UPDATE
+    if row[9] == DeviceState.INVITED.value:
+        kind = NoticeKind.INVITE
+    elif row[9] == DeviceState.CANCELLED.value or row[6] == CampaignState.CANCELLED.value:
+        kind = NoticeKind.ABORT if row[10] == "abort" else NoticeKind.CANCEL
+    elif row[10] == "commit" and row[9] == DeviceState.DOWNLOADED.value:
+        kind = NoticeKind.COMMIT
+    reason = row[11] if kind in (NoticeKind.CANCEL, NoticeKind.ABORT) else None
+    return ActiveNotice(row[0], target, row[5], kind, reason)
 
 
 def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tuple[int, Target, int]]:

@@ -152,6 +152,13 @@ class Campaign(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     """Why a running campaign is not moving right now (window closed, rate limit), from the engine."""
+    consent: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """Consent campaigns: the checked ``[consent]`` table (deadline, quorum, options, variants…)."""
+    consent_stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """``asking`` → ``granted`` or ``refused``; None before the invitations went out."""
+    granted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    group_decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Coordinated group install: ``commit`` or ``abort``, durable before any notice leaves."""
     attestation: Mapped[bool] = mapped_column(default=False, server_default=false())
     """Devices must attest (fresh nonce, attestation key) before they get an install token."""
     phase: Mapped[int] = mapped_column(Integer, default=0)
@@ -181,6 +188,10 @@ class Deployment(Base):
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    choice: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """Consent campaigns: the options the device accepted with (None: not accepted)."""
+    manifest_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The variant this device gets, when it differs from the campaign's manifest."""
     nonce: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     """Attestation nonce of the current attempt; cleared when used, so it is single-use."""
     nonce_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -233,6 +244,28 @@ class DeviceEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     state: Mapped[str] = mapped_column(String(16))
     result: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AccountingRecord(Base):
+    """Usage reported by installed software: interim counters, and a final record when its use
+    ends (``final``) or it was removed again (``removed``)."""
+
+    __tablename__ = "accounting_records"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "device_id", "attempt", "seq", name="uq_accounting_report"),
+        Index("ix_accounting_campaign", "tenant_id", "campaign_id"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(BigInteger)
+    campaign_id: Mapped[int] = mapped_column(BigInteger)
+    device_id: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))
+    uses: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[int] = mapped_column(BigInteger, default=0)
     detail: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 

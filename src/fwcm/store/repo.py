@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from fwcm import filters, manifest, pki
 from fwcm.protocol import NAME_RE, Result
+from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy, PolicyError
 from fwcm.store.models import (
     ApiKey,
@@ -61,6 +62,7 @@ CAMPAIGN_STATES = ("draft", "scheduled", "running", "paused", "completed", "canc
 FINAL_CAMPAIGN_STATES = ("completed", "cancelled", "stopped")
 DEPLOYMENT_STATES = (
     "pending",
+    "invited",
     "notified",
     "downloading",
     "downloaded",
@@ -70,8 +72,10 @@ DEPLOYMENT_STATES = (
     "skipped",
     "timed_out",
     "cancelled",
+    "declined",
+    "no_answer",
 )
-TERMINAL_STATES = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "skipped", "timed_out", "cancelled", "declined", "no_answer")
 TRANSPORTS = ("mqtt", "coap")
 SECRET_BYTES = 32
 API_KEY_PREFIX = "fwcm_"
@@ -817,10 +821,19 @@ def create_campaign(
     policy: dict[str, Any] | None = None,
     *,
     attestation: bool = False,
+    consent: dict[str, Any] | None = None,
 ) -> Campaign:
-    """A draft campaign; the filter is checked now so a typo never reaches start."""
+    """A draft campaign; the filter is checked now so a typo never reaches start.
+
+    A consent campaign may name its peer devices (and an initiator) instead of a filter.
+    """
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise Invalid("campaign name must be 1-200 characters")
+    spec = _consent_spec(s, tenant_id, consent) if consent is not None else None
+    if spec is not None and spec.peer_filter() is not None:
+        if filter_text:
+            raise Invalid("a consent campaign takes either a device filter or peers, not both")
+        filter_text = spec.peer_filter()
     canonical = filters.validate(filter_text)
     try:
         get_manifest(s, tenant_id, manifest_id)
@@ -833,6 +846,7 @@ def create_campaign(
         filter=canonical,
         policy=_validate_policy(policy),
         attestation=attestation,
+        consent=spec.to_dict() if spec is not None else None,
         state="draft",
         phase=0,
         total=0,
@@ -841,6 +855,23 @@ def create_campaign(
     s.flush()
     _campaign_event(s, campaign, "draft", None)
     return campaign
+
+
+def _consent_spec(s: Session, tenant_id: int, consent: dict[str, Any]) -> ConsentSpec:
+    """Check a ``[consent]`` table; variants must be manifests of this tenant."""
+    try:
+        spec = ConsentSpec.parse(consent)
+    except PolicyError as exc:
+        raise Invalid(str(exc)) from None
+    for value, manifest_id in spec.variants.items():
+        try:
+            get_manifest(s, tenant_id, manifest_id)
+        except NotFound:
+            raise Invalid(f"consent.variants.{value}: manifest {manifest_id} not found") from None
+    if spec.requester is None:
+        tenant = s.get(Tenant, tenant_id)
+        spec = replace(spec, requester=tenant.name if tenant is not None else None)
+    return spec
 
 
 def list_campaigns(s: Session, tenant_id: int, state: str | None = None) -> Sequence[Campaign]:
@@ -1030,6 +1061,22 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "failures": failures,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
+        "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
+    }
+
+
+def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:
+    accepted = s.scalar(
+        select(func.count()).where(Deployment.campaign_id == campaign.id, Deployment.choice.is_not(None))
+    )
+    return {
+        "stage": campaign.consent_stage,
+        "invited": counts.get("invited", 0),
+        "accepted": int(accepted or 0),
+        "declined": counts.get("declined", 0),
+        "no_answer": counts.get("no_answer", 0),
+        "group_decision": campaign.group_decision,
+        "quorum": campaign.consent.get("quorum") if campaign.consent else None,
     }
 
 
