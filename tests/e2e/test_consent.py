@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -382,19 +383,22 @@ async def test_accounting_and_removal_after_the_limit(
         agent = o.agents["u1"]
         assert agent.status.removed == 1 and agent.status.state == LwState.IDLE
 
-    out = subprocess.run(
-        [sys.executable, "-m", "fwcm.cli", "accounting", "report", "--campaign", str(cid), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **__import__("os").environ,
-            "FWCM_URL": env.settings.public_http_url,
-            "FWCM_API_KEY": env.key,
-        },
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["removed"] == 2
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fwcm.cli",
+        "accounting",
+        "report",
+        "--campaign",
+        str(cid),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "FWCM_URL": env.settings.public_http_url, "FWCM_API_KEY": env.key},
+    )  # the server runs on this event loop: the CLI must not block it
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert json.loads(stdout)["removed"] == 2
 
 
 def test_demo_consent(tmp_path: Path) -> None:

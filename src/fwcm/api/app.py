@@ -516,7 +516,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         with db.read() as s:
             return [sc.CampaignEventOut.of(e) for e in repo.campaign_events(s, t.id, campaign_id)]
 
+    from fwcm.api.inventory import create_router as inventory_router  # imports this module
 
+    app.include_router(inventory_router(db, settings))  # first: /devices/outdated before /devices/{name}
     app.include_router(api)
 
     # -- public payload route for devices --------------------------------------------------------

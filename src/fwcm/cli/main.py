@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fwcm.cli import keys, manifest, pki, resources, watch
+from fwcm.cli import inventory, keys, manifest, pki, resources, watch
 from fwcm.cli.demo import demo
 
 app = typer.Typer(
@@ -27,7 +27,12 @@ manifest.app.command("list", help="List the tenant's manifests.")(resources.mani
 app.add_typer(manifest.app, name="manifest", help="SUIT manifests: create, inspect, verify, upload.")
 app.add_typer(resources.payload_app, name="payload", help="Firmware payloads on the server.")
 app.add_typer(resources.signer_app, name="signer", help="Public keys the tenant trusts.")
+resources.device_app.command("claim")(inventory.device_claim)
+resources.device_app.command("release")(inventory.device_release)
+resources.device_app.command("transfer")(inventory.device_transfer)
+resources.device_app.command("outdated")(inventory.device_outdated)
 app.add_typer(resources.device_app, name="device", help="Devices of the tenant.")
+app.add_typer(inventory.factory_app, name="factory", help="Manufacturers: devices for fleets to claim.")
 resources.campaign_app.command("watch")(watch.watch)
 app.add_typer(resources.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
 app.add_typer(resources.accounting_app, name="accounting", help="Usage reported by installed software.")

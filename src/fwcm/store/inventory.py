@@ -1,0 +1,597 @@
+"""Claim-once device ownership: factory registration, claim, release, transfer, outdated devices.
+
+A manufacturer registers ``FactoryDevice`` rows; they are not devices of anyone, so no campaign
+can target them and nothing is ever sent to them.  A fleet tenant claims one with its serial and
+claim code: one conditional ``UPDATE … WHERE owner_id IS NULL`` picks the single winner (SQLite
+serialises writers with BEGIN IMMEDIATE; PostgreSQL row-locks the updated row, and concurrent
+updaters re-check the condition after the winner commits), and the unique ``devices.factory_id``
+is the second guard.  Release and transfer delete the tenant's ``Device`` row (its deployments and
+history go with it, so nothing of one owner is visible to the next) and move ``owner_id``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fwcm import filters, manifest
+from fwcm.inventory import FACTORY_CSV_COLUMNS, claim_hash
+from fwcm.store.models import Campaign, Deployment, Device, DeviceEvent, FactoryDevice, Manifest, Tenant
+from fwcm.store.repo import (
+    FINAL_CAMPAIGN_STATES,
+    MAX_IMPORT_ERRORS,
+    SECRET_BYTES,
+    TRANSPORTS,
+    Conflict,
+    ImportErrors,
+    Invalid,
+    NotFound,
+    _name,
+    _opt_text,
+    _tags,
+    filter_clause,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+FACTORY_REQUIRED = ("serial", "hardware_id", "vendor", "model", "claim_hash", "secret")
+_FACTORY = cast(Table, FactoryDevice.__table__)
+_IN_CHUNK = 5000
+_HEX = set("0123456789abcdef")
+NO_MATCH = "no unclaimed device with this serial and claim code"
+ALREADY_CLAIMED = "device already claimed"
+
+
+# -- factory registration ---------------------------------------------------------------------
+
+
+@dataclass
+class FactoryEntry:
+    """A validated factory device, before insertion."""
+
+    serial: str
+    hardware_id: str
+    vendor_id: str
+    class_id: str
+    firmware_version: str | None
+    sequence: int
+    claim_hash: str
+    secret: bytes
+    attest_key_pem: str | None
+
+    def row(self, manufacturer_id: int) -> dict[str, Any]:
+        return {
+            "manufacturer_id": manufacturer_id,
+            "serial": self.serial,
+            "hardware_id": self.hardware_id,
+            "vendor_id": self.vendor_id,
+            "class_id": self.class_id,
+            "firmware_version": self.firmware_version,
+            "sequence": self.sequence,
+            "claim_hash": self.claim_hash,
+            "secret": self.secret,
+            "attest_key_pem": self.attest_key_pem,
+        }
+
+
+def _text(value: Any, field: str, max_len: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"{field} is required")
+    value = value.strip()
+    if len(value) > max_len:
+        raise Invalid(f"{field} is longer than {max_len} characters")
+    return value
+
+
+def _sequence(value: Any) -> int:
+    if value is None or value == "":
+        return 0
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise Invalid(f"sequence must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise Invalid(f"sequence must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _hex(value: Any, field: str, nbytes: int) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{field} is required ({2 * nbytes} hex digits)")
+    text = value.strip().lower()
+    if len(text) != 2 * nbytes or not set(text) <= _HEX:
+        raise Invalid(f"{field} must be {2 * nbytes} hex digits ({nbytes} bytes)")
+    return text
+
+
+def _attest_key(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise Invalid("attest_key_pem must be a PEM public key")
+    try:
+        key = manifest.load_public_key(value.strip().encode())
+    except manifest.ManifestError as exc:
+        raise Invalid(f"attest_key_pem refused: {exc}") from None
+    return manifest.public_key_pem(key).decode()
+
+
+def validate_factory_device(
+    serial: Any,
+    hardware_id: Any,
+    vendor: Any,
+    model: Any,
+    claim_hash: Any,
+    secret: Any,
+    firmware_version: Any = None,
+    sequence: Any = 0,
+    attest_key_pem: Any = None,
+) -> FactoryEntry:
+    """Check one factory device; raise Invalid naming the first bad field.
+
+    ``vendor`` is the vendor's domain and ``model`` the device model: the ids follow the manifest
+    convention (vendor_id = uuid5(DNS, vendor), class_id = uuid5(vendor_id, model)).
+    """
+    serial_s = _name(serial.strip() if isinstance(serial, str) else serial, "serial")
+    hw = _text(hardware_id, "hardware_id", 128)
+    vendor_s = _text(vendor, "vendor", 253)
+    model_s = _text(model, "model", 200)
+    vendor_id = manifest.vendor_id_for_domain(vendor_s)
+    return FactoryEntry(
+        serial=serial_s,
+        hardware_id=hw,
+        vendor_id=str(vendor_id),
+        class_id=str(manifest.class_id_for(vendor_id, model_s)),
+        firmware_version=_opt_text(
+            firmware_version.strip() if isinstance(firmware_version, str) else firmware_version,
+            "firmware_version",
+            64,
+        ),
+        sequence=_sequence(sequence),
+        claim_hash=_hex(claim_hash, "claim_hash", 32),
+        secret=bytes.fromhex(_hex(secret, "secret", SECRET_BYTES)),
+        attest_key_pem=_attest_key(attest_key_pem),
+    )
+
+
+class _Errors:
+    def __init__(self, max_errors: int) -> None:
+        self.errors: list[str] = []
+        self.more = 0
+        self.max = max_errors
+
+    def add(self, where: str, msg: str) -> None:
+        if len(self.errors) < self.max:
+            self.errors.append(f"{where}: {msg}")
+        else:
+            self.more += 1
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ImportErrors(self.errors, self.more)
+
+
+def _validate_all(
+    items: Sequence[tuple[str, dict[str, Any]]], errors: _Errors, seen: dict[str, str]
+) -> list[FactoryEntry]:
+    out = []
+    for where, values in items:
+        try:
+            entry = validate_factory_device(**values)
+        except Invalid as exc:
+            errors.add(where, str(exc))
+            continue
+        if entry.serial in seen:
+            errors.add(where, f"serial {entry.serial!r} already appears on {seen[entry.serial]}")
+            continue
+        seen[entry.serial] = where
+        out.append(entry)
+    return out
+
+
+def parse_factory_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
+    """Validate a whole factory CSV; raise ImportErrors listing every bad line (up to a cap)."""
+    errors = _Errors(max_errors)
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ImportErrors(
+            ["line 1: empty file; expected a header: " + ",".join(FACTORY_CSV_COLUMNS)]
+        ) from None
+    except csv.Error as exc:
+        raise ImportErrors([f"line 1: {exc}"]) from None
+    columns = [h.strip().lower() for h in header]
+    unknown = [c for c in columns if c not in FACTORY_CSV_COLUMNS]
+    missing = [c for c in FACTORY_REQUIRED if c not in columns]
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if unknown or missing or dupes:
+        problems = []
+        if unknown:
+            problems.append(f"unknown column(s) {', '.join(unknown)}")
+        if missing:
+            problems.append(f"missing column(s) {', '.join(missing)}")
+        if dupes:
+            problems.append(f"repeated column(s) {', '.join(dupes)}")
+        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(FACTORY_CSV_COLUMNS)})"])
+    rows: list[tuple[str, dict[str, Any]]] = []
+    width = len(columns)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.add(f"line {reader.line_num}", str(exc))
+            break
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != width:
+            errors.add(f"line {start}", f"expected {width} fields, found {len(row)}")
+            continue
+        # A quoted PEM spans several physical lines: errors name the line the record starts on.
+        rows.append((f"line {start}", dict(zip(columns, row, strict=True))))
+    entries = _validate_all(rows, errors, {})
+    errors.raise_any()
+    return entries
+
+
+def parse_factory_json(data: Any, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
+    """Validate a JSON list of factory devices; errors name items by 1-based position."""
+    if not isinstance(data, list):
+        raise Invalid("expected a JSON list of devices")
+    errors = _Errors(max_errors)
+    fields = set(FACTORY_CSV_COLUMNS)
+    items: list[tuple[str, dict[str, Any]]] = []
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, dict):
+            errors.add(f"item {i}", "expected an object")
+            continue
+        unknown = sorted(set(item) - fields)
+        missing = [f for f in FACTORY_REQUIRED if f not in item]
+        if unknown or missing:
+            parts = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
+                [f"missing field(s) {', '.join(missing)}"] if missing else []
+            )
+            errors.add(f"item {i}", "; ".join(parts))
+            continue
+        items.append((f"item {i}", item))
+    entries = _validate_all(items, errors, {})
+    errors.raise_any()
+    return entries
+
+
+def parse_factory_body(body: bytes, content_type: str) -> list[FactoryEntry]:
+    """A factory upload as JSON (``application/json``) or CSV (anything else textual)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Invalid(f"body is not UTF-8 (byte {exc.start})") from None
+    if "json" in content_type.lower():
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise Invalid(f"body is not valid JSON: {exc}") from None
+        return parse_factory_json(data)
+    return parse_factory_csv(text)
+
+
+def register_factory_devices(s: Session, manufacturer_id: int, entries: Sequence[FactoryEntry]) -> int:
+    """Insert a validated batch in one transaction; a serial registered before refuses all of it."""
+    serials = [e.serial for e in entries]
+    clashes: list[str] = []
+    for i in range(0, len(serials), _IN_CHUNK):
+        chunk = serials[i : i + _IN_CHUNK]
+        clashes.extend(s.scalars(select(FactoryDevice.serial).where(FactoryDevice.serial.in_(chunk))))
+    if clashes:
+        raise Conflict(_clash_message(clashes))
+    if not entries:
+        return 0
+    try:
+        with s.begin_nested():
+            for i in range(0, len(entries), 10000):
+                s.execute(insert(_FACTORY), [e.row(manufacturer_id) for e in entries[i : i + 10000]])
+    except IntegrityError:  # a concurrent upload registered one of these serials first
+        raise Conflict("nothing registered: a serial of this batch was registered concurrently") from None
+    log.info("manufacturer %d registered %d factory devices", manufacturer_id, len(entries))
+    return len(entries)
+
+
+def _clash_message(clashes: list[str]) -> str:
+    clashes.sort()
+    shown = ", ".join(repr(n) for n in clashes[:5])
+    extra = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+    return f"nothing registered: {len(clashes)} serial(s) already registered: {shown}{extra}"
+
+
+def list_factory_devices(
+    s: Session, manufacturer_id: int, claimed: bool | None = None, limit: int = 100, offset: int = 0
+) -> tuple[int, Sequence[FactoryDevice]]:
+    """The manufacturer's own devices (and how many match), optionally only (un)claimed ones."""
+    cond: list[Any] = [FactoryDevice.manufacturer_id == manufacturer_id]
+    if claimed is not None:
+        cond.append(FactoryDevice.owner_id.is_not(None) if claimed else FactoryDevice.owner_id.is_(None))
+    total = s.scalar(select(func.count()).select_from(FactoryDevice).where(*cond)) or 0
+    rows = s.scalars(
+        select(FactoryDevice).where(*cond).order_by(FactoryDevice.serial).limit(limit).offset(offset)
+    ).all()
+    return total, rows
+
+
+# -- claim, release, transfer -----------------------------------------------------------------
+
+
+def _transport(value: Any) -> str:
+    value = value or "mqtt"
+    if value not in TRANSPORTS:
+        raise Invalid(f"transport must be one of {', '.join(TRANSPORTS)}, got {value!r}")
+    return str(value)
+
+
+def _insert_device(
+    s: Session, tenant_id: int, fd: FactoryDevice, name: str, clash: str, **fields: Any
+) -> Device:
+    """The tenant's Device row for a factory device; a clash raises Conflict(``clash``)."""
+    if s.scalar(select(Device.id).where(Device.tenant_id == tenant_id, Device.name == name)) is not None:
+        raise Conflict(clash)
+    values: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "name": name,
+        "vendor_id": fd.vendor_id,
+        "class_id": fd.class_id,
+        "tags": {},
+        "sequence": fd.sequence,
+        "version": fd.firmware_version,
+        "transport": "mqtt",
+        "secret": fd.secret,
+        "hardware_id": fd.hardware_id,
+        "attest_key_pem": fd.attest_key_pem,
+        "factory_id": fd.id,
+        "online": False,
+    }
+    values.update(fields)
+    device = Device(**values)
+    try:
+        with s.begin_nested():
+            s.add(device)
+            s.flush()
+    except IntegrityError:
+        taken = s.scalar(select(Device.id).where(Device.factory_id == fd.id))
+        if taken is not None:  # the unique devices.factory_id caught what the UPDATE did not
+            raise Conflict(f"{ALREADY_CLAIMED} (concurrently)") from None
+        raise Conflict(clash) from None
+    return device
+
+
+def claim_device(
+    s: Session,
+    tenant_id: int,
+    serial: str,
+    claim_code: str,
+    name: str | None = None,
+    tags: Any = None,
+    transport: Any = None,
+) -> tuple[Device, FactoryDevice]:
+    """Take ownership of an unclaimed factory device and create the tenant's device for it.
+
+    A wrong serial and a wrong code answer the same ``NotFound``; the right code for a device
+    someone already owns answers ``Conflict``.  Runs in the caller's transaction: any later failure
+    (a name clash) rolls the ownership back too.
+    """
+    if not isinstance(serial, str) or not isinstance(claim_code, str) or not claim_code.strip():
+        raise NotFound(NO_MATCH)
+    serial = serial.strip()
+    device_name = _name(name if name else serial, "device name")
+    clean_tags = _tags(tags)
+    clean_transport = _transport(transport)
+    digest = claim_hash(claim_code)
+    claimed_at = now()
+    result = s.execute(
+        update(FactoryDevice)
+        .where(
+            FactoryDevice.serial == serial,
+            FactoryDevice.claim_hash == digest,
+            FactoryDevice.owner_id.is_(None),
+        )
+        .values(owner_id=tenant_id, claimed_at=claimed_at)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        owner = s.execute(
+            select(FactoryDevice.owner_id).where(
+                FactoryDevice.serial == serial, FactoryDevice.claim_hash == digest
+            )
+        ).first()
+        if owner is None:
+            raise NotFound(NO_MATCH)
+        if owner[0] == tenant_id:
+            mine = s.scalar(
+                select(Device.name)
+                .join(FactoryDevice, FactoryDevice.id == Device.factory_id)
+                .where(Device.tenant_id == tenant_id, FactoryDevice.serial == serial)
+            )
+            raise Conflict(f"{ALREADY_CLAIMED} by this tenant" + (f" as device {mine!r}" if mine else ""))
+        raise Conflict(ALREADY_CLAIMED)
+    fd = s.scalar(
+        select(FactoryDevice).where(FactoryDevice.serial == serial).execution_options(populate_existing=True)
+    )
+    assert fd is not None and fd.owner_id == tenant_id
+    clash = f"device {device_name!r} already exists in this tenant; claim it under another name"
+    device = _insert_device(s, tenant_id, fd, device_name, clash, tags=clean_tags, transport=clean_transport)
+    log.info("tenant %d claimed factory device %s as %s", tenant_id, serial, device_name)
+    return device, fd
+
+
+def _owned_claimed_device(s: Session, tenant_id: int, name: str, action: str) -> tuple[Device, FactoryDevice]:
+    """The tenant's device, row-locked, claimed from a factory and in no unfinished campaign."""
+    device = s.scalar(
+        select(Device).where(Device.tenant_id == tenant_id, Device.name == name).with_for_update()
+    )
+    if device is None:
+        raise NotFound(f"device {name!r} not found")
+    if device.factory_id is None:
+        raise Conflict(
+            f"device {name!r} was registered directly, not claimed from a manufacturer; "
+            f"only claimed devices can be {action}"
+        )
+    busy = s.execute(
+        select(Campaign.id, Campaign.state)
+        .join(Deployment, Deployment.campaign_id == Campaign.id)
+        .where(
+            Deployment.device_id == device.id,
+            Campaign.tenant_id == tenant_id,
+            Campaign.state.not_in(FINAL_CAMPAIGN_STATES),
+        )
+        .order_by(Campaign.id)
+        .limit(1)
+    ).first()
+    if busy is not None:
+        raise Conflict(
+            f"device {name!r} is in campaign {busy[0]}, which is {busy[1]}; it can be {action} "
+            "once the campaign has finished or been cancelled"
+        )
+    fd = s.scalar(select(FactoryDevice).where(FactoryDevice.id == device.factory_id).with_for_update())
+    if fd is None or fd.owner_id != tenant_id:  # cannot happen while the two guards hold
+        raise Conflict(f"device {name!r} is not owned by this tenant in the factory records")
+    return device, fd
+
+
+def _drop_device(s: Session, device: Device) -> None:
+    """Delete a device with its deployments and history (they belong to the previous owner)."""
+    s.execute(delete(DeviceEvent).where(DeviceEvent.device_id == device.id))
+    s.execute(delete(Deployment).where(Deployment.device_id == device.id))
+    s.delete(device)
+    s.flush()
+
+
+def release_device(s: Session, tenant_id: int, name: str) -> FactoryDevice:
+    """Give a claimed device up: its Device row goes and its claim code works again."""
+    device, fd = _owned_claimed_device(s, tenant_id, name, "released")
+    _drop_device(s, device)
+    fd.owner_id = None
+    fd.claimed_at = None
+    s.flush()
+    log.info("tenant %d released factory device %s (%s)", tenant_id, fd.serial, name)
+    return fd
+
+
+def transfer_device(
+    s: Session, tenant_id: int, name: str, to_slug: str, new_name: str | None = None
+) -> tuple[Device, FactoryDevice, Tenant]:
+    """Move a claimed device to another fleet tenant in one transaction.
+
+    The receiving tenant gets a fresh Device row (same secret, ids and firmware state; no tags,
+    deployments or history of the previous owner).
+    """
+    device, fd = _owned_claimed_device(s, tenant_id, name, "transferred")
+    target = s.scalar(select(Tenant).where(Tenant.slug == to_slug))
+    if target is None:
+        raise NotFound(f"tenant {to_slug!r} not found")
+    if target.id == tenant_id:
+        raise Invalid(f"device {name!r} already belongs to tenant {to_slug!r}")
+    if target.kind != "fleet":
+        raise Invalid(f"tenant {to_slug!r} is a {target.kind}; devices can only move to a fleet tenant")
+    target_name = _name(new_name if new_name else device.name, "device name")
+    clash = f"tenant {to_slug!r} already has a device named {target_name!r}; pass another name"
+    if s.scalar(select(Device.id).where(Device.tenant_id == target.id, Device.name == target_name)):
+        raise Conflict(clash)
+    kept = {
+        "sequence": device.sequence,
+        "version": device.version,
+        "firmware_name": device.firmware_name,
+        "transport": device.transport,
+    }
+    _drop_device(s, device)
+    fd.owner_id = target.id
+    fd.claimed_at = now()
+    s.flush()
+    moved = _insert_device(s, target.id, fd, target_name, clash, **kept)
+    log.info("tenant %d transferred factory device %s to tenant %d", tenant_id, fd.serial, target.id)
+    return moved, fd, target
+
+
+def serial_of(s: Session, device: Device) -> str | None:
+    if device.factory_id is None:
+        return None
+    return s.scalar(select(FactoryDevice.serial).where(FactoryDevice.id == device.factory_id))
+
+
+# -- outdated devices -------------------------------------------------------------------------
+
+
+def outdated_devices(
+    s: Session, tenant_id: int, filter_text: str | None = None, limit: int = 1000, offset: int = 0
+) -> tuple[int, list[dict[str, Any]]]:
+    """The tenant's devices behind the newest manifest (of this tenant) for their vendor and class.
+
+    One set-based query: the tenant's manifests ranked per (vendor, class) by sequence (newest id
+    breaks ties), joined to the devices whose reported sequence is lower.  Raises FilterError.
+    """
+    ranked = (
+        select(
+            Manifest.id.label("manifest_id"),
+            Manifest.sequence.label("manifest_sequence"),
+            Manifest.name.label("manifest_name"),
+            Manifest.vendor_id,
+            Manifest.class_id,
+            func.row_number()
+            .over(
+                partition_by=(Manifest.vendor_id, Manifest.class_id),
+                order_by=(Manifest.sequence.desc(), Manifest.id.desc()),
+            )
+            .label("rank"),
+        )
+        .where(Manifest.tenant_id == tenant_id)
+        .subquery("newest")
+    )
+    on = and_(
+        ranked.c.vendor_id == Device.vendor_id,
+        ranked.c.class_id == Device.class_id,
+        ranked.c.rank == 1,
+        ranked.c.manifest_sequence > Device.sequence,
+    )
+    cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(filter_text)))
+    total = s.scalar(select(func.count()).select_from(Device).join(ranked, on).where(cond)) or 0
+    rows = s.execute(
+        select(
+            Device.name,
+            Device.class_id,
+            Device.version,
+            Device.sequence,
+            Device.firmware_name,
+            ranked.c.manifest_id,
+            ranked.c.manifest_sequence,
+            ranked.c.manifest_name,
+        )
+        .join(ranked, on)
+        .where(cond)
+        .order_by(Device.name)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    items = [
+        {
+            "device": r.name,
+            "class_id": r.class_id,
+            "version": r.version,
+            "sequence": r.sequence,
+            "firmware_name": r.firmware_name,
+            "newest_manifest_id": r.manifest_id,
+            "newest_sequence": r.manifest_sequence,
+            "newest_name": r.manifest_name,
+        }
+        for r in rows
+    ]
+    return total, items
