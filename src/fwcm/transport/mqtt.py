@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
@@ -102,6 +103,9 @@ class MqttTransport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
         self._stopping = False
+        self._inbox: deque[Inbound] = deque()
+        self._inbox_lock = threading.Lock()
+        self._drain_scheduled = False
         self.client = make_client(self.settings, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -179,8 +183,28 @@ class MqttTransport:
             payload=bytes(msg.payload),
             on_done=lambda _e: ack(),
         )
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, inbound)
+        self._handoff(inbound)
+
+    def _handoff(self, inbound: Inbound) -> None:
+        """Queue a message for the event loop; one wake-up per burst rather than one per message
+        (waking the loop costs a system call and a loop iteration each)."""
+        loop = self._loop
+        if loop is None:
+            return
+        self._inbox.append(inbound)
+        with self._inbox_lock:
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """On the event loop: hand every queued message to ``deliver``, in arrival order."""
+        with self._inbox_lock:
+            self._drain_scheduled = False
+        inbox, deliver = self._inbox, self._deliver
+        while inbox:
+            deliver(inbox.popleft())
 
     # -- outbound -------------------------------------------------------------------------------
 
