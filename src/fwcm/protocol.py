@@ -9,7 +9,6 @@ fails verification.  ``docs/protocol.md`` holds the CDDL.
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import re
 from collections.abc import Mapping
@@ -247,7 +246,7 @@ _PROTECTED = cbor2.dumps({_HDR_ALG: HMAC_256_64})
 
 def _mac(key: bytes, protected: bytes, payload: bytes) -> bytes:
     structure = cbor2.dumps(["MAC0", protected, b"", payload])
-    return hmac.new(key, structure, hashlib.sha256).digest()[:8]
+    return hmac.digest(key, structure, "sha256")[:8]
 
 
 def seal(key: bytes, kid: str, body: dict[int, Any]) -> bytes:

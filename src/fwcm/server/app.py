@@ -157,6 +157,7 @@ class Server:
         self.notifier = Notifier()
         self.engine = Engine(self.db, self.notifier, self.replica)
         self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
+        self.engine.on_notified = self.ingest.keys.prime
         self.token_keys: list[PublicKey] = []
         self._protected: set[str] = set()
         self._protected_at = -PROTECTED_REFRESH_S
@@ -175,7 +176,7 @@ class Server:
         @app.get("/metrics", include_in_schema=False)
         def prometheus() -> Response:
             """Prometheus exposition; campaign counts are read from the database at scrape time."""
-            with self.db.session() as s:
+            with self.db.read() as s:  # a scrape must never take the write lock
                 rows = s.execute(select(Campaign.state, func.count()).group_by(Campaign.state)).all()
             found = dict(rows)
             for state in CampaignState:

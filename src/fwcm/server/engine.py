@@ -174,6 +174,9 @@ class Engine:
         self._leased: list[dq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
+        self._busy = False
+        self.on_notified: Callable[[int, list[dq.Target]], None] = lambda _tenant, _targets: None
+        """Called with every batch of notified devices (the ingest primes its key cache with them)."""
         self.notes: dict[int, str | None] = {}
         """Why a campaign is not moving (window closed, rate limit, approval), for status displays."""
 
@@ -190,8 +193,11 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; retrying")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            if self._busy:  # a full batch went out: more devices are waiting, go on at once
+                self._busy = False
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.tick_s)
             # under load a step is what costs: never run them back to back
             await asyncio.sleep(max(0.0, MIN_STEP_S - (time.monotonic() - started)))
 
@@ -311,10 +317,13 @@ class Engine:
             self._expired_at[c.id] = now
         window = policy.window_span(now) if policy.window_mode == "install" else None
         self.notifier.windows[c.id] = window
+        if targets:
+            self.on_notified(c.tenant_id, targets)
         for t in targets:
             self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
         if targets:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
+            self._busy = self._busy or len(targets) >= decision.notify
         if decision.advance_to is not None:
             log.info("campaign %d: %s begins", c.id, policy.label(decision.advance_to))
         if decision.transition is not None:

@@ -52,6 +52,14 @@ class KeyCache:
         self._size = size
         self._entries: dict[tuple[str, str], tuple[float, dq.DeviceKey | None]] = {}
 
+    def prime(self, tenant_id: int, targets: list[dq.Target]) -> None:
+        """Remember the keys of devices just notified: their reports follow within seconds."""
+        until = time.monotonic() + self._ttl
+        if len(self._entries) + len(targets) > self._size:
+            self._entries.clear()
+        for t in targets:
+            self._entries[(t.tenant, t.name)] = (until, dq.DeviceKey(t.device_pk, tenant_id, t.secret))
+
     def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], dq.DeviceKey | None]:
         now = time.monotonic()
         found: dict[tuple[str, str], dq.DeviceKey | None] = {}

@@ -34,6 +34,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    text,
     true,
 )
 from sqlalchemy.exc import IntegrityError
@@ -934,6 +935,9 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
     if total is None or total < 0:
         total = s.scalar(select(func.count()).where(Deployment.campaign_id == campaign.id)) or 0
     campaign.total = total
+    if s.get_bind().dialect.name == "postgresql":
+        # fresh rows: without statistics the planner scans pending rows once per notice batch
+        s.execute(text("ANALYZE deployments"))
     campaign.state = policy.initial_state(time.time()).value
     campaign.phase = 0
     campaign.started_at = now()
