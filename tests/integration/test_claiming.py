@@ -10,6 +10,7 @@ import json
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,15 @@ def test_roles_are_enforced(api: Any) -> None:
         ("GET", "/api/v1/devices/outdated", None),
         ("POST", "/api/v1/devices/x/release", None),
         ("POST", "/api/v1/devices/x/transfer", {"to": "acme"}),
+        ("GET", "/api/v1/devices", None),
+        (
+            "POST",
+            "/api/v1/devices",
+            {"name": "d", "vendor_id": str(uuid.uuid4()), "class_id": str(uuid.uuid4())},
+        ),
+        ("GET", "/api/v1/campaigns", None),
+        ("GET", "/api/v1/manifests", None),
+        ("GET", "/api/v1/signers", None),
     ]:
         r = m.request(method, path, json=body)
         assert r.status_code == 403 and r.json()["detail"] == fleet_only, (path, r.text)

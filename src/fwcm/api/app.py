@@ -129,7 +129,19 @@ def current_tenant(request: Request) -> TenantCtx:
         return TenantCtx(t.id, t.slug, t.name, t.kind)
 
 
-Tenant = Annotated[TenantCtx, Depends(current_tenant)]
+FLEET_ONLY = "manufacturer tenants can only use the /factory endpoints; claiming needs a fleet tenant"
+
+
+def fleet_tenant(t: Annotated[TenantCtx, Depends(current_tenant)]) -> TenantCtx:
+    """The calling tenant, which must own a fleet: manufacturers only register devices (403)."""
+    if t.kind == "manufacturer":
+        raise ApiError(403, FLEET_ONLY)
+    return t
+
+
+AnyTenant = Annotated[TenantCtx, Depends(current_tenant)]
+Tenant = Annotated[TenantCtx, Depends(fleet_tenant)]
+"""Every fleet route takes this: payloads, signers, manifests, devices, campaigns."""
 
 
 def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> FastAPI:
@@ -167,7 +179,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     # -- tenant -------------------------------------------------------------------------------
 
     @api.get("/tenant", response_model=sc.TenantOut, tags=["tenant"])
-    def get_tenant(t: Tenant) -> sc.TenantOut:
+    def get_tenant(t: AnyTenant) -> sc.TenantOut:
         with db.read() as s:
             row = repo.tenant_by_slug(s, t.slug)
             return sc.TenantOut(id=t.id, slug=t.slug, name=t.name, created_at=row.created_at if row else None)

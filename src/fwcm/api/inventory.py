@@ -17,22 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from fwcm.api import schemas as sc
-from fwcm.api.app import PREFIX, ApiError, TenantCtx, _read_body, current_tenant
+from fwcm.api.app import PREFIX, ApiError, TenantCtx, _read_body, current_tenant, fleet_tenant
 from fwcm.config import Settings
 from fwcm.store import inventory as inv
 from fwcm.store.db import Database
 from fwcm.store.models import Device, FactoryDevice
 
 MANUFACTURER = "manufacturer"
-FLEET_ONLY = "manufacturer tenants can only use the /factory endpoints; claiming needs a fleet tenant"
 FACTORY_ONLY = "only manufacturer tenants can register or list factory devices"
-
-
-def fleet_tenant(t: Annotated[TenantCtx, Depends(current_tenant)]) -> TenantCtx:
-    """The calling tenant, which must be a fleet tenant (403 for a manufacturer)."""
-    if t.kind == MANUFACTURER:
-        raise ApiError(403, FLEET_ONLY)
-    return t
 
 
 def manufacturer_tenant(t: Annotated[TenantCtx, Depends(current_tenant)]) -> TenantCtx:
