@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -148,9 +149,8 @@ class Ingest:
                 delay = min(delay * 2, 5.0)
         now = time.monotonic()
         for item, outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
-                metrics.INGEST_LATENCY.observe(now - item.arrived)
             item.inbound.on_done(outcome)
+        metrics.INGEST_LATENCY.observe(now - batch[0].arrived)  # the batch's oldest report
         metrics.BATCH_SIZE.observe(len(batch))
         if attested or credentials:
             self.on_attested(attested, credentials)
@@ -237,12 +237,12 @@ class Ingest:
             if a.reason is not None:
                 log.warning("attestation of %s/%s refused: %s", a.target.tenant, a.target.name, a.reason)
                 campaigns.add(a.campaign)
+        ingested: Counter[str] = Counter()
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.inbound.kind == "presence":
                 continue
             if outcome is None:
-                self.ingested += 1
-                metrics.REPORTS_INGESTED.labels(item.inbound.transport).inc()
+                ingested[item.inbound.transport] += 1
             else:
                 self.rejected += 1
                 metrics.REJECTED.labels(item.inbound.transport, outcome.reason).inc()
@@ -253,5 +253,8 @@ class Ingest:
                     item.inbound.device,
                     outcome,
                 )
+        for transport, n in ingested.items():  # one counter update per batch, not per report
+            self.ingested += n
+            metrics.REPORTS_INGESTED.labels(transport).inc(n)
         log.debug("batch of %d: %d deployments changed", len(batch), changed)
         return outcomes, campaigns, attested, credentials

@@ -17,7 +17,7 @@ REJECTED = Counter(
 )
 INGEST_LATENCY = Histogram(
     "fwcm_ingest_latency_seconds",
-    "From arrival of a report to its commit",
+    "From the arrival of the oldest report of a batch to the batch's commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
