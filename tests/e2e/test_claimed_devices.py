@@ -94,4 +94,5 @@ async def test_claimed_devices_update_and_unclaimed_ones_are_never_targeted(env:
     for u in claimed:
         d = await env.call("GET", f"/devices/{u.serial}")
         assert d["sequence"] == 2  # the device's own receipt after the reboot
+        assert (d["version"], d["firmware_name"], d["attestation_key"]) == ("1.0.2", "sensor-works-fw", True)
     assert (await env.call("GET", "/devices/outdated"))["items"] == []

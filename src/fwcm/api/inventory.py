@@ -116,19 +116,12 @@ class OwnedDeviceOut(sc.DeviceOut):
 
     tenant: str = Field(description="Slug of the owning tenant (the device's topic/path prefix).")
     serial: str | None
-    firmware_name: str | None
     attest_key: bool
 
     @classmethod
     def owned(cls, d: Device, tenant: str, serial: str | None) -> OwnedDeviceOut:
         base = sc.DeviceOut.of(d).model_dump(exclude={"secret"})
-        return cls(
-            **base,
-            tenant=tenant,
-            serial=serial,
-            firmware_name=d.firmware_name,
-            attest_key=d.attest_key_pem is not None,
-        )
+        return cls(**base, tenant=tenant, serial=serial, attest_key=d.attest_key_pem is not None)
 
 
 class ReleaseOut(BaseModel):

@@ -139,6 +139,8 @@ class DeviceOut(BaseModel):
     online: bool
     last_seen: datetime | None
     created_at: datetime | None
+    firmware_name: str | None = Field(None, description="What the device said it runs (its hello).")
+    attestation_key: bool = Field(False, description="An attestation key is registered.")
     secret: str | None = Field(None, description="Only in the answer to the request that created it.")
 
     @classmethod
@@ -155,6 +157,8 @@ class DeviceOut(BaseModel):
             online=bool(d.online),
             last_seen=d.last_seen,
             created_at=d.created_at,
+            firmware_name=d.firmware_name,
+            attestation_key=d.attest_key_pem is not None,
             secret=secret.hex() if secret is not None else None,
         )
 
