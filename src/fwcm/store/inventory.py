@@ -40,6 +40,7 @@ from fwcm.store.repo import (
     _tags,
     filter_clause,
     now,
+    read_csv_header,
 )
 
 log = logging.getLogger(__name__)
@@ -204,27 +205,7 @@ def parse_factory_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[Fa
     """Validate a whole factory CSV; raise ImportErrors listing every bad line (up to a cap)."""
     errors = _Errors(max_errors)
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise ImportErrors(
-            ["line 1: empty file; expected a header: " + ",".join(FACTORY_CSV_COLUMNS)]
-        ) from None
-    except csv.Error as exc:
-        raise ImportErrors([f"line 1: {exc}"]) from None
-    columns = [h.strip().lower() for h in header]
-    unknown = [c for c in columns if c not in FACTORY_CSV_COLUMNS]
-    missing = [c for c in FACTORY_REQUIRED if c not in columns]
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
-    if unknown or missing or dupes:
-        problems = []
-        if unknown:
-            problems.append(f"unknown column(s) {', '.join(unknown)}")
-        if missing:
-            problems.append(f"missing column(s) {', '.join(missing)}")
-        if dupes:
-            problems.append(f"repeated column(s) {', '.join(dupes)}")
-        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(FACTORY_CSV_COLUMNS)})"])
+    columns = read_csv_header(reader, FACTORY_CSV_COLUMNS, FACTORY_REQUIRED)
     rows: list[tuple[str, dict[str, Any]]] = []
     width = len(columns)
     while True:

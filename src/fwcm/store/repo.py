@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -599,6 +599,33 @@ def parse_csv_tags(text: str) -> dict[str, str]:
     return out
 
 
+def read_csv_header(
+    reader: Iterator[list[str]], allowed: Sequence[str], required: Sequence[str]
+) -> list[str]:
+    """The header line of an import, lower-cased; ImportErrors naming unknown, missing or repeated
+    columns."""
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ImportErrors(["line 1: empty file; expected a header: " + ",".join(allowed)]) from None
+    except csv.Error as exc:
+        raise ImportErrors([f"line 1: {exc}"]) from None
+    columns = [h.strip().lower() for h in header]
+    unknown = [c for c in columns if c not in allowed]
+    missing = [c for c in required if c not in columns]
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    problems = []
+    if unknown:
+        problems.append(f"unknown column(s) {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing column(s) {', '.join(missing)}")
+    if dupes:
+        problems.append(f"repeated column(s) {', '.join(dupes)}")
+    if problems:
+        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(allowed)})"])
+    return columns
+
+
 def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[NewDevice]:
     """Validate a whole CSV file; raise ImportErrors listing every bad line (up to a cap)."""
     errors: list[str] = []
@@ -612,25 +639,7 @@ def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[Ne
             more += 1
 
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise ImportErrors(["line 1: empty file; expected a header: " + ",".join(CSV_COLUMNS)]) from None
-    except csv.Error as exc:
-        raise ImportErrors([f"line 1: {exc}"]) from None
-    columns = [h.strip().lower() for h in header]
-    unknown = [c for c in columns if c not in CSV_COLUMNS]
-    missing = [c for c in CSV_REQUIRED if c not in columns]
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
-    if unknown or missing or dupes:
-        problems = []
-        if unknown:
-            problems.append(f"unknown column(s) {', '.join(unknown)}")
-        if missing:
-            problems.append(f"missing column(s) {', '.join(missing)}")
-        if dupes:
-            problems.append(f"repeated column(s) {', '.join(dupes)}")
-        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(CSV_COLUMNS)})"])
+    columns = read_csv_header(reader, CSV_COLUMNS, CSV_REQUIRED)
     out: list[NewDevice] = []
     seen: dict[str, int] = {}
     width = len(columns)
