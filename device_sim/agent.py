@@ -31,7 +31,7 @@ from fwcm import attestation, manifest, pki, protocol
 from fwcm.protocol import LwState, Notice, NoticeKind, Report, Result
 
 from .faults import DeviceFaults
-from .flash import DeviceState, Flash, Job
+from .flash import DeviceState, Flash, Job, attempt_key
 from .transports import (
     CoapLink,
     FetchError,
@@ -201,6 +201,8 @@ class DeviceAgent:
         self._notices: asyncio.Queue[Notice] = asyncio.Queue()
         self._job_task: asyncio.Task[None] | None = None
         self._job_notice: Notice | None = None
+        self._up_since = time.time()
+        """When this run started (RAM): a notice issued before it and not remembered is a replay."""
         self._job_phase = ""
         self._cancel_reason: str | None = None
         self._pending: Notice | None = None
@@ -500,6 +502,18 @@ class DeviceAgent:
     async def _on_update(self, n: Notice) -> None:
         st = self.flash.state
         if st.is_finished(n.campaign, n.attempt):
+            # A notice issued after the one this device acted on is the server asking again: it
+            # has not heard the final report (a server replica died holding it), so say it again.
+            # The same notice replayed (the retained message after a reboot or restart) needs no
+            # answer; after a restart the device only knows that notices from before it are old.
+            acted = self._job_notice
+            if acted is not None and (acted.campaign, acted.attempt) == (n.campaign, n.attempt):
+                asked_again = n.issued > acted.issued
+            else:
+                asked_again = n.issued > self._up_since
+            outcome = Result(st.outcomes[attempt_key(n.campaign, n.attempt)])
+            if asked_again and outcome != Result.INITIAL:
+                self._report(n.campaign, n.attempt, LwState.IDLE, outcome)
             return
         if self._job_running():
             current = self._job_notice

@@ -49,6 +49,15 @@ EXPIRE_EVERY_S = 1.0
 """How often in-progress deployments are checked against the device timeout."""
 JOIN_EVERY_S = 5.0
 """How often a dynamic campaign looks for newly registered matching devices."""
+RESEND_SILENT_S = 20.0
+"""A deployment in progress without a report for this long (or a third of the campaign's device
+timeout, if that is shorter) gets its notice again: its last report may have been lost."""
+RESEND_CHECK_EVERY_S = 5.0
+TAKEOVER_SILENT_S = 2.0
+"""On its first look at a campaign (taken over, or after a restart) a replica does not wait for the
+silence: what the previous holder had received but not committed is lost by then."""
+RESEND_MAX_INTERVAL_S = 600.0
+"""Repeats to a deployment that stays silent back off up to this interval."""
 T = TypeVar("T")
 
 
@@ -171,6 +180,9 @@ class Engine:
         self._consents: dict[int, ConsentSpec] = {}
         self._joined: dict[int, float] = {}
         self._expired_at: dict[int, float] = {}
+        self._resend_checked: dict[int, float] = {}
+        self._resend_due: dict[int, dict[tuple[int, int], tuple[float, float]]] = {}
+        """Per campaign: silent deployments (device, attempt) → (next repeat, interval)."""
         self._leased: list[dq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
@@ -324,6 +336,8 @@ class Engine:
         if targets:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
             self._busy = self._busy or len(targets) >= decision.notify
+        if decision.transition is None:
+            await self._resend_silent(c, policy, now)
         if decision.advance_to is not None:
             log.info("campaign %d: %s begins", c.id, policy.label(decision.advance_to))
         if decision.transition is not None:
@@ -331,6 +345,43 @@ class Engine:
             log.info("campaign %d %s: %s", c.id, state.value, reason)
             if state in CAMPAIGN_TERMINAL:
                 self._forget(c.id)
+
+    async def _resend_silent(self, c: dq.LeasedCampaign, policy: Policy, now: float) -> None:
+        """Repeat the notice of deployments in progress that have been silent for a while.
+
+        A report the broker acknowledged to the device can still be lost on its way to the server:
+        a replica that dies holds the reports it had received but not yet committed, and the
+        broker drops them with its session (see docs/operations.md). The device will not send them
+        again by itself, but it answers a repeated notice of an attempt it already finished with
+        its final report (new seq), and ignores one for the attempt it is working on. Each
+        silent deployment is re-sent after ``silent_s``, then at doubling intervals.
+        """
+        first = c.id not in self._resend_checked
+        if now - self._resend_checked.get(c.id, 0.0) < RESEND_CHECK_EVERY_S:
+            return
+        self._resend_checked[c.id] = now
+        silent_s = min(RESEND_SILENT_S, policy.device_timeout_s / 3)
+        wait_s = min(TAKEOVER_SILENT_S, silent_s) if first else silent_s
+        rows = await self._db(lambda s: dq.silent_in_progress(s, c.id, wait_s))
+        before = self._resend_due.get(c.id, {})
+        due: dict[tuple[int, int], tuple[float, float]] = {}
+        sent = 0
+        for t, state in rows:
+            if first and state == DeviceState.NOTIFIED.value:
+                continue  # re-sent on taking the lease (_resend_notified)
+            key = (t.device_pk, t.attempt)
+            at, interval = before.get(key, (0.0, silent_s))
+            if now >= at:
+                # what the device's notice is now (as CoAP's notice resource would show it)
+                committed = c.group_decision == "commit" and state == DeviceState.DOWNLOADED.value
+                kind = NoticeKind.COMMIT if committed else NoticeKind.UPDATE
+                self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id)
+                sent += 1
+                at, interval = now + interval, min(2 * interval, RESEND_MAX_INTERVAL_S)
+            due[key] = (at, interval)
+        self._resend_due[c.id] = due  # deployments that reported since are forgotten
+        if sent:
+            log.info("campaign %d: re-sent %d notices of silent deployments", c.id, sent)
 
     # -- consent campaigns ------------------------------------------------------------------
 
@@ -443,6 +494,8 @@ class Engine:
         self._policies.pop(campaign, None)
         self._joined.pop(campaign, None)
         self._expired_at.pop(campaign, None)
+        self._resend_checked.pop(campaign, None)
+        self._resend_due.pop(campaign, None)
         self.notes.pop(campaign, None)
 
     async def _process_cancellations(self) -> None:

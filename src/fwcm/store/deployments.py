@@ -7,10 +7,25 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, or_, select, true, tuple_, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from fwcm import attestation
 from fwcm.attestation import NONCE_BYTES, Grant
@@ -44,6 +59,7 @@ from fwcm.store.models import (
     Tenant,
 )
 
+_EVENTS = cast(Table, DeviceEvent.__table__)
 HISTORY_PER_DEVICE = 50
 """Device history kept per device; older events are trimmed (bounded growth)."""
 
@@ -122,13 +138,31 @@ def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampai
         Campaign.state.in_(_ACTIVE),
         or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now),
     )
+    where = _skip_locked(s, claimable)
+    if where is None:
+        return []
     rows = s.execute(
         update(Campaign)
-        .where(claimable)
+        .where(where)
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
         .returning(*_LEASE_COLUMNS)
     ).all()
     return [_leased(r) for r in rows]
+
+
+def _skip_locked(s: Session, claimable: ColumnElement[bool]) -> ColumnElement[bool] | None:
+    """What a claiming UPDATE of campaigns may touch (None: nothing).
+
+    On PostgreSQL the claimable rows are locked first with ``FOR UPDATE SKIP LOCKED``: replicas
+    claiming at the same moment each take different rows and never wait on one another (a plain
+    UPDATE would queue behind the other replica's row locks). The UPDATE keeps ``claimable``, so a
+    row changed since it was read is not taken. SQLite has a single writer (``BEGIN IMMEDIATE``)
+    and no row locks: there the UPDATE alone is the claim.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return claimable
+    ids = list(s.scalars(select(Campaign.id).where(claimable).with_for_update(skip_locked=True)))
+    return and_(Campaign.id.in_(ids), claimable) if ids else None
 
 
 def _leased(r: Sequence[Any]) -> LeasedCampaign:
@@ -511,6 +545,8 @@ def apply_reports(
         if change.state == DeviceState.SUCCEEDED and v.report.installed_sequence is not None:
             succeeded.append({"d": k[1], "sq": v.report.installed_sequence})
     if updates:
+        # one row order for every replica: concurrent batches then wait on each other, not deadlock
+        updates.sort(key=lambda u: (u["c"], u["d"]))
         s.connection().execute(
             update(Deployment)
             .where(
@@ -531,7 +567,7 @@ def apply_reports(
             updates,
         )
     if events:
-        s.execute(insert(DeviceEvent), events)
+        s.connection().execute(insert(_EVENTS), events)  # Core, not the ORM's per-row bookkeeping
     if succeeded:
         s.connection().execute(
             update(Device).where(Device.id == bindparam("d")).values(sequence=bindparam("sq"), last_seen=now),
@@ -891,13 +927,19 @@ def protected_images(s: Session) -> set[str]:
 def cancelled_unsettled(s: Session, owner: str, lease_s: float) -> list[tuple[int, int, int]]:
     """Claim cancelled campaigns whose notices were not yet withdrawn: (id, tenant, manifest)."""
     now = utcnow()
-    rows = s.execute(
-        update(Campaign)
-        .where(
+    where = _skip_locked(
+        s,
+        and_(
             Campaign.state == CampaignState.CANCELLED.value,
             Campaign.finished_at.is_(None),
             or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now),
-        )
+        ),
+    )
+    if where is None:
+        return []
+    rows = s.execute(
+        update(Campaign)
+        .where(where)
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
         .returning(Campaign.id, Campaign.tenant_id, Campaign.manifest_id)
     ).all()
@@ -910,3 +952,19 @@ def settle_cancel(s: Session, campaign_id: int) -> None:
         .where(Campaign.id == campaign_id)
         .values(finished_at=utcnow(), lease_owner=None, lease_until=None)
     )
+
+
+def silent_in_progress(s: Session, campaign_id: int, silent_s: float) -> list[tuple[Target, str]]:
+    """In-progress deployments with no report for ``silent_s`` seconds, with their state:
+    candidates for a repeated notice (their last report may have been lost)."""
+    cutoff = utcnow() - timedelta(seconds=silent_s)
+    rows = s.execute(
+        _targets()
+        .add_columns(Deployment.state)
+        .where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_([st.value for st in IN_PROGRESS]),
+            Deployment.updated_at <= cutoff,
+        )
+    ).all()
+    return [(Target(r[0], r[2], r[3], r[4], r[5], r[1], r[6], r[7] is not None, r[8]), r[9]) for r in rows]

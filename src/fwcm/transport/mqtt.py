@@ -3,8 +3,13 @@
 paho runs its network loop in its own thread; publishing is thread-safe, and inbound messages are
 handed to the asyncio loop.  Status reports are acknowledged manually (``manual_ack``): the PUBACK
 goes out only after the report is durable, so a report the device saw acknowledged is never lost.
-The persistent session (clean start off, long expiry) makes the broker redeliver what was not
-acknowledged when a server dies, and a shared subscription spreads reports over server replicas.
+A shared subscription (MQTT 5) spreads reports over server replicas. Its session ends with the
+connection (clean start, session expiry 0): a persistent member that died would keep its
+unacknowledged reports and keep being handed a share of new ones (Mosquitto 2.0 does), so a
+replica gone for good would hold reports for as long as its session lived. Reports a replica had
+received but not committed when it died are dropped by the broker; the engine recovers them by
+repeating the notice of silent deployments, which a device answers with its final report (see
+docs/operations.md). With MQTT 3.1.1 (no shared subscriptions) the session stays persistent.
 """
 
 from __future__ import annotations
@@ -117,10 +122,17 @@ class MqttTransport:
         self._loop = asyncio.get_running_loop()
         props = None
         if self.settings.version == 5:
+            # Shared: no session outlives the connection, so the broker stops routing reports to a
+            # dead replica at once (a persistent member keeps receiving its share while offline).
+            expiry = 0 if self._shared else SESSION_EXPIRY_S
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.SessionExpiryInterval = expiry
             self.client.connect_async(
-                self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
+                self.settings.host,
+                self.settings.port,
+                keepalive=30,
+                clean_start=expiry == 0,
+                properties=props,
             )
         else:
             self.client.connect_async(self.settings.host, self.settings.port, keepalive=30)
