@@ -180,6 +180,7 @@ class DeviceAgent:
         self._group: dict[int, str] = {}
         """Group installs: the server's decision per campaign ("commit" or "abort")."""
         self._group_changed = asyncio.Event()
+        self._usage_started = asyncio.Event()
         self._job_kid: bytes | None = None
         """Key id of the signer of the manifest being installed (a revocation aborts the job)."""
         self.status = AgentStatus(
@@ -361,6 +362,7 @@ class DeviceAgent:
             return
         if job.limits:
             now = time.time()
+            self._usage_started.set()
             self.flash.state.usage[str(job.campaign)] = {
                 "attempt": job.attempt,
                 "since": now,
@@ -800,8 +802,11 @@ class DeviceAgent:
     async def _usage(self) -> None:
         """Installed software in use: count uses, send accounting, remove it at its limit."""
         while True:
-            await asyncio.sleep(0.25)
             st = self.flash.state
+            if not st.usage:  # nothing installed with limits: sleep until something is
+                self._usage_started.clear()
+                await self._usage_started.wait()
+            await asyncio.sleep(0.25)
             for key, u in list(st.usage.items()):
                 now = time.time()
                 every = float(u.get("every") or 1.0)
