@@ -28,15 +28,16 @@ from .test_campaign import configs
 class ServerProcess:
     """``fwcm server`` as a child process with a fixed replica name."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, name: str = "r1") -> None:
         self.env = env
         self.log = log
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fwcm.cli", "server", "--replica", "r1"],
+                [sys.executable, "-m", "fwcm.cli", "server", "--replica", self.name],
                 env=self.env,
                 stdout=out,
                 stderr=out,

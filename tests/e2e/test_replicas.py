@@ -40,34 +40,23 @@ from fwcm.store.db import Database
 from fwcm.transport.broker import Broker, free_port
 
 from .conftest import CLASS, VENDOR, firmware
-from .test_crash import wait_http
+from .test_crash import ServerProcess, wait_http
 
 REPLICAS = ("r1", "r2")
 N_DEVICES = 80
 
 
-class Replica:
+class Replica(ServerProcess):
     """One ``fwcm server --replica NAME`` child process with its own HTTP and CoAP ports."""
 
     def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.env = dict(env)
-        self.env.update(
+        own = dict(env)
+        own.update(
             FWCM_HTTP_BIND=f"127.0.0.1:{free_port()}",
             FWCM_COAP_BIND=f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
         )
-        self.base = "http://" + self.env["FWCM_HTTP_BIND"]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fwcm.cli", "server", "--replica", self.name],
-                env=self.env,
-                stdout=out,
-                stderr=out,
-            )
+        super().__init__(own, log, name)
+        self.base = "http://" + own["FWCM_HTTP_BIND"]
 
     async def freeze_then_kill9(self, frozen_s: float) -> None:
         """SIGSTOP, then SIGKILL: while frozen the broker keeps handing this replica its share of
@@ -77,15 +66,6 @@ class Replica:
         await asyncio.sleep(frozen_s)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @dataclass
