@@ -617,8 +617,11 @@ def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
     """The newest deployment of a device that still has something to say to it."""
     in_flight = [st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]
     withdrawn = and_(Deployment.state == DeviceState.CANCELLED.value, Deployment.attempt > 0)
-    row = s.execute(
-        select(
+    row = _newest_deployment(
+        s,
+        tenant,
+        device,
+        (
             Deployment.campaign_id,
             Deployment.device_id,
             Deployment.attempt,
@@ -631,38 +634,29 @@ def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
             Deployment.state,
             Campaign.group_decision,
             Deployment.detail,
-        )
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
-        .join(Campaign, Campaign.id == Deployment.campaign_id)
-        .where(
-            Tenant.slug == tenant,
-            Device.name == device,
-            or_(
-                and_(
-                    Deployment.state.notin_(in_flight),
-                    Campaign.state.in_(
-                        [
-                            CampaignState.RUNNING.value,
-                            CampaignState.PAUSED.value,
-                            CampaignState.CANCELLED.value,
-                        ]
-                    ),
-                ),
-                # withdrawn before the device reported (cancel, quorum not met, group abort): it may
-                # have started, so it must see the withdrawal
-                and_(
-                    withdrawn,
-                    or_(
-                        Campaign.state.in_([CampaignState.CANCELLED.value, CampaignState.STOPPED.value]),
-                        Campaign.group_decision == "abort",
-                    ),
+        ),
+        or_(
+            and_(
+                Deployment.state.notin_(in_flight),
+                Campaign.state.in_(
+                    [
+                        CampaignState.RUNNING.value,
+                        CampaignState.PAUSED.value,
+                        CampaignState.CANCELLED.value,
+                    ]
                 ),
             ),
-        )
-        .order_by(Deployment.campaign_id.desc())
-        .limit(1)
-    ).first()
+            # withdrawn before the device reported (cancel, quorum not met, group abort): it may
+            # have started, so it must see the withdrawal
+            and_(
+                withdrawn,
+                or_(
+                    Campaign.state.in_([CampaignState.CANCELLED.value, CampaignState.STOPPED.value]),
+                    Campaign.group_decision == "abort",
+                ),
+            ),
+        ),
+    )
     if row is None:
         return None
     target = Target(row[1], tenant, device, row[3], row[4], row[2], row[7], row[8] is not None)
@@ -707,30 +701,39 @@ def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tup
 
 def last_attested_success(s: Session, tenant: str, device: str) -> tuple[int, Target, int] | None:
     """The device's newest succeeded deployment of an attested campaign: its credential is due."""
-    row = s.execute(
-        select(
+    row = _newest_deployment(
+        s,
+        tenant,
+        device,
+        (
             Deployment.campaign_id,
             Deployment.device_id,
             Deployment.attempt,
             Device.transport,
             Device.secret,
             Campaign.manifest_id,
-        )
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
-        .join(Campaign, Campaign.id == Deployment.campaign_id)
-        .where(
-            Tenant.slug == tenant,
-            Device.name == device,
-            Campaign.attestation.is_(True),
-            Deployment.state == DeviceState.SUCCEEDED.value,
-        )
-        .order_by(Deployment.campaign_id.desc())
-        .limit(1)
-    ).first()
+        ),
+        Campaign.attestation.is_(True),
+        Deployment.state == DeviceState.SUCCEEDED.value,
+    )
     if row is None:
         return None
     return row[0], Target(row[1], tenant, device, row[3], row[4], row[2]), row[5]
+
+
+def _newest_deployment(
+    s: Session, tenant: str, device: str, columns: Sequence[Any], *where: ColumnElement[bool]
+) -> Sequence[Any] | None:
+    """The newest deployment of one device (by tenant slug and name) matching ``where``."""
+    return s.execute(
+        select(*columns)
+        .join(Device, Device.id == Deployment.device_id)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .where(Tenant.slug == tenant, Device.name == device, *where)
+        .order_by(Deployment.campaign_id.desc())
+        .limit(1)
+    ).first()
 
 
 # -- attestation ------------------------------------------------------------------------------
