@@ -14,7 +14,8 @@ Definitions (the project figure and the raw figure are measured the same way):
 ``ingest``  N signed status reports (one per device, valid for the running campaign) are published
     by paho clients in their own process.  Figure: N / (time from the go signal until the server's
     ``fwcm_reports_ingested_total`` grew by N, i.e. the reports are committed).  Raw: the same N
-    messages from the same publishers, received by one paho QoS 1 subscriber.
+    messages from the same publishers, received by one paho QoS 1 subscriber.  Raw clients are
+    stock ``paho.mqtt.client.Client`` (the server's own client reads through a buffer).
 ``coap``    D concurrent devices each fetch the whole image block by block (Block2, 1024-byte
     blocks, device_sim's fetcher and its pool of client sockets).  Figure: payload bytes / time
     against the fwcm server.  Raw: the same load against a minimal aiocoap server holding the
@@ -79,6 +80,12 @@ def proc_status_mb(pid: int, field_name: str) -> float:
         return float("nan")
     m = re.search(rf"{field_name}:\s+(\d+) kB", text)
     return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric(text: str, name: str) -> float:
@@ -161,6 +168,8 @@ class ServerProc:
             return
         out = Path(out_dir) / f"{phase}-{time.strftime('%H%M%S')}.txt"
         cmd = ["py-spy", "record", "--pid", str(self.process.pid), "--rate", "250", "--format", "raw"]
+        if os.environ.get("FWCM_BENCH_PYSPY_GIL"):
+            cmd.append("--gil")  # only the thread holding the interpreter lock: where CPU goes
         prof = subprocess.Popen(
             [*cmd, "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -281,7 +290,7 @@ class Counter:
         self.last = 0.0
         self.done = threading.Event()
         settings = MqttSettings.from_url(url)
-        self.client = make_client(settings, f"bench-count-{secrets.token_hex(4)}")
+        self.client = make_client(settings, f"bench-count-{secrets.token_hex(4)}", client_class=mqtt.Client)
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.on_message = self._on_message
@@ -353,7 +362,7 @@ def helper_publish(args: dict[str, Any]) -> None:
     settings = MqttSettings.from_url(args["url"])
     clients = []
     for i in range(args["clients"]):
-        c = make_client(settings, f"bench-pub-{i}-{secrets.token_hex(3)}")
+        c = make_client(settings, f"bench-pub-{i}-{secrets.token_hex(3)}", client_class=mqtt.Client)
         c.connect(settings.host, settings.port, keepalive=60, clean_start=True)
         c.loop_start()
         clients.append(c)
@@ -475,6 +484,8 @@ def fwcm_ingest(
         "publish", {"url": url, "items": str(work / "ingest.pkl"), "clients": clients, "retain": False}
     )
     done = float("nan")
+    assert server.process is not None
+    cpu0 = cpu_seconds(server.process.pid)
     try:
         with server.profiled("ingest"):
             t0 = pub.go()
@@ -485,6 +496,7 @@ def fwcm_ingest(
                     break
                 time.sleep(0.02)
         res = pub.result()
+        res["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu0
     finally:
         pub.kill()
         db.close()

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fwcm.runtime import tune_gc
+
 from .faults import PROFILES, get_profile
 from .fleet import FleetReport, FleetSpec, all_finished, build_configs, register_devices, run_fleet
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in PROFILES.values():
             print(f"{p.name:14} {p.description}")
         return 0
+    tune_gc()
     try:
         return asyncio.run(_fleet(args, console))
     except KeyboardInterrupt:

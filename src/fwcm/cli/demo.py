@@ -30,6 +30,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fwcm.runtime import tune_gc
+
 log = logging.getLogger("fwcm.demo")
 
 TERMINAL = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
@@ -573,6 +575,7 @@ def demo(
     if faults == "rogue" and not attestation:
         raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")
     opts = DemoOptions(devices, transport, faults, campaign, image_size, timeout, attestation, consent)
+    tune_gc()
     try:
         result = asyncio.run(_run(opts, console, as_json))
     except (RuntimeError, OSError, ConnectionError) as exc:

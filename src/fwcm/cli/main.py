@@ -13,6 +13,7 @@ import typer
 
 from fwcm.cli import inventory, keys, manifest, pki, resources, watch
 from fwcm.cli.demo import demo
+from fwcm.runtime import tune_gc
 
 app = typer.Typer(
     help="fwcm: firmware campaign manager for IoT fleets.",
@@ -145,6 +146,7 @@ def server(
     from fwcm.server.app import Server
 
     _setup_logging(verbose)
+    tune_gc()
     overrides: dict[str, object] = {}
     if mqtt:
         overrides["mqtt_url"] = mqtt

@@ -60,6 +60,7 @@ from fwcm.store.models import (
 )
 
 _EVENTS = cast(Table, DeviceEvent.__table__)
+_DEPLOYMENTS = cast(Table, Deployment.__table__)
 HISTORY_PER_DEVICE = 50
 """Device history kept per device; older events are trimmed (bounded growth)."""
 
@@ -450,6 +451,36 @@ def campaign_policies(s: Session, campaign_ids: Iterable[int], cache: dict[int, 
     return cache
 
 
+_VIEW_CHUNK = 5000
+
+
+def _deployment_views(s: Session, reports: Sequence[Verified]) -> dict[tuple[int, int], DeploymentView]:
+    """Current state of the reported deployments: one indexed ``IN`` per campaign (a row-value
+    ``IN`` over (campaign, device) pairs is not an index lookup on SQLite), read through Core."""
+    by_campaign: dict[int, set[int]] = {}
+    for v in reports:
+        by_campaign.setdefault(v.report.campaign, set()).add(v.key.device_pk)
+    conn = s.connection()
+    current: dict[tuple[int, int], DeploymentView] = {}
+    for cid, devices in by_campaign.items():
+        ids = sorted(devices)
+        for i in range(0, len(ids), _VIEW_CHUNK):
+            rows = conn.execute(
+                select(
+                    _DEPLOYMENTS.c.device_id,
+                    _DEPLOYMENTS.c.state,
+                    _DEPLOYMENTS.c.attempt,
+                    _DEPLOYMENTS.c.last_seq,
+                ).where(
+                    _DEPLOYMENTS.c.campaign_id == cid,
+                    _DEPLOYMENTS.c.device_id.in_(ids[i : i + _VIEW_CHUNK]),
+                )
+            )
+            for device, state, attempt, last_seq in rows:
+                current[(cid, device)] = DeploymentView(DeviceState(state), attempt, last_seq)
+    return current
+
+
 def apply_reports(
     s: Session, batch: Sequence[Verified], policies: dict[int, Policy] | None = None
 ) -> tuple[int, set[int]]:
@@ -487,17 +518,7 @@ def apply_reports(
     reports = [v for v in batch if v.report.campaign != 0]
     if not reports:
         return 0, set()
-    pairs = {(v.report.campaign, v.key.device_pk) for v in reports}
-    rows = s.execute(
-        select(
-            Deployment.campaign_id,
-            Deployment.device_id,
-            Deployment.state,
-            Deployment.attempt,
-            Deployment.last_seq,
-        ).where(tuple_(Deployment.campaign_id, Deployment.device_id).in_(list(pairs)))
-    ).all()
-    current = {(r[0], r[1]): DeploymentView(DeviceState(r[2]), r[3], r[4]) for r in rows}
+    current = _deployment_views(s, reports)
     policies = campaign_policies(s, {c for c, _d in current}, {} if policies is None else policies)
 
     updates: list[dict[str, object]] = []

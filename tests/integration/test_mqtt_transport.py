@@ -1,0 +1,76 @@
+"""The server's MQTT link on a real broker: a burst of reports arrives whole through the read
+buffer, and the batched PUBACKs settle exactly the reports that were acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fwcm import protocol
+from fwcm.transport.broker import mosquitto_available
+from fwcm.transport.inbound import Inbound
+from fwcm.transport.mqtt import MqttSettings, MqttTransport, make_client
+
+REPORTS = 600
+
+
+def publish_burst(url: str, count: int) -> None:
+    """Publish ``count`` QoS 1 status messages from a stock paho client and wait for PUBACKs."""
+    settings = MqttSettings.from_url(url)
+    c = make_client(settings, f"burst-{time.monotonic_ns()}", client_class=mqtt.Client)
+    c.connect(settings.host, settings.port)
+    c.loop_start()
+    try:
+        infos = [
+            c.publish(protocol.status_topic("acme", f"dev-{i:04d}"), f"report {i}".encode(), qos=1)
+            for i in range(count)
+        ]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+async def wait_for(received: list[Inbound], count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(received) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def test_burst_arrives_whole_and_only_acknowledged_reports_are_settled(broker_url: str) -> None:
+    received: list[Inbound] = []
+    # not shared: a persistent session, so what was not acknowledged comes back on reconnect
+    first = MqttTransport(broker_url, "fwcm-server-acks", received.append, shared=False)
+    await first.start()
+    try:
+        await asyncio.to_thread(publish_burst, broker_url, REPORTS)
+        await wait_for(received, REPORTS)
+        assert sorted(m.payload for m in received) == sorted(f"report {i}".encode() for i in range(REPORTS))
+        assert all(m.kind == "status" and m.tenant == "acme" for m in received)
+        settled = received[: REPORTS // 2]
+        for m in settled:
+            m.on_done(None)
+        await asyncio.sleep(0.5)  # the collected PUBACKs go out when the loop turns
+    finally:
+        await first.stop()
+
+    if os.environ.get("FWCM_BROKER") == "amqtt" or not mosquitto_available():
+        pytest.skip("the embedded broker does not redeliver a persistent session's unacknowledged messages")
+    again: list[Inbound] = []
+    second = MqttTransport(broker_url, "fwcm-server-acks", again.append, shared=False)
+    await second.start()
+    try:
+        await wait_for(again, REPORTS - len(settled), timeout=10)
+        await asyncio.sleep(0.3)  # nothing more may come
+        expected = {m.payload for m in received} - {m.payload for m in settled}
+        assert sorted(m.payload for m in again) == sorted(expected)
+        for m in again:
+            m.on_done(None)
+        await asyncio.sleep(0.3)
+    finally:
+        await second.stop()

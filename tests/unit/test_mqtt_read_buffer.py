@@ -1,0 +1,83 @@
+"""The read buffer under the server's paho client: packets split anywhere across reads come out
+byte for byte, and ``pending`` says when paho must not wait in select."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fwcm.transport.mqtt import READ_CHUNK, _ReadBuffered
+
+
+class ChunkSocket:
+    """Hands out a byte stream in given chunk sizes; then would block (or reports EOF)."""
+
+    def __init__(self, data: bytes, sizes: list[int], eof: bool = False) -> None:
+        self.data, self.sizes, self.eof = data, sizes, eof
+        self.calls = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        self.calls += 1
+        if not self.data:
+            if self.eof:
+                return b""
+            raise BlockingIOError
+        n = min(self.sizes.pop(0) if self.sizes else len(self.data), bufsize)
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+    def fileno(self) -> int:
+        return 42
+
+
+@given(
+    data=st.binary(min_size=1, max_size=5000),
+    chunks=st.lists(st.integers(1, 3000), max_size=20),
+    asks=st.lists(st.integers(1, 300), min_size=1, max_size=200),
+)
+def test_reads_return_the_stream_in_order(data: bytes, chunks: list[int], asks: list[int]) -> None:
+    buffered = _ReadBuffered(ChunkSocket(data, chunks))
+    out = bytearray()
+    for n in asks * 50:
+        try:
+            part = buffered.recv(n)
+        except BlockingIOError:
+            break
+        assert 0 < len(part) <= n
+        out += part
+    assert bytes(out) == data[: len(out)]
+    assert buffered.pending() == 0 or len(out) < len(data)
+
+
+def test_one_system_read_serves_many_small_packets() -> None:
+    packets = b"".join(bytes([0x30, 3, 1, 2, 3]) for _ in range(1000))
+    sock = ChunkSocket(packets, [len(packets)])
+    buffered = _ReadBuffered(sock)
+    for _ in range(1000):
+        assert buffered.recv(1) == b"\x30"
+        assert buffered.recv(1) == b"\x03"
+        assert buffered.recv(3) == b"\x01\x02\x03"
+    assert sock.calls == 1
+    assert buffered.pending() == 0
+    with pytest.raises(BlockingIOError):
+        buffered.recv(1)
+
+
+def test_pending_counts_buffered_bytes_and_eof_passes_through() -> None:
+    sock = ChunkSocket(b"abcdef", [6], eof=True)
+    buffered = _ReadBuffered(sock)
+    assert buffered.recv(2) == b"ab"
+    assert buffered.pending() == 4
+    assert buffered.recv(10) == b"cdef"
+    assert buffered.pending() == 0
+    assert buffered.recv(1) == b""  # the peer closed: paho sees EOF as before
+    assert buffered.fileno() == 42  # everything else is the socket's
+
+
+def test_large_reads_are_not_capped_by_the_chunk() -> None:
+    body = random.Random(1).randbytes(3 * READ_CHUNK)
+    buffered = _ReadBuffered(ChunkSocket(body, [len(body)]))
+    assert buffered.recv(len(body)) == body
