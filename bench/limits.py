@@ -494,7 +494,7 @@ def fwcm_ingest(
                 if db.execute(query).fetchone()[0] >= n:
                     done = time.perf_counter()
                     break
-                time.sleep(0.02)
+                time.sleep(0.005)
         res = pub.result()
         res["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu0
     finally:

@@ -283,19 +283,20 @@ def unseal(data: bytes, max_size: int = MAX_REPORT_BYTES) -> Sealed:
         if obj.tag != COSE_MAC0_TAG:
             raise ProtocolError("shape", f"unexpected CBOR tag {obj.tag}")
         obj = obj.value
-    if not (isinstance(obj, list | tuple) and len(obj) == 4):
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 4):
         raise ProtocolError("shape", "not a COSE_Mac0 array")
     protected, unprotected, payload, tag = obj
     if not (isinstance(protected, bytes) and isinstance(payload, bytes) and isinstance(tag, bytes)):
         raise ProtocolError("shape", "COSE_Mac0 fields have wrong types")
     if not isinstance(unprotected, Mapping) or not isinstance(unprotected.get(_HDR_KID), bytes):
         raise ProtocolError("shape", "COSE_Mac0 without kid")
-    try:
-        headers = _loads(protected) if protected else {}
-    except ProtocolError:
-        raise ProtocolError("shape", "protected header is not CBOR") from None
-    if not isinstance(headers, Mapping) or headers.get(_HDR_ALG) != HMAC_256_64:
-        raise ProtocolError("shape", "unsupported MAC algorithm")
+    if protected != _PROTECTED:  # every fwcm sender writes exactly this header: skip decoding it
+        try:
+            headers = _loads(protected) if protected else {}
+        except ProtocolError:
+            raise ProtocolError("shape", "protected header is not CBOR") from None
+        if not isinstance(headers, Mapping) or headers.get(_HDR_ALG) != HMAC_256_64:
+            raise ProtocolError("shape", "unsupported MAC algorithm")
     try:
         kid = unprotected[_HDR_KID].decode()
     except UnicodeDecodeError:

@@ -479,3 +479,83 @@ def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:
         ).all()
     # the newest events stay: results 7 .. 56 for each device
     assert [tuple(r) for r in kept] == [(1, 7, dq.HISTORY_PER_DEVICE), (2, 7, dq.HISTORY_PER_DEVICE)]
+
+
+_EVENT_ROWS = 3000
+
+
+def test_execute_many_matches_what_the_orm_reads_back(db: Database) -> None:
+    """Rows written through execute_many (one driver executemany) read back through the ORM
+    exactly as written, dates included (SQLite stores them as text), with a shared value and a
+    parameter used twice in one statement."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import Table, bindparam, insert, update
+
+    from fwcm.store.db import execute_many
+    from fwcm.store.models import DeviceEvent
+
+    table = DeviceEvent.__table__
+    assert isinstance(table, Table)
+    add = insert(table).values(
+        tenant_id=bindparam("t"),
+        campaign_id=bindparam("c"),
+        device_id=bindparam("d"),
+        at=bindparam("u"),
+        state=bindparam("st"),
+        result=bindparam("r"),
+        detail=bindparam("dt"),
+    )
+    now = datetime.now(UTC).replace(microsecond=123456)
+    rows = [
+        {
+            "t": 1,
+            "c": 7,
+            "d": i,
+            "u": now if i % 3 else now - timedelta(seconds=i),
+            "st": "notified",
+            "r": i,
+            "dt": None if i % 2 else f"detail {i}",
+        }
+        for i in range(_EVENT_ROWS)
+    ]
+    with db.session() as s:
+        execute_many(s.connection(), add, rows)
+    # result = :r where result < :r (the same name twice), on every other row
+    bump = (
+        update(table)
+        .where(table.c.device_id == bindparam("d"), table.c.result < bindparam("r"))
+        .values(result=bindparam("r"), state=bindparam("st"))
+    )
+    with db.session() as s:
+        execute_many(
+            s.connection(),
+            bump,
+            [{"d": i, "r": i + 1, "st": "downloading"} for i in range(0, _EVENT_ROWS, 2)],
+        )
+        execute_many(s.connection(), bump, [])  # nothing to do is fine
+    with db.read() as s:
+        got = {
+            e.device_id: (e.at, e.detail, e.result, e.state)
+            for e in s.scalars(select(DeviceEvent).where(DeviceEvent.campaign_id == 7))
+        }
+    assert len(got) == _EVENT_ROWS
+    for row in rows:
+        at, detail, result, state = got[row["d"]]
+        assert (at if at.tzinfo else at.replace(tzinfo=UTC)) == row["u"]
+        assert detail == row["dt"]
+        bumped = row["d"] % 2 == 0
+        assert (result, state) == ((row["r"] + 1, "downloading") if bumped else (row["r"], "notified"))
+
+
+def test_execute_many_refuses_fixed_values(db: Database) -> None:
+    from sqlalchemy import Table, bindparam, update
+
+    from fwcm.store.db import execute_many
+    from fwcm.store.models import DeviceEvent
+
+    table = DeviceEvent.__table__
+    assert isinstance(table, Table)
+    stmt = update(table).where(table.c.id == bindparam("i")).values(state="cancelled")
+    with db.session() as s, pytest.raises(ValueError, match="fixed value"):
+        execute_many(s.connection(), stmt, [{"i": 1}])

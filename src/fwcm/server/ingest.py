@@ -91,7 +91,7 @@ class Ingest:
         *,
         on_attested: AttestedFn = lambda _a, _c: None,
         batch_max: int = 2000,
-        linger_s: float = 0.01,
+        linger_s: float = 0.002,
     ) -> None:
         self.db = db
         self.keys = KeyCache(db)

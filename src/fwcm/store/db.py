@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA mmap_size=268435456")
     cur.close()
 
 
@@ -112,3 +117,72 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_Processors = tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    sql: str
+    names: tuple[str, ...]
+    positional: bool
+    processors: _Processors
+
+
+_prepared: dict[tuple[ClauseElement, str], _Prepared] = {}
+
+
+def _prepare(stmt: ClauseElement, conn: Connection) -> _Prepared:
+    key = (stmt, conn.dialect.name)
+    prepared = _prepared.get(key)
+    if prepared is None:
+        compiled = cast(SQLCompiler, stmt.compile(dialect=conn.dialect))
+        positional = bool(compiled.positional)
+        names = tuple(compiled.positiontup or ()) if positional else tuple(compiled.binds)
+        processors = []
+        for i, name in enumerate(names):
+            bind = compiled.binds[name]
+            if bind.value is not None or bind.callable is not None:
+                raise ValueError(f"execute_many: {name!r} has a fixed value; bind every value by name")
+            proc = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            if proc is not None:
+                processors.append((i, proc))
+        prepared = _prepared[key] = _Prepared(compiled.string, names, positional, tuple(processors))
+    return prepared
+
+
+def execute_many(conn: Connection, stmt: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Run ``stmt`` (a module-level statement whose values are all named ``bindparam``) once per
+    row, as one driver ``executemany`` with the statement compiled once per dialect.
+
+    SQLAlchemy's own executemany builds and type-processes a parameter dict per row: for the
+    thousands of rows of an ingest batch that cost four times what SQLite itself spent (2,000
+    updates: 21 ms against 5 ms). Type processing still applies (SQLite stores dates as text).
+    """
+    if not rows:
+        return
+    p = _prepare(stmt, conn)
+    if p.positional:
+        get = operator.itemgetter(*p.names)
+        params: list[Any] = [get(r) for r in rows] if len(p.names) > 1 else [(get(r),) for r in rows]
+        if p.processors:
+            params = _processed(params, p.processors)
+    else:
+        params = [{n: r[n] for n in p.names} for r in rows]
+        for i, proc in p.processors:
+            name = p.names[i]
+            for d in params:
+                if d[name] is not None:
+                    d[name] = proc(d[name])
+    conn.exec_driver_sql(p.sql, params)
+
+
+def _processed(rows: list[tuple[Any, ...]], processors: _Processors) -> list[tuple[Any, ...]]:
+    """Type-process the columns that need it; a value shared by many rows (the batch's timestamp)
+    is processed once."""
+    columns = list(zip(*rows, strict=True))
+    for i, proc in processors:
+        done: dict[Any, Any] = {None: None}
+        columns[i] = tuple(done[v] if v in done else done.setdefault(v, proc(v)) for v in columns[i])
+    return list(zip(*columns, strict=True))

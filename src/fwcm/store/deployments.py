@@ -47,6 +47,7 @@ from fwcm.rollout.states import (
     DeviceState,
     apply_report,
 )
+from fwcm.store.db import execute_many
 from fwcm.store.models import (
     Campaign,
     CampaignEvent,
@@ -61,6 +62,7 @@ from fwcm.store.models import (
 
 _EVENTS = cast(Table, DeviceEvent.__table__)
 _DEPLOYMENTS = cast(Table, Deployment.__table__)
+_DEVICES = cast(Table, Device.__table__)
 HISTORY_PER_DEVICE = 50
 """Device history kept per device; older events are trimmed (bounded growth)."""
 
@@ -481,6 +483,52 @@ def _deployment_views(s: Session, reports: Sequence[Verified]) -> dict[tuple[int
     return current
 
 
+# Statements run once per report (execute_many): every value is a named parameter.
+_REPORT_UPDATE = (
+    update(_DEPLOYMENTS)
+    .where(
+        _DEPLOYMENTS.c.campaign_id == bindparam("c"),
+        _DEPLOYMENTS.c.device_id == bindparam("d"),
+        _DEPLOYMENTS.c.attempt == bindparam("a"),
+        _DEPLOYMENTS.c.last_seq < bindparam("q"),
+    )
+    .values(
+        state=bindparam("st"),
+        result=bindparam("r"),
+        last_seq=bindparam("q"),
+        progress=bindparam("p"),
+        detail=bindparam("dt"),
+        retry_at=bindparam("rt"),
+        updated_at=bindparam("u"),
+    )
+)
+_EVENT_INSERT = insert(_EVENTS).values(
+    tenant_id=bindparam("t"),
+    campaign_id=bindparam("c"),
+    device_id=bindparam("d"),
+    at=bindparam("u"),
+    state=bindparam("st"),
+    result=bindparam("r"),
+    detail=bindparam("dt"),
+)
+_INSTALLED = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("d"))
+    .values(sequence=bindparam("sq"), last_seen=bindparam("u"))
+)
+_HELLO = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("d"))
+    .values(
+        sequence=bindparam("sq"),
+        firmware_name=func.coalesce(bindparam("fn"), _DEVICES.c.firmware_name),
+        version=func.coalesce(bindparam("fv"), _DEVICES.c.version),
+        last_seen=bindparam("u"),
+        online=bindparam("on"),
+    )
+)
+
+
 def apply_reports(
     s: Session, batch: Sequence[Verified], policies: dict[int, Policy] | None = None
 ) -> tuple[int, set[int]]:
@@ -497,23 +545,14 @@ def apply_reports(
             "sq": v.report.installed_sequence,
             "fn": _short_text(v.report.extra.get(REPORT_FIRMWARE_NAME), 200),
             "fv": _short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64),
+            "u": now,
+            "on": True,
         }
         for v in batch
         if v.report.campaign == 0 and v.report.installed_sequence is not None
     ]
     if hellos:  # the hello is the device's receipt of what it runs
-        s.connection().execute(
-            update(Device)
-            .where(Device.id == bindparam("d"))
-            .values(
-                sequence=bindparam("sq"),
-                firmware_name=func.coalesce(bindparam("fn"), Device.firmware_name),
-                version=func.coalesce(bindparam("fv"), Device.version),
-                last_seen=now,
-                online=True,
-            ),
-            hellos,
-        )
+        execute_many(s.connection(), _HELLO, hellos)
 
     reports = [v for v in batch if v.report.campaign != 0]
     if not reports:
@@ -549,51 +588,29 @@ def apply_reports(
                 "a": view.attempt,
                 "p": v.report.progress,
                 "dt": v.report.detail,
+                "u": now,
             }
         )
         if change.state != view.state:
             events.append(
                 {
-                    "tenant_id": v.key.tenant_id,
-                    "campaign_id": k[0],
-                    "device_id": k[1],
-                    "at": now,
-                    "state": change.state.value,
-                    "result": change.result,
-                    "detail": v.report.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}",
+                    "t": v.key.tenant_id,
+                    "c": k[0],
+                    "d": k[1],
+                    "u": now,
+                    "st": change.state.value,
+                    "r": change.result,
+                    "dt": v.report.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}",
                 }
             )
         if change.state == DeviceState.SUCCEEDED and v.report.installed_sequence is not None:
-            succeeded.append({"d": k[1], "sq": v.report.installed_sequence})
+            succeeded.append({"d": k[1], "sq": v.report.installed_sequence, "u": now})
     if updates:
         # one row order for every replica: concurrent batches then wait on each other, not deadlock
         updates.sort(key=lambda u: (u["c"], u["d"]))
-        s.connection().execute(
-            update(Deployment)
-            .where(
-                Deployment.campaign_id == bindparam("c"),
-                Deployment.device_id == bindparam("d"),
-                Deployment.attempt == bindparam("a"),
-                Deployment.last_seq < bindparam("q"),
-            )
-            .values(
-                state=bindparam("st"),
-                result=bindparam("r"),
-                last_seq=bindparam("q"),
-                progress=bindparam("p"),
-                detail=bindparam("dt"),
-                retry_at=bindparam("rt"),
-                updated_at=now,
-            ),
-            updates,
-        )
-    if events:
-        s.connection().execute(insert(_EVENTS), events)  # Core, not the ORM's per-row bookkeeping
-    if succeeded:
-        s.connection().execute(
-            update(Device).where(Device.id == bindparam("d")).values(sequence=bindparam("sq"), last_seen=now),
-            succeeded,
-        )
+        execute_many(s.connection(), _REPORT_UPDATE, updates)
+    execute_many(s.connection(), _EVENT_INSERT, events)
+    execute_many(s.connection(), _INSTALLED, succeeded)
     return len(updates), {int(u["c"]) for u in updates}  # type: ignore[call-overload]
 
 

@@ -174,7 +174,8 @@ class Deployment(Base):
     """One device in one campaign: its state, attempt and the last report sequence applied."""
 
     __tablename__ = "deployments"
-    __table_args__ = (Index("ix_deployments_campaign_state", "campaign_id", "state"),)
+    # phase counts and the search for silent deployments are answered from this index alone
+    __table_args__ = (Index("ix_deployments_progress", "campaign_id", "state", "updated_at", "phase"),)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(BigInteger)
