@@ -46,6 +46,15 @@ def rss_peak_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
@@ -182,6 +191,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         t_online = time.monotonic() - t_register
         print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
 
+        cpu0 = {p.pid: cpu_s(p.pid) for p in procs}
+        broker_cpu0 = cpu_s(broker.process.pid)
         t0 = time.monotonic()
         (await api.post(f"/campaigns/{cid}/start")).raise_for_status()
         start_s = time.monotonic() - t0
@@ -200,6 +211,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 )
             await asyncio.sleep(0.25)
         duration = time.monotonic() - t0
+        cpu = {p.pid: cpu_s(p.pid) - cpu0[p.pid] for p in procs}
+        broker_cpu = cpu_s(broker.process.pid) - broker_cpu0
         metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
         result = {
             "devices": args.devices,
@@ -217,6 +230,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "reports_ingested": metric(metrics, "fwcm_reports_ingested_total"),
             "notices_sent": metric(metrics, "fwcm_notices_sent_total"),
             "server_peak_rss_mb": round(rss_peak_mb(server.pid), 1),
+            "cpu_s": {  # during the campaign: where the machine's time went
+                "server": round(cpu[server.pid], 1),
+                "fleets": round(sum(v for k, v in cpu.items() if k != server.pid), 1),
+                "broker": round(broker_cpu, 1),
+            },
         }
         await api.aclose()
         return result

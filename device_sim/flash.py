@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,7 +118,13 @@ class DeviceState:
         return attempt_key(campaign, attempt) in self.outcomes
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for ``state.json``, to be serialised at once (it shares the inner dicts):
+        ``dataclasses.asdict`` deep-copies, which cost more than writing the file."""
+        data = dict(vars(self))
+        data["slots"] = {name: vars(slot) for name, slot in self.slots.items()}
+        data["job"] = vars(self.job) if self.job is not None else None
+        data["download"] = vars(self.download) if self.download is not None else None
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceState:

@@ -135,3 +135,24 @@ def test_bookkeeping_stays_bounded_and_seq_never_repeats_for_recent_attempts(
     assert len(s.outcomes) <= MAX_REMEMBERED_ATTEMPTS
     assert hello == sorted(set(hello))  # the hello counter is never trimmed
     assert DeviceState.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+def test_state_json_matches_the_dataclass_and_round_trips(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from device_sim.flash import Download, SlotInfo
+
+    st = DeviceState(active="b", installed_sequence=7, boots=3, evidence="ab")
+    st.slots["a"] = SlotInfo("00" * 32, 10, 6)
+    st.job = Job(5, 2, "downloading", 8, "11" * 32, 4096)
+    st.job.limits = {"max_uses": 3.0}
+    st.download = Download("11" * 32, 1024)
+    st.next_seq(5, 2)
+    st.finish(4, 1, 0)
+    st.credentials["4"] = "cafe"
+    st.usage["4"] = {"uses": 1.0}
+    assert st.to_json() == asdict(st)
+    flash = Flash(tmp_path / "dev")
+    flash.state = st
+    flash.save()
+    assert Flash(tmp_path / "dev").state == st
