@@ -13,7 +13,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -216,26 +216,33 @@ class Report:
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Report:
         try:
-            detail = m.get(8)
-            if detail is not None and not isinstance(detail, str):
-                raise ProtocolError("shape", "report detail must be text")
-            progress = m.get(7)
-            installed = m.get(9)
+            device, campaign, attempt, seq, state, result = m[1], m[2], m[3], m[4], m[5], m[6]
+        except KeyError as exc:
+            raise ProtocolError("shape", f"missing key {exc.args[0]}") from None
+        if type(device) is not str:
+            raise ProtocolError("shape", "key 1 must be text")
+        for key, v in ((2, campaign), (3, attempt), (4, seq), (5, state), (6, result)):
+            if type(v) is not int or v < 0:  # not bool, not a subclass: what CBOR decodes to
+                raise ProtocolError("shape", f"key {key} must be an unsigned integer")
+        detail, progress, installed = m.get(8), m.get(7), m.get(9)
+        if detail is not None and not isinstance(detail, str):
+            raise ProtocolError("shape", "report detail must be text")
+        known = 6 + (detail is not None) + (progress is not None) + (installed is not None)
+        extra = {k: v for k, v in m.items() if isinstance(k, int) and k >= 10} if len(m) > known else {}
+        try:
             return cls(
-                device=_text(m, 1),
-                campaign=_uint(m, 2),
-                attempt=_uint(m, 3),
-                seq=_uint(m, 4),
-                state=LwState(_uint(m, 5)),
-                result=Result(_uint(m, 6)),
+                device=device,
+                campaign=campaign,
+                attempt=attempt,
+                seq=seq,
+                state=LwState(state),
+                result=Result(result),
                 progress=None if progress is None else _as_uint(progress, "progress"),
                 detail=detail,
                 installed_sequence=None if installed is None else _as_uint(installed, "sequence"),
-                extra={k: v for k, v in m.items() if isinstance(k, int) and k >= 10},
+                extra=extra,
             )
-        except ProtocolError:
-            raise
-        except (ValueError, TypeError, KeyError) as exc:
+        except ValueError as exc:
             raise ProtocolError("shape", f"malformed report: {exc}") from exc
 
 
@@ -256,8 +263,7 @@ def seal(key: bytes, kid: str, body: dict[int, Any]) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_MAC0_TAG, [_PROTECTED, {_HDR_KID: kid.encode()}, payload, tag]))
 
 
-@dataclass(frozen=True)
-class Sealed:
+class Sealed(NamedTuple):
     """A Mac0 frame parsed but not yet verified: ``kid`` says which key to check it with."""
 
     kid: str

@@ -9,7 +9,7 @@ are ignored, which is what makes at-least-once delivery harmless.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fwcm.protocol import SKIP_RESULTS, LwState, Report, Result
 
@@ -114,15 +114,15 @@ def state_for_report(state: LwState, result: Result) -> DeviceState:
     return DeviceState.FAILED
 
 
-@dataclass(frozen=True)
-class DeploymentView:
+class DeploymentView(NamedTuple):
+    """What a report is judged against (immutable; a tuple: one is made per report ingested)."""
+
     state: DeviceState
     attempt: int
     last_seq: int
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     state: DeviceState
     result: int
     seq: int

@@ -83,6 +83,29 @@ class KeyCache:
         return found
 
 
+def _split(
+    verified: list[dq.Verified],
+) -> tuple[list[dq.Verified], list[dq.Verified], list[dq.Verified], list[dq.Verified]]:
+    """Status reports; attestation evidence, consent answers and usage records (a report may be
+    several of those, never both a plain report and one of them)."""
+    reports: list[dq.Verified] = []
+    evidence: list[dq.Verified] = []
+    answers: list[dq.Verified] = []
+    usage: list[dq.Verified] = []
+    kinds = ((REPORT_EVIDENCE, evidence), (REPORT_ANSWER, answers), (REPORT_ACCOUNTING, usage))
+    for v in verified:
+        extra = v.report.extra
+        special = False
+        if extra:
+            for key, found in kinds:
+                if key in extra:
+                    found.append(v)
+                    special = True
+        if not special:
+            reports.append(v)
+    return reports, evidence, answers, usage
+
+
 class Ingest:
     def __init__(
         self,
@@ -148,6 +171,7 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         now = time.monotonic()
+        metrics.LAST_COMMIT.set(time.time())
         for item, outcome in zip(batch, outcomes, strict=True):
             item.inbound.on_done(outcome)
         metrics.INGEST_LATENCY.observe(now - batch[0].arrived)  # the batch's oldest report
@@ -212,11 +236,7 @@ class Ingest:
                 key = keys.get((m.tenant, m.device))
                 if key is not None and m.payload in (b"0", b"1"):
                     presence[key.device_pk] = m.payload == b"1"
-        evidence = [v for v in verified if REPORT_EVIDENCE in v.report.extra]
-        answers = [v for v in verified if REPORT_ANSWER in v.report.extra]
-        usage = [v for v in verified if REPORT_ACCOUNTING in v.report.extra]
-        special = {id(v) for v in evidence + answers + usage}
-        reports = [v for v in verified if id(v) not in special]
+        reports, evidence, answers, usage = _split(verified)
         done = [
             (v.report.campaign, v.key.device_pk)
             for v in reports

@@ -27,6 +27,11 @@ BATCH_SIZE = Histogram(
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
     registry=REGISTRY,
 )
+LAST_COMMIT = Gauge(
+    "fwcm_ingest_last_commit_timestamp_seconds",
+    "Unix time of the newest committed ingest batch (alert when it stalls while reports arrive)",
+    registry=REGISTRY,
+)
 CAMPAIGNS = Gauge("fwcm_campaigns", "Campaigns by state", ["state"], registry=REGISTRY)
 ATTESTATIONS = Counter(
     "fwcm_attestations_total", "Attestation evidence judged, by outcome", ["outcome"], registry=REGISTRY

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     Row,
@@ -438,8 +438,7 @@ def device_keys(s: Session, names: Iterable[tuple[str, str]]) -> dict[tuple[str,
     return {(r[0], r[1]): DeviceKey(r[2], r[3], r[4]) for r in rows}
 
 
-@dataclass(frozen=True)
-class Verified:
+class Verified(NamedTuple):
     key: DeviceKey
     report: Report
 
@@ -477,7 +476,7 @@ def _deployment_views(s: Session, reports: Sequence[Verified]) -> dict[tuple[int
                     _DEPLOYMENTS.c.campaign_id == cid,
                     _DEPLOYMENTS.c.device_id.in_(ids[i : i + _VIEW_CHUNK]),
                 )
-            )
+            ).all()
             for device, state, attempt, last_seq in rows:
                 current[(cid, device)] = DeploymentView(DeviceState(state), attempt, last_seq)
     return current
