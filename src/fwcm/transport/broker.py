@@ -36,20 +36,34 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS listener: the CA clients trust, the broker's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class Broker:
-    """A broker child process; ``url`` carries ``?v=311`` when only MQTT 3.1.1 is spoken."""
+    """A broker child process; ``url`` carries ``?v=311`` when only MQTT 3.1.1 is spoken, and is
+    ``mqtts://…?ca=`` when the listener speaks TLS."""
 
     kind: str
     port: int
     process: subprocess.Popen[bytes]
     workdir: Path
     extra: dict[str, str] = field(default_factory=dict)
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        suffix = "?v=311" if self.kind in MQTT311_ONLY else ""
-        return f"mqtt://127.0.0.1:{self.port}{suffix}"
+        query = ["v=311"] if self.kind in MQTT311_ONLY else []
+        if self.tls is not None:
+            query.append(f"ca={self.tls.ca}")
+        scheme = "mqtts" if self.tls is not None else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}" + ("?" + "&".join(query) if query else "")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -82,16 +96,22 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"broker did not listen on port {port} within {timeout} s")
 
 
-def start_mosquitto(port: int | None = None, binary: str | None = None) -> Broker:
+def start_mosquitto(
+    port: int | None = None, binary: str | None = None, *, tls: TlsFiles | None = None
+) -> Broker:
+    """Mosquitto with ``mosquitto.conf`` on a loopback port; a TLS-only listener with ``tls``."""
     binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="fwcm-mosquitto-"))
     conf = workdir / "mosquitto.conf"
-    conf.write_text(CONF.read_text() + f"\nlistener {port} 127.0.0.1\n")
+    listener = f"\nlistener {port} 127.0.0.1\n"
+    if tls is not None:
+        listener += f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\n"
+    conf.write_text(CONF.read_text() + listener)
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_listening(port, proc)
-    log.info("mosquitto listening on 127.0.0.1:%d", port)
-    return Broker("mosquitto", port, proc, workdir)
+    log.info("mosquitto listening on 127.0.0.1:%d%s", port, " (TLS)" if tls else "")
+    return Broker("mosquitto", port, proc, workdir, tls=tls)
 
 
 def start_amqtt(port: int | None = None) -> Broker:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import struct
 import threading
@@ -135,6 +136,22 @@ class BufferedClient(mqtt.Client):
         return rc
 
 
+def why_unreachable(settings: MqttSettings, timeout: float = 3.0) -> str:
+    """Why a broker did not take our session, for the error message: paho retries a failed
+    connect without saying why, so try TCP and the TLS handshake once more by hand."""
+    try:
+        with socket.create_connection((settings.host, settings.port), timeout=timeout) as sock:
+            if settings.tls:
+                ctx = ssl.create_default_context(cafile=settings.ca_file)
+                with ctx.wrap_socket(sock, server_hostname=settings.host):
+                    pass
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason or exc}); check the CA (?ca=) and the broker certificate"
+    except OSError as exc:
+        return f"cannot connect ({exc})"
+    return "the broker took the connection but not the MQTT session (TLS or plain? credentials?)"
+
+
 def make_client(
     settings: MqttSettings,
     client_id: str,
@@ -214,7 +231,9 @@ class MqttTransport:
         ok = await asyncio.to_thread(self._connected.wait, timeout)
         if not ok:
             self.client.loop_stop()
-            raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} not reachable")
+            why = await asyncio.to_thread(why_unreachable, self.settings)
+            where = f"{self.settings.host}:{self.settings.port}"
+            raise ConnectionError(f"MQTT broker {where} not reachable: {why}")
 
     async def stop(self) -> None:
         self._stopping = True
