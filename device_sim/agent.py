@@ -44,6 +44,7 @@ from .transports import (
     fetch_coap,
     fetch_http,
     order_uris,
+    within,
 )
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,7 @@ class DeviceAgent:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            await within(self._stop.wait(), seconds)
 
     def _on_connected(self) -> None:
         st = self.flash.state
@@ -470,6 +471,13 @@ class DeviceAgent:
         if notice.device != self.name:
             log.warning("%s: notice addressed to %r dropped", self.name, notice.device)
             return
+        log.debug(
+            "%s: %s notice, campaign %d attempt %d",
+            self.name,
+            notice.kind.name,
+            notice.campaign,
+            notice.attempt,
+        )
         self._notices.put_nowait(notice)
 
     async def _dispatcher(self) -> None:
@@ -556,9 +564,9 @@ class DeviceAgent:
         if task is None or task.done():
             return
         self._cancel_reason = reason
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        while not task.done():  # cancel again should a library have swallowed the cancellation
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
 
     async def _on_cancel(self, n: Notice) -> None:
         st = self.flash.state
@@ -721,7 +729,7 @@ class DeviceAgent:
         self._set_phase_name("attesting")
         self._report(n.campaign, n.attempt, LwState.IDLE, extra={protocol.REPORT_EVIDENCE: evidence})
         try:
-            await asyncio.wait_for(self._token_ready.wait(), self.token_timeout)
+            await within(self._token_ready.wait(), self.token_timeout)
         except TimeoutError:
             raise Refusal(Result.ATTESTATION_REFUSED, "no install token after attesting") from None
 

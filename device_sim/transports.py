@@ -18,6 +18,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiocoap
@@ -28,6 +29,19 @@ from aiocoap.optiontypes import BlockOption
 from fwcm import protocol
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def within(aw: Awaitable[T], timeout: float) -> T:
+    """``await aw``, raising TimeoutError after ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns the result of an awaitable that completes
+    just as the caller is cancelled and drops the cancellation, so a device told to cancel an update
+    in the middle of a block-wise download went on and installed it.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw
+
 
 NoticeHandler = Callable[[bytes], None]
 Sink = Callable[[int, bytes], Awaitable[None]]
@@ -223,7 +237,7 @@ class MqttLink(Link):
                     protocol.presence_topic(self.tenant, self.device), b"0", qos=1, retain=True, timeout=2
                 )
             with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
-                await asyncio.wait_for(client.__aexit__(None, None, None), 5)
+                await within(client.__aexit__(None, None, None), 5)
         else:
             sock = client._client.socket()
             if isinstance(sock, socket.socket):
@@ -231,9 +245,9 @@ class MqttLink(Link):
                     sock.shutdown(socket.SHUT_RDWR)
             if self._reader is not None:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(self._reader), 3)
+                    await within(asyncio.shield(self._reader), 3)
             with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
-                await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+                await within(client.__aexit__(None, None, None), 2)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -284,7 +298,7 @@ class CoapLink(Link):
         ctx = await self.clients.coap(self.device)
         request = ctx.request(aiocoap.Message(code=Code.GET, uri=self._notice_uri, observe=0))
         try:
-            first = await asyncio.wait_for(request.response, self.timeout)
+            first = await within(request.response, self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             with contextlib.suppress(Exception):
                 request.observation.cancel()
@@ -311,7 +325,7 @@ class CoapLink(Link):
                         on_notice(response.payload)
 
             with contextlib.suppress(aiocoap.error.Error, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(follow(), self.refresh)
+                await within(follow(), self.refresh)
             with contextlib.suppress(Exception):
                 request.observation.cancel()
             try:
@@ -340,7 +354,7 @@ class CoapLink(Link):
         ctx = await self.clients.coap(self.device)
         message = aiocoap.Message(code=Code.POST, uri=self._status_uri, payload=data)
         try:
-            response = await asyncio.wait_for(ctx.request(message).response, self.timeout)
+            response = await within(ctx.request(message).response, self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise LinkError(f"CoAP status POST failed: {exc!r}") from None
         if response.code == Code.CHANGED:
@@ -380,7 +394,7 @@ async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0
     host, port = u.hostname or "127.0.0.1", u.port or (443 if secure else 80)
     target = (u.path or "/") + (f"?{u.query}" if u.query else "")
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await within(
             asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None), timeout
         )
     except (OSError, TimeoutError) as exc:
@@ -390,7 +404,7 @@ async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0
         if offset > 0:
             head += f"Range: bytes={offset}-\r\n"
         writer.write((head + "\r\n").encode("latin-1"))
-        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        raw = await within(reader.readuntil(b"\r\n\r\n"), timeout)
         status, headers = _parse_head(raw)
         if status == 206:
             start = _content_range_start(headers.get("content-range", ""))
@@ -413,7 +427,7 @@ async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0
         length = int(headers.get("content-length", "-1"))
         received = 0
         while length < 0 or received < length:
-            chunk = await asyncio.wait_for(reader.read(16384), timeout)
+            chunk = await within(reader.read(16384), timeout)
             if not chunk:
                 break
             await sink(pos, chunk)
@@ -444,13 +458,13 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
 async def _chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
     """Decode a chunked transfer-encoded body."""
     while True:
-        size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+        size_line = await within(reader.readuntil(b"\r\n"), timeout)
         size = int(size_line.split(b";", 1)[0].strip(), 16)
         if size == 0:
-            await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+            await within(reader.readuntil(b"\r\n"), timeout)
             return
-        yield await asyncio.wait_for(reader.readexactly(size), timeout)
-        await asyncio.wait_for(reader.readexactly(2), timeout)
+        yield await within(reader.readexactly(size), timeout)
+        await within(reader.readexactly(2), timeout)
 
 
 def _content_range_start(value: str) -> int | None:
@@ -478,7 +492,7 @@ async def fetch_coap(
         request = aiocoap.Message(code=Code.GET, uri=uri)
         request.opt.block2 = BlockOption.BlockwiseTuple(block, False, szx)
         try:
-            response = await asyncio.wait_for(ctx.request(request, handle_blockwise=False).response, timeout)
+            response = await within(ctx.request(request, handle_blockwise=False).response, timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise FetchError(f"{uri}: {exc!r}") from None
         if not response.code.is_successful():

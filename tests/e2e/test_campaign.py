@@ -148,15 +148,16 @@ def test_demo_with_failures_exits_zero_when_as_expected(tmp_path: Path, faults: 
     assert result["failed"] == expected and result["succeeded"] == 20 - expected
 
 
-async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Path) -> None:
-    """Pending devices are cancelled at once; devices mid-download stop and report cancelled."""
+@pytest.mark.parametrize("first", ["mqtt", "coap"])
+async def test_cancel_withdraws_notices_and_stops_devices(env: Env, tmp_path: Path, first: str) -> None:
+    """Pending devices are cancelled at once; devices mid-download stop and report cancelled, over
+    either transport (``first``: how the device that is cancelled mid-download speaks)."""
     import asyncio
 
     image = firmware(1024 * 1024)  # the first (throttled) device needs ~20 s: ample time to cancel it
     man = await env.manifest(image)
-    # the first device (the one cancelled mid-download) speaks MQTT: a CoAP device whose observe
-    # notification is lost learns of the cancel only when it re-registers (docs/protocol.md)
-    transports = {f"d{i:03d}": ("mqtt" if i % 2 == 0 else "coap") for i in range(12)}
+    other = "coap" if first == "mqtt" else "mqtt"
+    transports = {f"d{i:03d}": (first if i % 2 == 0 else other) for i in range(12)}
     secrets = await env.devices(list(transports.items()))
     cid = await env.campaign(man["id"], policy={"rate_per_minute": 6})
     stop = asyncio.Event()
