@@ -220,6 +220,10 @@ class Engine:
         with self.db.session() as s:
             return fn(s)
 
+    def _in_read(self, fn: Callable[[Session], T]) -> T:
+        with self.db.read() as s:
+            return fn(s)
+
     def _read_held(self, ids: list[int]) -> list[dq.LeasedCampaign]:
         with self.db.read() as s:
             return dq.held_campaigns(s, ids, self.owner)
@@ -287,17 +291,25 @@ class Engine:
         join_due = policy.dynamic and now - self._joined.get(c.id, 0.0) >= JOIN_EVERY_S
         expire_due = now - self._expired_at.get(c.id, 0.0) >= EXPIRE_EVERY_S
 
-        def work(s: Session) -> tuple[list[dq.Target], Decision]:
+        def decide(s: Session) -> tuple[CampaignView, Decision]:
             state = self._policy_state.get(c.id)
             if state is None:  # first decision since this replica took the lease
                 state = self._policy_state[c.id] = PolicyState()
                 state.seed(dq.recent_notifications(s, c.id, now - 60.0))
-            if expire_due:
-                dq.expire_in_progress(s, c.id, policy, now)
-            if join_due:
-                repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
             view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
-            decision = policy.decide(view, state, now)
+            return view, policy.decide(view, state, now)
+
+        def work(
+            s: Session, decided: tuple[CampaignView, Decision] | None
+        ) -> tuple[list[dq.Target], Decision]:
+            if decided is None:
+                if expire_due:
+                    dq.expire_in_progress(s, c.id, policy, now)
+                if join_due:
+                    repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
+                decided = decide(s)
+            view, decision = decided
+            state = self._policy_state[c.id]
             targets = dq.take_pending(
                 s,
                 c.id,
@@ -322,7 +334,21 @@ class Engine:
                 self.notes[c.id] = note
             return targets, decision
 
-        targets, decision = await self._db(work)
+        decided = None
+        if not (expire_due or join_due or c.consent is not None):
+            # Most ticks of a running campaign change nothing: decide on a read transaction and
+            # write only when the decision says so (on SQLite a write transaction holds the one
+            # write lock, and ingest waits for it).
+            decided = await asyncio.to_thread(self._in_read, decide)
+            _view, decision = decided
+            note = None if decision.transition is not None else decision.note
+            idle = not decision.notify and decision.advance_to is None and decision.transition is None
+            if idle and note == self.notes.get(c.id):
+                targets: list[dq.Target] = []
+            else:
+                targets, decision = await self._db(lambda s: work(s, decided))
+        else:
+            targets, decision = await self._db(lambda s: work(s, None))
         if join_due:
             self._joined[c.id] = now
         if expire_due:
