@@ -4,32 +4,24 @@ is refused, and the error says why."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import hashlib
 import ipaddress
-import random
 import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
+from campaignkit import run_mqtt_campaign
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from device_sim.agent import DeviceConfig
-from device_sim.faults import get_profile
-from device_sim.fleet import run_fleet
 from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.server.app import Server
-from fwcm.store import repo
 from fwcm.transport.broker import Broker, TlsFiles, free_port, mosquitto_available, start_mosquitto
 from fwcm.transport.mqtt import MqttTransport
 
@@ -129,81 +121,13 @@ async def server(tmp_path: Path, tls_broker: Broker) -> AsyncIterator[Server]:
 
 
 async def test_campaign_completes_over_mqtts(server: Server, tls_broker: Broker, tmp_path: Path) -> None:
-    settings = server.settings
-    with server.db.session() as s:
-        _t, key = repo.create_tenant(s, "acme", "Acme")
-    signing = mf.generate_private_key("es256")
-    async with httpx.AsyncClient(
-        base_url=settings.public_http_url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30
-    ) as api:
-
-        async def call(method: str, path: str, **kw: Any) -> Any:
-            r = await api.request(method, path, **kw)
-            assert r.status_code < 400, f"{method} {path}: {r.status_code} {r.text}"
-            return r.json()
-
-        await call(
-            "POST", "/signers", json={"name": "rel", "public_key_pem": mf.public_key_pem(signing).decode()}
-        )
-        image = random.Random(7).randbytes(8 * 1024)
-        sha = hashlib.sha256(image).hexdigest()
-        await call("POST", "/payloads", content=image)
-        info = mf.ManifestInfo(
-            2, VENDOR, CLASS, bytes.fromhex(sha), len(image), (f"{settings.public_http_url}/p/{sha}",)
-        )
-        man = await call(
-            "POST",
-            "/manifests",
-            content=mf.build_envelope(info, signing),
-            headers={"content-type": "application/cbor"},
-        )
-        names = [f"t{i:02d}" for i in range(DEVICES)]
-        rows = ["name,vendor_id,class_id,tags,sequence,version,transport,hardware_id,secret"]
-        rows += [f"{n},{VENDOR},{CLASS},,1,1.0,mqtt,," for n in names]
-        imported = await call(
-            "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
-        )
-        secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
-        configs = [
-            DeviceConfig(
-                name=name,
-                tenant="acme",
-                secret=secrets[name],
-                vendor_id=VENDOR,
-                class_id=CLASS,
-                transport="mqtt",
-                trust_anchors=[mf.public_key_pem(signing)],
-                state_dir=tmp_path / "devices",
-                mqtt_url=tls_broker.url,  # mqtts://…?ca=: the device checks the broker too
-                coap_url=settings.public_coap_url,
-                installed_sequence=1,
-                index=i,
-            )
-            for i, name in enumerate(names)
-        ]
-        stop = asyncio.Event()
-        fleet = asyncio.create_task(
-            run_fleet(configs, get_profile("none"), until=lambda _r: stop.is_set(), timeout=120)
-        )
-        try:
-            for _ in range(300):
-                if server.ingest.ingested >= DEVICES:
-                    break
-                await asyncio.sleep(0.2)
-            c = await call("POST", "/campaigns", json={"name": "tls", "manifest_id": man["id"], "filter": ""})
-            await call("POST", f"/campaigns/{c['id']}/start")
-            stats: dict[str, Any] = {}
-            for _ in range(600):
-                stats = await call("GET", f"/campaigns/{c['id']}/stats")
-                if stats["state"] == "completed":
-                    break
-                await asyncio.sleep(0.2)
-        finally:
-            stop.set()
-            report = await fleet
-    assert stats["state"] == "completed", stats
-    assert stats["counts"]["succeeded"] == DEVICES, stats
-    assert all(report.devices[n].installed_sequence == 2 for n in names)
+    # the devices connect to mqtts://…?ca= as well: they check the broker's certificate too
+    run = await run_mqtt_campaign(
+        server, [tls_broker.url], tmp_path / "devices", devices=DEVICES, vendor=VENDOR, klass=CLASS
+    )
+    assert run.stats["state"] == "completed", run.stats
+    assert run.stats["counts"]["succeeded"] == DEVICES, run.stats
+    assert all(run.report.devices[n].installed_sequence == 2 for n in run.names)
 
 
 async def test_a_broker_the_ca_did_not_sign_is_refused(tls_broker: Broker, tmp_path: Path) -> None:
