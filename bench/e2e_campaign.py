@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from limits import cpu_seconds
+
 from fwcm import manifest as mf
 from fwcm.transport.broker import free_port, start_broker
 
@@ -44,15 +46,6 @@ def rss_peak_mb(pid: int) -> float:
         return float("nan")
     m = re.search(r"VmHWM:\s+(\d+) kB", text)
     return int(m.group(1)) / 1024 if m else float("nan")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric(text: str, name: str) -> float:
@@ -191,8 +184,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         t_online = time.monotonic() - t_register
         print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
 
-        cpu0 = {p.pid: cpu_s(p.pid) for p in procs}
-        broker_cpu0 = cpu_s(broker.process.pid)
+        cpu0 = {p.pid: cpu_seconds(p.pid) for p in procs}
+        broker_cpu0 = cpu_seconds(broker.process.pid)
         t0 = time.monotonic()
         (await api.post(f"/campaigns/{cid}/start")).raise_for_status()
         start_s = time.monotonic() - t0
@@ -211,8 +204,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 )
             await asyncio.sleep(0.25)
         duration = time.monotonic() - t0
-        cpu = {p.pid: cpu_s(p.pid) - cpu0[p.pid] for p in procs}
-        broker_cpu = cpu_s(broker.process.pid) - broker_cpu0
+        cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
+        broker_cpu = cpu_seconds(broker.process.pid) - broker_cpu0
         metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
         result = {
             "devices": args.devices,

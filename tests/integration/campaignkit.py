@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,24 @@ from device_sim.agent import DeviceConfig
 from device_sim.faults import get_profile
 from device_sim.fleet import FleetReport, run_fleet
 from fwcm import manifest as mf
+from fwcm.config import Settings
 from fwcm.server.app import Server
 from fwcm.store import repo
+from fwcm.transport.broker import free_port
+
+
+@asynccontextmanager
+async def running_server(data_dir: Path, mqtt_url: str, replica: str) -> AsyncIterator[Server]:
+    """A server on free loopback ports, linked to the broker at ``mqtt_url``; stopped on exit."""
+    settings = Settings(
+        data_dir=data_dir, mqtt_url=mqtt_url, http_port=free_port(), coap_port=free_port(socket.SOCK_DGRAM)
+    )
+    srv = Server(settings, replica=replica)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
 
 
 @dataclass

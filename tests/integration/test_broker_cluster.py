@@ -3,17 +3,15 @@ the server connected to node 1, the simulated devices spread over all three node
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from campaignkit import run_mqtt_campaign
+from campaignkit import run_mqtt_campaign, running_server
 
 from fwcm import manifest as mf
-from fwcm.config import Settings
 from fwcm.server.app import Server
-from fwcm.transport.broker import BrokerCluster, free_port, nats_binary, start_nats_cluster
+from fwcm.transport.broker import BrokerCluster, nats_binary, start_nats_cluster
 
 pytestmark = pytest.mark.skipif(
     nats_binary() is None, reason="nats-server is not installed (Debian: apt-get install nats-server)"
@@ -32,18 +30,8 @@ def cluster() -> Iterator[BrokerCluster]:
 
 @pytest.fixture
 async def server(tmp_path: Path, cluster: BrokerCluster) -> AsyncIterator[Server]:
-    settings = Settings(
-        data_dir=tmp_path / "server",
-        mqtt_url=cluster.nodes[0].url,
-        http_port=free_port(),
-        coap_port=free_port(socket.SOCK_DGRAM),
-    )
-    srv = Server(settings, replica="cluster")
-    await srv.start()
-    try:
+    async with running_server(tmp_path / "server", cluster.nodes[0].url, "cluster") as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 async def test_campaign_completes_with_devices_on_every_node(

@@ -7,22 +7,20 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from campaignkit import run_mqtt_campaign
+from campaignkit import run_mqtt_campaign, running_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fwcm import manifest as mf
-from fwcm.config import Settings
 from fwcm.server.app import Server
-from fwcm.transport.broker import Broker, TlsFiles, free_port, mosquitto_available, start_mosquitto
+from fwcm.transport.broker import Broker, TlsFiles, mosquitto_available, start_mosquitto
 from fwcm.transport.mqtt import MqttTransport
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="Mosquitto is not installed")
@@ -106,18 +104,8 @@ def tls_broker() -> Iterator[Broker]:
 @pytest.fixture
 async def server(tmp_path: Path, tls_broker: Broker) -> AsyncIterator[Server]:
     assert tls_broker.url.startswith("mqtts://")
-    settings = Settings(
-        data_dir=tmp_path / "server",
-        mqtt_url=tls_broker.url,
-        http_port=free_port(),
-        coap_port=free_port(socket.SOCK_DGRAM),
-    )
-    srv = Server(settings, replica="tls")
-    await srv.start()
-    try:
+    async with running_server(tmp_path / "server", tls_broker.url, "tls") as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 async def test_campaign_completes_over_mqtts(server: Server, tls_broker: Broker, tmp_path: Path) -> None:

@@ -490,22 +490,14 @@ def test_execute_many_matches_what_the_orm_reads_back(db: Database) -> None:
     parameter used twice in one statement."""
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import Table, bindparam, insert, update
+    from sqlalchemy import Table, bindparam, update
 
     from fwcm.store.db import execute_many
+    from fwcm.store.deployments import _EVENT_INSERT as add  # the statement ingest runs
     from fwcm.store.models import DeviceEvent
 
     table = DeviceEvent.__table__
     assert isinstance(table, Table)
-    add = insert(table).values(
-        tenant_id=bindparam("t"),
-        campaign_id=bindparam("c"),
-        device_id=bindparam("d"),
-        at=bindparam("u"),
-        state=bindparam("st"),
-        result=bindparam("r"),
-        detail=bindparam("dt"),
-    )
     now = datetime.now(UTC).replace(microsecond=123456)
     rows = [
         {
