@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import socket
 import time
@@ -17,12 +18,12 @@ import uvicorn
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from fwcm import attestation, manifest
+from fwcm import attestation, manifest, protocol
 from fwcm.api.ranges import plan
 from fwcm.config import Settings
-from fwcm.manifest import PublicKey
-from fwcm.manifest.keys import public_of
 from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
 from fwcm.server.engine import Engine, Notifier
@@ -32,13 +33,16 @@ from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore, is_sha256
-from fwcm.transport.coap import CoapTransport
+from fwcm.transport.coap import CoapTransport, Unavailable
 from fwcm.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 PROTECTED_REFRESH_S = 2.0
+COAP_ADDRESS_SAVE_S = 1.0
+STORAGE_ERRORS = (DBAPIError, PoolTimeout)
+"""What a lost database connection raises: device resources answer "unavailable", not 5.00."""
 """How long the set of token-protected payloads is trusted before it is read again."""
 
 
@@ -158,10 +162,12 @@ class Server:
         self.engine = Engine(self.db, self.notifier, self.replica)
         self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
         self.engine.on_notified = self.ingest.keys.prime
-        self.token_keys: list[PublicKey] = []
+        self.token_keys: list[bytes] = []
         self._protected: set[str] = set()
         self._protected_at = -PROTECTED_REFRESH_S
         self._tokens_ok: dict[tuple[str, str, str], float] = {}
+        self._coap_seen: dict[tuple[str, str], str] = {}
+        """CoAP devices that observed from a new address since the last save."""
         self.hooks = Hooks(self.engine)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
@@ -202,9 +208,12 @@ class Server:
                 self.current_notice,
                 self.coap_payload,
                 self.payload_refusal,
+                authorize=self.coap_authorized,
+                observed=self._coap_observed,
             )
+            self.coap.addresses.update(await asyncio.to_thread(self._load_coap_addresses))
             await self.coap.start()
-            self.notifier.notify_coap = self.coap.notify
+            self.notifier.deliver_coap = self.coap.deliver
         if self.enable_http:
             config = uvicorn.Config(
                 self.create_api(),
@@ -223,6 +232,8 @@ class Server:
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
         self._tasks.append(asyncio.create_task(self.engine.run(), name="engine"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.coap is not None:
+            self._tasks.append(asyncio.create_task(self._save_coap_addresses(), name="coap-addresses"))
         log.info("server %s running", self.replica)
 
     async def stop(self) -> None:
@@ -269,13 +280,16 @@ class Server:
 
     async def current_notice(self, tenant: str, device: str) -> bytes | None:
         """The notice a CoAP device sees when it (re-)observes, built from the database."""
-        found = await asyncio.to_thread(self._active_notice, tenant, device)
+        try:
+            found = await asyncio.to_thread(self._active_notice, tenant, device)
+            if found is not None and found.manifest_id not in self.notifier.envelopes:
+                self.notifier.envelopes[found.manifest_id] = await asyncio.to_thread(
+                    self._envelope, found.manifest_id
+                )
+        except STORAGE_ERRORS as exc:
+            raise Unavailable(str(exc)) from None
         if found is None:
             return None
-        if found.manifest_id not in self.notifier.envelopes:
-            self.notifier.envelopes[found.manifest_id] = await asyncio.to_thread(
-                self._envelope, found.manifest_id
-            )
         return self.notifier.build(
             found.target, found.campaign, found.kind, found.manifest_id, reason=found.reason
         )
@@ -291,8 +305,44 @@ class Server:
         return None
 
     def _envelope(self, manifest_id: int) -> bytes:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return dq.manifest_envelope(s, manifest_id)
+
+    async def coap_authorized(self, tenant: str, device: str, credential: str) -> bool:
+        """Whether ``credential`` is the password of a known device ``tenant/device``."""
+        name = (tenant, device)
+        key = self.ingest.keys.peek(name)
+        if key is None:
+            try:
+                key = (await asyncio.to_thread(self.ingest.keys.lookup, {name})).get(name)
+            except STORAGE_ERRORS as exc:
+                raise Unavailable(str(exc)) from None
+        return key is not None and hmac.compare_digest(protocol.device_password(key.secret), credential)
+
+    def _coap_observed(self, tenant: str, device: str, address: str) -> None:
+        self._coap_seen[(tenant, device)] = address
+
+    def _load_coap_addresses(self) -> dict[tuple[str, str], str]:
+        with self.db.read() as s:
+            return dq.coap_addresses(s)
+
+    async def _save_coap_addresses(self) -> None:
+        """Store where CoAP devices observe from, in batches: after a restart their notices are
+        pushed there until they observe again."""
+        while True:
+            await asyncio.sleep(COAP_ADDRESS_SAVE_S)
+            seen, self._coap_seen = self._coap_seen, {}
+            if not seen:
+                continue
+            try:
+                await asyncio.to_thread(self._store_coap_addresses, seen)
+            except Exception as exc:
+                log.warning("could not save %d CoAP device addresses: %s", len(seen), exc)
+                self._coap_seen = seen | self._coap_seen
+
+    def _store_coap_addresses(self, seen: dict[tuple[str, str], str]) -> None:
+        with self.db.session() as s:
+            dq.set_coap_addresses(s, seen)
 
     # -- attestation ----------------------------------------------------------------------------
 
@@ -301,7 +351,8 @@ class Server:
             pems = dq.server_signing_keys(s)
         keys = [manifest.load_private_key(p) for p in pems]
         self.notifier.signing_key = keys[0]
-        self.token_keys = [public_of(k) for k in keys]
+        self.notifier.token_key = attestation.token_key(keys[0])
+        self.token_keys = [attestation.token_key(k) for k in keys]
 
     def _deliver_attested(self, results: list[dq.AttestationResult], credentials: Credentials) -> None:
         """After ingest committed: install tokens (or refusals) and credentials go to the devices."""
