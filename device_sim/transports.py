@@ -43,6 +43,20 @@ async def within(aw: Awaitable[T], timeout: float) -> T:
         return await aw
 
 
+async def response_within(request: aiocoap.protocol.Request, timeout: float) -> aiocoap.Message:
+    """The response to a CoAP request, or TimeoutError. The waiting is shielded: aiocoap sets the
+    result of its response future itself and logs a traceback if a timeout cancelled it."""
+    response = request.response
+    response.add_done_callback(_retrieved)
+    return await within(asyncio.shield(response), timeout)
+
+
+def _retrieved(fut: asyncio.Future[aiocoap.Message]) -> None:
+    """Mark an outcome nobody awaits any more as seen (a shutdown's LibraryShutdown, say)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 NoticeHandler = Callable[[bytes], None]
 Sink = Callable[[int, bytes], Awaitable[None]]
 """Receives (offset, chunk) in order; may raise to abort the transfer."""
@@ -326,7 +340,7 @@ class CoapLink(Link):
         ctx = await self.clients.coap(self.device)
         request = ctx.request(aiocoap.Message(code=Code.GET, uri=self._notice_uri, observe=0))
         try:
-            first = await within(request.response, self.timeout)
+            first = await response_within(request, self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             _forget(request)
             raise LinkError(f"CoAP observe failed: {exc!r}") from None
@@ -393,7 +407,7 @@ class CoapLink(Link):
         ctx = await self.clients.coap(self.device)
         message = aiocoap.Message(code=Code.POST, uri=self._status_uri, payload=data)
         try:
-            response = await within(ctx.request(message).response, self.timeout)
+            response = await response_within(ctx.request(message), self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise LinkError(f"CoAP status POST failed: {exc!r}") from None
         if response.code == Code.CHANGED:
@@ -407,6 +421,8 @@ async def _follow(request: aiocoap.protocol.Request, on_notice: NoticeHandler) -
     """Hand every notification of an observation to ``on_notice`` until it ends."""
     with contextlib.suppress(aiocoap.error.Error, OSError):
         async for response in request.observation:
+            if not response.code.is_successful():
+                return  # an error notification ends the observation (RFC 7641 3.2)
             if response.payload:
                 on_notice(response.payload)
 
@@ -545,7 +561,7 @@ async def fetch_coap(
         request = aiocoap.Message(code=Code.GET, uri=uri)
         request.opt.block2 = BlockOption.BlockwiseTuple(block, False, szx)
         try:
-            response = await within(ctx.request(request, handle_blockwise=False).response, timeout)
+            response = await response_within(ctx.request(request, handle_blockwise=False), timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise FetchError(f"{uri}: {exc!r}") from None
         if not response.code.is_successful():

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -33,8 +35,8 @@ from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore, is_sha256
-from fwcm.transport.coap import CoapTransport, Unavailable
-from fwcm.transport.mqtt import MqttTransport
+from fwcm.transport.coap import RETRY_AFTER_S, CoapTransport, Unavailable
+from fwcm.transport.mqtt import MqttSettings, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,24 @@ PROTECTED_REFRESH_S = 2.0
 COAP_ADDRESS_SAVE_S = 1.0
 STORAGE_ERRORS = (DBAPIError, PoolTimeout)
 """What a lost database connection raises: device resources answer "unavailable", not 5.00."""
+A = ParamSpec("A")
+R = TypeVar("R")
+
+
+def storage_guard(fn: Callable[A, Awaitable[R]]) -> Callable[A, Awaitable[R]]:
+    """``fn`` for a device-facing resource: a storage failure becomes :class:`Unavailable`, which
+    CoAP answers 5.03 and HTTP 503, both with a time to retry after."""
+
+    @functools.wraps(fn)
+    async def guarded(*args: A.args, **kwargs: A.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except STORAGE_ERRORS as exc:
+            raise Unavailable(str(exc).splitlines()[0][:200]) from None
+
+    return guarded
+
+
 """How long the set of token-protected payloads is trusted before it is read again."""
 
 
@@ -110,7 +130,10 @@ class DevicePayloads:
             return await self.app(scope, receive, send)
         if self.refusal is not None:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            refused = await self.refusal(sha, query, "http")
+            try:
+                refused = await self.refusal(sha, query, "http")
+            except Unavailable:
+                return await _unavailable(send)
             if refused is not None:
                 body = f"install token refused: {refused}\n".encode()
                 deny = [(b"content-type", b"text/plain"), (b"www-authenticate", b'Bearer realm="fwcm"')]
@@ -129,6 +152,12 @@ class DevicePayloads:
         raw.append((b"content-type", b"application/octet-stream"))
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _unavailable(send: Any) -> None:
+    headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"detail": "storage unavailable; retry later"}'})
 
 
 @dataclass
@@ -189,26 +218,25 @@ class Server:
                 CAMPAIGNS.labels(state.value).set(found.get(state.value, 0))
             return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-        return DevicePayloads(app, self.payload_cache, self.payload_refusal)
+        return DevicePayloads(app, self.payload_cache, storage_guard(self.payload_refusal))
 
     async def start(self) -> None:
+        self._check_ports()
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
         await asyncio.to_thread(self._load_signing_keys)
         if self.enable_mqtt:
-            self.mqtt = MqttTransport(
-                self.settings.mqtt_url, f"fwcm-server-{self.replica}", self.ingest.submit
-            )
+            self.mqtt = MqttTransport(self.settings.mqtt_url, self._mqtt_client_id(), self.ingest.submit)
             await self.mqtt.start()
             self.notifier.publish_mqtt = self.mqtt.publish_notice
         if self.enable_coap:
             self.coap = CoapTransport(
                 (self.settings.coap_host, self.settings.coap_port),
                 self.ingest.submit,
-                self.current_notice,
-                self.coap_payload,
-                self.payload_refusal,
-                authorize=self.coap_authorized,
+                storage_guard(self.current_notice),
+                storage_guard(self.coap_payload),
+                storage_guard(self.payload_refusal),
+                authorize=storage_guard(self.coap_authorized),
                 observed=self._coap_observed,
             )
             self.coap.addresses.update(await asyncio.to_thread(self._load_coap_addresses))
@@ -236,6 +264,34 @@ class Server:
             self._tasks.append(asyncio.create_task(self._save_coap_addresses(), name="coap-addresses"))
         log.info("server %s running", self.replica)
 
+    def _check_ports(self) -> None:
+        """Refuse to start before touching the broker if another process holds our ports: a second
+        server started by mistake must not disturb the live one."""
+        wanted = []
+        if self.enable_http:
+            wanted.append(("HTTP", socket.SOCK_STREAM, self.settings.http_host, self.settings.http_port))
+        if self.enable_coap:
+            wanted.append(("CoAP", socket.SOCK_DGRAM, self.settings.coap_host, self.settings.coap_port))
+        for what, kind, host, port in wanted:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, kind) as probe:
+                if kind == socket.SOCK_STREAM:  # as a listener binds: a restart's TIME_WAIT is no conflict
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    why = f"{what} port {host}:{port} is in use ({exc.strerror})"
+                    raise RuntimeError(f"{why}; is another fwcm server running?") from None
+
+    def _mqtt_client_id(self) -> str:
+        """With MQTT 5 the session ends with the connection, so each process has a client id of its
+        own: a second server can never take over the live one's connection. With MQTT 3.1.1 the
+        session is persistent and the id stays the replica's, so a restart finds its queued reports."""
+        base = f"fwcm-server-{self.replica}"
+        if MqttSettings.from_url(self.settings.mqtt_url).version != 5:
+            return base
+        return f"{base}-{uuid.uuid4().hex[:8]}"
+
     async def stop(self) -> None:
         await self.ingest.drain(5)
         if self._http is not None:
@@ -252,6 +308,9 @@ class Server:
             await self.mqtt.stop()
         if self.coap is not None:
             await self.coap.stop()
+            if self._coap_seen:  # where devices observed from since the last save
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._store_coap_addresses, self._coap_seen)
         self.db.dispose()
 
     async def serve_forever(self) -> None:
@@ -280,16 +339,13 @@ class Server:
 
     async def current_notice(self, tenant: str, device: str) -> bytes | None:
         """The notice a CoAP device sees when it (re-)observes, built from the database."""
-        try:
-            found = await asyncio.to_thread(self._active_notice, tenant, device)
-            if found is not None and found.manifest_id not in self.notifier.envelopes:
-                self.notifier.envelopes[found.manifest_id] = await asyncio.to_thread(
-                    self._envelope, found.manifest_id
-                )
-        except STORAGE_ERRORS as exc:
-            raise Unavailable(str(exc)) from None
+        found = await asyncio.to_thread(self._active_notice, tenant, device)
         if found is None:
             return None
+        if found.manifest_id not in self.notifier.envelopes:
+            self.notifier.envelopes[found.manifest_id] = await asyncio.to_thread(
+                self._envelope, found.manifest_id
+            )
         return self.notifier.build(
             found.target, found.campaign, found.kind, found.manifest_id, reason=found.reason
         )
@@ -313,10 +369,7 @@ class Server:
         name = (tenant, device)
         key = self.ingest.keys.peek(name)
         if key is None:
-            try:
-                key = (await asyncio.to_thread(self.ingest.keys.lookup, {name})).get(name)
-            except STORAGE_ERRORS as exc:
-                raise Unavailable(str(exc)) from None
+            key = (await asyncio.to_thread(self.ingest.keys.lookup, {name})).get(name)
         return key is not None and hmac.compare_digest(protocol.device_password(key.secret), credential)
 
     def _coap_observed(self, tenant: str, device: str, address: str) -> None:
