@@ -24,7 +24,6 @@ from fwcm import filters
 from fwcm.protocol import NAME_RE
 from fwcm.rollout.policy import (
     COUNT_RANGE,
-    DELAY_RANGE,
     MAX_DEVICES,
     TIMEOUT_RANGE,
     Amount,
@@ -67,6 +66,7 @@ MAX_PEERS = 1000
 MAX_REQUESTER_CHARS = 200
 USES_RANGE = Range(1, MAX_DEVICES)
 MANIFEST_ID_RANGE = Range(1, 2**63 - 1)
+_ANY_DURATION = Range(0, math.inf, duration=True)
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ class ConsentSpec:
 
 
 def _positive_duration(v: Any, path: str, strict: bool) -> float:
-    d = parse_duration(v, path, DELAY_RANGE, strict)
+    d = parse_duration(v, path, _ANY_DURATION, strict)
     if d <= 0:
         raise PolicyError(f"{path}: must be longer than zero ({TIMEOUT_RANGE}), not {shown(v)}")
     return TIMEOUT_RANGE.fit(d, v, path, strict)
