@@ -24,12 +24,14 @@ from .conftest import Env, firmware
 class ScriptedDevice:
     """A device whose every message the test writes by hand."""
 
-    def __init__(self, ctx: aiocoap.Context, env: Env, name: str, secret: bytes) -> None:
-        self.ctx, self.env, self.name, self.secret = ctx, env, name, secret
+    def __init__(
+        self, ctx: aiocoap.Context, env: Env, name: str, secret: bytes, tenant: str = "acme"
+    ) -> None:
+        self.ctx, self.env, self.name, self.secret, self.tenant = ctx, env, name, secret, tenant
         self.seq: dict[tuple[int, int], int] = {}
 
     async def notice(self) -> Notice | None:
-        uri = f"{self.env.settings.public_coap_url}/n/acme/{self.name}"
+        uri = f"{self.env.settings.public_coap_url}/n/{self.tenant}/{self.name}"
         resp = await asyncio.wait_for(self.ctx.request(aiocoap.Message(code=Code.GET, uri=uri)).response, 10)
         return protocol.decode_notice(resp.payload, self.secret) if resp.payload else None
 
@@ -45,7 +47,7 @@ class ScriptedDevice:
             result,
             installed_sequence=2 if result == Result.SUCCESS else None,
         )
-        uri = f"{self.env.settings.public_coap_url}/s/acme/{self.name}"
+        uri = f"{self.env.settings.public_coap_url}/s/{self.tenant}/{self.name}"
         msg = aiocoap.Message(code=Code.POST, uri=uri, payload=protocol.encode_report(self.secret, r))
         resp = await asyncio.wait_for(self.ctx.request(msg).response, 10)
         assert resp.code == Code.CHANGED

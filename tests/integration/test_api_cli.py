@@ -174,6 +174,28 @@ def test_cli_errors_are_one_line(env: dict[str, str], tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        (
+            'retries = { backoff = "100000000d" }',
+            "rollout.retries.backoff: must be at least 0s and at most 365d",
+        ),
+        ("retries = { factor = 1e308 }", "rollout.retries.factor: must be at least 1 and at most 100"),
+        ('device_timeout = "100000000d"', "rollout.device_timeout: must be at least 1s and at most 365d"),
+        ("rate_per_minute = 1e308", "rollout.rate_per_minute: must be at least 1 and at most 1,000,000"),
+        ("batch_max = 10000000000000000000", "rollout.batch_max: must be at least 1 and at most 100,000"),
+    ],
+)
+def test_campaign_files_out_of_range_are_refused_before_sending(
+    env: dict[str, str], api: Any, tmp_path: Path, rollout: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[campaign]\nname = "x"\nmanifest = 1\n\n[rollout]\n{rollout}\n')
+    assert one_error("campaign", "create", "--file", path).startswith(f"error: {path}: {message}, not ")
+    assert api.client.get("/api/v1/campaigns").json() == []
+
+
 def test_missing_key_and_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FWCM_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.delenv("FWCM_API_KEY", raising=False)

@@ -3,20 +3,25 @@
 Every ``/api/v1`` route authenticates with ``Authorization: Bearer <key>`` and passes the
 tenant to ``fwcm.store.repo``, which filters every query on it.  Errors are JSON
 ``{"detail": "..."}`` with one sentence: 400 malformed, 401 no/bad key, 404 absent (or another
-tenant's), 409 conflicting state, 413 too large, 422 well-formed but unacceptable.
+tenant's), 409 conflicting state, 413 too large, 422 well-formed but unacceptable, 503 database
+unreachable (with ``Retry-After``), 500 anything else (logged once with its traceback).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fwcm import filters, pki
 from fwcm.api import schemas as sc
@@ -31,6 +36,11 @@ from fwcm.store.payloads import EmptyPayload, PayloadStore, PayloadTooLarge, is_
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1"
+DB_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
+"""What SQLAlchemy raises while the database cannot be reached, refuses connections, or (SQLite)
+stays locked past the busy timeout: the request may succeed later."""
+RETRY_AFTER_S = 5
+OUTAGE_LOG_EVERY_S = 60.0
 
 
 class Hooks(Protocol):
@@ -56,6 +66,51 @@ class ApiError(Exception):
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+class UnexpectedErrors:
+    """The last resort for errors no handler answered, as JSON like every other error.
+
+    A database outage answers 503 with ``Retry-After`` (one warning a minute while it lasts);
+    anything else answers 500 and is logged here once with its traceback. Nothing is re-raised
+    for the server to log again, unless the response had already started.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._outage_logged = -OUTAGE_LOG_EVERY_S
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await self._answer(scope, exc)(scope, receive, send)
+
+    def _answer(self, scope: Scope, exc: Exception) -> JSONResponse:
+        where = f"{scope.get('method')} {scope.get('path')}"
+        if isinstance(exc, DB_UNAVAILABLE):
+            now = time.monotonic()
+            if now - self._outage_logged >= OUTAGE_LOG_EVERY_S:
+                self._outage_logged = now
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("database unavailable (%s): %s", where, first)
+            return _error(
+                503, "the database is unavailable; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        log.error("%s failed", where, exc_info=exc)
+        return _error(500, "internal error; the server logged it")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -111,6 +166,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(422, "invalid request: " + "; ".join(parts))
 
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(UnexpectedErrors)
 
 
 def current_tenant(request: Request) -> TenantCtx:
@@ -343,7 +399,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             ]
 
     @api.get("/manifests/{manifest_id}", response_model=sc.ManifestOut, tags=["manifests"])
-    def get_manifest(manifest_id: int, t: Tenant) -> sc.ManifestOut:
+    def get_manifest(manifest_id: sc.RowId, t: Tenant) -> sc.ManifestOut:
         with db.read() as s:
             m = repo.get_manifest(s, t.id, manifest_id)
             return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id))
@@ -354,7 +410,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         response_class=Response,
         responses={200: {"content": {"application/cbor": {}}}},
     )
-    def get_envelope(manifest_id: int, t: Tenant) -> Response:
+    def get_envelope(manifest_id: sc.RowId, t: Tenant) -> Response:
         """The exact envelope bytes that were uploaded."""
         with db.session() as s:
             m = repo.get_manifest(s, t.id, manifest_id)
@@ -408,7 +464,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         t: Tenant,
         filter: Annotated[str, Query(description='Filter expression, e.g. tag.region == "eu"')] = "",
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: sc.Offset = 0,
     ) -> sc.DevicePage:
         with db.read() as s:
             total, rows = repo.list_devices(s, t.id, filter, limit, offset)
@@ -448,7 +504,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             return sc.CampaignOut.of(c)
 
     @api.get("/campaigns/{campaign_id}/accounting", response_model=sc.AccountingOut, tags=["campaigns"])
-    def campaign_accounting(campaign_id: int, t: Tenant) -> sc.AccountingOut:
+    def campaign_accounting(campaign_id: sc.RowId, t: Tenant) -> sc.AccountingOut:
         """Usage reported by the installed software of a campaign, per device."""
         with db.read() as s:
             repo.get_campaign(s, t.id, campaign_id)
@@ -467,12 +523,12 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             return [sc.CampaignOut.of(c) for c in repo.list_campaigns(s, t.id, state)]
 
     @api.get("/campaigns/{campaign_id}", response_model=sc.CampaignOut, tags=["campaigns"])
-    def get_campaign(campaign_id: int, t: Tenant) -> sc.CampaignOut:
+    def get_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
         with db.read() as s:
             return sc.CampaignOut.of(repo.get_campaign(s, t.id, campaign_id))
 
     @api.post("/campaigns/{campaign_id}/start", response_model=sc.CampaignOut, tags=["campaigns"])
-    def start_campaign(campaign_id: int, t: Tenant) -> sc.CampaignOut:
+    def start_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
         """Freeze the devices matching the filter and start the rollout."""
         with db.session() as s:
             out = sc.CampaignOut.of(repo.start_campaign(s, t.id, campaign_id))
@@ -480,7 +536,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         return out
 
     def _change(action: str) -> Any:
-        def change(campaign_id: int, t: Tenant) -> sc.CampaignOut:
+        def change(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
             with db.session() as s:
                 out = sc.CampaignOut.of(repo.change_campaign(s, t.id, campaign_id, action))
             notify(campaign_id)
@@ -504,17 +560,17 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         )
 
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
-    def campaign_stats(campaign_id: int, t: Tenant) -> sc.CampaignStats:
+    def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:
         with db.read() as s:
             return sc.CampaignStats(**repo.campaign_stats(s, t.id, campaign_id))
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
     def campaign_devices(
-        campaign_id: int,
+        campaign_id: sc.RowId,
         t: Tenant,
         state: str | None = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: sc.Offset = 0,
     ) -> sc.DeploymentPage:
         with db.session() as s:
             total, rows = repo.campaign_devices(s, t.id, campaign_id, state, limit, offset)
@@ -523,7 +579,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             )
 
     @api.get("/campaigns/{campaign_id}/events", response_model=list[sc.CampaignEventOut], tags=["campaigns"])
-    def campaign_events(campaign_id: int, t: Tenant) -> list[sc.CampaignEventOut]:
+    def campaign_events(campaign_id: sc.RowId, t: Tenant) -> list[sc.CampaignEventOut]:
         """Every state change of the campaign with its time and reason."""
         with db.read() as s:
             return [sc.CampaignEventOut.of(e) for e in repo.campaign_events(s, t.id, campaign_id)]

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from fwcm.api import schemas as sc
@@ -49,7 +49,7 @@ class FactoryDeviceIn(BaseModel):
     vendor: str = Field(description="Vendor domain: vendor_id = uuid5(NAMESPACE_DNS, vendor).")
     model: str = Field(description="Device model: class_id = uuid5(vendor_id, model).")
     firmware_version: str | None = None
-    sequence: int = Field(0, description="Manifest sequence number of the factory firmware.")
+    sequence: StrictInt = Field(0, description="Manifest sequence number of the factory firmware.")
     claim_hash: str = Field(description="Hex SHA-256 of the claim code (UTF-8, surrounding spaces removed).")
     secret: str = Field(description="The device's message-MAC key flashed at the factory: 32 bytes, hex.")
     attest_key_pem: str | None = Field(None, description="Public attestation key (PEM), optional.")
@@ -99,7 +99,7 @@ class ClaimIn(BaseModel):
     serial: str = Field(max_length=64)
     claim_code: str = Field(max_length=200, description="As printed on the box.")
     name: str | None = Field(None, description="Device name in this tenant; defaults to the serial.")
-    tags: dict[str, str | int] = Field(default_factory=dict)
+    tags: dict[str, StrictStr | sc.BodyInt] = Field(default_factory=dict)
     transport: str = "mqtt"
 
 
@@ -198,7 +198,7 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         t: Maker,
         claimed: Annotated[bool | None, Query(description="Only claimed (true) or unclaimed (false)")] = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: sc.Offset = 0,
     ) -> FactoryPage:
         """The manufacturer's own devices and whether each is claimed (never secrets or owners)."""
         with db.read() as s:
@@ -225,7 +225,7 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         t: Fleet,
         filter: Annotated[str, Query(description="Device filter, as for GET /devices")] = "",
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: sc.Offset = 0,
     ) -> OutdatedPage:
         """Devices whose reported sequence is below the newest manifest of their vendor and class."""
         with db.read() as s:

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 from fwcm.store.models import Campaign, CampaignEvent, Device, DeviceEvent, Manifest, Payload, Signer
+from fwcm.store.repo import BIGINT_MAX
+
+RowId = Annotated[int, Interval(ge=1, le=BIGINT_MAX)]
+"""An id in a path, query or body: outside the id column's range it is refused (422) before any
+query runs (a database cannot compare a column with a number it cannot hold)."""
+Offset = Annotated[int, Interval(ge=0, le=BIGINT_MAX)]
+"""A list offset: at most what an SQL OFFSET takes."""
+BodyId = Annotated[RowId, Strict()]
+"""An id in a JSON body: a number, never ``true`` or ``"1"``."""
+BodyInt = Annotated[int, Strict(), Interval(ge=-BIGINT_MAX - 1, le=BIGINT_MAX)]
+"""A whole number in a JSON body (never a boolean), within a BIGINT column's range."""
 
 
 class ErrorOut(BaseModel):
@@ -116,8 +128,8 @@ class DeviceIn(BaseModel):
     name: str
     vendor_id: str
     class_id: str
-    tags: dict[str, str | int] = Field(default_factory=dict)
-    sequence: int = 0
+    tags: dict[str, StrictStr | BodyInt] = Field(default_factory=dict)
+    sequence: StrictInt = 0
     version: str | None = None
     transport: str = "mqtt"
     hardware_id: str | None = None
@@ -200,7 +212,7 @@ class DeviceEventOut(BaseModel):
 class CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    manifest_id: int
+    manifest_id: BodyId
     filter: str = Field("", description="Device filter; empty selects every device.")
     policy: dict[str, Any] = Field(default_factory=dict, description="Rollout policy (phases, rate, …).")
     attestation: bool = Field(False, description="Devices attest before they get an install token.")

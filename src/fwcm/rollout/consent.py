@@ -20,12 +20,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fwcm import filters
+from fwcm.protocol import NAME_RE
 from fwcm.rollout.policy import (
+    COUNT_RANGE,
+    MAX_DEVICES,
+    TIMEOUT_RANGE,
     Amount,
     PolicyError,
+    Range,
+    bounded_duration,
     check_keys,
     parse_amount,
     parse_duration,
+    shown,
 )
 
 QuorumKind = Literal["all", "min", "any"]
@@ -50,6 +58,15 @@ CONSENT_KEYS = (
 DEFAULT_PREPARE_S = 600.0
 MAX_OPTIONS = 8
 MAX_VALUES = 16
+MAX_VALUE_CHARS = 64
+"""Longest option name, option value or variant key."""
+MAX_VARIANTS = 64
+MAX_PEERS = 1000
+"""Devices a campaign may name as peers; their filter must also fit ``filters.MAX_FILTER_CHARS``."""
+MAX_REQUESTER_CHARS = 200
+USES_RANGE = Range(1, MAX_DEVICES)
+MANIFEST_ID_RANGE = Range(1, 2**63 - 1)
+_ANY_DURATION = Range(0, math.inf, duration=True)
 
 
 @dataclass(frozen=True)
@@ -60,11 +77,11 @@ class Quorum:
     amount: Amount | None = None
 
     @classmethod
-    def parse(cls, v: Any, path: str) -> Quorum:
+    def parse(cls, v: Any, path: str, strict: bool = True) -> Quorum:
         if v in ("all", "any"):
             return cls(v)
         if isinstance(v, int | str) and not isinstance(v, bool):
-            return cls("min", parse_amount(v, path))
+            return cls("min", parse_amount(v, path, strict, COUNT_RANGE))
         raise PolicyError(f'{path}: must be "all", "any", a count such as 3, or a percentage such as "50%"')
 
     def to_json(self) -> int | str:
@@ -174,15 +191,17 @@ class ConsentSpec:
     requester: str | None = None
 
     @classmethod
-    def parse(cls, v: Any, path: str = "consent") -> ConsentSpec:
+    def parse(cls, v: Any, path: str = "consent", *, strict: bool = True) -> ConsentSpec:
+        """Check a ``[consent]`` table; ``strict``: a number outside its range is an error (else
+        it is clamped into the range, as when reading a stored campaign)."""
         if not isinstance(v, Mapping):
             raise PolicyError(f"{path}: must be a table")
         check_keys(v, CONSENT_KEYS, path)
         if "deadline" not in v:
             raise PolicyError(f'{path}.deadline: missing; how long devices have to answer, such as "10m"')
-        options = _options(v.get("options", {}), f"{path}.options")
+        options = _options(v.get("options", {}), f"{path}.options", strict)
         variant_option = v.get("variant_option")
-        variants = _variants(v.get("variants", {}), f"{path}.variants")
+        variants = _variants(v.get("variants", {}), f"{path}.variants", strict)
         if variants and variant_option is None:
             raise PolicyError(f'{path}.variant_option: missing; which option (or "class") picks the variant')
         if variant_option is not None:
@@ -203,22 +222,26 @@ class ConsentSpec:
         requester = v.get("requester")
         if requester is not None and not isinstance(requester, str):
             raise PolicyError(f"{path}.requester: must be text")
+        if strict:
+            _check_names(initiator, peers, path)
+            if requester is not None and len(requester) > MAX_REQUESTER_CHARS:
+                raise PolicyError(f"{path}.requester: at most {MAX_REQUESTER_CHARS} characters")
         group = v.get("group", False)
         if not isinstance(group, bool):
             raise PolicyError(f"{path}.group: must be true or false")
         return cls(
-            deadline_s=_positive_duration(v["deadline"], f"{path}.deadline"),
-            quorum=Quorum.parse(v.get("quorum", "all"), f"{path}.quorum"),
+            deadline_s=_positive_duration(v["deadline"], f"{path}.deadline", strict),
+            quorum=Quorum.parse(v.get("quorum", "all"), f"{path}.quorum", strict),
             options=options,
             variant_option=variant_option,
             variants=variants,
             group=group,
             prepare_within_s=_positive_duration(
-                v.get("prepare_within", DEFAULT_PREPARE_S), f"{path}.prepare_within"
+                v.get("prepare_within", DEFAULT_PREPARE_S), f"{path}.prepare_within", strict
             ),
-            accounting_every_s=_opt_duration(v.get("accounting_every"), f"{path}.accounting_every"),
-            max_uses=_opt_count(v.get("max_uses"), f"{path}.max_uses"),
-            expires_after_s=_opt_duration(v.get("expires_after"), f"{path}.expires_after"),
+            accounting_every_s=_opt_duration(v.get("accounting_every"), f"{path}.accounting_every", strict),
+            max_uses=_opt_count(v.get("max_uses"), f"{path}.max_uses", strict),
+            expires_after_s=_opt_duration(v.get("expires_after"), f"{path}.expires_after", strict),
             initiator=initiator,
             peers=tuple(peers),
             requester=requester,
@@ -226,8 +249,9 @@ class ConsentSpec:
 
     @classmethod
     def from_stored(cls, d: Mapping[str, Any]) -> ConsentSpec:
-        """Read back what :meth:`to_dict` stored (durations are in seconds there)."""
-        return cls.parse(d)
+        """Read back what :meth:`to_dict` stored (durations are in seconds there); a number outside
+        its range (stored before the range existed) is clamped into it rather than refused."""
+        return cls.parse(d, strict=False)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"deadline": self.deadline_s, "quorum": self.quorum.to_json()}
@@ -275,56 +299,95 @@ class ConsentSpec:
         names = list(dict.fromkeys(([self.initiator] if self.initiator else []) + list(self.peers)))
         if not names:
             return None
-        return "name in [" + ", ".join(f'"{n}"' for n in names) + "]"
+        return _names_filter(names)
 
 
-def _positive_duration(v: Any, path: str) -> float:
-    d = parse_duration(v, path)
+def _positive_duration(v: Any, path: str, strict: bool) -> float:
+    d = parse_duration(v, path, _ANY_DURATION, strict)
     if d <= 0:
-        raise PolicyError(f"{path}: must be longer than zero")
-    return d
+        raise PolicyError(f"{path}: must be longer than zero ({TIMEOUT_RANGE}), not {shown(v)}")
+    return TIMEOUT_RANGE.fit(d, v, path, strict)
 
 
-def _opt_duration(v: Any, path: str) -> float | None:
-    return None if v is None else _positive_duration(v, path)
+def _opt_duration(v: Any, path: str, strict: bool) -> float | None:
+    return None if v is None else _positive_duration(v, path, strict)
 
 
-def _opt_count(v: Any, path: str) -> int | None:
+def _opt_count(v: Any, path: str, strict: bool) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise PolicyError(f"{path}: must be a whole number of at least 1")
-    return v
+    return int(USES_RANGE.fit(v, v, path, strict))
 
 
-def _options(v: Any, path: str) -> dict[str, tuple[str, ...]]:
+def _text_key(k: Any, path: str) -> str:
+    if not isinstance(k, str) or not k or len(k) > MAX_VALUE_CHARS:
+        raise PolicyError(f"{path}: {shown(k)} must be text of 1-{MAX_VALUE_CHARS} characters")
+    return k
+
+
+def _options(v: Any, path: str, strict: bool) -> dict[str, tuple[str, ...]]:
     if not isinstance(v, Mapping):
         raise PolicyError(f"{path}: must be a table of option → list of values")
     if len(v) > MAX_OPTIONS:
         raise PolicyError(f"{path}: at most {MAX_OPTIONS} options")
     out: dict[str, tuple[str, ...]] = {}
     for k, values in v.items():
+        if strict:
+            _text_key(k, path)
         if not isinstance(values, list) or not values or len(values) > MAX_VALUES:
             raise PolicyError(f"{path}.{k}: must be a list of 1-{MAX_VALUES} values")
         if not all(isinstance(x, str) and x for x in values):
             raise PolicyError(f"{path}.{k}: values must be text")
+        if strict:
+            for x in values:
+                _text_key(x, f"{path}.{k}")
         out[str(k)] = tuple(values)
     return out
 
 
-def _variants(v: Any, path: str) -> dict[str, int]:
+def _variants(v: Any, path: str, strict: bool) -> dict[str, int]:
     if not isinstance(v, Mapping):
         raise PolicyError(f"{path}: must be a table of option value → manifest id")
+    if strict and len(v) > MAX_VARIANTS:
+        raise PolicyError(f"{path}: at most {MAX_VARIANTS} variants, not {len(v):,}")
     out: dict[str, int] = {}
     for k, mid in v.items():
-        if isinstance(mid, bool) or not isinstance(mid, int) or mid < 1:
-            raise PolicyError(f"{path}.{k}: must be a manifest id")
+        if strict:
+            _text_key(k, path)
+        if isinstance(mid, bool) or not isinstance(mid, int) or mid not in MANIFEST_ID_RANGE:
+            raise PolicyError(f"{path}.{k}: must be a manifest id ({MANIFEST_ID_RANGE}), not {shown(mid)}")
         out[str(k)] = mid
     return out
 
 
+def _check_names(initiator: str | None, peers: list[str], path: str) -> None:
+    """Peers and initiator are device names, few enough that the filter naming them can be stored."""
+    if len(peers) > MAX_PEERS:
+        raise PolicyError(f"{path}.peers: at most {MAX_PEERS:,} devices, not {len(peers):,}")
+    for key, names in (("initiator", [initiator] if initiator is not None else []), ("peers", peers)):
+        for n in names:
+            if not NAME_RE.match(n):
+                raise PolicyError(
+                    f"{path}.{key}: {shown(n)} is not a device name (1-64 of A-Z a-z 0-9 . _ -)"
+                )
+    names = list(dict.fromkeys(([initiator] if initiator else []) + peers))
+    if names:
+        length = len(_names_filter(names))
+        if length > filters.MAX_FILTER_CHARS:
+            raise PolicyError(
+                f"{path}.peers: the {len(names):,} device names make a filter of {length:,} characters; "
+                f"a campaign filter holds at most {filters.MAX_FILTER_CHARS:,} (name fewer devices)"
+            )
+
+
+def _names_filter(names: list[str]) -> str:
+    return "name in [" + ", ".join(f'"{n}"' for n in names) + "]"
+
+
 def deadline_at(started: float, spec: ConsentSpec) -> float:
-    return started + spec.deadline_s
+    return started + bounded_duration(spec.deadline_s)
 
 
 def uses_left(spec: ConsentSpec, uses: int) -> float:

@@ -4,7 +4,8 @@ A definition has a ``[campaign]`` table (name, device filter, dynamic membership
 manifest), a ``[rollout]`` table (rate, ramp, timeout, retries, schedule, window, defaults for
 thresholds) and ``[[phase]]`` tables. :func:`load_definition` checks everything at once and
 returns the policy in its stored JSON form, so a typo is reported before a campaign exists,
-naming the key as written in the file. ``docs/rollout.md`` describes every key.
+naming the key as written in the file, and the range when a number is outside it.
+``docs/rollout.md`` describes every key and its range.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy, PolicyError, check_keys
 
+MAX_NAME_CHARS = 200
+"""As the API: a campaign name is 1-200 characters."""
 CAMPAIGN_KEYS = ("name", "description", "filter", "dynamic", "manifest", "attestation")
 TOP_KEYS = ("campaign", "rollout", "phase", "consent")
 
@@ -63,6 +66,8 @@ def definition_from_dict(doc: dict[str, Any]) -> CampaignDefinition:
         name = campaign.get("name")
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError("campaign.name: missing; give the campaign a name")
+        if len(name) > MAX_NAME_CHARS:
+            raise DefinitionError(f"campaign.name: at most {MAX_NAME_CHARS} characters, not {len(name):,}")
         filter_ = campaign.get("filter", "")
         if not isinstance(filter_, str):
             raise DefinitionError("campaign.filter: must be text, such as 'tag.region == \"eu\"'")

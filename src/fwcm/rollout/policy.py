@@ -7,7 +7,10 @@ time in POSIX seconds; it answers with a :class:`Decision` the engine carries ou
 reads a clock, a database or a socket, so every rule can be tested with made-up numbers.
 
 The policy's dictionary form (:meth:`Policy.from_dict` / :meth:`Policy.to_dict`) is what
-``campaigns.policy`` stores; ``docs/rollout.md`` describes every key.
+``campaigns.policy`` stores; ``docs/rollout.md`` describes every key and the range of every
+number. :meth:`Policy.from_dict` refuses a value outside its range, naming the key and the range;
+:meth:`Policy.from_stored` reads a stored row and clamps such a value into its range instead, so
+a campaign stored before a range existed still runs and never makes the time arithmetic raise.
 """
 
 from __future__ import annotations
@@ -40,6 +43,82 @@ Advance = Literal["auto", "approval"]
 
 class PolicyError(ValueError):
     """A policy (or campaign definition) is invalid; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges: every number of a policy has one (docs/rollout.md lists them)
+
+DAY_S = 86400.0
+MAX_DURATION_S = 365 * DAY_S
+"""Longest duration of any policy key: timeouts, backoffs, deadlines, usage limits."""
+MAX_DEVICES = 1_000_000_000
+"""Largest device count a policy names (phase sizes, thresholds, ramp steps, quorums)."""
+MAX_PHASES = 100
+MAX_RESULT_CODES = 64
+MAX_NAME_CHARS = 100
+_MAX_TEXT_VALUE = 64
+"""Longest string form of a duration or percentage: no sensible one comes near it."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The inclusive range of one policy number; ``duration`` values are seconds."""
+
+    lo: float
+    hi: float
+    duration: bool = False
+    instant: bool = False
+    """POSIX seconds, shown as UTC date-times."""
+
+    def show(self, x: float) -> str:
+        if self.instant:
+            return datetime.fromtimestamp(x, UTC).isoformat().replace("+00:00", "Z")
+        if not self.duration:
+            return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+        for unit, size in (("d", DAY_S), ("h", 3600.0), ("m", 60.0)):
+            if x >= size and x % size == 0:
+                return f"{x / size:g}{unit}"
+        return f"{x:g}s"
+
+    def __str__(self) -> str:
+        return f"at least {self.show(self.lo)} and at most {self.show(self.hi)}"
+
+    def __contains__(self, x: float) -> bool:
+        return self.lo <= x <= self.hi
+
+    def fit(self, x: float, raw: Any, path: str, strict: bool) -> float:
+        """``x`` when inside; else PolicyError naming ``path`` and the range (``strict``), or the
+        nearest bound (reading a stored policy)."""
+        if x in self:
+            return x
+        if strict:
+            raise PolicyError(f"{path}: must be {self}, not {shown(raw)}")
+        return min(max(x, self.lo), self.hi)
+
+
+def bounded_duration(seconds: float) -> float:
+    """``seconds`` within 0 and ``MAX_DURATION_S``: what time arithmetic on a policy value uses, so
+    no value (however it was stored) yields a time outside what datetimes and columns hold."""
+    if math.isnan(seconds):
+        return MAX_DURATION_S
+    return min(max(seconds, 0.0), MAX_DURATION_S)
+
+
+RATE_RANGE = Range(1, 1_000_000)
+"""Devices per minute (``rate_per_minute``, ``ramp.base``)."""
+FACTOR_RANGE = Range(1, 100)
+COUNT_RANGE = Range(1, MAX_DEVICES)
+SIZE_RANGE = Range(0, MAX_DEVICES)
+ATTEMPTS_RANGE = Range(1, 100)
+BATCH_RANGE = Range(1, 100_000)
+RESULT_RANGE = Range(1, 255)
+TIMEOUT_RANGE = Range(1, MAX_DURATION_S, duration=True)
+"""A duration that must pass before something happens: at least a second."""
+DELAY_RANGE = Range(0, MAX_DURATION_S, duration=True)
+"""A wait that may be zero (retry backoffs)."""
+PERCENT_RANGE = Range(0, 100)
+INSTANT_RANGE = Range(0, datetime(9999, 12, 31, tzinfo=UTC).timestamp(), instant=True)
+"""``start_at``: every instant that has a UTC date-time, whichever offset it is written with."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,16 +174,19 @@ class Retries:
     on_timeout: bool = True
 
     def delay(self, attempt: int) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None when attempts are used up."""
+        """Seconds to wait before attempt ``attempt + 1``, or None when attempts are used up.
+
+        Never more than ``MAX_DURATION_S``, whatever the values: the result becomes a timestamp.
+        """
         if attempt >= self.max_attempts:
             return None
         try:
-            d = self.backoff_s * self.factor ** max(attempt - 1, 0)
+            d = self.backoff_s * self.factor ** max(attempt - 1, 0) if self.backoff_s > 0 else 0.0
         except OverflowError:
             d = math.inf
         if self.max_backoff_s is not None:
             d = min(d, self.max_backoff_s)
-        return d
+        return bounded_duration(d)
 
 
 @dataclass(frozen=True)
@@ -166,81 +248,90 @@ def _table(v: Any, path: str) -> Mapping[str, Any]:
     return v
 
 
-def _number(v: Any, path: str, minimum: float | None = None, *, above: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise PolicyError(f"{path}: must be a number, not {v!r}")
-    if minimum is not None and (v <= minimum if above else v < minimum):
-        raise PolicyError(f"{path}: must be {'above' if above else 'at least'} {minimum:g}, not {v!r}")
-    return float(v)
+def shown(v: Any) -> str:
+    """A value as an error message quotes it: short, and never too large to print."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**24:
+        return f"{'-' if v < 0 else ''}about 1e{int(math.log10(abs(v)))}"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _int(v: Any, path: str, minimum: int) -> int:
+def _number(v: Any, path: str, rng: Range, strict: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v in (math.inf, -math.inf) or v != v:
+        raise PolicyError(f"{path}: must be a number, not {shown(v)}")
+    return float(rng.fit(v, v, path, strict))
+
+
+def _int(v: Any, path: str, rng: Range, strict: bool = True) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise PolicyError(f"{path}: must be a whole number, not {v!r}")
-    if v < minimum:
-        raise PolicyError(f"{path}: must be at least {minimum}, not {v!r}")
-    return v
+        raise PolicyError(f"{path}: must be a whole number, not {shown(v)}")
+    return int(rng.fit(v, v, path, strict))
 
 
 def _bool(v: Any, path: str) -> bool:
     if not isinstance(v, bool):
-        raise PolicyError(f"{path}: must be true or false, not {v!r}")
+        raise PolicyError(f"{path}: must be true or false, not {shown(v)}")
     return v
 
 
 def _choice(v: Any, path: str, choices: tuple[str, ...]) -> Any:
-    if v not in choices:
-        raise PolicyError(f"{path}: must be one of {', '.join(repr(c) for c in choices)}, not {v!r}")
+    if not isinstance(v, str) or v not in choices:
+        raise PolicyError(f"{path}: must be one of {', '.join(repr(c) for c in choices)}, not {shown(v)}")
     return v
 
 
 def parse_percent(v: Any, path: str) -> float:
     """A percentage written as a string such as ``"95%"`` (a bare number would be ambiguous)."""
-    m = _PERCENT.match(v) if isinstance(v, str) else None
+    m = _PERCENT.match(v) if isinstance(v, str) and len(v) <= _MAX_TEXT_VALUE else None
     if m is None:
-        raise PolicyError(f'{path}: must be a percentage such as "95%", not {v!r}')
+        raise PolicyError(f'{path}: must be a percentage such as "95%", not {shown(v)}')
     p = float(m.group(1))
     if p > 100:
-        raise PolicyError(f"{path}: must be at most 100%, not {v!r}")
+        raise PolicyError(f"{path}: must be at most 100%, not {shown(v)}")
     return p
 
 
-def parse_amount(v: Any, path: str) -> Amount:
-    """A device count (whole number) or a share of the subset (``"5%"``)."""
+def parse_amount(v: Any, path: str, strict: bool = True, rng: Range = SIZE_RANGE) -> Amount:
+    """A device count (whole number in ``rng``) or a share of the subset (``"5%"``)."""
     if isinstance(v, int) and not isinstance(v, bool):
-        return Amount(count=_int(v, path, 0))
+        return Amount(count=_int(v, path, rng, strict))
     if isinstance(v, str):
         return Amount(percent=parse_percent(v, path))
-    raise PolicyError(f'{path}: must be a device count such as 10 or a share such as "5%", not {v!r}')
+    raise PolicyError(f'{path}: must be a device count such as 10 or a share such as "5%", not {shown(v)}')
 
 
-def parse_duration(v: Any, path: str) -> float:
-    """Seconds, from a number of seconds or a string such as ``"90s"``, ``"10m"``, ``"1h30m"``."""
+def parse_duration(v: Any, path: str, rng: Range = DELAY_RANGE, strict: bool = True) -> float:
+    """Seconds in ``rng``, from a number of seconds or a string such as ``"90s"``, ``"1h30m"``."""
     if isinstance(v, int | float) and not isinstance(v, bool):
-        return _number(v, path, 0)
-    if isinstance(v, str):
+        return _number(v, path, rng, strict)
+    if isinstance(v, str) and len(v) <= _MAX_TEXT_VALUE:
         text = v.strip()
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    raise PolicyError(f'{path}: must be a duration such as "30s", "10m", "2h" or "1d", not {v!r}')
+            return rng.fit(sum(float(n) * _DURATION_UNITS[u] for n, u in parts), v, path, strict)
+    raise PolicyError(f'{path}: must be a duration such as "30s", "10m", "2h" or "1d", not {shown(v)}')
 
 
-def parse_instant(v: Any, path: str) -> float:
-    """POSIX seconds from an RFC 3339 date-time with an offset (TOML date-time or string)."""
+def parse_instant(v: Any, path: str, strict: bool = True) -> float:
+    """POSIX seconds (in ``INSTANT_RANGE``) from an RFC 3339 date-time with an offset (TOML
+    date-time or string)."""
     dt: datetime | None = None
     if isinstance(v, datetime):
         dt = v
-    elif isinstance(v, str):
+    elif isinstance(v, str) and len(v) <= _MAX_TEXT_VALUE:
         try:
             dt = datetime.fromisoformat(v.strip())
         except ValueError:
             dt = None
     if dt is None:
-        raise PolicyError(f'{path}: must be a date-time such as "2026-12-01T02:00:00Z", not {v!r}')
+        raise PolicyError(f'{path}: must be a date-time such as "2026-12-01T02:00:00Z", not {shown(v)}')
     if dt.tzinfo is None:
         raise PolicyError(f"{path}: needs a UTC offset or Z, as in 2026-12-01T02:00:00Z")
-    return dt.timestamp()
+    try:
+        at = dt.timestamp()
+    except (OverflowError, ValueError):  # year 1 with a positive offset is before year 1 in UTC
+        at = -math.inf
+    return INSTANT_RANGE.fit(at, v, path, strict)
 
 
 def _clock(v: Any, path: str) -> dtime:
@@ -258,36 +349,40 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _parse_ramp(v: Any, path: str) -> Ramp:
+def _parse_ramp(v: Any, path: str, strict: bool) -> Ramp:
     d = _table(v, path)
     check_keys(d, ("base", "factor", "every_successes"), path)
     for k in ("base", "factor", "every_successes"):
         if k not in d:
             raise PolicyError(f"{_join(path, k)}: missing")
     return Ramp(
-        base=_number(d["base"], _join(path, "base"), 1),
-        factor=_number(d["factor"], _join(path, "factor"), 1),
-        every_successes=_int(d["every_successes"], _join(path, "every_successes"), 1),
+        base=_number(d["base"], _join(path, "base"), RATE_RANGE, strict),
+        factor=_number(d["factor"], _join(path, "factor"), FACTOR_RANGE, strict),
+        every_successes=_int(d["every_successes"], _join(path, "every_successes"), COUNT_RANGE, strict),
     )
 
 
-def _parse_retries(v: Any, path: str) -> Retries:
+def _parse_retries(v: Any, path: str, strict: bool) -> Retries:
     d = _table(v, path)
     check_keys(d, ("max_attempts", "backoff", "factor", "max_backoff", "results", "on_timeout"), path)
     kw: dict[str, Any] = {}
     if "max_attempts" in d:
-        kw["max_attempts"] = _int(d["max_attempts"], _join(path, "max_attempts"), 1)
+        kw["max_attempts"] = _int(d["max_attempts"], _join(path, "max_attempts"), ATTEMPTS_RANGE, strict)
     if "backoff" in d:
-        kw["backoff_s"] = parse_duration(d["backoff"], _join(path, "backoff"))
+        kw["backoff_s"] = parse_duration(d["backoff"], _join(path, "backoff"), DELAY_RANGE, strict)
     if "factor" in d:
-        kw["factor"] = _number(d["factor"], _join(path, "factor"), 1)
+        kw["factor"] = _number(d["factor"], _join(path, "factor"), FACTOR_RANGE, strict)
     if "max_backoff" in d:
-        kw["max_backoff_s"] = parse_duration(d["max_backoff"], _join(path, "max_backoff"))
+        kw["max_backoff_s"] = parse_duration(
+            d["max_backoff"], _join(path, "max_backoff"), DELAY_RANGE, strict
+        )
     if "results" in d:
-        codes = d["results"]
+        codes, where = d["results"], _join(path, "results")
         if not isinstance(codes, list):
-            raise PolicyError(f"{_join(path, 'results')}: must be a list of result codes")
-        kw["results"] = frozenset(_int(c, _join(path, "results"), 1) for c in codes)
+            raise PolicyError(f"{where}: must be a list of result codes")
+        if strict and len(codes) > MAX_RESULT_CODES:
+            raise PolicyError(f"{where}: at most {MAX_RESULT_CODES} result codes, not {len(codes)}")
+        kw["results"] = frozenset(_int(c, where, RESULT_RANGE, strict) for c in codes)
     if "on_timeout" in d:
         kw["on_timeout"] = _bool(d["on_timeout"], _join(path, "on_timeout"))
     return Retries(**kw)
@@ -355,14 +450,16 @@ PHASE_KEYS = ("name", "size", "until", "success_threshold", "error_threshold", "
 THRESHOLD_KEYS = ("success_threshold", "error_threshold", "error_min_devices")
 
 
-def _parse_phase(v: Any, path: str, defaults: Mapping[str, Any], last: bool) -> Phase:
+def _parse_phase(v: Any, path: str, defaults: Mapping[str, Any], last: bool, strict: bool) -> Phase:
     d = _table(v, path)
     check_keys(d, PHASE_KEYS, path)
     name = d.get("name")
     if name is not None and not isinstance(name, str):
         raise PolicyError(f"{_join(path, 'name')}: must be text")
-    size = parse_amount(d["size"], _join(path, "size")) if "size" in d else None
-    until = parse_amount(d["until"], _join(path, "until")) if "until" in d else None
+    if strict and name is not None and len(name) > MAX_NAME_CHARS:
+        raise PolicyError(f"{_join(path, 'name')}: at most {MAX_NAME_CHARS} characters, not {len(name):,}")
+    size = parse_amount(d["size"], _join(path, "size"), strict) if "size" in d else None
+    until = parse_amount(d["until"], _join(path, "until"), strict) if "until" in d else None
     if size is not None and until is not None:
         raise PolicyError(f"{path}: give size (this phase's share) or until (a cumulative target), not both")
     if last:
@@ -386,7 +483,7 @@ def _parse_phase(v: Any, path: str, defaults: Mapping[str, Any], last: bool) -> 
         until=until,
         success_threshold=parse_percent(success_v, success_p),
         error_threshold=parse_percent(error_v, error_p) if error_v is not None else None,
-        error_min_devices=_int(min_v, min_p, 1),
+        error_min_devices=_int(min_v, min_p, COUNT_RANGE, strict),
         advance=_choice(d.get("advance", "auto"), _join(path, "advance"), ("auto", "approval")),
         name=name,
     )
@@ -544,14 +641,26 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Policy:
-        """Parse the stored form (also accepts the human forms of the TOML definition)."""
+        """Parse and check the stored form (also accepts the human forms of the TOML definition):
+        PolicyError names the key of any value outside its range."""
+        return cls._from_mapping(d, strict=True)
+
+    @classmethod
+    def from_stored(cls, d: Mapping[str, Any]) -> Policy:
+        """Read a stored policy: a number outside its range (a row stored before the range
+        existed) is clamped into it, so reading a row never fails where it once succeeded."""
+        return cls._from_mapping(d, strict=False)
+
+    @classmethod
+    def _from_mapping(cls, d: Mapping[str, Any], *, strict: bool) -> Policy:
         d = dict(_table(d, "policy"))
         if "error_threshold_percent" in d:  # the first policy format: a bare number
             v = d.pop("error_threshold_percent")
-            d.setdefault("error_threshold", f"{_number(v, 'error_threshold_percent', 0):g}%")
+            pct = _number(v, "error_threshold_percent", PERCENT_RANGE, strict)
+            d.setdefault("error_threshold", f"{pct:g}%")
         phases = d.pop("phases", None)
         dynamic = d.pop("dynamic", False)
-        return cls.parse(d, phases, dynamic)
+        return cls.parse(d, phases, dynamic, strict=strict)
 
     @classmethod
     def parse(
@@ -564,8 +673,12 @@ class Policy:
         phases_key: str = "phases",
         phase_name: Callable[[int], str] = lambda i: f"phases[{i}]",
         dynamic_key: str = "dynamic",
+        strict: bool = True,
     ) -> Policy:
-        """Parse rollout keys (under ``where``) and phase tables; the key names spell error paths."""
+        """Parse rollout keys (under ``where``) and phase tables; the key names spell error paths.
+
+        ``strict``: a value outside its range is an error; otherwise it is clamped into the range.
+        """
         r = rollout
         check_keys(r, ROLLOUT_KEYS if where else (*ROLLOUT_KEYS, phases_key, dynamic_key), where)
 
@@ -581,27 +694,32 @@ class Policy:
             phases = [{}]
         if not isinstance(phases, list) or not phases:
             raise PolicyError(f"{phases_key}: must be a non-empty list of phase tables")
+        if strict and len(phases) > MAX_PHASES:
+            raise PolicyError(f"{phases_key}: at most {MAX_PHASES} phases, not {len(phases):,}")
         parsed = tuple(
-            _parse_phase(p, phase_name(i), defaults, last=i == len(phases) - 1) for i, p in enumerate(phases)
+            _parse_phase(p, phase_name(i), defaults, i == len(phases) - 1, strict)
+            for i, p in enumerate(phases)
         )
         rate = r.get("rate_per_minute")
         timeout = r.get("device_timeout")
         start_at = r.get("start_at")
         return cls(
             phases=parsed,
-            rate_per_minute=_number(rate, name("rate_per_minute"), 1) if rate is not None else None,
-            ramp=_parse_ramp(r["ramp"], name("ramp")) if "ramp" in r else None,
+            rate_per_minute=(
+                _number(rate, name("rate_per_minute"), RATE_RANGE, strict) if rate is not None else None
+            ),
+            ramp=_parse_ramp(r["ramp"], name("ramp"), strict) if "ramp" in r else None,
             device_timeout_s=(
-                parse_duration(timeout, name("device_timeout"))
+                parse_duration(timeout, name("device_timeout"), TIMEOUT_RANGE, strict)
                 if timeout is not None
                 else DEFAULT_DEVICE_TIMEOUT_S
             ),
-            retries=_parse_retries(r["retries"], name("retries")) if "retries" in r else Retries(),
-            start_at=parse_instant(start_at, name("start_at")) if start_at is not None else None,
+            retries=_parse_retries(r["retries"], name("retries"), strict) if "retries" in r else Retries(),
+            start_at=parse_instant(start_at, name("start_at"), strict) if start_at is not None else None,
             window=_parse_window(r["window"], name("window")) if "window" in r else None,
             on_error=_choice(r.get("on_error", "stop"), name("on_error"), ("stop", "pause")),
             dynamic=_bool(dynamic, dynamic_key),
-            batch_max=_int(r.get("batch_max", DEFAULT_BATCH), name("batch_max"), 1),
+            batch_max=_int(r.get("batch_max", DEFAULT_BATCH), name("batch_max"), BATCH_RANGE, strict),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -723,7 +841,7 @@ class Policy:
         st = DeviceState(state)
         if st not in IN_PROGRESS:
             return None
-        cutoff = now - self.device_timeout_s
+        cutoff = now - bounded_duration(self.device_timeout_s)
         if self.window is not None and self.window.mode == "install" and st == DeviceState.DOWNLOADED:
             opens, closes = self.window.span(now)
             if not opens <= now < closes or cutoff < opens:

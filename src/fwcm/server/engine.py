@@ -4,6 +4,10 @@ Every decision is taken from the database, so a restarted (or another) replica c
 one stopped: campaigns are held through an expiring lease, deployments are marked ``notified``
 before their notice leaves, and a new lease holder re-sends the notices of ``notified``
 deployments once (devices ignore a notice for an attempt they already handle).
+
+Campaigns are isolated from one another: a campaign whose step raises is set aside with a note
+saying why, counted, logged once per error, and tried again with a growing delay, while every
+other campaign goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from fwcm.protocol import (
     NoticeKind,
     encode_notice,
 )
-from fwcm.rollout.consent import ConsentSpec, group_verdict, quorum_verdict
+from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
 from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
 from fwcm.server import metrics
@@ -58,7 +62,22 @@ TAKEOVER_SILENT_S = 2.0
 silence: what the previous holder had received but not committed is lost by then."""
 RESEND_MAX_INTERVAL_S = 600.0
 """Repeats to a deployment that stays silent back off up to this interval."""
+FAILED_RETRY_MIN_S = 1.0
+FAILED_RETRY_MAX_S = 30.0
+"""A campaign whose step raised is tried again after a delay doubling between these bounds."""
+STEP_RETRY_MAX_S = 5.0
+"""A step that failed as a whole (the database is gone) is retried after at most this delay."""
+NOTE_MAX_CHARS = 500
 T = TypeVar("T")
+
+
+@dataclass
+class _Failing:
+    """A campaign the engine cannot advance: the error (logged once) and when to try again."""
+
+    error: str
+    retry_at: float
+    delay: float
 
 
 @dataclass
@@ -198,6 +217,8 @@ class Engine:
         """Called with every batch of notified devices (the ingest primes its key cache with them)."""
         self.notes: dict[int, str | None] = {}
         """Why a campaign is not moving (window closed, rate limit, approval), for status displays."""
+        self._failing: dict[int, _Failing] = {}
+        """Campaigns whose last step raised, set aside until their retry time."""
 
     def wake(self, _campaigns: object = None) -> None:
         """A campaign changed through the API: look at the leases again at once."""
@@ -205,12 +226,22 @@ class Engine:
         self._wake.set()
 
     async def run(self) -> None:
+        failed: str | None = None  # the error of the last step, when it failed as a whole
+        delay = self.tick_s
         while True:
             started = time.monotonic()
             try:
                 await self.step()
-            except Exception:
-                log.exception("engine step failed; retrying")
+            except Exception as exc:
+                error = _describe(exc)
+                if error != failed:  # each new error once with its traceback, not every tick
+                    log.exception("engine step failed; retrying")
+                failed, delay = error, min(delay * 2, STEP_RETRY_MAX_S)
+                await asyncio.sleep(delay)
+                continue
+            if failed is not None:
+                log.info("engine steps succeed again")
+                failed, delay = None, self.tick_s
             self._wake.clear()
             if self._busy:  # a full batch went out: more devices are waiting, go on at once
                 self._busy = False
@@ -256,20 +287,53 @@ class Engine:
         self._leased = leased
         held_now = {c.id for c in leased}
         for c in leased:
-            await self._load_envelope(c.manifest_id)
-            spec = self._consent(c)
-            if spec is not None:
-                for mid in spec.variants.values():
-                    await self._load_envelope(mid)
-                if c.consent_stage != "granted":
-                    await self._ask(c, spec)
-                    continue
-            if c.id not in self._held:
-                await self._resend_notified(c)
-            await self._advance(c)
-            if spec is not None and spec.group and c.group_decision is None:
-                await self._coordinate(c, spec)
+            failing = self._failing.get(c.id)
+            if failing is not None and time.monotonic() < failing.retry_at:
+                continue
+            try:
+                await self._step_campaign(c)
+            except Exception as exc:
+                await self._set_aside(c, exc, failing)
+            else:
+                if failing is not None:
+                    del self._failing[c.id]
+                    log.info("campaign %d: the engine advances it again", c.id)
+        for cid in set(self._failing) - held_now:  # finished, cancelled, or leased elsewhere
+            del self._failing[cid]
+        metrics.ENGINE_CAMPAIGNS_FAILING.set(len(self._failing))
         self._held = held_now
+
+    async def _step_campaign(self, c: dq.LeasedCampaign) -> None:
+        """Everything one step does for one campaign."""
+        await self._load_envelope(c.manifest_id)
+        spec = self._consent(c)
+        if spec is not None:
+            for mid in spec.variants.values():
+                await self._load_envelope(mid)
+            if c.consent_stage != "granted":
+                await self._ask(c, spec)
+                return
+        if c.id not in self._held:
+            await self._resend_notified(c)
+        await self._advance(c)
+        if spec is not None and spec.group and c.group_decision is None:
+            await self._coordinate(c, spec)
+
+    async def _set_aside(self, c: dq.LeasedCampaign, exc: Exception, failing: _Failing | None) -> None:
+        """One campaign's step raised: note why, count it, log it once, and retry it later."""
+        error = _describe(exc)
+        metrics.ENGINE_CAMPAIGN_ERRORS.labels(type(exc).__name__).inc()
+        if failing is None or failing.error != error:
+            log.error("campaign %d: the engine cannot advance it; retrying with backoff", c.id, exc_info=exc)
+        delay = FAILED_RETRY_MIN_S if failing is None else min(failing.delay * 2, FAILED_RETRY_MAX_S)
+        self._failing[c.id] = _Failing(error, time.monotonic() + delay, delay)
+        note = f"the engine cannot advance this campaign: {error}"[:NOTE_MAX_CHARS]
+        if note != self.notes.get(c.id):
+            try:
+                await self._db(lambda s: dq.set_note(s, c.id, note))
+                self.notes[c.id] = note
+            except Exception:  # the database may be what failed; the note waits for the next try
+                log.debug("campaign %d: could not record the engine's note", c.id, exc_info=True)
 
     async def _load_envelope(self, manifest_id: int) -> None:
         if manifest_id not in self.notifier.envelopes:
@@ -288,7 +352,7 @@ class Engine:
     def _policy(self, c: dq.LeasedCampaign) -> Policy:
         cached = self._policies.get(c.id)
         if cached is None:
-            cached = self._policies[c.id] = Policy.from_dict(c.policy)
+            cached = self._policies[c.id] = Policy.from_stored(c.policy)
         return cached
 
     async def _advance(self, c: dq.LeasedCampaign) -> None:
@@ -450,9 +514,8 @@ class Engine:
         return spec
 
     def _deadline(self, c: dq.LeasedCampaign) -> float:
-        spec = self._consents[c.id]
         started = c.started_at.timestamp() if c.started_at is not None else time.time()
-        return started + spec.deadline_s
+        return deadline_at(started, self._consents[c.id])
 
     async def _ask(self, c: dq.LeasedCampaign, spec: ConsentSpec) -> None:
         """Invite, count the answers, and grant or refuse the campaign by its quorum rule."""
@@ -552,3 +615,9 @@ class Engine:
             for t in targets:
                 self.notifier.send(t, cid, NoticeKind.CANCEL, manifest_id)
             log.info("campaign %d cancelled: withdrew %d notices", cid, len(targets))
+
+
+def _describe(exc: BaseException) -> str:
+    """An error in one line, as the campaign's note and the log-once key show it."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

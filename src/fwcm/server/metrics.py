@@ -42,3 +42,14 @@ TOKENS_REFUSED = Counter(
     ["transport", "reason"],
     registry=REGISTRY,
 )
+ENGINE_CAMPAIGN_ERRORS = Counter(
+    "fwcm_engine_campaign_errors",
+    "Engine steps of one campaign that raised, by error type (the campaign is retried with backoff)",
+    ["error"],
+    registry=REGISTRY,
+)
+ENGINE_CAMPAIGNS_FAILING = Gauge(
+    "fwcm_engine_campaigns_failing",
+    "Campaigns the engine cannot advance right now (their note says why)",
+    registry=REGISTRY,
+)

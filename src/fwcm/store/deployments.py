@@ -448,7 +448,7 @@ def campaign_policies(s: Session, campaign_ids: Iterable[int], cache: dict[int, 
     missing = [c for c in set(campaign_ids) if c not in cache]
     if missing:
         for cid, policy in s.execute(select(Campaign.id, Campaign.policy).where(Campaign.id.in_(missing))):
-            cache[cid] = Policy.from_dict(policy or {})
+            cache[cid] = Policy.from_stored(policy or {})
     return cache
 
 

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,8 @@ CSV_COLUMNS = (
 )
 CSV_REQUIRED = ("name", "vendor_id", "class_id")
 _IN_CHUNK = 5000
+BIGINT_MAX = 2**63 - 1
+"""Largest value of a BIGINT column (ids, sequence numbers, sizes) on SQLite and PostgreSQL."""
 _DEVICES = cast(Table, Device.__table__)
 
 
@@ -396,11 +399,14 @@ def upload_manifest(
         keys[sg.key_id] = (sg, manifest.load_public_key(sg.public_key_pem.encode()))
     verified = manifest.verify_envelope(env, [k for _, k in keys.values()])
     signer = keys[manifest.key_id(verified).hex()][0]
+    info = env.info
+    for what, value in (("sequence number", info.sequence), ("image size", info.image_size)):
+        if value > BIGINT_MAX:
+            raise Invalid(f"manifest refused: its {what} {value} exceeds the largest storable, {BIGINT_MAX}")
     digest = env.digest.hex()
     existing = s.scalar(select(Manifest).where(Manifest.tenant_id == tenant_id, Manifest.digest == digest))
     if existing is not None:
         return existing, False
-    info = env.info
     row = Manifest(
         tenant_id=tenant_id,
         digest=digest,
@@ -599,6 +605,12 @@ def parse_csv_tags(text: str) -> dict[str, str]:
     return out
 
 
+def _listed(names: Sequence[str], shown: int = 10) -> str:
+    """Names for an error message: the first ``shown`` (each at most 40 characters), then a count."""
+    text = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in names[:shown])
+    return text + (f" and {len(names) - shown:,} more" if len(names) > shown else "")
+
+
 def read_csv_header(
     reader: Iterator[list[str]], allowed: Sequence[str], required: Sequence[str]
 ) -> list[str]:
@@ -611,16 +623,17 @@ def read_csv_header(
     except csv.Error as exc:
         raise ImportErrors([f"line 1: {exc}"]) from None
     columns = [h.strip().lower() for h in header]
-    unknown = [c for c in columns if c not in allowed]
-    missing = [c for c in required if c not in columns]
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    seen = Counter(columns)  # one pass: the header's length is the sender's choice
+    unknown = [c for c in seen if c not in allowed]
+    missing = [c for c in required if c not in seen]
+    dupes = sorted(c for c, n in seen.items() if n > 1)
     problems = []
     if unknown:
-        problems.append(f"unknown column(s) {', '.join(unknown)}")
+        problems.append(f"unknown column(s) {_listed(unknown)}")
     if missing:
-        problems.append(f"missing column(s) {', '.join(missing)}")
+        problems.append(f"missing column(s) {_listed(missing)}")
     if dupes:
-        problems.append(f"repeated column(s) {', '.join(dupes)}")
+        problems.append(f"repeated column(s) {_listed(dupes)}")
     if problems:
         raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(allowed)})"])
     return columns
@@ -811,6 +824,19 @@ def filter_clause(node: filters.Node) -> ColumnElement[bool]:
 # -- campaigns --------------------------------------------------------------------------------
 
 
+def _storable_filter(text: str | None) -> str:
+    """The canonical filter a campaign stores, checked in that form: start parses what is stored,
+    and the canonical spelling may be longer than what was sent (spaces, quotes, escapes)."""
+    canonical = filters.validate(text)
+    if len(canonical) > filters.MAX_FILTER_CHARS:
+        raise Invalid(
+            f"filter: its canonical form is {len(canonical):,} characters; a campaign stores at most "
+            f"{filters.MAX_FILTER_CHARS:,}"
+        )
+    filters.parse(canonical)
+    return canonical
+
+
 def _validate_policy(policy: Any) -> dict[str, Any]:
     if policy is None:
         return {}
@@ -844,7 +870,7 @@ def create_campaign(
         if filter_text:
             raise Invalid("a consent campaign takes either a device filter or peers, not both")
         filter_text = spec.peer_filter()
-    canonical = filters.validate(filter_text)
+    canonical = _storable_filter(filter_text)
     try:
         get_manifest(s, tenant_id, manifest_id)
     except NotFound:
@@ -918,7 +944,10 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
         )
     cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
     _check_signer_scope(s, campaign, cond)
-    policy = Policy.from_dict(campaign.policy or {})
+    try:
+        policy = Policy.from_stored(campaign.policy or {})
+    except PolicyError as exc:
+        raise Invalid(f"invalid rollout policy: {exc}") from None
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     bounds = policy.phase_bounds(matching)
     # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
@@ -1057,7 +1086,6 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         or 0
     )
     remaining = sum(n for st, n in counts.items() if st not in TERMINAL_STATES)
-    policy = Policy.from_dict(campaign.policy or {})
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -1068,7 +1096,7 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "total": campaign.total,
         "counts": counts,
         "phases": {str(k): v for k, v in sorted(phases.items())},
-        "phase_names": [policy.label(i) for i in range(len(policy.phases))],
+        "phase_names": _phase_names(campaign.policy),
         "per_minute": recent,
         "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
         "failures": failures,
@@ -1076,6 +1104,16 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
     }
+
+
+def _phase_names(stored: dict[str, Any] | None) -> list[str]:
+    """Phase labels of a stored policy; none when the row cannot be read (the status still shows
+    the engine's note saying why)."""
+    try:
+        policy = Policy.from_stored(stored or {})
+    except PolicyError:
+        return []
+    return [policy.label(i) for i in range(len(policy.phases))]
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:
