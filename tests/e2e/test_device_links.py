@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiocoap
 import httpx
@@ -24,8 +25,10 @@ from fwcm.store.models import Device
 from fwcm.transport.broker import Broker, free_port, start_mosquitto
 
 from .conftest import CLASS, VENDOR, Env, firmware
-from .pgserver import PrivatePostgres, pg_bin
 from .test_campaign import configs
+
+if TYPE_CHECKING:
+    from conftest import PrivatePostgres  # the fixture's type, from tests/conftest.py
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -160,22 +163,12 @@ async def test_a_restarted_server_pushes_notices_to_coap_devices(env: Env, tmp_p
         await clients.aclose()
 
 
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    binaries = pg_bin()
-    if binaries is None:
-        pytest.skip("needs the PostgreSQL server binaries (installed by .ci/run)")
-    pg = PrivatePostgres(binaries)
-    yield pg
-    pg.close()
-
-
 async def test_device_resources_answer_503_while_the_database_is_down(
-    tmp_path: Path, broker: Broker, private_pg: PrivatePostgres, client: aiocoap.Context
+    tmp_path: Path, broker: Broker, private_postgres: PrivatePostgres, client: aiocoap.Context
 ) -> None:
     settings = Settings(
         data_dir=tmp_path / "server",
-        database_url=private_pg.url,
+        database_url=private_postgres.url,
         mqtt_url=broker.url,
         http_port=free_port(),
         coap_port=free_port(socket.SOCK_DGRAM),
@@ -192,12 +185,12 @@ async def test_device_resources_answer_503_while_the_database_is_down(
         uri = f"{settings.public_coap_url}/n/acme/c1?k={protocol.device_password(secret)}"
         assert (await coap_get(client, uri)).code == Code.CONTENT
         server.ingest.keys = type(server.ingest.keys)(server.db)  # forget what it knew: ask the database
-        private_pg.stop()
+        private_postgres.stop()
         down = await coap_get(client, uri)
         assert down.code == Code.SERVICE_UNAVAILABLE and down.opt.max_age
         payload = f"{settings.public_coap_url}/p/{'0' * 64}"
         assert (await coap_get(client, payload)).code == Code.SERVICE_UNAVAILABLE
-        private_pg.start()
+        private_postgres.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while (r := await coap_get(client, uri)).code != Code.CONTENT:  # the pool reconnects
