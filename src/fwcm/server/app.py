@@ -221,6 +221,15 @@ class Server:
         return DevicePayloads(app, self.payload_cache, storage_guard(self.payload_refusal))
 
     async def start(self) -> None:
+        """Start every part; if one fails, stop what had started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start(self) -> None:
         self._check_ports()
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
@@ -255,7 +264,11 @@ class Server:
             self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
             while not self._http.started:
                 if self._tasks[-1].done():
-                    self._tasks[-1].result()
+                    try:
+                        self._tasks[-1].result()
+                    except SystemExit:  # uvicorn's way of saying it could not listen
+                        where = f"{self.settings.http_host}:{self.settings.http_port}"
+                        raise RuntimeError(f"HTTP server could not listen on {where} (in use?)") from None
                 await asyncio.sleep(0.02)
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
         self._tasks.append(asyncio.create_task(self.engine.run(), name="engine"))
@@ -302,8 +315,9 @@ class Server:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 10)
-        with contextlib.suppress(Exception):
-            await self.engine.release()
+        if any(t.get_name() == "engine" for t in self._tasks):  # never a live replica's leases
+            with contextlib.suppress(Exception):
+                await self.engine.release()
         if self.mqtt is not None:
             await self.mqtt.stop()
         if self.coap is not None:
