@@ -107,6 +107,7 @@ class _Dropped(Exception):
 
 
 class _End(enum.Enum):
+    REFUSED = "refused"
     LOST = "lost"
     REBOOT = "reboot"
     DROP = "drop"
@@ -248,34 +249,17 @@ class DeviceAgent:
         backoff = 0.5
         try:
             while not self._stop.is_set():
-                link = self._make_link()
                 try:
-                    await link.open(self._on_raw_notice)
-                except LinkError as exc:
-                    log.debug("%s: connect failed: %s", self.name, exc)
-                    await self._sleep(backoff * (0.5 + self._rng.random()))
-                    backoff = min(backoff * 2, self.backoff_max)
-                    continue
-                backoff = 0.5
-                self._link = link
-                self.status.connected = True
-                self.status.connects += 1
-                self._on_connected()
-                end = await self._session(link)
-                if end is _End.STOP:
-                    await self._flush_outbox(self.stop_flush_timeout)  # deliver what is queued first
-                self._connected.clear()
-                self.status.connected = False
-                self._link = None
-                await link.close(graceful=end is _End.STOP)
-                if end is _End.REBOOT:
-                    self._switch_slot()
-                    self._reboot_req.clear()
-                elif end is _End.DROP:
-                    self._drop_req.clear()
-                    await self._sleep(0.2)
-                elif end is _End.LOST:
-                    log.info("%s: connection lost; reconnecting", self.name)
+                    end = await self._connection(self._make_link())
+                except Exception:
+                    # whatever a link library raises, the device lives on: log it, start over
+                    log.warning("%s: link failed; reconnecting", self.name, exc_info=True)
+                    self._connected.clear()
+                    self.status.connected = False
+                    end = _End.LOST
+                if end is not _End.REFUSED:
+                    backoff = 0.5  # the link was up: start backing off afresh
+                if end in (_End.REFUSED, _End.LOST):
                     await self._sleep(backoff * (0.5 + self._rng.random()))
                     backoff = min(backoff * 2, self.backoff_max)
         finally:
@@ -294,12 +278,47 @@ class DeviceAgent:
                 self._link = None
             self.flash.save()
 
+    async def _connection(self, link: Link) -> _End:
+        """One connection: open the link, serve it until it ends, close it."""
+        try:
+            await link.open(self._on_raw_notice)
+        except LinkError as exc:
+            log.debug("%s: connect failed: %s", self.name, exc)
+            await link.close(graceful=False)
+            return _End.REFUSED
+        self._link = link
+        self.status.connected = True
+        self.status.connects += 1
+        end = _End.LOST
+        try:
+            self._on_connected()
+            end = await self._session(link)
+            if end is _End.STOP:
+                await self._flush_outbox(self.stop_flush_timeout)  # deliver what is queued first
+        finally:
+            self._connected.clear()
+            self.status.connected = False
+            self._link = None
+            await link.close(graceful=end is _End.STOP)
+        if end is _End.REBOOT:
+            self._switch_slot()
+            self._reboot_req.clear()
+        elif end is _End.DROP:
+            self._drop_req.clear()
+            await self._sleep(0.2)
+        elif end is _End.LOST:
+            log.info("%s: connection lost; reconnecting", self.name)
+        return end
+
     def _make_link(self) -> Link:
         c = self.config
         if c.transport == "mqtt":
             return MqttLink(MqttTarget.parse(c.mqtt_url, c.mqtt_ca_file), c.tenant, c.name)
         if c.transport == "coap":
-            return CoapLink(self.clients, c.coap_url, c.tenant, c.name, refresh=self.coap_refresh)
+            password = protocol.device_password(c.secret)
+            return CoapLink(
+                self.clients, c.coap_url, c.tenant, c.name, password=password, refresh=self.coap_refresh
+            )
         raise ValueError(f"unknown transport {c.transport!r}")
 
     async def _session(self, link: Link) -> _End:

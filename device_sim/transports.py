@@ -11,7 +11,6 @@ import abc
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import zlib
@@ -19,10 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import aiocoap
 import aiomqtt
+from aiocoap import resource
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
@@ -41,6 +41,20 @@ async def within(aw: Awaitable[T], timeout: float) -> T:
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+
+async def response_within(request: aiocoap.protocol.Request, timeout: float) -> aiocoap.Message:
+    """The response to a CoAP request, or TimeoutError. The waiting is shielded: aiocoap sets the
+    result of its response future itself and logs a traceback if a timeout cancelled it."""
+    response = request.response
+    response.add_done_callback(_retrieved)
+    return await within(asyncio.shield(response), timeout)
+
+
+def _retrieved(fut: asyncio.Future[aiocoap.Message]) -> None:
+    """Mark an outcome nobody awaits any more as seen (a shutdown's LibraryShutdown, say)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 NoticeHandler = Callable[[bytes], None]
@@ -72,7 +86,7 @@ class FetchError(Exception):
 
 
 class SharedClients:
-    """The process-wide CoAP context and HTTP client, created on first use."""
+    """The process-wide CoAP contexts and HTTP limits, created on first use."""
 
     def __init__(
         self,
@@ -91,29 +105,51 @@ class SharedClients:
         self._coap: dict[int, aiocoap.Context] = {}
         self._coap_lock = asyncio.Lock()
         self._coap_transports = coap_transports
+        self.pushes = PushedNotices()
+        """Notices the server pushes to devices' endpoints (``POST /n/{tenant}/{device}``)."""
 
     async def coap(self, device: str = "") -> aiocoap.Context:
-        """The CoAP client context (one UDP socket) a device speaks through.
+        """The CoAP context (one UDP socket) a device speaks and listens through.
 
         aiocoap keeps one confirmable exchange in flight per remote endpoint (NSTART = 1), so a
         fleet sharing a single socket would exchange one message at a time with the server; real
         devices each have their own endpoint.  Devices are spread over a pool of contexts, each
-        device always on the same one.
+        device always on the same one.  Each context also serves the devices on it: the server
+        pushes a notice to the endpoint a device observed from when it has no observation of it.
         """
         slot = zlib.crc32(device.encode()) % self.coap_sockets
         async with self._coap_lock:
             ctx = self._coap.get(slot)
             if ctx is None:
-                transports = self._coap_transports
-                if transports is None and "AIOCOAP_CLIENT_TRANSPORT" not in os.environ:
-                    transports = ["simple6"]  # markedly faster than udp6 for a client-only context
-                ctx = self._coap[slot] = await aiocoap.Context.create_client_context(transports=transports)
+                site = resource.Site()
+                site.add_resource(["n"], self.pushes)
+                ctx = self._coap[slot] = await aiocoap.Context.create_server_context(
+                    site, bind=("::", 0), transports=self._coap_transports or ["udp6"]
+                )
             return ctx
 
     async def aclose(self) -> None:
         contexts, self._coap = list(self._coap.values()), {}
         for ctx in contexts:
             await ctx.shutdown()
+
+
+class PushedNotices(resource.Resource, resource.PathCapable):
+    """``POST /n/{tenant}/{device}`` on a device's endpoint: a notice the server pushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handlers: dict[tuple[str, str], NoticeHandler] = {}
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return True
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        handler = self.handlers.get(tuple(request.opt.uri_path))
+        if handler is None:
+            return aiocoap.Message(code=Code.NOT_FOUND)
+        handler(request.payload)
+        return aiocoap.Message(code=Code.CHANGED)
 
 
 # -- links ------------------------------------------------------------------------------------
@@ -265,13 +301,16 @@ class MqttLink(Link):
 
 
 class CoapLink(Link):
-    """Observe ``/n/{tenant}/{device}``; POST reports to ``/s/{tenant}/{device}``.
+    """Observe ``/n/{tenant}/{device}?k=PASSWORD``; POST reports to ``/s/{tenant}/{device}``.
 
-    The observation is re-registered every ``refresh`` seconds: a restarted server forgets its
-    observers, and a CoAP client cannot otherwise tell.
+    The observation is registered again every ``refresh`` seconds (a restarted server forgets its
+    observers, and a NAT forgets the way back), at once when it ends, and at once when the server
+    pushes a notice, which it does only when it has no observation of this device.
     """
 
     PERMANENT = frozenset({Code.BAD_REQUEST, Code.UNAUTHORIZED, Code.REQUEST_ENTITY_TOO_LARGE})
+    REOBSERVE_MIN_S = 1.0
+    """Pushed notices trigger a new observation at most this often."""
 
     def __init__(
         self,
@@ -280,6 +319,7 @@ class CoapLink(Link):
         tenant: str,
         device: str,
         *,
+        password: str,
         refresh: float = 60.0,
         timeout: float = 15.0,
     ) -> None:
@@ -289,45 +329,57 @@ class CoapLink(Link):
         self.device = device
         self.refresh = refresh
         self.timeout = timeout
-        self._notice_uri = self.base + "/" + "/".join(protocol.coap_notice_path(tenant, device))
+        notice_path = "/".join(protocol.coap_notice_path(tenant, device))
+        self._notice_uri = f"{self.base}/{notice_path}?{urlencode({'k': password})}"
         self._status_uri = self.base + "/" + "/".join(protocol.coap_status_path(tenant, device))
         self._reader: asyncio.Task[None] | None = None
         self._request: aiocoap.protocol.Request | None = None
+        self._pushed = asyncio.Event()
 
     async def _register(self, on_notice: NoticeHandler) -> aiocoap.protocol.Request:
         ctx = await self.clients.coap(self.device)
         request = ctx.request(aiocoap.Message(code=Code.GET, uri=self._notice_uri, observe=0))
         try:
-            first = await within(request.response, self.timeout)
+            first = await response_within(request, self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
-            with contextlib.suppress(Exception):
-                request.observation.cancel()
+            _forget(request)
             raise LinkError(f"CoAP observe failed: {exc!r}") from None
         if not first.code.is_successful():
-            request.observation.cancel()
+            _forget(request)
             raise LinkError(f"CoAP observe refused: {first.code}")
         if first.payload:
             on_notice(first.payload)
         return request
 
     async def open(self, on_notice: NoticeHandler) -> None:
+        def pushed(payload: bytes) -> None:
+            on_notice(payload)
+            self._pushed.set()
+
+        self.clients.pushes.handlers[(self.tenant, self.device)] = pushed
         self._request = await self._register(on_notice)
         self._reader = asyncio.create_task(self._read(on_notice), name=f"coap-observe-{self.device}")
 
     async def _read(self, on_notice: NoticeHandler) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             request = self._request
             assert request is not None
-
-            async def follow(req: aiocoap.protocol.Request = request) -> None:
-                async for response in req.observation:
-                    if response.payload:
-                        on_notice(response.payload)
-
-            with contextlib.suppress(aiocoap.error.Error, OSError, asyncio.TimeoutError):
-                await within(follow(), self.refresh)
-            with contextlib.suppress(Exception):
-                request.observation.cancel()
+            started = loop.time()
+            follow = asyncio.create_task(_follow(request, on_notice))
+            pushed = asyncio.create_task(self._pushed.wait())
+            try:
+                await asyncio.wait(
+                    {follow, pushed}, timeout=self.refresh, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for t in (follow, pushed):
+                    t.cancel()
+                await asyncio.gather(follow, pushed, return_exceptions=True)
+            _forget(request)
+            if self._pushed.is_set():
+                self._pushed.clear()
+                await asyncio.sleep(max(0.0, self.REOBSERVE_MIN_S - (loop.time() - started)))
             try:
                 self._request = await self._register(on_notice)
             except LinkError as exc:
@@ -340,21 +392,22 @@ class CoapLink(Link):
                 await asyncio.shield(self._reader)
 
     async def close(self, *, graceful: bool) -> None:
+        if self.clients.pushes.handlers.get((self.tenant, self.device)) is not None:
+            del self.clients.pushes.handlers[(self.tenant, self.device)]
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
         if self._request is not None:
-            with contextlib.suppress(Exception):
-                self._request.observation.cancel()
+            _forget(self._request)
             self._request = None
 
     async def send(self, data: bytes) -> None:
         ctx = await self.clients.coap(self.device)
         message = aiocoap.Message(code=Code.POST, uri=self._status_uri, payload=data)
         try:
-            response = await within(ctx.request(message).response, self.timeout)
+            response = await response_within(ctx.request(message), self.timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise LinkError(f"CoAP status POST failed: {exc!r}") from None
         if response.code == Code.CHANGED:
@@ -362,6 +415,22 @@ class CoapLink(Link):
         if response.code in self.PERMANENT:
             raise ReportRejected(f"server refused report: {response.code} {response.payload[:80]!r}")
         raise LinkError(f"CoAP status POST answered {response.code}")
+
+
+async def _follow(request: aiocoap.protocol.Request, on_notice: NoticeHandler) -> None:
+    """Hand every notification of an observation to ``on_notice`` until it ends."""
+    with contextlib.suppress(aiocoap.error.Error, OSError):
+        async for response in request.observation:
+            if not response.code.is_successful():
+                return  # an error notification ends the observation (RFC 7641 3.2)
+            if response.payload:
+                on_notice(response.payload)
+
+
+def _forget(request: aiocoap.protocol.Request) -> None:
+    """Stop following an observation; aiocoap raises if it already ended, which is fine here."""
+    with contextlib.suppress(Exception):
+        request.observation.cancel()
 
 
 # -- payload fetchers -------------------------------------------------------------------------
@@ -492,7 +561,7 @@ async def fetch_coap(
         request = aiocoap.Message(code=Code.GET, uri=uri)
         request.opt.block2 = BlockOption.BlockwiseTuple(block, False, szx)
         try:
-            response = await within(ctx.request(request, handle_blockwise=False).response, timeout)
+            response = await response_within(ctx.request(request, handle_blockwise=False), timeout)
         except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             raise FetchError(f"{uri}: {exc!r}") from None
         if not response.code.is_successful():

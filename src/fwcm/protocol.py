@@ -8,6 +8,7 @@ fails verification.  ``docs/protocol.md`` holds the CDDL.
 
 from __future__ import annotations
 
+import base64
 import enum
 import hmac
 import re
@@ -417,3 +418,17 @@ def _bytes_list(v: Any) -> list[bytes]:
     if not isinstance(v, list | tuple) or not all(isinstance(x, bytes) for x in v):
         raise ProtocolError("shape", "expected a list of byte strings")
     return list(v)
+
+
+# -- device credentials -----------------------------------------------------------------------
+
+_PASSWORD_LABEL = b"fwcm device password v1"
+
+
+def device_password(secret: bytes) -> str:
+    """The password a device presents where a MAC cannot be sent: its broker account and its
+    CoAP notice observation (``?k=``).  Derived from the device secret (base64url of
+    HMAC-SHA256(secret, "fwcm device password v1"), no padding: 43 characters), so the server
+    stores nothing more and a claimed device computes it from its factory secret."""
+    digest = hmac.digest(secret, _PASSWORD_LABEL, "sha256")
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

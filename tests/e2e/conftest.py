@@ -87,15 +87,21 @@ def firmware(size: int = 32 * 1024, seed: int = 7) -> bytes:
 
 @pytest.fixture
 async def env(tmp_path: Path, broker: Broker, database_url: str) -> AsyncIterator[Env]:
-    settings = Settings(
-        data_dir=tmp_path / "server",
-        database_url=database_url,
-        mqtt_url=broker.url,
-        http_port=free_port(),
-        coap_port=free_port(socket.SOCK_DGRAM),
-    )
-    server = Server(settings, replica="test")
-    await server.start()
+    for attempt in range(3):  # a free port can be taken by someone else before the server binds it
+        settings = Settings(
+            data_dir=tmp_path / "server",
+            database_url=database_url,
+            mqtt_url=broker.url,
+            http_port=free_port(),
+            coap_port=free_port(socket.SOCK_DGRAM),
+        )
+        server = Server(settings, replica="test")
+        try:
+            await server.start()
+            break
+        except RuntimeError as exc:
+            if "in use" not in str(exc) or attempt == 2:
+                raise
     with server.db.session() as s:
         _t, key = repo.create_tenant(s, "acme", "Acme")
     signing_key = mf.generate_private_key("es256")

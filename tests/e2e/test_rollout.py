@@ -31,8 +31,10 @@ class ScriptedDevice:
         self.seq: dict[tuple[int, int], int] = {}
 
     async def notice(self) -> Notice | None:
-        uri = f"{self.env.settings.public_coap_url}/n/{self.tenant}/{self.name}"
+        k = protocol.device_password(self.secret)
+        uri = f"{self.env.settings.public_coap_url}/n/{self.tenant}/{self.name}?k={k}"
         resp = await asyncio.wait_for(self.ctx.request(aiocoap.Message(code=Code.GET, uri=uri)).response, 10)
+        assert resp.code == Code.CONTENT, resp
         return protocol.decode_notice(resp.payload, self.secret) if resp.payload else None
 
     async def report(self, n: Notice, state: LwState, result: Result = Result.INITIAL) -> None:

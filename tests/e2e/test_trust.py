@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -216,7 +217,9 @@ async def test_attested_campaign_genuine_devices_install_rogue_ones_are_refused(
         assert grant.image_digest == hashlib.sha256(firmware(20_000)).digest()
 
 
-async def test_payload_endpoints_refuse_fetches_without_a_valid_install_token(env: Env, trust: Pki) -> None:
+async def test_payload_endpoints_refuse_fetches_without_a_valid_install_token(
+    env: Env, trust: Pki, tmp_path: Path
+) -> None:
     keys = {n: mf.generate_private_key("es256") for n in ("t0", "t1")}
     await register(env, ["t0", "t1"], keys, transport="mqtt")
     image = firmware(5_000, seed=11)
@@ -237,7 +240,7 @@ async def test_payload_endpoints_refuse_fetches_without_a_valid_install_token(en
         device: str = "t0", *, image_sha: str = sha, expires: int = now + 60, key: Any = server_key
     ) -> str:
         g = attestation.Grant("acme", device, b"\0" * 32, bytes.fromhex(image_sha), c["id"], expires=expires)
-        return attestation.b64(attestation.issue_token(key, g))
+        return attestation.b64(attestation.issue_token(attestation.token_key(key), g))
 
     async def http(query: dict[str, str], digest: str = sha) -> int:
         return (await env.http.get(f"/p/{digest}", params=query)).status_code
@@ -267,6 +270,23 @@ async def test_payload_endpoints_refuse_fetches_without_a_valid_install_token(en
         assert ok.code == Code.CONTENT and ok.payload == image
     finally:
         await ctx.shutdown()
+
+    if shutil.which("coap-client-notls"):  # libcoap keeps each Uri-Query option within 255 bytes
+        out = tmp_path / "image.bin"
+        proc = await asyncio.create_subprocess_exec(
+            "coap-client-notls",
+            "-m",
+            "get",
+            "-b",
+            "1024",
+            "-o",
+            str(out),
+            f"{base}?d=acme/t0&t={token()}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        said, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert out.exists() and out.read_bytes() == image, said.decode()
 
 
 def evidence_report(name: str, campaign: int, seq: int, evidence: bytes) -> Report:

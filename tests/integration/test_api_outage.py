@@ -4,14 +4,8 @@ it is back; any other unexpected error answers JSON 500 and is logged once with 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,7 +14,9 @@ from fwcm.api import create_app
 from fwcm.config import Settings
 from fwcm.store import repo
 from fwcm.store.db import Database
-from fwcm.transport.broker import free_port
+
+if TYPE_CHECKING:
+    from conftest import PrivatePostgres  # the fixture's type, from tests/conftest.py
 
 
 def _client(db: Database, data_dir: Path) -> TestClient:
@@ -73,51 +69,6 @@ def test_sqlite_file_gone_answers_503_then_recovers(tmp_path: Path, caplog: pyte
         names = [d["name"] for d in client.get("/api/v1/devices").json()["items"]]
         assert names == ["before"]
     db.dispose()
-
-
-@dataclass
-class PrivatePostgres:
-    """A PostgreSQL cluster of this test alone, which the test stops and starts again."""
-
-    url: str
-    pg_ctl: list[str]
-
-    def stop(self) -> None:
-        subprocess.run([*self.pg_ctl, "-m", "fast", "stop"], check=True, capture_output=True)
-
-    def start(self) -> None:
-        subprocess.run([*self.pg_ctl, "start"], check=True, capture_output=True)
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not bins:
-        pytest.skip("PostgreSQL server binaries are not installed")
-    bindir = bins[-1].parent
-    tmp = Path(tempfile.mkdtemp(prefix="fwcm-outage-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(tmp, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = tmp / "data"
-    port = free_port()
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=20"
-    pg = PrivatePostgres(
-        f"postgresql://postgres@127.0.0.1:{port}/postgres",
-        [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-o", opts],
-    )
-    pg.start()
-    try:
-        yield pg
-    finally:
-        subprocess.run([*pg.pg_ctl, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_postgres_stopped_answers_503_then_recovers(

@@ -344,3 +344,38 @@ async def test_install_waits_for_the_install_window(world: World) -> None:
         assert LwState.UPDATING not in states() and time.time() < opens
         assert await world.final(cfg, 9) == (LwState.IDLE, Result.SUCCESS)
         assert time.time() >= opens
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "coap"])
+async def test_agent_survives_any_exception_from_its_link(
+    world: World, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link library that raises something unexpected (aiocoap: "ClientObservation cancelled
+    twice") costs the device one connection, never the device: it logs, reconnects and updates."""
+    cfg = world.device(f"x-{transport}", transport)
+    agent = DeviceAgent(cfg, world.clients, backoff_max=0.5)
+    made = agent._make_link
+    failures = []
+
+    def flaky_link():  # type: ignore[no-untyped-def]
+        link = made()
+        if len(failures) < 2:
+            failures.append(link)
+            opened = link.open
+
+            async def open_then_fail(on_notice):  # type: ignore[no-untyped-def]
+                await opened(on_notice)
+                raise RuntimeError("ClientObservation cancelled twice")
+
+            link.open = open_then_fail  # type: ignore[method-assign]
+        return link
+
+    agent._make_link = flaky_link  # type: ignore[method-assign]
+    image = firmware(20_000, seed=9)
+    _sha, uris = world.publish_payload(image)
+    async with running([agent]):
+        await wait_until(lambda: bool(world.log.hellos(cfg.name)), 30, "hello after the failures")
+        await world.notify(cfg, update_notice(cfg, 21, world.signer.envelope(image, uris)))
+        assert await world.final(cfg, 21) == (LwState.IDLE, Result.SUCCESS)
+    assert len(failures) == 2
+    assert any("link failed" in r.getMessage() and r.exc_info for r in caplog.records)

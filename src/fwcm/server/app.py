@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hmac
 import logging
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl
 
 import uvicorn
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from fwcm import attestation, manifest
+from fwcm import attestation, manifest, protocol
 from fwcm.api.ranges import plan
 from fwcm.config import Settings
-from fwcm.manifest import PublicKey
-from fwcm.manifest.keys import public_of
 from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
 from fwcm.server.engine import Engine, Notifier
@@ -32,13 +35,34 @@ from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore, is_sha256
-from fwcm.transport.coap import CoapTransport
-from fwcm.transport.mqtt import MqttTransport
+from fwcm.transport.coap import RETRY_AFTER_S, CoapTransport, Unavailable
+from fwcm.transport.mqtt import MqttSettings, MqttTransport
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 PROTECTED_REFRESH_S = 2.0
+COAP_ADDRESS_SAVE_S = 1.0
+STORAGE_ERRORS = (DBAPIError, PoolTimeout)
+"""What a lost database connection raises: device resources answer "unavailable", not 5.00."""
+A = ParamSpec("A")
+R = TypeVar("R")
+
+
+def storage_guard(fn: Callable[A, Awaitable[R]]) -> Callable[A, Awaitable[R]]:
+    """``fn`` for a device-facing resource: a storage failure becomes :class:`Unavailable`, which
+    CoAP answers 5.03 and HTTP 503, both with a time to retry after."""
+
+    @functools.wraps(fn)
+    async def guarded(*args: A.args, **kwargs: A.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except STORAGE_ERRORS as exc:
+            raise Unavailable(str(exc).splitlines()[0][:200]) from None
+
+    return guarded
+
+
 """How long the set of token-protected payloads is trusted before it is read again."""
 
 
@@ -106,7 +130,10 @@ class DevicePayloads:
             return await self.app(scope, receive, send)
         if self.refusal is not None:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            refused = await self.refusal(sha, query, "http")
+            try:
+                refused = await self.refusal(sha, query, "http")
+            except Unavailable:
+                return await _unavailable(send)
             if refused is not None:
                 body = f"install token refused: {refused}\n".encode()
                 deny = [(b"content-type", b"text/plain"), (b"www-authenticate", b'Bearer realm="fwcm"')]
@@ -125,6 +152,12 @@ class DevicePayloads:
         raw.append((b"content-type", b"application/octet-stream"))
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _unavailable(send: Any) -> None:
+    headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"detail": "storage unavailable; retry later"}'})
 
 
 @dataclass
@@ -158,10 +191,12 @@ class Server:
         self.engine = Engine(self.db, self.notifier, self.replica)
         self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
         self.engine.on_notified = self.ingest.keys.prime
-        self.token_keys: list[PublicKey] = []
+        self.token_keys: list[bytes] = []
         self._protected: set[str] = set()
         self._protected_at = -PROTECTED_REFRESH_S
         self._tokens_ok: dict[tuple[str, str, str], float] = {}
+        self._coap_seen: dict[tuple[str, str], str] = {}
+        """CoAP devices that observed from a new address since the last save."""
         self.hooks = Hooks(self.engine)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
@@ -183,28 +218,39 @@ class Server:
                 CAMPAIGNS.labels(state.value).set(found.get(state.value, 0))
             return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-        return DevicePayloads(app, self.payload_cache, self.payload_refusal)
+        return DevicePayloads(app, self.payload_cache, storage_guard(self.payload_refusal))
 
     async def start(self) -> None:
+        """Start every part; if one fails, stop what had started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._check_ports()
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
         await asyncio.to_thread(self._load_signing_keys)
         if self.enable_mqtt:
-            self.mqtt = MqttTransport(
-                self.settings.mqtt_url, f"fwcm-server-{self.replica}", self.ingest.submit
-            )
+            self.mqtt = MqttTransport(self.settings.mqtt_url, self._mqtt_client_id(), self.ingest.submit)
             await self.mqtt.start()
             self.notifier.publish_mqtt = self.mqtt.publish_notice
         if self.enable_coap:
             self.coap = CoapTransport(
                 (self.settings.coap_host, self.settings.coap_port),
                 self.ingest.submit,
-                self.current_notice,
-                self.coap_payload,
-                self.payload_refusal,
+                storage_guard(self.current_notice),
+                storage_guard(self.coap_payload),
+                storage_guard(self.payload_refusal),
+                authorize=storage_guard(self.coap_authorized),
+                observed=self._coap_observed,
             )
+            self.coap.addresses.update(await asyncio.to_thread(self._load_coap_addresses))
             await self.coap.start()
-            self.notifier.notify_coap = self.coap.notify
+            self.notifier.deliver_coap = self.coap.deliver
         if self.enable_http:
             config = uvicorn.Config(
                 self.create_api(),
@@ -218,12 +264,46 @@ class Server:
             self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
             while not self._http.started:
                 if self._tasks[-1].done():
-                    self._tasks[-1].result()
+                    try:
+                        self._tasks[-1].result()
+                    except SystemExit:  # uvicorn's way of saying it could not listen
+                        where = f"{self.settings.http_host}:{self.settings.http_port}"
+                        raise RuntimeError(f"HTTP server could not listen on {where} (in use?)") from None
                 await asyncio.sleep(0.02)
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
         self._tasks.append(asyncio.create_task(self.engine.run(), name="engine"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.coap is not None:
+            self._tasks.append(asyncio.create_task(self._save_coap_addresses(), name="coap-addresses"))
         log.info("server %s running", self.replica)
+
+    def _check_ports(self) -> None:
+        """Refuse to start before touching the broker if another process holds our ports: a second
+        server started by mistake must not disturb the live one."""
+        wanted = []
+        if self.enable_http:
+            wanted.append(("HTTP", socket.SOCK_STREAM, self.settings.http_host, self.settings.http_port))
+        if self.enable_coap:
+            wanted.append(("CoAP", socket.SOCK_DGRAM, self.settings.coap_host, self.settings.coap_port))
+        for what, kind, host, port in wanted:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, kind) as probe:
+                if kind == socket.SOCK_STREAM:  # as a listener binds: a restart's TIME_WAIT is no conflict
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    why = f"{what} port {host}:{port} is in use ({exc.strerror})"
+                    raise RuntimeError(f"{why}; is another fwcm server running?") from None
+
+    def _mqtt_client_id(self) -> str:
+        """With MQTT 5 the session ends with the connection, so each process has a client id of its
+        own: a second server can never take over the live one's connection. With MQTT 3.1.1 the
+        session is persistent and the id stays the replica's, so a restart finds its queued reports."""
+        base = f"fwcm-server-{self.replica}"
+        if MqttSettings.from_url(self.settings.mqtt_url).version != 5:
+            return base
+        return f"{base}-{uuid.uuid4().hex[:8]}"
 
     async def stop(self) -> None:
         await self.ingest.drain(5)
@@ -235,12 +315,16 @@ class Server:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 10)
-        with contextlib.suppress(Exception):
-            await self.engine.release()
+        if any(t.get_name() == "engine" for t in self._tasks):  # never a live replica's leases
+            with contextlib.suppress(Exception):
+                await self.engine.release()
         if self.mqtt is not None:
             await self.mqtt.stop()
         if self.coap is not None:
             await self.coap.stop()
+            if self._coap_seen:  # where devices observed from since the last save
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._store_coap_addresses, self._coap_seen)
         self.db.dispose()
 
     async def serve_forever(self) -> None:
@@ -291,8 +375,41 @@ class Server:
         return None
 
     def _envelope(self, manifest_id: int) -> bytes:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return dq.manifest_envelope(s, manifest_id)
+
+    async def coap_authorized(self, tenant: str, device: str, credential: str) -> bool:
+        """Whether ``credential`` is the password of a known device ``tenant/device``."""
+        name = (tenant, device)
+        key = self.ingest.keys.peek(name)
+        if key is None:
+            key = (await asyncio.to_thread(self.ingest.keys.lookup, {name})).get(name)
+        return key is not None and hmac.compare_digest(protocol.device_password(key.secret), credential)
+
+    def _coap_observed(self, tenant: str, device: str, address: str) -> None:
+        self._coap_seen[(tenant, device)] = address
+
+    def _load_coap_addresses(self) -> dict[tuple[str, str], str]:
+        with self.db.read() as s:
+            return dq.coap_addresses(s)
+
+    async def _save_coap_addresses(self) -> None:
+        """Store where CoAP devices observe from, in batches: after a restart their notices are
+        pushed there until they observe again."""
+        while True:
+            await asyncio.sleep(COAP_ADDRESS_SAVE_S)
+            seen, self._coap_seen = self._coap_seen, {}
+            if not seen:
+                continue
+            try:
+                await asyncio.to_thread(self._store_coap_addresses, seen)
+            except Exception as exc:
+                log.warning("could not save %d CoAP device addresses: %s", len(seen), exc)
+                self._coap_seen = seen | self._coap_seen
+
+    def _store_coap_addresses(self, seen: dict[tuple[str, str], str]) -> None:
+        with self.db.session() as s:
+            dq.set_coap_addresses(s, seen)
 
     # -- attestation ----------------------------------------------------------------------------
 
@@ -301,7 +418,8 @@ class Server:
             pems = dq.server_signing_keys(s)
         keys = [manifest.load_private_key(p) for p in pems]
         self.notifier.signing_key = keys[0]
-        self.token_keys = [public_of(k) for k in keys]
+        self.notifier.token_key = attestation.token_key(keys[0])
+        self.token_keys = [attestation.token_key(k) for k in keys]
 
     def _deliver_attested(self, results: list[dq.AttestationResult], credentials: Credentials) -> None:
         """After ingest committed: install tokens (or refusals) and credentials go to the devices."""

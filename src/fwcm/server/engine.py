@@ -90,7 +90,8 @@ class Notifier:
     """
 
     publish_mqtt: Callable[[str, str, bytes], None] | None = None
-    notify_coap: Callable[[str, str], bool] | None = None
+    deliver_coap: Callable[[str, str, Callable[[], bytes]], bool] | None = None
+    """CoAP: wake the device's observation, or push the rendered notice to its endpoint."""
     current: dict[tuple[str, str], tuple[int, int, NoticeKind, int]] = field(default_factory=dict)
     envelopes: dict[int, bytes] = field(default_factory=dict)
     windows: dict[int, tuple[int, int] | None] = field(default_factory=dict)
@@ -98,7 +99,9 @@ class Notifier:
     revoked: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     """Key ids of revoked signers per tenant slug."""
     signing_key: PrivateKey | None = None
-    """Signs install tokens and installation credentials."""
+    """Signs installation credentials."""
+    token_key: bytes | None = None
+    """MACs install tokens."""
     invitations: dict[int, dict[int, Any]] = field(default_factory=dict)
     """Consent campaigns: what invite notices carry (requester, name, options, deadline)."""
     extras: dict[int, dict[int, Any]] = field(default_factory=dict)
@@ -138,9 +141,9 @@ class Notifier:
     ) -> bytes:
         extra: dict[int, Any] = {}
         update = kind == NoticeKind.UPDATE
-        if update and target.attested and self.signing_key is not None:
+        if update and target.attested and self.token_key is not None:
             extra[NOTICE_TOKEN] = attestation.issue_token(
-                self.signing_key, self.grant(target, campaign, manifest_id)
+                self.token_key, self.grant(target, campaign, manifest_id)
             )
         if kind == NoticeKind.CREDENTIAL and self.signing_key is not None:
             extra[NOTICE_CREDENTIAL] = attestation.issue_credential(
@@ -178,8 +181,12 @@ class Notifier:
         key = (target.tenant, target.name)
         self.current[key] = (campaign, target.attempt, kind, manifest_id)
         if target.transport == "coap":
-            if self.notify_coap is not None:
-                self.notify_coap(target.tenant, target.name)
+            if self.deliver_coap is not None:
+                self.deliver_coap(
+                    target.tenant,
+                    target.name,
+                    lambda: self.build(target, campaign, kind, manifest_id, reason=reason),
+                )
         elif self.publish_mqtt is not None:
             data = self.build(target, campaign, kind, manifest_id, reason=reason)
             self.publish_mqtt(target.tenant, target.name, data)

@@ -61,6 +61,11 @@ class KeyCache:
         for t in targets:
             self._entries[(t.tenant, t.name)] = (until, dq.DeviceKey(t.device_pk, tenant_id, t.secret))
 
+    def peek(self, name: tuple[str, str]) -> dq.DeviceKey | None:
+        """The cached key of a device, without touching the database (None: not cached)."""
+        hit = self._entries.get(name)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], dq.DeviceKey | None]:
         now = time.monotonic()
         found: dict[tuple[str, str], dq.DeviceKey | None] = {}

@@ -626,6 +626,32 @@ def set_presence(s: Session, device_pks: dict[int, bool]) -> None:
         )
 
 
+def coap_addresses(s: Session) -> dict[tuple[str, str], str]:
+    """Where CoAP devices last observed their notice from, by (tenant slug, device name)."""
+    rows = s.execute(
+        select(Tenant.slug, Device.name, Device.coap_address)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .where(Device.coap_address.is_not(None))
+    ).all()
+    return {(r.slug, r.name): r.coap_address for r in rows}
+
+
+def set_coap_addresses(s: Session, seen: dict[tuple[str, str], str]) -> None:
+    tenants = dict(
+        s.execute(select(Tenant.slug, Tenant.id).where(Tenant.slug.in_({t for t, _ in seen}))).all()
+    )
+    rows = [
+        {"t": tenants[t], "n": name, "a": address[:80]} for (t, name), address in seen.items() if t in tenants
+    ]
+    if rows:
+        s.connection().execute(
+            update(Device)
+            .where(Device.tenant_id == bindparam("t"), Device.name == bindparam("n"))
+            .values(coap_address=bindparam("a")),
+            rows,
+        )
+
+
 def trim_history(s: Session, keep: int = HISTORY_PER_DEVICE) -> int:
     """Delete device events beyond the newest ``keep`` per device."""
     ranked = select(

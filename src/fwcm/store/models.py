@@ -137,6 +137,8 @@ class Device(Base):
     firmware_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     online: Mapped[bool] = mapped_column(default=False)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    coap_address: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

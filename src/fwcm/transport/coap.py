@@ -1,22 +1,30 @@
 """CoAP adapter of the server (aiocoap).
 
 Resources (see docs/protocol.md):
-  ``/n/{tenant}/{device}``  observable notice; an empty 2.05 means "nothing to do"
-  ``/s/{tenant}/{device}``  POST a sealed status report; 2.04 once it is durable
-  ``/p/{sha256}``           payload bytes, Block2
+  ``/n/{tenant}/{device}?k=CRED``  observable notice; an empty 2.05 means "nothing to do"
+  ``/s/{tenant}/{device}``         POST a sealed status report; 2.04 once it is durable
+  ``/p/{sha256}``                  payload bytes, Block2
+
+Only the device itself reads its notice: an observation is taken (and kept) only for a request
+that carries the device's credential; anyone else gets 4.01 and costs no memory. Each device has
+one observation, the newest: a device that comes back from a new address (a reboot, a NAT
+rebinding) replaces its old one. The address it observed from is remembered, so that a notice for
+a device that has no observation here (this server restarted, or the device's observation
+lapsed) is pushed to it: ``POST /n/{tenant}/{device}`` on the device's own endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiocoap
 from aiocoap import resource
 from aiocoap.numbers.codes import Code
+from aiocoap.transports import udp6
 
 from fwcm import protocol
 from fwcm.protocol import ProtocolError
@@ -28,6 +36,10 @@ NoticeSource = Callable[[str, str], Awaitable[bytes | None]]
 PayloadSource = Callable[[str], Awaitable[bytes | None]]
 RefusalSource = Callable[[str, dict[str, str], str], Awaitable[str | None]]
 """(sha256, query, transport) → why a payload fetch is refused (4.01), or None."""
+Authorizer = Callable[[str, str, str], Awaitable[bool]]
+"""(tenant, device, credential) → whether a known device presents its own credential."""
+Observed = Callable[[str, str, str], None]
+"""(tenant, device, address) of a device that observes its notice: where to push later."""
 
 _REFUSAL_CODES = {
     "oversized": Code.REQUEST_ENTITY_TOO_LARGE,
@@ -36,6 +48,15 @@ _REFUSAL_CODES = {
     "forbidden": Code.FORBIDDEN,
 }
 ACK_TIMEOUT_S = 30.0
+RETRY_AFTER_S = 5
+"""Max-Age of a 5.03 answered while storage is unavailable: when to ask again."""
+CREDENTIAL_QUERY = "k"
+MAX_PUSHES_IN_FLIGHT = 256
+PUSH_TIMEOUT_S = 30.0
+
+
+class Unavailable(Exception):
+    """The storage behind a resource is unreachable: the request is answered 5.03."""
 
 
 def _two_segments(request: aiocoap.Message) -> tuple[str, str] | None:
@@ -45,43 +66,73 @@ def _two_segments(request: aiocoap.Message) -> tuple[str, str] | None:
     return path[0], path[1]
 
 
+def _query(request: aiocoap.Message) -> dict[str, str]:
+    return dict(q.partition("=")[::2] for q in request.opt.uri_query)
+
+
+def _unavailable() -> aiocoap.Message:
+    msg = aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, payload=b"storage unavailable")
+    msg.opt.max_age = RETRY_AFTER_S
+    return msg
+
+
 class NoticeResource(resource.ObservableResource, resource.PathCapable):
     """One observable notice per device, addressed by the rest of the path."""
 
-    def __init__(self, source: NoticeSource) -> None:
+    def __init__(self, source: NoticeSource, authorize: Authorizer, observed: Observed) -> None:
         super().__init__()
         self._source = source
-        self._observers: dict[tuple[str, str], set[Any]] = defaultdict(set)
+        self._authorize = authorize
+        self._observed = observed
+        self._observers: dict[tuple[str, str], Any] = {}
+
+    async def _allowed(self, request: aiocoap.Message, key: tuple[str, str]) -> bool:
+        credential = _query(request).get(CREDENTIAL_QUERY, "")
+        return bool(credential) and await self._authorize(key[0], key[1], credential)
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
         key = _two_segments(request)
-        if key is None:
+        try:
+            allowed = key is not None and await self._allowed(request, key)
+        except Unavailable:
+            allowed = False  # render_get answers 5.03, which ends the observation
+        if key is None or not allowed:
+            # aiocoap calls the cancellation callback in any case; the refusal render ends it
+            serverobservation.accept(lambda: None)
             return
-        self._observers[key].add(serverobservation)
+        old = self._observers.get(key)
+        self._observers[key] = serverobservation
 
         def _cancel() -> None:
-            self._observers[key].discard(serverobservation)
-            if not self._observers[key]:
+            if self._observers.get(key) is serverobservation:
                 del self._observers[key]
 
         serverobservation.accept(_cancel)
+        if old is not None:  # the device observes from elsewhere now: end the old observation
+            old.trigger(aiocoap.Message(code=Code.CONFLICT, payload=b"observation superseded"), is_last=True)
+        self._observed(key[0], key[1], request.remote.hostinfo)
 
     def notify(self, tenant: str, device: str) -> bool:
-        """Re-render the notice for the device's observers; False if nobody observes it."""
-        observers = self._observers.get((tenant, device))
-        for obs in list(observers or ()):
+        """Re-render the notice for the device's observer; False if it has none here."""
+        obs = self._observers.get((tenant, device))
+        if obs is not None:
             obs.trigger()
-        return bool(observers)
+        return obs is not None
 
     @property
     def observer_count(self) -> int:
-        return sum(len(v) for v in self._observers.values())
+        return len(self._observers)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         key = _two_segments(request)
         if key is None:
             return aiocoap.Message(code=Code.NOT_FOUND)
-        payload = await self._source(*key)
+        try:
+            if not await self._allowed(request, key):
+                return aiocoap.Message(code=Code.UNAUTHORIZED, payload=b"device credential (k) required")
+            payload = await self._source(*key)
+        except Unavailable:
+            return _unavailable()
         return aiocoap.Message(code=Code.CONTENT, payload=payload or b"")
 
 
@@ -121,7 +172,7 @@ class StatusResource(resource.Resource, resource.PathCapable):
         try:
             err = await asyncio.wait_for(done, ACK_TIMEOUT_S)
         except TimeoutError:
-            return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE)
+            return _unavailable()
         if err is None:
             return aiocoap.Message(code=Code.CHANGED)
         code = _REFUSAL_CODES.get(err.reason, Code.BAD_REQUEST)
@@ -157,12 +208,14 @@ class PayloadResource(resource.Resource, resource.PathCapable):
         path = request.opt.uri_path
         if len(path) != 1 or len(path[0]) != 64:
             return aiocoap.Message(code=Code.NOT_FOUND)
-        if self._refusal is not None:
-            query = dict(q.partition("=")[::2] for q in request.opt.uri_query)
-            refused = await self._refusal(path[0].lower(), query, "coap")
-            if refused is not None:
-                return aiocoap.Message(code=Code.UNAUTHORIZED, payload=refused.encode()[:100])
-        data = await self._source(path[0].lower())
+        try:
+            if self._refusal is not None:
+                refused = await self._refusal(path[0].lower(), _query(request), "coap")
+                if refused is not None:
+                    return aiocoap.Message(code=Code.UNAUTHORIZED, payload=refused.encode()[:100])
+            data = await self._source(path[0].lower())
+        except Unavailable:
+            return _unavailable()
         if data is None:
             return aiocoap.Message(code=Code.NOT_FOUND)
         msg = aiocoap.Message(code=Code.CONTENT, payload=data)
@@ -171,7 +224,7 @@ class PayloadResource(resource.Resource, resource.PathCapable):
 
 
 class CoapTransport:
-    """Serves the CoAP resources on one UDP socket."""
+    """Serves the CoAP resources on one UDP socket, and pushes notices to devices' endpoints."""
 
     def __init__(
         self,
@@ -180,26 +233,107 @@ class CoapTransport:
         notices: NoticeSource,
         payloads: PayloadSource,
         refusal: RefusalSource | None = None,
+        *,
+        authorize: Authorizer,
+        observed: Observed = lambda _t, _d, _a: None,
     ) -> None:
         self.bind = bind
-        self.notices = NoticeResource(notices)
+        self.addresses: dict[tuple[str, str], str] = {}
+        """Where each device last observed from (``host:port``): where its notices are pushed."""
+        self._observed = observed
+        self.notices = NoticeResource(notices, authorize, self._remember)
         site = resource.Site()
         site.add_resource(["n"], self.notices)
         site.add_resource(["s"], StatusResource(deliver))
         site.add_resource(["p"], PayloadResource(payloads, refusal))
         self._site = site
         self._context: aiocoap.Context | None = None
+        self._pushes: set[asyncio.Task[None]] = set()
+        self.pushed = 0
 
     async def start(self) -> None:
+        tolerate_stale_icmp_errors()
         self._context = await aiocoap.Context.create_server_context(
             self._site, bind=self.bind, transports=["udp6"]
         )
         log.info("CoAP listening on %s:%d", *self.bind)
 
     async def stop(self) -> None:
+        for task in list(self._pushes):
+            task.cancel()
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
 
-    def notify(self, tenant: str, device: str) -> bool:
-        return self.notices.notify(tenant, device)
+    def _remember(self, tenant: str, device: str, address: str) -> None:
+        if self.addresses.get((tenant, device)) != address:
+            self.addresses[(tenant, device)] = address
+            self._observed(tenant, device, address)
+
+    def deliver(self, tenant: str, device: str, render: Callable[[], bytes]) -> bool:
+        """Tell a device its notice changed: through its observation, else by pushing the notice
+        (``render()``) to the endpoint it last observed from. False if neither is possible."""
+        if self.notices.notify(tenant, device):
+            return True
+        address = self.addresses.get((tenant, device))
+        if address is None or self._context is None or len(self._pushes) >= MAX_PUSHES_IN_FLIGHT:
+            return False
+        task = asyncio.get_running_loop().create_task(self._push(tenant, device, address, render()))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return True
+
+    async def _push(self, tenant: str, device: str, address: str, payload: bytes) -> None:
+        assert self._context is not None
+        path = "/".join(protocol.coap_notice_path(tenant, device))
+        msg = aiocoap.Message(code=Code.POST, uri=f"coap://{address}/{path}", payload=payload)
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT_S):
+                response = await self._context.request(msg).response
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            log.info("push of the notice of %s/%s to %s failed: %s", tenant, device, address, exc)
+            return
+        self.pushed += 1
+        if not response.code.is_successful():
+            log.info("push to %s/%s at %s answered %s", tenant, device, address, response.code)
+
+
+# -- aiocoap's udp6 and ICMP errors ---------------------------------------------------------------
+
+_STALE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def tolerate_stale_icmp_errors() -> None:
+    """Keep one unreachable device from ending another device's observation.
+
+    With ``IP_RECVERR`` Linux reports an ICMP error (say, port unreachable from a device that
+    rebooted onto a new port) twice: in the socket's error queue, naming the peer that caused it,
+    which aiocoap handles correctly; and as a pending socket error that the *next* ``sendmsg``
+    raises, whichever peer that one goes to. aiocoap's udp6 blames the peer it was sending to, so
+    an innocent device's notification failed and its observation ended. Here an error raised by a
+    send is taken as stale, and the datagram is sent once more (the failed call did not send it);
+    only an error the second send raises too is the peer's own.
+    """
+    cls: Any = udp6.MessageInterfaceUDP6
+    if getattr(cls, "_fwcm_stale_errors", False):
+        return
+    send, error_received = cls.send, cls.error_received
+
+    def patched_send(self: Any, message: aiocoap.Message) -> None:
+        self._fwcm_first_try, self._fwcm_stale = True, None
+        try:
+            send(self, message)
+        finally:
+            self._fwcm_first_try = False
+        if self._fwcm_stale is not None:
+            self._fwcm_stale = None
+            send(self, message)
+
+    def patched_error_received(self: Any, exc: Exception) -> None:
+        if getattr(self, "_fwcm_first_try", False) and getattr(exc, "errno", None) in _STALE_ERRNOS:
+            self._fwcm_stale = exc
+            return
+        error_received(self, exc)
+
+    cls.send, cls.error_received = patched_send, patched_error_received
+    cls._fwcm_stale_errors = True

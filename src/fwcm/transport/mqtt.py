@@ -44,6 +44,8 @@ READ_CHUNK = 64 * 1024
 PUBACK_HEADER = 0x40
 _PUBACK = struct.Struct("!BBH")
 MAX_PACKETS_PER_READ = 2000
+RECONNECT_S = 1
+"""The server retries a lost broker connection this often."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ def make_client(
     *,
     manual_ack: bool = False,
     client_class: type[mqtt.Client] = BufferedClient,
+    reconnect_max_s: int = 30,
 ) -> mqtt.Client:
     """A paho client configured from settings: TLS, credentials, reconnect backoff, no queue cap."""
     protocol_version = mqtt.MQTTv5 if settings.version == 5 else mqtt.MQTTv311
@@ -173,7 +176,7 @@ def make_client(
         client.tls_set_context(ctx)
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     return client
@@ -202,7 +205,9 @@ class MqttTransport:
         self._drain_scheduled = False
         self._acks: deque[int] = deque()
         self._ack_scheduled = False
-        self.client = make_client(self.settings, client_id, manual_ack=True)
+        # One client per replica: retrying every second costs the broker nothing, and paho's doubling
+        # backoff left a server offline for up to its maximum after the broker came back.
+        self.client = make_client(self.settings, client_id, manual_ack=True, reconnect_max_s=RECONNECT_S)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
