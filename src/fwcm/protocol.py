@@ -8,6 +8,7 @@ fails verification.  ``docs/protocol.md`` holds the CDDL.
 
 from __future__ import annotations
 
+import base64
 import enum
 import hmac
 import re
@@ -417,3 +418,25 @@ def _bytes_list(v: Any) -> list[bytes]:
     if not isinstance(v, list | tuple) or not all(isinstance(x, bytes) for x in v):
         raise ProtocolError("shape", "expected a list of byte strings")
     return list(v)
+
+
+# -- broker credentials -----------------------------------------------------------------------
+
+BROKER_PASSWORD_LABEL = b"fwcm broker password v1"
+
+
+def broker_username(tenant: str, device: str) -> str:
+    """The device's MQTT username, ``{tenant}/{device}``: unambiguous, as neither name holds ``/``."""
+    return f"{tenant}/{device}"
+
+
+def broker_password(secret: bytes, tenant: str, device: str) -> str:
+    """The device's MQTT password: base64url (no padding) of HMAC-SHA-256 keyed with the device secret
+    over the label, a zero byte and the username.
+
+    Derived, so a device claimed from a manufacturer's record and the server agree without storing
+    anything new; bound to the username, so a tenant that held a claimed device (and saw its
+    password, never its secret) cannot log in as it once it belongs to another tenant.
+    """
+    message = BROKER_PASSWORD_LABEL + b"\x00" + broker_username(tenant, device).encode()
+    return base64.urlsafe_b64encode(hmac.digest(secret, message, "sha256")).rstrip(b"=").decode()
