@@ -25,6 +25,7 @@ from fwcm.manifest import PublicKey
 from fwcm.manifest.keys import public_of
 from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
+from fwcm.server.accounts import AccountSync
 from fwcm.server.engine import Engine, Notifier
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
@@ -129,13 +130,19 @@ class DevicePayloads:
 
 @dataclass
 class Hooks:
-    """Called by the API after a campaign changes, so the engine acts at once."""
+    """Called by the API after a campaign or the set of devices changes, so the engine or the
+    broker accounts act at once."""
 
     engine: Engine | None = None
+    accounts: AccountSync | None = None
 
     def campaign_changed(self, campaign_id: int) -> None:
         if self.engine is not None:
             self.engine.wake()
+
+    def devices_changed(self) -> None:
+        if self.accounts is not None:
+            self.accounts.changed()
 
 
 @dataclass
@@ -189,6 +196,14 @@ class Server:
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
         await asyncio.to_thread(self._load_signing_keys)
+        if self.settings.broker_accounts is not None:  # before MQTT: the accounts include ours
+            self.hooks.accounts = AccountSync(
+                self.db,
+                self.settings.broker_accounts,
+                self.settings.broker_service(),
+                self.settings.broker_pid_file,
+            )
+            await self.hooks.accounts.start()
         if self.enable_mqtt:
             self.mqtt = MqttTransport(
                 self.settings.mqtt_url, f"fwcm-server-{self.replica}", self.ingest.submit
@@ -237,6 +252,8 @@ class Server:
                 await asyncio.wait_for(t, 10)
         with contextlib.suppress(Exception):
             await self.engine.release()
+        if self.hooks.accounts is not None:
+            await self.hooks.accounts.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         if self.coap is not None:

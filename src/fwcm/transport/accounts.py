@@ -17,13 +17,15 @@ re-read them with SIGHUP.  The embedded amqtt broker reads the same password fil
 
 Passwords are hashed with Mosquitto's ``$6$`` scheme (one SHA-512 over password and a 12-byte
 salt) rather than the iterated ``$7$``: device passwords are 256-bit HMAC outputs, so iterations
-add nothing against guessing, while Mosquitto re-verifies the password of every session it holds
-on each reload (and 100,000 PBKDF2 runs would stall it).  Both are accepted when reading.
+add nothing against guessing, while the files are rewritten whole (100,000 passwords: 16 s with
+``$7$``, 0.3 s with ``$6$``) and Mosquitto re-verifies the password of every session it holds on
+each reload.  Both are accepted when reading.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import enum
 import hashlib
@@ -46,6 +48,8 @@ SERVICE_PASSWD = "service.passwd"
 SERVICE_ACL = "service.acl"
 SALT_BYTES = 12
 """Mosquitto 2.0 accepts only 12-byte salts."""
+BATCH = 1000
+"""Lines written (and salts drawn) at a time."""
 FILE_MODE = 0o640
 """Readable by the broker through the directory's group, never by everyone."""
 SERVICE_PREFIX = "fwcm/"
@@ -64,9 +68,9 @@ class Credentials:
 
 def check_service_username(username: str) -> str:
     """The service account's name must fit both files and never look like a device's."""
-    if not username or any(c.isspace() for c in username) or ":" in username or "/" in username:
+    if not username or any(c.isspace() or c in ":/+#" for c in username):
         raise ValueError(
-            f"broker service username {username!r} must be non-empty, without spaces, ':' or '/'"
+            f"broker service username {username!r} must be non-empty, without spaces, ':', '/', '+' or '#'"
         )
     return username
 
@@ -81,13 +85,13 @@ def device_credentials(secret: bytes, tenant: str, device: str) -> Credentials:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    return binascii.b2a_base64(data, newline=False).decode()
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
     """Mosquitto's ``$6$``: base64 salt, base64 SHA-512 of the password followed by the salt."""
     salt = os.urandom(SALT_BYTES) if salt is None else salt
-    return f"$6${_b64(salt)}${_b64(hashlib.sha512(password.encode() + salt).digest())}"
+    return "$6$" + _b64(salt) + "$" + _b64(hashlib.sha512(password.encode() + salt).digest())
 
 
 def verify_password(password: str, hashed: str) -> bool:
@@ -195,12 +199,15 @@ def write_accounts(directory: Path, service: Credentials, devices: Iterable[Cred
     def lines() -> Iterable[str]:
         nonlocal count
         batch: list[str] = []
+        salts = os.urandom(SALT_BYTES * BATCH)
         for account in devices:
-            batch.append(f"{account.username}:{hash_password(account.password)}\n")
-            if len(batch) >= 1000:
+            salt = salts[len(batch) * SALT_BYTES : (len(batch) + 1) * SALT_BYTES]
+            batch.append(f"{account.username}:{hash_password(account.password, salt)}\n")
+            if len(batch) == BATCH:
                 count += len(batch)
                 yield "".join(batch)
                 batch.clear()
+                salts = os.urandom(SALT_BYTES * BATCH)
         count += len(batch)
         yield "".join(batch)
 
