@@ -63,7 +63,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     env = dict(
         os.environ,
         FWCM_DATA_DIR=str(work / "server"),
-        FWCM_MQTT_URL=broker.url,
+        **broker.server_env(),  # the server keeps the broker's accounts; devices log in with theirs
         FWCM_HTTP_BIND=f"127.0.0.1:{http_port}",
         FWCM_COAP_BIND=f"127.0.0.1:{coap_port}",
     )

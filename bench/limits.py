@@ -17,6 +17,11 @@ Definitions (the project figure and the raw figure are measured the same way):
     ``fwcm_ingest_last_commit_timestamp_seconds``, read once all N are in the database).  Raw: the same N
     messages from the same publishers, received by one paho QoS 1 subscriber.  Raw clients are
     stock ``paho.mqtt.client.Client`` (the server's own client reads through a buffer).
+Every MQTT client here (the counting subscriber, the publishers) logs in with the broker's service
+account, as the server does: the broker runs with accounts (``start_broker``), the same for the
+project and the raw figures, and a load generator that plays N devices on one connection can only
+be the service account.
+
 ``coap``    D concurrent devices each fetch the whole image block by block (Block2, 1024-byte
     blocks, device_sim's fetcher and its pool of client sockets).  Figure: payload bytes / time
     against the fwcm server.  Raw: the same load against a minimal aiocoap server holding the
@@ -61,7 +66,7 @@ import paho.mqtt.client as mqtt
 from fwcm import manifest as mf
 from fwcm import protocol
 from fwcm.protocol import LwState, Notice, NoticeKind, Report, Result
-from fwcm.transport.broker import free_port, start_broker
+from fwcm.transport.broker import Broker, free_port, start_broker
 from fwcm.transport.mqtt import MqttSettings, make_client
 
 TENANT = "bench"
@@ -98,7 +103,7 @@ class ServerProc:
     """One ``fwcm server`` child process with a tenant, a signer and its API client."""
 
     work: Path
-    mqtt_url: str
+    broker: Broker
     database_url: str = ""
     http_port: int = field(default_factory=free_port)
     coap_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
@@ -118,7 +123,7 @@ class ServerProc:
         env = dict(
             os.environ,
             FWCM_DATA_DIR=str(self.work / "server"),
-            FWCM_MQTT_URL=self.mqtt_url,
+            **self.broker.server_env(),  # the server keeps the broker's accounts
             FWCM_HTTP_BIND=f"127.0.0.1:{self.http_port}",
             FWCM_COAP_BIND=f"127.0.0.1:{self.coap_port}",
         )
@@ -553,21 +558,22 @@ def mqtt_once(n: int, clients: int) -> dict[str, dict[str, Any]]:
     names = device_names(n)
     keys = {d: secrets.token_bytes(32) for d in names}
     with workdir() as work, start_broker() as broker:
-        server = ServerProc(work, broker.url)
+        url = broker.service_url
+        server = ServerProc(work, broker)
         image = random.Random(1).randbytes(64 * 1024)
         size = notice_size(server.envelope(image), names[0])
-        raw_f = raw_fanout(broker.url, names, size, work)
-        clear_retained(broker.url, names, work)
+        raw_f = raw_fanout(url, names, size, work)
+        clear_retained(url, names, work)
         items = report_items(names, keys, 1)  # the first campaign of the fresh database
-        raw_i = raw_ingest(broker.url, items, work, clients)
+        raw_i = raw_ingest(url, items, work, clients)
         try:
             server.start()
             server.import_devices(device_csv(names, keys))
             manifest_id = server.manifest(image)
-            fw_f = fwcm_fanout(server, broker.url, names, manifest_id)
+            fw_f = fwcm_fanout(server, url, names, manifest_id)
             if fw_f["campaign"] != 1:
                 raise RuntimeError("expected campaign 1 in a fresh database")
-            fw_i = fwcm_ingest(server, broker.url, items, work, clients)
+            fw_i = fwcm_ingest(server, url, items, work, clients)
             rss = server.peak_rss_mb()
         finally:
             server.stop()
@@ -667,7 +673,7 @@ def coap_benchmark(devices: int, reps: int = 1, image_size: int = 64 * 1024) -> 
         port = free_port(socket.SOCK_DGRAM)
         raw_server = Helper("coap-raw-server", {"payload": str(work / "image"), "sha": sha, "port": port})
         # the fwcm server, serving the payload of a CoAP campaign with one device per fetcher
-        server = ServerProc(work, broker.url)
+        server = ServerProc(work, broker)
         raw_runs: list[dict[str, Any]] = []
         fw_runs: list[dict[str, Any]] = []
         try:
@@ -703,7 +709,7 @@ def scale_benchmark(n: int, database_url: str = "", settle_timeout: float = 300)
     """Import n devices (3/4 MQTT, 1/4 CoAP) through the API of a server process, start a campaign
     over all of them, let the engine notify every device; server RSS and the start request's time."""
     with workdir() as work, start_broker() as broker:
-        server = ServerProc(work, broker.url, database_url=database_url)
+        server = ServerProc(work, broker, database_url=database_url)
         try:
             server.start()
             image = random.Random(1).randbytes(64 * 1024)

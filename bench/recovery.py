@@ -40,7 +40,7 @@ from fwcm.config import Settings
 from fwcm.protocol import Report
 from fwcm.server.app import Server
 from fwcm.store import repo
-from fwcm.transport.broker import Broker, free_port, start_broker, start_mosquitto
+from fwcm.transport.broker import Broker, free_port, start_broker
 
 VENDOR = mf.vendor_id_for_domain("bench.fwcm.example")
 CLASS = mf.class_id_for(VENDOR, "sensor-v1")
@@ -58,7 +58,7 @@ class Bench:
         self.settings = Settings(
             data_dir=work / "server",
             database_url=f"sqlite:///{work}/fwcm.sqlite",
-            mqtt_url=broker.url,
+            **broker.server_settings(),  # type: ignore[arg-type]
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
         )
@@ -195,12 +195,11 @@ async def server_restart(b: Bench) -> float:
 async def broker_return(b: Bench) -> float:
     mqtt = b.server.mqtt
     assert mqtt is not None
-    port = b.broker.port
-    b.broker.stop()
+    b.broker.halt()
     while mqtt.connected:
         await asyncio.sleep(0.01)
     await asyncio.sleep(3)
-    b.broker = start_mosquitto(port)
+    b.broker.restart()
     back = time.monotonic()
     while not mqtt.connected:
         await asyncio.sleep(0.01)

@@ -71,6 +71,10 @@ class DeviceConfig:
     state_dir: Path
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_ca_file: Path | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    """The device's broker account as registration returned it; when not given, derived from
+    tenant, name and secret (``protocol.broker_username`` / ``device_password``), as firmware may."""
     coap_url: str = "coap://127.0.0.1:5683"
     installed_sequence: int = 0
     hardware_id: str | None = None
@@ -82,6 +86,12 @@ class DeviceConfig:
     index: int = 0
     flash_size: int = 16 * 1024 * 1024
     """Capacity of one slot; larger images are refused with NOT_ENOUGH_FLASH."""
+
+    def mqtt_credentials(self) -> tuple[str, str]:
+        return (
+            self.mqtt_username or protocol.broker_username(self.tenant, self.name),
+            self.mqtt_password or protocol.device_password(self.secret, self.tenant, self.name),
+        )
 
     @property
     def device_dir(self) -> Path:
@@ -313,9 +323,11 @@ class DeviceAgent:
     def _make_link(self) -> Link:
         c = self.config
         if c.transport == "mqtt":
-            return MqttLink(MqttTarget.parse(c.mqtt_url, c.mqtt_ca_file), c.tenant, c.name)
+            username, password = c.mqtt_credentials()
+            target = MqttTarget.parse(c.mqtt_url, c.mqtt_ca_file).with_credentials(username, password)
+            return MqttLink(target, c.tenant, c.name)
         if c.transport == "coap":
-            password = protocol.device_password(c.secret)
+            password = protocol.device_password(c.secret, c.tenant, c.name)
             return CoapLink(
                 self.clients, c.coap_url, c.tenant, c.name, password=password, refresh=self.coap_refresh
             )

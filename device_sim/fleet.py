@@ -201,7 +201,7 @@ class FleetSpec:
 
     tenant: str
     devices: list[dict[str, Any]]
-    """name, secret (hex), transport, index, sequence"""
+    """name, secret (hex), mqtt_username, mqtt_password, transport, index, sequence"""
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,8 @@ async def register_devices(
     prefix: str = "sim",
     sequence: int = 1,
 ) -> FleetSpec:
-    """Create ``count`` devices with the CSV import; the server generates their secrets."""
+    """Create ``count`` devices with the CSV import; the server generates their secrets and returns
+    them with the devices' MQTT credentials."""
     names = [f"{prefix}-{i:05d}" for i in range(count)]
     transports = [transport_for(i, transport) for i in range(count)]
     headers = {"Authorization": f"Bearer {api_key}"}
@@ -264,14 +265,22 @@ async def register_devices(
         body = devices_csv(names, transports, vendor_id, class_id, sequence)
         r = await client.post("/api/v1/devices/import", content=body, headers={"Content-Type": "text/csv"})
         _raise_for(r, "importing devices")
-        secrets = {d["name"]: d["secret"] for d in r.json()["devices"]}
-    missing = [n for n in names if n not in secrets]
+        imported = {d["name"]: d for d in r.json()["devices"]}
+    missing = [n for n in names if n not in imported]
     if missing:
         raise RuntimeError(f"import did not return secrets for {len(missing)} devices (e.g. {missing[0]})")
     return FleetSpec(
         tenant,
         [
-            {"name": n, "secret": secrets[n], "transport": t, "index": i, "sequence": sequence}
+            {
+                "name": n,
+                "secret": imported[n]["secret"],
+                "mqtt_username": imported[n]["mqtt_username"],
+                "mqtt_password": imported[n]["mqtt_password"],
+                "transport": t,
+                "index": i,
+                "sequence": sequence,
+            }
             for i, (n, t) in enumerate(zip(names, transports, strict=True))
         ],
     )
@@ -309,6 +318,8 @@ def build_configs(
             state_dir=state_dir,
             mqtt_url=mqtt_url,
             mqtt_ca_file=mqtt_ca_file,
+            mqtt_username=d.get("mqtt_username"),
+            mqtt_password=d.get("mqtt_password"),
             coap_url=coap_url,
             installed_sequence=int(d.get("sequence", 0)),
             hardware_id=f"hw-{d['name']}",

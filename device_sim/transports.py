@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -202,6 +203,10 @@ class MqttTarget:
             ca_file=ca_file,
         )
 
+    def with_credentials(self, username: str, password: str) -> MqttTarget:
+        """The same broker, logged in to as ``username`` (a device's own account)."""
+        return dataclasses.replace(self, username=username, password=password)
+
     def tls_context(self) -> ssl.SSLContext | None:
         if not self.tls:
             return None
@@ -209,7 +214,8 @@ class MqttTarget:
 
 
 class MqttLink(Link):
-    """MQTT 3.1.1 with a persistent session (clean_session False), QoS 1 both ways.
+    """MQTT 3.1.1 with a persistent session (clean_session False), QoS 1 both ways, logged in with
+    the target's credentials (the device's own account).
 
     3.1.1 rather than 5 because both Mosquitto and amqtt (the embedded fallback broker) support it.
     Presence: retained b"1" after connect, retained last will b"0" for an unclean drop.

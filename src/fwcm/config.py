@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from cryptography import x509
 
 from fwcm.store.db import normalize_url
+from fwcm.transport.accounts import Credentials, check_service_username
 
 MiB = 1024 * 1024
 
@@ -21,6 +23,11 @@ def _int_env(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _path_env(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw) if raw else None
 
 
 def _bind_env(name: str, default: str) -> tuple[str, int]:
@@ -50,6 +57,11 @@ class Settings:
     public_coap_url: str = ""
     pki_root: Path | None = None
     """Operator root CA certificate (PEM): signer chains and tenant CAs must lead to it."""
+    broker_accounts: Path | None = None
+    """Directory of the broker's password and ACL files, kept in step with the devices; None: the
+    broker's accounts are managed elsewhere."""
+    broker_pid_file: Path | None = None
+    """The broker's pid file: SIGHUP makes it re-read the accounts.  None: it notices by itself."""
     _root: x509.Certificate | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +73,21 @@ class Settings:
             self.public_http_url = f"http://{self.http_host}:{self.http_port}"
         if not self.public_coap_url:
             self.public_coap_url = f"coap://{self.coap_host}:{self.coap_port}"
+        if self.broker_accounts is not None:
+            self.broker_accounts = Path(self.broker_accounts)
+            self.broker_service()  # refuse a configuration that would lock the server out
+        if self.broker_pid_file is not None:
+            self.broker_pid_file = Path(self.broker_pid_file)
+
+    def broker_service(self) -> Credentials:
+        """The server's own broker account: the credentials in ``mqtt_url``."""
+        u = urlparse(self.mqtt_url)
+        if not u.username or not u.password:
+            raise ValueError(
+                "FWCM_BROKER_ACCOUNTS needs the server's own credentials in FWCM_MQTT_URL "
+                "(mqtt://user:password@host:port)"
+            )
+        return Credentials(check_service_username(unquote(u.username)), unquote(u.password))
 
     def root_cert(self) -> x509.Certificate | None:
         """The operator root, loaded once; None when no PKI is configured."""
@@ -98,6 +125,8 @@ class Settings:
             "public_http_url": os.environ.get("FWCM_PUBLIC_HTTP_URL", ""),
             "public_coap_url": os.environ.get("FWCM_PUBLIC_COAP_URL", ""),
             "pki_root": Path(os.environ["FWCM_PKI_ROOT"]) if os.environ.get("FWCM_PKI_ROOT") else None,
+            "broker_accounts": _path_env("FWCM_BROKER_ACCOUNTS"),
+            "broker_pid_file": _path_env("FWCM_BROKER_PID_FILE"),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.server.app import Server
 from fwcm.store import repo
+from fwcm.transport.accounts import Credentials
 from fwcm.transport.broker import Broker, free_port, start_broker
 
 VENDOR = mf.vendor_id_for_domain("e2e.fwcm.example")
@@ -25,7 +27,8 @@ CLASS = mf.class_id_for(VENDOR, "sensor-v1")
 
 @pytest.fixture
 def broker() -> Iterator[Broker]:
-    """Mosquitto on a free port when installed, else the embedded broker."""
+    """Mosquitto on a free port when installed, else the embedded broker; the server keeps its
+    accounts, and the devices log in with theirs."""
     with start_broker() as b:
         yield b
 
@@ -39,6 +42,8 @@ class Env:
     key: str
     signing_key: Any
     tenant: str = "acme"
+    mqtt_accounts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """MQTT username and password of each imported device, as the import returned them."""
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         r = await self.http.request(method, "/api/v1" + path, **kw)
@@ -68,7 +73,20 @@ class Env:
         out = await self.call(
             "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
         )
+        self.mqtt_accounts.update(
+            {d["name"]: (d["mqtt_username"], d["mqtt_password"]) for d in out["devices"]}
+        )
         return {d["name"]: bytes.fromhex(d["secret"]) for d in out["devices"]}
+
+    async def admitted(self, name: str, timeout: float = 10.0) -> None:
+        """Wait until the broker takes the device's account (written by the server after the import)."""
+        account = Credentials(*self.mqtt_accounts[name])
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await asyncio.to_thread(self.broker.accepts, account):
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{name}'s account not admitted in {timeout} s"
+            )
+            await asyncio.sleep(0.1)
 
     async def campaign(
         self, manifest_id: int, filter_: str = "", policy: dict[str, Any] | None = None
@@ -91,7 +109,7 @@ async def env(tmp_path: Path, broker: Broker, database_url: str) -> AsyncIterato
         settings = Settings(
             data_dir=tmp_path / "server",
             database_url=database_url,
-            mqtt_url=broker.url,
+            **broker.server_settings(),  # type: ignore[arg-type]
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
         )

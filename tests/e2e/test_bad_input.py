@@ -51,12 +51,16 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no
 
 
 def publisher(env: Env) -> mqtt.Client:
-    s = MqttSettings.from_url(env.broker.url)
+    """A client that may publish on every device's topics: the broker's ACLs stop devices doing so,
+    so this stands for messages that got past them (or a broker without ACLs)."""
+    s = MqttSettings.from_url(env.broker.service_url)
     c = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id="hostile",
         protocol=mqtt.MQTTv5 if s.version == 5 else mqtt.MQTTv311,
     )
+    if s.username:
+        c.username_pw_set(s.username, s.password)
     c.connect(s.host, s.port)
     c.loop_start()
     return c

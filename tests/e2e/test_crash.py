@@ -64,7 +64,7 @@ def server_env(tmp_path: Path, broker: Broker, database_url: str) -> Iterator[di
     env.update(
         FWCM_DATA_DIR=str(tmp_path / "server"),
         FWCM_DATABASE_URL=database_url,
-        FWCM_MQTT_URL=broker.url,
+        **broker.server_env(),
         FWCM_HTTP_BIND=f"127.0.0.1:{free_port()}",
         FWCM_COAP_BIND=f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
     )

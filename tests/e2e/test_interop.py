@@ -38,15 +38,21 @@ async def test_mosquitto_sub_receives_a_device_notice(env: Env) -> None:
     image = firmware(4096)
     man = await env.manifest(image)
     secrets = await env.devices([("watched", "mqtt")])
+    await env.admitted("watched")
     cid = await env.campaign(man["id"])
     await env.call("POST", f"/campaigns/{cid}/start")
     topic = protocol.notice_topic("acme", "watched")
+    username, password = env.mqtt_accounts["watched"]
     out = await run(
         "mosquitto_sub",
         "-h",
         "127.0.0.1",
         "-p",
         str(env.broker.port),
+        "-u",
+        username,
+        "-P",
+        password,
         "-t",
         topic,
         "-C",
@@ -61,6 +67,23 @@ async def test_mosquitto_sub_receives_a_device_notice(env: Env) -> None:
     assert notice.envelope is not None
     info = mf.decode_envelope(notice.envelope).info
     assert info.image_digest == hashlib.sha256(image).digest()
+
+
+async def test_mosquitto_sub_without_an_account_reads_nothing(env: Env) -> None:
+    """What an anonymous ``mosquitto_sub -t 'fwcm/v1/#'`` read before every device had an account:
+    every notice (install tokens included) and every presence."""
+    await env.devices([("watched", "mqtt")])
+    cid = await env.campaign((await env.manifest(firmware(4096)))["id"])
+    await env.call("POST", f"/campaigns/{cid}/start")
+    proc = await asyncio.create_subprocess_exec(
+        *("mosquitto_sub", "-h", "127.0.0.1", "-p", str(env.broker.port), "-t", "fwcm/v1/#"),
+        *("-C", "1", "-W", "5", "-v"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0 and out == b""
+    assert b"not authori" in err.lower(), err
 
 
 async def test_coap_client_fetches_payload_blockwise(env: Env, tmp_path: Path) -> None:

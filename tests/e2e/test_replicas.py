@@ -83,7 +83,7 @@ def cluster(tmp_path: Path, broker: Broker, database_url: str) -> Iterator[Clust
     env.update(
         FWCM_DATA_DIR=str(tmp_path / "server"),  # shared: both replicas serve the same payloads
         FWCM_DATABASE_URL=database_url,
-        FWCM_MQTT_URL=broker.url,
+        **broker.server_env(),  # both replicas keep the broker's accounts
     )
     out = subprocess.run(  # migrates the schema once, before two processes start on it
         [sys.executable, "-m", "fwcm.cli", "admin", "tenant-create", "acme", "--json"],

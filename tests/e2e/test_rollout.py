@@ -31,7 +31,7 @@ class ScriptedDevice:
         self.seq: dict[tuple[int, int], int] = {}
 
     async def notice(self) -> Notice | None:
-        k = protocol.device_password(self.secret)
+        k = protocol.device_password(self.secret, self.tenant, self.name)
         uri = f"{self.env.settings.public_coap_url}/n/{self.tenant}/{self.name}?k={k}"
         resp = await asyncio.wait_for(self.ctx.request(aiocoap.Message(code=Code.GET, uri=uri)).response, 10)
         assert resp.code == Code.CONTENT, resp

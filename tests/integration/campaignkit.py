@@ -1,5 +1,6 @@
 """A small MQTT campaign run against a started server: the devices connect through the broker
-URLs given (a cluster's nodes, a TLS listener), and the campaign is followed until it completes."""
+URLs given (a cluster's nodes, a TLS listener) with the MQTT credentials their registration
+returned, and the campaign is followed until it completes."""
 
 from __future__ import annotations
 
@@ -23,14 +24,18 @@ from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.server.app import Server
 from fwcm.store import repo
-from fwcm.transport.broker import free_port
+from fwcm.transport.broker import Broker, free_port
 
 
 @asynccontextmanager
-async def running_server(data_dir: Path, mqtt_url: str, replica: str) -> AsyncIterator[Server]:
-    """A server on free loopback ports, linked to the broker at ``mqtt_url``; stopped on exit."""
+async def running_server(data_dir: Path, broker: Broker, replica: str) -> AsyncIterator[Server]:
+    """A server on free loopback ports, linked to ``broker`` (keeping its accounts, if it has
+    any); stopped on exit."""
     settings = Settings(
-        data_dir=data_dir, mqtt_url=mqtt_url, http_port=free_port(), coap_port=free_port(socket.SOCK_DGRAM)
+        data_dir=data_dir,
+        http_port=free_port(),
+        coap_port=free_port(socket.SOCK_DGRAM),
+        **broker.server_settings(),  # type: ignore[arg-type]
     )
     srv = Server(settings, replica=replica)
     await srv.start()
@@ -93,18 +98,20 @@ async def run_mqtt_campaign(
         imported = await call(
             "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
         )
-        secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
+        registered = {d["name"]: d for d in imported["devices"]}
         configs = [
             DeviceConfig(
                 name=name,
                 tenant="acme",
-                secret=secrets[name],
+                secret=bytes.fromhex(registered[name]["secret"]),
                 vendor_id=vendor,
                 class_id=klass,
                 transport="mqtt",
                 trust_anchors=[mf.public_key_pem(signing)],
                 state_dir=state_dir,
                 mqtt_url=broker_urls[i % len(broker_urls)],
+                mqtt_username=registered[name]["mqtt_username"],
+                mqtt_password=registered[name]["mqtt_password"],
                 coap_url=settings.public_coap_url,
                 installed_sequence=1,
                 index=i,

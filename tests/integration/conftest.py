@@ -6,11 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from fwcm.transport.broker import start_broker
+from fwcm.transport.broker import Broker, start_broker
 
 
 @pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
-    """A broker on a free loopback port: Mosquitto when installed, else the embedded broker."""
-    with start_broker() as broker:
-        yield broker.url
+def broker() -> Iterator[Broker]:
+    """A broker on a free loopback port (Mosquitto when installed, else the embedded broker),
+    admitting its service account and the device accounts a test gives it."""
+    with start_broker() as b:
+        yield b

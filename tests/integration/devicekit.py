@@ -1,8 +1,9 @@
 """Test scaffolding for the device simulator: the server side of the wire, and nothing more.
 
-A real Mosquitto, a small asyncio HTTP payload server with Range support, and a small aiocoap
-server (observable notices, status POSTs, Block2 payloads) let the agent be tested without the
-fwcm server.  Every server records what it saw so tests can assert on the traffic.
+A real Mosquitto (or the embedded broker) with device accounts, a small asyncio HTTP payload
+server with Range support, and a small aiocoap server (observable notices, status POSTs, Block2
+payloads) let the agent be tested without the fwcm server.  Every server records what it saw so
+tests can assert on the traffic.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from aiocoap.numbers.codes import Code
 from device_sim.agent import DeviceConfig
 from fwcm import manifest, protocol
 from fwcm.protocol import Notice, NoticeKind, Report
+from fwcm.transport.accounts import Credentials
+from fwcm.transport.broker import Broker
+from fwcm.transport.mqtt import MqttSettings
 
 TENANT = "acme"
 VENDOR = manifest.vendor_id_for_domain("example.com")
@@ -96,18 +100,33 @@ class ReportLog:
 
 
 class MqttServerSide:
-    """Publishes retained notices and collects status reports, like the fwcm server would."""
+    """Publishes retained notices and collects status reports, like the fwcm server would, on the
+    broker's service account; gives the devices their accounts as the server would."""
 
-    def __init__(self, url: str, log: ReportLog) -> None:
-        parts = url.removeprefix("mqtt://").split("?")[0]
-        host, port = parts.rsplit(":", 1)
-        self.host, self.port = host, int(port)
+    def __init__(self, broker: Broker, log: ReportLog) -> None:
+        self.broker = broker
+        self.settings = MqttSettings.from_url(broker.service_url)
         self.log = log
+        self.accounts: dict[str, Credentials] = {}
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
 
+    async def admit(self, configs: list[DeviceConfig]) -> None:
+        """Give these devices broker accounts (keeping those given before)."""
+        for cfg in configs:
+            self.accounts[cfg.name] = Credentials(*cfg.mqtt_credentials())
+        await asyncio.to_thread(self.broker.admit, list(self.accounts.values()))
+
     async def __aenter__(self) -> MqttServerSide:
-        self._client = aiomqtt.Client(self.host, self.port, identifier=f"test-server-{uuid.uuid4().hex[:8]}")
+        s = self.settings
+        self._client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=f"test-server-{uuid.uuid4().hex[:8]}",
+            username=s.username,
+            password=s.password,
+            protocol=aiomqtt.ProtocolVersion.V5 if s.version == 5 else aiomqtt.ProtocolVersion.V311,
+        )
         await self._client.__aenter__()
         await self._client.subscribe(protocol.STATUS_SUBSCRIPTION, qos=1)
         self._task = asyncio.create_task(self._read())

@@ -343,9 +343,13 @@ def test_invalid_filter_is_422_naming_problem(api: Any) -> None:
 class RecordingHooks:
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.device_changes = 0
 
     def campaign_changed(self, campaign_id: int) -> None:
         self.calls.append(campaign_id)
+
+    def devices_changed(self) -> None:
+        self.device_changes += 1
 
 
 def test_campaign_lifecycle_freezes_subset(api: Any) -> None:

@@ -16,7 +16,7 @@ import typer
 import uvicorn
 from typer.testing import CliRunner
 
-from fwcm import manifest
+from fwcm import manifest, protocol
 from fwcm.cli import resources
 
 VENDOR = manifest.vendor_id_for_domain("example.com")
@@ -115,12 +115,16 @@ def test_full_tour_through_the_cli(env: dict[str, str], tmp_path: Path) -> None:
     assert code == 0 and out.startswith("imported 20 devices"), err
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     secret_lines = secrets_file.read_text().splitlines()
-    assert secret_lines[0] == "name,secret" and len(secret_lines) == 21
+    assert secret_lines[0] == "name,secret,mqtt_username,mqtt_password" and len(secret_lines) == 21
+    name, secret, username, password = secret_lines[1].split(",")
+    assert username == f"acme/{name}"
+    assert password == protocol.device_password(bytes.fromhex(secret), "acme", name)
 
     code, out, _ = run(
         "device", "add", "solo", "--vendor-id", VENDOR, "--class-id", CLASS_A, "--tag", "region=eu"
     )
     assert code == 0 and "secret (shown once)" in out
+    assert "MQTT username: acme/solo; password (shown once): " in out
     page = ok_json("device", "list", "--filter", 'tag.region == "eu"')
     assert page["total"] == 11
     assert ok_json("device", "show", "solo")["tags"] == {"region": "eu"}

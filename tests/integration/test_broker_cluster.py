@@ -30,7 +30,7 @@ def cluster() -> Iterator[BrokerCluster]:
 
 @pytest.fixture
 async def server(tmp_path: Path, cluster: BrokerCluster) -> AsyncIterator[Server]:
-    async with running_server(tmp_path / "server", cluster.nodes[0].url, "cluster") as srv:
+    async with running_server(tmp_path / "server", cluster.nodes[0], "cluster") as srv:
         yield srv
 
 

@@ -32,6 +32,7 @@ from device_sim.flash import Flash
 from device_sim.transports import SharedClients
 from fwcm import manifest
 from fwcm.protocol import LwState, Result
+from fwcm.transport.broker import Broker
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,7 +57,7 @@ class World:
     broker_url: str
     state_dir: Path
 
-    def device(self, name: str, transport: str = "mqtt", **kw: object) -> DeviceConfig:
+    async def device(self, name: str, transport: str = "mqtt", **kw: object) -> DeviceConfig:
         cfg = device_config(
             name,
             transport=transport,
@@ -67,6 +68,8 @@ class World:
             **kw,  # type: ignore[arg-type]
         )
         self.log.secrets[name] = cfg.secret
+        if transport == "mqtt":
+            await self.mqtt.admit([cfg])
         return cfg
 
     def publish_payload(self, image: bytes) -> tuple[str, list[str]]:
@@ -92,18 +95,18 @@ class World:
 
 
 @pytest.fixture
-async def world(broker_url: str, tmp_path: Path) -> AsyncIterator[World]:
+async def world(broker: Broker, tmp_path: Path) -> AsyncIterator[World]:
     log = ReportLog({})
     payloads: dict[str, bytes] = {}
     clients = SharedClients()
     async with (
         PayloadHttpServer() as http,
         CoapTestServer(log, payloads) as coap,
-        MqttServerSide(broker_url, log) as mqtt,
+        MqttServerSide(broker, log) as mqtt,
     ):
         http.payloads = payloads
         try:
-            yield World(log, mqtt, http, coap, clients, Signer(), broker_url, tmp_path)
+            yield World(log, mqtt, http, coap, clients, Signer(), broker.url, tmp_path)
         finally:
             await clients.aclose()
 
@@ -113,7 +116,7 @@ def seqs(world: World, cfg: DeviceConfig, campaign: int) -> list[int]:
 
 
 async def test_update_over_mqtt_and_http(world: World) -> None:
-    cfg = world.device("m1")
+    cfg = await world.device("m1")
     agent = DeviceAgent(cfg, world.clients)
     image = firmware(150_000)
     sha, uris = world.publish_payload(image)
@@ -139,7 +142,7 @@ async def test_update_over_mqtt_and_http(world: World) -> None:
 
 
 async def test_update_over_coap_block2_with_status_retries(world: World) -> None:
-    cfg = world.device("c1", transport="coap")
+    cfg = await world.device("c1", transport="coap")
     agent = DeviceAgent(cfg, world.clients)
     image = firmware(20_000, seed=2)
     sha, uris = world.publish_payload(image)
@@ -185,7 +188,7 @@ async def test_refusals_before_download(world: World) -> None:
         ),
         "r-garbage": (b"\x01\x02not a manifest", Result.UNSUPPORTED_PACKAGE, {}),
     }
-    configs = {name: world.device(name, **kw) for name, (_e, _r, kw) in cases.items()}
+    configs = {name: await world.device(name, **kw) for name, (_e, _r, kw) in cases.items()}
     agents = [DeviceAgent(cfg, world.clients) for cfg in configs.values()]
     async with running(agents):
         for name, (envelope, _r, _kw) in cases.items():
@@ -201,7 +204,7 @@ async def test_refusals_before_download(world: World) -> None:
 
 @pytest.mark.parametrize("transport", ["mqtt", "coap"])
 async def test_corrupt_payload_is_refused_and_old_image_kept(world: World, transport: str) -> None:
-    cfg = world.device(f"bad-{transport}", transport=transport)
+    cfg = await world.device(f"bad-{transport}", transport=transport)
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(corrupt=True))
     image = firmware(40_000, seed=4)
     _sha, uris = world.publish_payload(image)
@@ -219,7 +222,7 @@ async def test_corrupt_payload_is_refused_and_old_image_kept(world: World, trans
 
 
 async def test_wrong_bytes_from_server_fail_integrity(world: World) -> None:
-    cfg = world.device("wrong-bytes")
+    cfg = await world.device("wrong-bytes")
     agent = DeviceAgent(cfg, world.clients)
     image = firmware(30_000, seed=5)
     sha, uris = world.publish_payload(image)
@@ -231,7 +234,7 @@ async def test_wrong_bytes_from_server_fail_integrity(world: World) -> None:
 
 
 async def test_install_failure_keeps_old_image(world: World) -> None:
-    cfg = world.device("inst")
+    cfg = await world.device("inst")
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(install_fail=True))
     image = firmware(10_000, seed=6)
     _sha, uris = world.publish_payload(image)
@@ -248,7 +251,7 @@ async def test_install_failure_keeps_old_image(world: World) -> None:
 
 @pytest.mark.parametrize("transport", ["mqtt", "coap"])
 async def test_flaky_connection_resumes_from_offset(world: World, transport: str) -> None:
-    cfg = world.device(f"flaky-{transport}", transport=transport)
+    cfg = await world.device(f"flaky-{transport}", transport=transport)
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(drop_at=0.4))
     image = firmware(120_000, seed=7)
     sha, uris = world.publish_payload(image)
@@ -273,7 +276,7 @@ async def test_flaky_connection_resumes_from_offset(world: World, transport: str
 
 
 async def test_restart_mid_download_continues_with_increasing_seq(world: World) -> None:
-    cfg = world.device("restart")
+    cfg = await world.device("restart")
     image = firmware(200_000, seed=8)
     sha, uris = world.publish_payload(image)
     await world.notify(cfg, update_notice(cfg, 14, world.signer.envelope(image, uris)))
@@ -313,7 +316,7 @@ async def test_restart_mid_download_continues_with_increasing_seq(world: World) 
 
 
 async def test_cancel_before_install(world: World) -> None:
-    cfg = world.device("cancel-me")
+    cfg = await world.device("cancel-me")
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(throttle_bps=100_000))
     image = firmware(300_000, seed=9)
     _sha, uris = world.publish_payload(image)
@@ -330,7 +333,7 @@ async def test_cancel_before_install(world: World) -> None:
 
 async def test_install_waits_for_the_install_window(world: World) -> None:
     """A notice with an install window: download at once, install only once the window opens."""
-    cfg = world.device("w1")
+    cfg = await world.device("w1")
     agent = DeviceAgent(cfg, world.clients)
     image = firmware(4_000, seed=5)
     _sha, uris = world.publish_payload(image)

@@ -21,12 +21,13 @@ from device_sim.faults import get_profile
 from device_sim.flash import Flash
 from device_sim.fleet import all_finished, run_fleet, transport_for
 from fwcm.protocol import Result
+from fwcm.transport.broker import Broker
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("profile_name", ["none", "flaky", "corrupt", "install-fail", "offline", "slow"])
-async def test_fleet_ends_as_profile_expects(broker_url: str, tmp_path: Path, profile_name: str) -> None:
+async def test_fleet_ends_as_profile_expects(broker: Broker, tmp_path: Path, profile_name: str) -> None:
     profile = get_profile(profile_name)
     n = 20
     campaign = 21
@@ -37,7 +38,7 @@ async def test_fleet_ends_as_profile_expects(broker_url: str, tmp_path: Path, pr
     async with (
         PayloadHttpServer() as http,
         CoapTestServer(log, payloads) as coap,
-        MqttServerSide(broker_url, log) as mqtt,
+        MqttServerSide(broker, log) as mqtt,
     ):
         http.payloads = payloads
         sha = http.add(image)
@@ -49,12 +50,14 @@ async def test_fleet_ends_as_profile_expects(broker_url: str, tmp_path: Path, pr
                 transport=transport_for(i, "mixed"),
                 trust=[signer.public_pem],
                 state_dir=tmp_path,
-                mqtt_url=broker_url,
+                mqtt_url=broker.url,
                 coap_url=coap.url,
                 index=i,
             )
             log.secrets[cfg.name] = cfg.secret
             configs.append(cfg)
+        await mqtt.admit([c for c in configs if c.transport == "mqtt"])
+        for cfg in configs:
             sealed = update_notice(cfg, campaign, envelope)
             if cfg.transport == "coap":
                 coap.notify(TENANT, cfg.name, sealed)

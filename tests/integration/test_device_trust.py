@@ -65,8 +65,8 @@ def envelope(image: bytes, uris: list[str], key: manifest.PrivateKey, chain: lis
     return manifest.build_envelope(info, key, x5chain=chain)
 
 
-def provisioned(world: World, name: str, chain: Chain, **kw: object) -> DeviceConfig:  # noqa: F811
-    cfg = world.device(name)
+async def provisioned(world: World, name: str, chain: Chain, **kw: object) -> DeviceConfig:  # noqa: F811
+    cfg = await world.device(name)
     return dataclasses.replace(cfg, trust_root=chain.root_pem, hardware_id=f"hw-{name}", **kw)  # type: ignore[arg-type]
 
 
@@ -93,7 +93,7 @@ async def test_device_checks_the_chain_the_hardware_list_and_revocations(world: 
             {"revoked": (kid,)},
         ),
     }
-    configs = {name: provisioned(world, name, chain) for name in cases}
+    configs = {name: await provisioned(world, name, chain) for name in cases}
     agents = [DeviceAgent(cfg, world.clients) for cfg in configs.values()]
     async with running(agents):
         for name, (env, _r, kw) in cases.items():
@@ -110,7 +110,7 @@ async def test_revocation_in_a_cancel_notice_aborts_the_download(world: World) -
     key = manifest.generate_private_key("es256")
     image = firmware(300_000, seed=6)
     _sha, uris = world.publish_payload(image)
-    cfg = provisioned(world, "c-abort", chain)
+    cfg = await provisioned(world, "c-abort", chain)
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(throttle_bps=100_000))
     async with running([agent]):
         await world.notify(cfg, update_notice(cfg, 6, envelope(image, uris, key, chain.x5chain(key))))
@@ -131,8 +131,8 @@ async def test_attested_update_sends_evidence_and_waits_for_a_token(world: World
     _sha, uris = world.publish_payload(image)
     env = envelope(image, uris, key, chain.x5chain(key))
     cfgs = [
-        provisioned(world, "c-attest", chain, attest_key=manifest.private_key_pem(attest_key)),
-        provisioned(world, "c-nokey", chain),
+        await provisioned(world, "c-attest", chain, attest_key=manifest.private_key_pem(attest_key)),
+        await provisioned(world, "c-nokey", chain),
     ]
     agents = [DeviceAgent(cfg, world.clients, token_timeout=1.0) for cfg in cfgs]
     nonce = b"n" * 16
@@ -161,7 +161,7 @@ async def test_cancel_still_works_without_revocation(world: World) -> None:  # n
     key = manifest.generate_private_key("es256")
     image = firmware(300_000, seed=10)
     _sha, uris = world.publish_payload(image)
-    cfg = provisioned(world, "c-cancel", chain)
+    cfg = await provisioned(world, "c-cancel", chain)
     agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(throttle_bps=100_000))
     async with running([agent]):
         await world.notify(cfg, update_notice(cfg, 8, envelope(image, uris, key, chain.x5chain(key))))

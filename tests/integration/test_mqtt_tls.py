@@ -104,7 +104,7 @@ def tls_broker() -> Iterator[Broker]:
 @pytest.fixture
 async def server(tmp_path: Path, tls_broker: Broker) -> AsyncIterator[Server]:
     assert tls_broker.url.startswith("mqtts://")
-    async with running_server(tmp_path / "server", tls_broker.url, "tls") as srv:
+    async with running_server(tmp_path / "server", tls_broker, "tls") as srv:
         yield srv
 
 

@@ -11,7 +11,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fwcm import protocol
-from fwcm.transport.broker import mosquitto_available
+from fwcm.transport.broker import Broker, mosquitto_available
 from fwcm.transport.inbound import Inbound
 from fwcm.transport.mqtt import MqttSettings, MqttTransport, make_client
 
@@ -42,7 +42,8 @@ async def wait_for(received: list[Inbound], count: int, timeout: float = 20.0) -
         await asyncio.sleep(0.02)
 
 
-async def test_burst_arrives_whole_and_only_acknowledged_reports_are_settled(broker_url: str) -> None:
+async def test_burst_arrives_whole_and_only_acknowledged_reports_are_settled(broker: Broker) -> None:
+    broker_url = broker.service_url  # the server's account: it may publish any device's status
     received: list[Inbound] = []
     # not shared: a persistent session, so what was not acknowledged comes back on reconnect
     first = MqttTransport(broker_url, "fwcm-server-acks", received.append, shared=False)

@@ -46,6 +46,10 @@ OUTAGE_LOG_EVERY_S = 60.0
 class Hooks(Protocol):
     def campaign_changed(self, campaign_id: int) -> None: ...
 
+    def devices_changed(self) -> None:
+        """Devices were added, removed or renamed: call after any such change is committed (the
+        broker accounts follow)."""
+
 
 @dataclass(frozen=True)
 class TenantCtx:
@@ -226,6 +230,13 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
                 hooks.campaign_changed(campaign_id)
             except Exception:  # the change is durable; the engine also polls
                 log.exception("campaign_changed hook failed for campaign %d", campaign_id)
+
+    def devices_changed() -> None:
+        if hooks is not None:
+            try:
+                hooks.devices_changed()
+            except Exception:  # the change is durable; the accounts are also checked periodically
+                log.exception("devices_changed hook failed")
 
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": sc.ErrorOut} for code in (400, 401, 404, 409, 413, 422)
@@ -420,10 +431,12 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     @api.post("/devices", response_model=sc.DeviceOut, status_code=201, tags=["devices"])
     def add_device(body: sc.DeviceIn, t: Tenant) -> sc.DeviceOut:
-        """Register one device; the answer carries its secret (hex) once."""
+        """Register one device; the answer carries its secret (hex) and MQTT credentials once."""
         dev = repo.validate_device(**body.model_dump())
         with db.session() as s:
-            return sc.DeviceOut.of(repo.register_device(s, t.id, dev), secret=dev.secret)
+            out = sc.DeviceOut.of(repo.register_device(s, t.id, dev), secret=dev.secret, tenant=t.slug)
+        devices_changed()
+        return out
 
     @api.post(
         "/devices/import",
@@ -452,9 +465,10 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             devices = repo.parse_devices_csv(text)
             with db.session() as s:
                 repo.import_devices(s, t.id, devices)
+            devices_changed()
             return sc.ImportOut(
                 imported=len(devices),
-                devices=[sc.ImportedDevice(name=d.name, secret=d.secret.hex()) for d in devices],
+                devices=[sc.ImportedDevice.of(d.name, d.secret, t.slug) for d in devices],
             )
 
         return await run_in_threadpool(run)
@@ -586,7 +600,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
     from fwcm.api.inventory import create_router as inventory_router  # imports this module
 
-    app.include_router(inventory_router(db, settings))  # first: /devices/outdated before /devices/{name}
+    app.include_router(
+        inventory_router(db, settings, devices_changed)
+    )  # first: /devices/outdated before /devices/{name}
     app.include_router(api)
 
     # -- public payload route for devices --------------------------------------------------------

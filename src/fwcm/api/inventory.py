@@ -9,6 +9,7 @@ factory routes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -119,8 +120,15 @@ class OwnedDeviceOut(sc.DeviceOut):
     attest_key: bool
 
     @classmethod
-    def owned(cls, d: Device, tenant: str, serial: str | None) -> OwnedDeviceOut:
-        base = sc.DeviceOut.of(d).model_dump(exclude={"secret"})
+    def owned(
+        cls, d: Device, tenant: str, serial: str | None, *, credentials: bool = False
+    ) -> OwnedDeviceOut:
+        """Never the secret; the MQTT credentials only for the tenant that now owns the device."""
+        base: dict[str, Any] = sc.DeviceOut.of(d).model_dump(
+            exclude={"secret", "mqtt_username", "mqtt_password"}
+        )
+        if credentials:
+            base.update(sc.credentials(d.secret, tenant, d.name))
         return cls(**base, tenant=tenant, serial=serial, attest_key=d.attest_key_pem is not None)
 
 
@@ -150,7 +158,8 @@ class OutdatedPage(BaseModel):
 # -- routes -----------------------------------------------------------------------------------
 
 
-def create_router(db: Database, settings: Settings) -> APIRouter:
+def create_router(db: Database, settings: Settings, devices_changed: Callable[[], None]) -> APIRouter:
+    """The routes; ``devices_changed`` is called after a claim, release or transfer committed."""
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": sc.ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)
     }
@@ -218,7 +227,9 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
             device, fd = inv.claim_device(
                 s, t.id, body.serial, body.claim_code, body.name, body.tags, body.transport
             )
-            return OwnedDeviceOut.owned(device, t.slug, fd.serial)
+            out = OwnedDeviceOut.owned(device, t.slug, fd.serial, credentials=True)
+        devices_changed()
+        return out
 
     @api.get("/devices/outdated", response_model=OutdatedPage, tags=["devices"])
     def outdated_devices(
@@ -242,13 +253,21 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         """
         with db.session() as s:
             fd = inv.release_device(s, t.id, name)
-            return ReleaseOut(serial=fd.serial)
+            out = ReleaseOut(serial=fd.serial)
+        devices_changed()
+        return out
 
     @api.post("/devices/{name}/transfer", response_model=OwnedDeviceOut, tags=["devices"])
     def transfer_device(name: str, body: TransferIn, t: Fleet) -> OwnedDeviceOut:
-        """Move a claimed device to another fleet tenant in one step (same restrictions as release)."""
+        """Move a claimed device to another fleet tenant in one step (same restrictions as release).
+
+        The answer (to the giving tenant) holds no MQTT password: the device derives the one for its
+        new username from its secret (docs/protocol.md).
+        """
         with db.session() as s:
             device, fd, target = inv.transfer_device(s, t.id, name, body.to, body.name)
-            return OwnedDeviceOut.owned(device, target.slug, fd.serial)
+            out = OwnedDeviceOut.owned(device, target.slug, fd.serial)
+        devices_changed()
+        return out
 
     return api

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
+from fwcm import protocol
 from fwcm.store.models import Campaign, CampaignEvent, Device, DeviceEvent, Manifest, Payload, Signer
 from fwcm.store.repo import BIGINT_MAX
 
@@ -154,9 +155,17 @@ class DeviceOut(BaseModel):
     firmware_name: str | None = Field(None, description="What the device said it runs (its hello).")
     attestation_key: bool = Field(False, description="An attestation key is registered.")
     secret: str | None = Field(None, description="Only in the answer to the request that created it.")
+    mqtt_username: str | None = Field(None, description="MQTT username, with the password.")
+    mqtt_password: str | None = Field(
+        None,
+        description="MQTT password, only with the secret (or in the answer to a claim); derived from "
+        "the secret, see docs/protocol.md.",
+    )
 
     @classmethod
-    def of(cls, d: Device, secret: bytes | None = None) -> DeviceOut:
+    def of(cls, d: Device, secret: bytes | None = None, tenant: str | None = None) -> DeviceOut:
+        """The device; with ``secret`` and ``tenant`` also its secret and MQTT credentials."""
+        mqtt = credentials(d.secret, tenant, d.name) if secret is not None and tenant else {}
         return cls(
             name=d.name,
             vendor_id=d.vendor_id,
@@ -172,7 +181,16 @@ class DeviceOut(BaseModel):
             firmware_name=d.firmware_name,
             attestation_key=d.attest_key_pem is not None,
             secret=secret.hex() if secret is not None else None,
+            **mqtt,
         )
+
+
+def credentials(secret: bytes, tenant: str, device: str) -> dict[str, str]:
+    """``mqtt_username`` and ``mqtt_password`` of a device."""
+    return {
+        "mqtt_username": protocol.broker_username(tenant, device),
+        "mqtt_password": protocol.device_password(secret, tenant, device),
+    }
 
 
 class DevicePage(BaseModel):
@@ -185,6 +203,12 @@ class DevicePage(BaseModel):
 class ImportedDevice(BaseModel):
     name: str
     secret: str
+    mqtt_username: str
+    mqtt_password: str
+
+    @classmethod
+    def of(cls, name: str, secret: bytes, tenant: str) -> ImportedDevice:
+        return cls(name=name, secret=secret.hex(), **credentials(secret, tenant, name))
 
 
 class ImportOut(BaseModel):

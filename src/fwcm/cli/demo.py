@@ -115,9 +115,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
     try:
         settings = Settings(
             data_dir=workdir / "server",
-            mqtt_url=broker.url,
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
+            **broker.server_settings(),  # type: ignore[arg-type] # the server keeps the broker's accounts
         )
         server = Server(settings, replica="demo")
         await server.start()
@@ -175,7 +175,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         imported = await api.call(
             "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
         )
-        secrets = {d["name"]: bytes.fromhex(d["secret"]) for d in imported["devices"]}
+        registered = {d["name"]: d for d in imported["devices"]}
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
         body = {**definition, "manifest_id": man["id"], "attestation": opts.attestation}
@@ -208,13 +208,15 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             DeviceConfig(
                 name=f"dev-{i:05d}",
                 tenant="demo",
-                secret=secrets[f"dev-{i:05d}"],
+                secret=bytes.fromhex(registered[f"dev-{i:05d}"]["secret"]),
                 vendor_id=vendor,
                 class_id=klass,
                 transport=_transport_for(i, opts.transport),  # type: ignore[arg-type]
                 trust_anchors=[pub],
                 state_dir=workdir / "devices",
                 mqtt_url=broker.url,
+                mqtt_username=registered[f"dev-{i:05d}"]["mqtt_username"],
+                mqtt_password=registered[f"dev-{i:05d}"]["mqtt_password"],
                 coap_url=settings.public_coap_url,
                 installed_sequence=1,
                 hardware_id=f"hw-{i:05d}",

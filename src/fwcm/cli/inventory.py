@@ -138,7 +138,8 @@ def device_claim(
     transport: Annotated[str, typer.Option(help="mqtt or coap")] = "mqtt",
     as_json: JsonOpt = False,
 ) -> None:
-    """Claim a manufacturer's device with its serial and claim code."""
+    """Claim a manufacturer's device with its serial and claim code (``--json`` also shows its MQTT
+    username and password; the device can derive both, see docs/protocol.md)."""
     body = {
         "serial": serial,
         "claim_code": claim_code,

@@ -295,7 +295,7 @@ def device_add(
     hardware_id: Annotated[str | None, typer.Option("--hardware-id")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a device; prints its secret once (provision it onto the device)."""
+    """Register a device; prints its secret and MQTT credentials once (provision them onto it)."""
     body = {
         "name": name,
         "vendor_id": vendor_id,
@@ -312,13 +312,17 @@ def device_add(
         _print_json(d)
     else:
         typer.echo(f"device {d['name']} registered; secret (shown once): {d['secret']}")
+        typer.echo(f"MQTT username: {d['mqtt_username']}; password (shown once): {d['mqtt_password']}")
 
 
 @device_app.command("import")
 def device_import(
     file: Annotated[Path, typer.Argument(help="CSV with a header row", metavar="FILE.csv")],
     secrets_out: Annotated[
-        Path | None, typer.Option("--secrets-out", help="Write name,secret CSV here (mode 0600)")
+        Path | None,
+        typer.Option(
+            "--secrets-out", help="Write name,secret,mqtt_username,mqtt_password CSV here (mode 0600)"
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -330,7 +334,9 @@ def device_import(
     with api() as client:
         result = client.upload("/devices/import", file, "text/csv")
     if secrets_out is not None:
-        lines = ["name,secret"] + [f"{d['name']},{d['secret']}" for d in result["devices"]]
+        lines = ["name,secret,mqtt_username,mqtt_password"] + [
+            f"{d['name']},{d['secret']},{d['mqtt_username']},{d['mqtt_password']}" for d in result["devices"]
+        ]
         fd = os.open(secrets_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -28,6 +28,7 @@ from fwcm.api.ranges import plan
 from fwcm.config import Settings
 from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
+from fwcm.server.accounts import AccountSync
 from fwcm.server.engine import Engine, Notifier
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
@@ -162,13 +163,19 @@ async def _unavailable(send: Any) -> None:
 
 @dataclass
 class Hooks:
-    """Called by the API after a campaign changes, so the engine acts at once."""
+    """Called by the API after a campaign or the set of devices changes, so the engine or the
+    broker accounts act at once."""
 
     engine: Engine | None = None
+    accounts: AccountSync | None = None
 
     def campaign_changed(self, campaign_id: int) -> None:
         if self.engine is not None:
             self.engine.wake()
+
+    def devices_changed(self) -> None:
+        if self.accounts is not None:
+            self.accounts.changed()
 
 
 @dataclass
@@ -234,6 +241,14 @@ class Server:
         if self.migrate:
             await asyncio.to_thread(self.db.migrate)
         await asyncio.to_thread(self._load_signing_keys)
+        if self.settings.broker_accounts is not None:  # before MQTT: the accounts include ours
+            self.hooks.accounts = AccountSync(
+                self.db,
+                self.settings.broker_accounts,
+                self.settings.broker_service(),
+                self.settings.broker_pid_file,
+            )
+            await self.hooks.accounts.start()
         if self.enable_mqtt:
             self.mqtt = MqttTransport(self.settings.mqtt_url, self._mqtt_client_id(), self.ingest.submit)
             await self.mqtt.start()
@@ -318,6 +333,8 @@ class Server:
         if any(t.get_name() == "engine" for t in self._tasks):  # never a live replica's leases
             with contextlib.suppress(Exception):
                 await self.engine.release()
+        if self.hooks.accounts is not None:
+            await self.hooks.accounts.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         if self.coap is not None:
@@ -384,7 +401,9 @@ class Server:
         key = self.ingest.keys.peek(name)
         if key is None:
             key = (await asyncio.to_thread(self.ingest.keys.lookup, {name})).get(name)
-        return key is not None and hmac.compare_digest(protocol.device_password(key.secret), credential)
+        return key is not None and hmac.compare_digest(
+            protocol.device_password(key.secret, tenant, device), credential
+        )
 
     def _coap_observed(self, tenant: str, device: str, address: str) -> None:
         self._coap_seen[(tenant, device)] = address

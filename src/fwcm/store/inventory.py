@@ -15,9 +15,9 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -576,3 +576,34 @@ def outdated_devices(
         for r in rows
     ]
     return total, items
+
+
+# -- broker accounts --------------------------------------------------------------------------
+
+
+class AccountRow(NamedTuple):
+    """What a device's broker account is made of."""
+
+    tenant: str
+    device: str
+    secret: bytes
+
+
+def broker_account_rows(s: Session, batch: int = 5000) -> Iterator[AccountRow]:
+    """Every device with its tenant's slug and its secret, streamed in batches (plain rows: this
+    reads the whole fleet)."""
+    stmt = select(Tenant.slug, Device.name, Device.secret).join(Tenant, Tenant.id == Device.tenant_id)
+    result = s.connection().execution_options(stream_results=True, max_row_buffer=batch).execute(stmt)
+    for r in result:
+        yield AccountRow(r.slug, r.name, r.secret)
+
+
+def devices_fingerprint(s: Session) -> tuple[int, int]:
+    """(number of devices, highest device id): changes whenever a device is added or removed.
+
+    On PostgreSQL ids are never reused.  SQLite may reuse the highest id after it was deleted (a
+    transfer of the newest device keeps both numbers), but SQLite runs one replica, whose API
+    reports every change itself.
+    """
+    r = s.execute(select(func.count().label("n"), func.max(Device.id).label("top")).select_from(Device)).one()
+    return int(r.n), int(r.top or 0)

@@ -1,19 +1,26 @@
 """Start an MQTT broker for the demo and the tests.
 
 Mosquitto is used when it is installed (with the settings in ``mosquitto.conf``); otherwise an
-embedded Python broker (amqtt, MQTT 3.1.1 only) runs in a child process.  Either way the broker
-listens on 127.0.0.1 on a free port and is stopped by whoever started it.
+embedded Python broker (amqtt, MQTT 3.1.1 only, see ``amqtt_broker``) runs in a child process.
+Either way the broker listens on 127.0.0.1 on free ports, is stopped by whoever started it, and
+admits only the accounts in its accounts directory (``fwcm.transport.accounts``): at start the
+server's service account, whose credentials come back in ``Broker.service``; the server adds the
+devices' accounts as they are registered.  Mosquitto has two listeners: ``url`` for devices and
+``service_url`` (with the service credentials) for the server replicas.
 
 ``start_nats_cluster`` starts a clustered broker instead: several ``nats-server`` processes
 (MQTT 3.1.1 on JetStream) routed to each other on loopback, for the tests and docs of running
-beyond one broker.
+beyond one broker; it admits anyone (brokers managed elsewhere keep their own accounts).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,12 +29,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
+
+from fwcm.transport import accounts
+from fwcm.transport.accounts import Credentials
 
 log = logging.getLogger(__name__)
 
 CONF = Path(__file__).with_name("mosquitto.conf")
 MQTT311_ONLY = frozenset({"amqtt", "nats"})
 """Broker kinds that speak MQTT 3.1.1 only: the server gets ``?v=311`` (a plain subscription)."""
+SERVICE_USERNAME = "fwcm"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -48,7 +60,11 @@ class TlsFiles:
 @dataclass
 class Broker:
     """A broker child process; ``url`` carries ``?v=311`` when only MQTT 3.1.1 is spoken, and is
-    ``mqtts://…?ca=`` when the listener speaks TLS."""
+    ``mqtts://…?ca=`` when the listener speaks TLS.
+
+    With accounts (``service`` set) the broker admits the service account and the device accounts
+    in ``accounts_dir`` only, and re-reads them on SIGHUP to the pid in ``pid_file``.
+    """
 
     kind: str
     port: int
@@ -56,16 +72,72 @@ class Broker:
     workdir: Path
     extra: dict[str, str] = field(default_factory=dict)
     tls: TlsFiles | None = None
+    service_port: int | None = None
+    """The server replicas' listener, when the broker has one of its own for them."""
+    service: Credentials | None = None
+    accounts_dir: Path | None = None
+    pid_file: Path | None = None
+    command: list[str] = field(default_factory=list)
+    """How the process was started, so that :meth:`restart` can start it again."""
 
-    @property
-    def url(self) -> str:
+    def _url(self, port: int, credentials: Credentials | None = None) -> str:
         query = ["v=311"] if self.kind in MQTT311_ONLY else []
         if self.tls is not None:
             query.append(f"ca={self.tls.ca}")
         scheme = "mqtts" if self.tls is not None else "mqtt"
-        return f"{scheme}://127.0.0.1:{self.port}" + ("?" + "&".join(query) if query else "")
+        userinfo = ""
+        if credentials is not None:
+            userinfo = f"{quote(credentials.username, safe='')}:{quote(credentials.password, safe='')}@"
+        return f"{scheme}://{userinfo}127.0.0.1:{port}" + ("?" + "&".join(query) if query else "")
 
-    def stop(self) -> None:
+    @property
+    def url(self) -> str:
+        """Where devices connect (each with its own account)."""
+        return self._url(self.port)
+
+    @property
+    def service_url(self) -> str:
+        """Where the server replicas connect, with the service account's credentials."""
+        return self._url(self.service_port or self.port, self.service)
+
+    def server_settings(self) -> dict[str, object]:
+        """``Settings`` fields that link a server to this broker and let it keep the accounts."""
+        return {
+            "mqtt_url": self.service_url,
+            "broker_accounts": self.accounts_dir,
+            "broker_pid_file": self.pid_file,
+        }
+
+    def server_env(self) -> dict[str, str]:
+        """The same as ``FWCM_*`` variables, for a server in another process."""
+        env = {"FWCM_MQTT_URL": self.service_url}
+        if self.accounts_dir is not None:
+            env["FWCM_BROKER_ACCOUNTS"] = str(self.accounts_dir)
+        if self.pid_file is not None:
+            env["FWCM_BROKER_PID_FILE"] = str(self.pid_file)
+        return env
+
+    def admit(self, devices: list[Credentials], timeout: float = 10.0) -> None:
+        """Make ``devices`` the broker's device accounts and return once it has re-read them: for
+        tests that play the server themselves.  A throwaway probe account, written with them, tells
+        when the reload happened."""
+        assert self.accounts_dir is not None and self.service is not None and self.pid_file is not None
+        probe = Credentials(f"probe/p{secrets.token_hex(6)}", secrets.token_urlsafe(16))
+        accounts.write_accounts(self.accounts_dir, self.service, [*devices, probe])
+        accounts.signal_reload(self.pid_file)
+        deadline = time.monotonic() + timeout
+        while not self.accepts(probe):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not re-read its accounts within {timeout} s")
+            time.sleep(0.05)
+
+    def accepts(self, account: Credentials) -> bool:
+        """Whether the devices' listener takes an MQTT 3.1.1 session with these credentials (on the
+        embedded broker, a connected device with this account is taken over)."""
+        return _accepts(self.port, account, self.tls)
+
+    def halt(self) -> None:
+        """Stop the process, keeping its configuration and accounts for :meth:`restart`."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -73,6 +145,18 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+
+    def restart(self) -> None:
+        """Start the same broker again (same ports, configuration and accounts) after :meth:`halt`."""
+        self.halt()
+        log_file = self.workdir / "restart.log"
+        self.process = _spawn(self.command, log_file)
+        for port in (self.port, self.service_port):
+            if port is not None:
+                _wait_listening(port, self.process, log_file=log_file)
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Broker:
@@ -82,11 +166,52 @@ class Broker:
         self.stop()
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+def _accepts(port: int, account: Credentials, tls: TlsFiles | None = None) -> bool:
+    """Whether the broker takes an MQTT 3.1.1 session with these credentials."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    result: list[object] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.username, protocol=mqtt.MQTTv311)
+    client.username_pw_set(account.username, account.password)
+    if tls is not None:
+        client.tls_set(ca_certs=str(tls.ca))
+    client.on_connect = lambda _c, _u, _f, rc, _p: result.append(rc)
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + 3
+        while not result and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return bool(result) and not getattr(result[0], "is_failure", True)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _spawn(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """A broker process whose output goes to ``log_file`` (a pipe nobody reads would fill up and
+    stall it: refused clients are logged)."""
+    with open(log_file, "wb") as err:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _log_tail(log_file: Path | None) -> str:
+    if log_file is None or not log_file.exists():
+        return ""
+    return ": " + log_file.read_text(errors="replace")[-500:].strip()
+
+
+def _wait_listening(
+    port: int, process: subprocess.Popen[bytes], timeout: float = 10.0, log_file: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"broker exited with code {process.returncode}")
+            raise RuntimeError(f"broker exited with code {process.returncode}{_log_tail(log_file)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -96,35 +221,104 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"broker did not listen on port {port} within {timeout} s")
 
 
+def _accounts_workdir(prefix: str, broker_user: str | None) -> tuple[Path, Path, Credentials]:
+    """A work directory holding the accounts (service account only, so far) and the pid file.
+
+    Mosquitto started as root drops to its own user before it reads anything: the directory then
+    belongs to that user (it writes its pid file there) and is setgid, so the account files this
+    process writes inside are readable through the broker's group (mode 0640), never by everyone.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if broker_user is not None and os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam(broker_user)
+        except KeyError:
+            pass
+        else:
+            os.chown(workdir, user.pw_uid, grp.getgrgid(user.pw_gid).gr_gid)
+            workdir.chmod(0o2770)
+    service = Credentials(SERVICE_USERNAME, secrets.token_urlsafe(24))
+    accounts.write_accounts(workdir, service, [])
+    return workdir, workdir / "broker.pid", service
+
+
+def _listener(port: int, passwd: str, acl: str, workdir: Path, tls: TlsFiles | None, *extra: str) -> str:
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {workdir / passwd}",
+        f"acl_file {workdir / acl}",
+        *extra,
+    ]
+    if tls is not None:
+        lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
+    return "\n".join(lines) + "\n"
+
+
 def start_mosquitto(
-    port: int | None = None, binary: str | None = None, *, tls: TlsFiles | None = None
+    port: int | None = None,
+    binary: str | None = None,
+    *,
+    tls: TlsFiles | None = None,
+    service_port: int | None = None,
 ) -> Broker:
-    """Mosquitto with ``mosquitto.conf`` on a loopback port; a TLS-only listener with ``tls``."""
+    """Mosquitto with ``mosquitto.conf`` on loopback: a devices' listener (``use_username_as_clientid``,
+    device accounts only) and a service listener (the service account only); both TLS with ``tls``."""
     binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="fwcm-mosquitto-"))
+    service_port = service_port or free_port()
+    workdir, pid_file, service = _accounts_workdir("fwcm-mosquitto-", "mosquitto")
     conf = workdir / "mosquitto.conf"
-    listener = f"\nlistener {port} 127.0.0.1\n"
-    if tls is not None:
-        listener += f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\n"
-    conf.write_text(CONF.read_text() + listener)
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_listening(port, proc)
-    log.info("mosquitto listening on 127.0.0.1:%d%s", port, " (TLS)" if tls else "")
-    return Broker("mosquitto", port, proc, workdir, tls=tls)
+    conf.write_text(
+        CONF.read_text()
+        + f"pid_file {pid_file}\n\n# devices: each its own account, its username as client id\n"
+        + _listener(
+            port, accounts.DEVICES_PASSWD, accounts.DEVICES_ACL, workdir, tls, "use_username_as_clientid true"
+        )
+        + "\n# the server replicas\n"
+        + _listener(service_port, accounts.SERVICE_PASSWD, accounts.SERVICE_ACL, workdir, tls)
+    )
+    log_file = workdir / "mosquitto.log"
+    command = [binary, "-c", str(conf)]
+    proc = _spawn(command, log_file)
+    _wait_listening(port, proc, log_file=log_file)
+    _wait_listening(service_port, proc, log_file=log_file)
+    log.info(
+        "mosquitto listening on 127.0.0.1:%d (service %d)%s", port, service_port, " (TLS)" if tls else ""
+    )
+    return Broker(
+        "mosquitto",
+        port,
+        proc,
+        workdir,
+        tls=tls,
+        service_port=service_port,
+        service=service,
+        accounts_dir=workdir,
+        pid_file=pid_file,
+        command=command,
+    )
 
 
 def start_amqtt(port: int | None = None) -> Broker:
+    """The embedded broker (``amqtt_broker``) with the same accounts, on one listener."""
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="fwcm-amqtt-"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fwcm.transport.broker", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _wait_listening(port, proc, timeout=20)
+    workdir, pid_file, service = _accounts_workdir("fwcm-amqtt-", None)
+    log_file = workdir / "amqtt.log"
+    command = [sys.executable, "-m", "fwcm.transport.amqtt_broker", str(port), str(workdir), str(pid_file)]
+    proc = _spawn(command, log_file)
+    _wait_listening(port, proc, timeout=20, log_file=log_file)
     log.info("embedded amqtt broker listening on 127.0.0.1:%d", port)
-    return Broker("amqtt", port, proc, workdir)
+    return Broker(
+        "amqtt",
+        port,
+        proc,
+        workdir,
+        service=service,
+        accounts_dir=workdir,
+        pid_file=pid_file,
+        command=command,
+    )
 
 
 def mosquitto_available() -> bool:
@@ -297,26 +491,3 @@ def start_nats_cluster(size: int = 3, binary: str | None = None, timeout: float 
         raise
     log.info("NATS cluster of %d nodes, MQTT on ports %s", size, [n.port for n in nodes])
     return BrokerCluster(nodes, workdir)
-
-
-def _run_amqtt(port: int) -> None:  # pragma: no cover - runs in the child process
-    import asyncio
-
-    from amqtt.broker import Broker as AmqttBroker
-
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 0}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-
-    async def main() -> None:
-        broker = AmqttBroker(config)
-        await broker.start()
-        await asyncio.Event().wait()
-
-    logging.basicConfig(level=logging.WARNING)
-    asyncio.run(main())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _run_amqtt(int(sys.argv[1]))
