@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
 from fwcm import attestation, manifest
-from fwcm.api.ranges import plan
+from fwcm.api.ranges import CHUNK, plan
 from fwcm.config import Settings
 from fwcm.manifest import PublicKey
 from fwcm.manifest.keys import public_of
@@ -120,11 +120,19 @@ class DevicePayloads:
             return await self.app(scope, receive, send)  # unknown (404) or streamed from disk
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         p = plan(headers, len(data), sha)
-        body = data[p.start : p.start + p.length] if scope["method"] == "GET" else b""
         raw = [(k.encode(), v.encode()) for k, v in p.headers.items()]
         raw.append((b"content-type", b"application/octet-stream"))
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        at = p.start
+        end = at + p.length if scope["method"] == "GET" else at
+        # Slices of the one cached image, a chunk at a time: send waits while the client's write
+        # buffer is full, so a client that reads slowly (or not at all) holds a chunk, not a copy.
+        while True:
+            body = data[at : min(at + CHUNK, end)]
+            at += len(body)
+            await send({"type": "http.response.body", "body": body, "more_body": at < end})
+            if at >= end:
+                return
 
 
 @dataclass
