@@ -42,3 +42,10 @@ TOKENS_REFUSED = Counter(
     ["transport", "reason"],
     registry=REGISTRY,
 )
+HTTP_CLOSED = Counter(
+    "fwcm_http_connections_closed",
+    "HTTP connections closed or refused to protect the others: head_timeout, body_timeout, stalled, "
+    "evicted, refused",
+    ["reason"],
+    registry=REGISTRY,
+)
