@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import h11
@@ -41,20 +41,22 @@ class HttpLimits:
     marks).  Like nginx's ``send_timeout``, generous for slow radio links."""
     max_connections: int = 0
     """Open HTTP connections; 0: derived from the process's descriptor limit (:meth:`derive`)."""
-    backlog: int = 128
-    """Listen backlog, which is also how many connections asyncio accepts in one go."""
+    backlog: int = 0
+    """Listen backlog, which is also how many connections asyncio accepts in one go; 0: derived."""
 
     def derive(self, nofile: int | None = None) -> HttpLimits:
-        """These limits with ``max_connections`` set from the soft ``RLIMIT_NOFILE`` when 0: two
-        descriptors per connection (an upload holds its temporary file open), after the reserve
-        and one accepted backlog."""
-        if self.max_connections:
+        """These limits with what is 0 derived from the soft ``RLIMIT_NOFILE``: a backlog of an
+        eighth of it (at most uvicorn's 2,048: bursts of connections wait in the kernel, not in a
+        SYN retry), and two descriptors per connection (an upload holds its temporary file open)
+        for what is left after the reserve and one accepted backlog."""
+        if self.max_connections and self.backlog:
             return self
         if nofile is None:
             nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             nofile = min(nofile, 1 << 20) if nofile != resource.RLIM_INFINITY else 1 << 20
-        cap = max(16, (nofile - FD_RESERVE - self.backlog) // 2)
-        return HttpLimits(self.head_timeout, self.idle_timeout, cap, self.backlog)
+        backlog = self.backlog or min(2048, max(64, nofile // 8))
+        cap = self.max_connections or max(16, (nofile - FD_RESERVE - backlog) // 2)
+        return replace(self, max_connections=cap, backlog=backlog)
 
 
 class BoundedH11Protocol(H11Protocol):
