@@ -135,12 +135,14 @@ class DevicePayloads:
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
         at = p.start
         end = at + p.length if scope["method"] == "GET" else at
-        # Slices of the one cached image, a chunk at a time: send waits while the client's write
-        # buffer is full, so a client that reads slowly (or not at all) holds a chunk, not a copy.
+        # Views of the one cached image, a chunk at a time: send waits while the client's write
+        # buffer is full, so a client that reads slowly (or not at all) holds a chunk, not a copy;
+        # a view is copied only when it is written (not at all once the client is gone).
+        view = memoryview(data)
         while True:
-            body = data[at : min(at + CHUNK, end)]
-            at += len(body)
-            await send({"type": "http.response.body", "body": body, "more_body": at < end})
+            chunk = view[at : min(at + CHUNK, end)]
+            at += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": at < end})
             if at >= end:
                 return
 
