@@ -192,6 +192,8 @@ async def test_when_every_connection_is_busy_a_newcomer_gets_a_503(tmp_path: Pat
             await wait_until(lambda: listener.connections() == 0, 30, "the slow readers to go")
             r = await http.get(f"/p/{SHA}")
             assert r.status_code == 200 and r.content == IMAGE
+            r = await http.get(f"/p/{SHA}", headers={"Range": "bytes=70000-200000"})
+            assert r.status_code == 206 and r.content == IMAGE[70000:200001]
 
 
 async def test_transfers_that_stop_are_dropped_after_the_idle_timeout(tmp_path: Path) -> None:

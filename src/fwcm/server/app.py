@@ -135,16 +135,17 @@ class DevicePayloads:
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
         at = p.start
         end = at + p.length if scope["method"] == "GET" else at
+        if end - at <= CHUNK:  # one message (a whole small image is the cached object, no copy)
+            await send({"type": "http.response.body", "body": data[at:end]})
+            return
         # Views of the one cached image, a chunk at a time: send waits while the client's write
         # buffer is full, so a client that reads slowly (or not at all) holds a chunk, not a copy;
         # a view is copied only when it is written (not at all once the client is gone).
         view = memoryview(data)
-        while True:
+        while at < end:
             chunk = view[at : min(at + CHUNK, end)]
             at += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": at < end})
-            if at >= end:
-                return
 
 
 @dataclass
