@@ -83,6 +83,8 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._expect(None)
+        if self._timer is not None:
+            self._timer.cancel()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -123,20 +125,16 @@ class BoundedH11Protocol(H11Protocol):
 
     def _expect(self, reason: str | None, timeout: float = 0.0, restart: bool = False) -> None:
         """Close the connection for ``reason`` in ``timeout`` s, unless it is already due for the
-        same reason (and not ``restart``); None: no deadline."""
-        if reason == "head_timeout":
-            self.waiting[self] = None
-        else:
-            self.waiting.pop(self, None)
-        if reason is None:
-            self._reason = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
+        same reason (and not ``restart``); None: no deadline (a pending timer finds nothing due)."""
         if reason == self._reason and not restart:
             return
+        if self._reason == "head_timeout":
+            del self.waiting[self]
         self._reason = reason
+        if reason is None:
+            return
+        if reason == "head_timeout":
+            self.waiting[self] = None
         self._deadline = self.loop.time() + timeout
         if self._timer is None or self._timer.when() > self._deadline:
             if self._timer is not None:
@@ -164,10 +162,11 @@ class BoundedH11Protocol(H11Protocol):
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for a request head; False if none does."""
-        for oldest in self.waiting:
-            oldest._drop("evicted")
-            return True
-        return False
+        oldest = next(iter(self.waiting), None)
+        if oldest is None:
+            return False
+        oldest._drop("evicted")
+        return True
 
 
 def protocol_class(limits: HttpLimits) -> type[BoundedH11Protocol]:
