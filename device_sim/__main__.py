@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fwcm.runtime import tune_gc
+from fwcm.runtime import setup_logging, tune_gc
 
 from .faults import PROFILES, get_profile
 from .fleet import FleetReport, FleetSpec, all_finished, build_configs, register_devices, run_fleet
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
     level = logging.WARNING - 10 * getattr(args, "verbose", 0)
-    logging.basicConfig(
-        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(max(level, logging.DEBUG))
     if args.command == "faults":
         for p in PROFILES.values():
             print(f"{p.name:14} {p.description}")

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import gc
+import logging
+from typing import TextIO
+
+from fwcm.logs import RateLimited
 
 YOUNG_THRESHOLD = 20_000
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int, stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr) at ``level``, repeated lines rate-limited (:mod:`fwcm.logs`) on
+    every handler of the root logger, which uvicorn's and asyncio's records reach too."""
+    logging.basicConfig(level=level, stream=stream, format=LOG_FORMAT)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, RateLimited):
+            root.removeHandler(handler)
+            root.addHandler(RateLimited(handler))
 
 
 def tune_gc() -> None:

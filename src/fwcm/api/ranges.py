@@ -60,15 +60,18 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 
 def _read(path: Path, start: int, length: int) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        f.seek(start)
-        left = length
-        while left > 0:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                return
-            left -= len(chunk)
-            yield chunk
+    """``length`` bytes from ``start`` in chunks, the file open only while a chunk is read: the
+    response waits while the client's buffer is full, and an abandoned response is closed only
+    when the garbage collector gets to it, so an open file would be held by every slow reader."""
+    end = start + length
+    while start < end:
+        with path.open("rb") as f:
+            f.seek(start)
+            chunk = f.read(min(CHUNK, end - start))
+        if not chunk:
+            return
+        start += len(chunk)
+        yield chunk
 
 
 @dataclass(frozen=True)

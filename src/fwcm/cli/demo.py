@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fwcm.runtime import tune_gc
+from fwcm.runtime import setup_logging, tune_gc
 
 log = logging.getLogger("fwcm.demo")
 
@@ -568,11 +568,7 @@ def demo(
         get_profile(faults)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     console = Console(stderr=as_json)
     if faults == "rogue" and not attestation:
         raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")

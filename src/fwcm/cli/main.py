@@ -13,7 +13,7 @@ import typer
 
 from fwcm.cli import inventory, keys, manifest, pki, resources, watch
 from fwcm.cli.demo import demo
-from fwcm.runtime import tune_gc
+from fwcm.runtime import setup_logging, tune_gc
 
 app = typer.Typer(
     help="fwcm: firmware campaign manager for IoT fleets.",
@@ -45,10 +45,7 @@ app.add_typer(admin_app, name="admin")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
 
 
 @admin_app.command("tenant-ca")

@@ -22,14 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.requests import ClientDisconnect
 
 from fwcm import attestation, manifest, protocol
-from fwcm.api.ranges import plan
+from fwcm.api.ranges import CHUNK, plan
 from fwcm.config import Settings
 from fwcm.protocol import NoticeKind
 from fwcm.rollout.states import CampaignState
 from fwcm.server.accounts import AccountSync
 from fwcm.server.engine import Engine, Notifier
+from fwcm.server.http import uvicorn_config
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
 from fwcm.store import deployments as dq
@@ -122,13 +124,21 @@ class DevicePayloads:
         self.cache = cache
         self.refusal = refusal
 
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """To the API.  A client gone mid-request (one whose body stopped is dropped after a
+        while) has nobody to answer: not an error to log with a traceback."""
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            log.debug("client gone during %s %s", scope.get("method"), scope.get("path"))
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path: str = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/p/") or scope["method"] not in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
+            return await self._forward(scope, receive, send)
         sha = path[3:].lower()
         if not is_sha256(sha):
-            return await self.app(scope, receive, send)
+            return await self._forward(scope, receive, send)
         if self.refusal is not None:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
             try:
@@ -145,14 +155,25 @@ class DevicePayloads:
         if data is None:
             data = await asyncio.to_thread(self.cache.get, sha, cache_only=True)
         if data is None:
-            return await self.app(scope, receive, send)  # unknown (404) or streamed from disk
+            return await self._forward(scope, receive, send)  # unknown (404) or streamed from disk
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         p = plan(headers, len(data), sha)
-        body = data[p.start : p.start + p.length] if scope["method"] == "GET" else b""
         raw = [(k.encode(), v.encode()) for k, v in p.headers.items()]
         raw.append((b"content-type", b"application/octet-stream"))
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        at = p.start
+        end = at + p.length if scope["method"] == "GET" else at
+        if end - at <= CHUNK:  # one message (a whole small image is the cached object, no copy)
+            await send({"type": "http.response.body", "body": data[at:end]})
+            return
+        # Views of the one cached image, a chunk at a time: send waits while the client's write
+        # buffer is full, so a client that reads slowly (or not at all) holds a chunk, not a copy;
+        # a view is copied only when it is written (not at all once the client is gone).
+        view = memoryview(data)
+        while at < end:
+            chunk = view[at : min(at + CHUNK, end)]
+            at += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": at < end})
 
 
 async def _unavailable(send: Any) -> None:
@@ -267,14 +288,7 @@ class Server:
             await self.coap.start()
             self.notifier.deliver_coap = self.coap.deliver
         if self.enable_http:
-            config = uvicorn.Config(
-                self.create_api(),
-                host=self.settings.http_host,
-                port=self.settings.http_port,
-                log_level="warning",
-                lifespan="off",
-                access_log=False,
-            )
+            config = uvicorn_config(self.create_api(), self.settings.http_host, self.settings.http_port)
             self._http = uvicorn.Server(config)
             self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
             while not self._http.started:

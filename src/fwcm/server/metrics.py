@@ -53,3 +53,10 @@ ENGINE_CAMPAIGNS_FAILING = Gauge(
     "Campaigns the engine cannot advance right now (their note says why)",
     registry=REGISTRY,
 )
+HTTP_CLOSED = Counter(
+    "fwcm_http_connections_closed",
+    "HTTP connections closed or refused to protect the others: head_timeout, body_timeout, stalled, "
+    "evicted, refused",
+    ["reason"],
+    registry=REGISTRY,
+)
