@@ -86,7 +86,10 @@ async def test_mosquitto_sub_without_an_account_reads_nothing(env: Env) -> None:
     assert b"not authori" in err.lower(), err
 
 
-async def test_coap_client_fetches_payload_blockwise(env: Env, tmp_path: Path) -> None:
+@pytest.mark.parametrize("held", ["cached", "from disk"])
+async def test_coap_client_fetches_payload_blockwise(env: Env, tmp_path: Path, held: str) -> None:
+    if held == "from disk":  # an image too large for the cache: each block is read from the file
+        env.server.payload_cache.max_item = 4096
     image = firmware(50_000, seed=3)  # 49 blocks of 1024 bytes
     sha = hashlib.sha256(image).hexdigest()
     await env.call("POST", "/payloads", content=image)

@@ -109,6 +109,18 @@ class PayloadCache:
             self._size -= len(old)
         return data
 
+    def read(self, sha256: str, offset: int, size: int) -> tuple[bytes, int] | None:
+        """``size`` bytes of a payload from ``offset``, and the payload's total size; None if
+        unknown. An image too large to cache is read from disk, that slice only."""
+        data = self.get(sha256, cache_only=True)
+        if data is not None:
+            return data[offset : offset + size], len(data)
+        if not self.store.exists(sha256):
+            return None
+        with self.store.open(sha256) as f:
+            f.seek(offset)
+            return f.read(size), self.store.size(sha256)
+
 
 RefusalFn = Callable[[str, dict[str, str], str], Awaitable[str | None]]
 """(sha256, query, transport) → why a payload fetch is refused, or None."""
@@ -509,7 +521,10 @@ class Server:
         self._tokens_ok[seen] = float(grant.expires)
         return None
 
-    async def coap_payload(self, sha256: str) -> bytes | None:
-        """Payload bytes for a Block2 request: from memory when cached (every block asks again)."""
+    async def coap_payload(self, sha256: str, offset: int, size: int) -> tuple[bytes, int] | None:
+        """One Block2 block of a payload and the payload's size: from memory when cached (every
+        block is a request of its own), else that block alone from disk."""
         data = self.payload_cache.peek(sha256)
-        return data if data is not None else await asyncio.to_thread(self.payload_cache.get, sha256)
+        if data is not None:
+            return data[offset : offset + size], len(data)
+        return await asyncio.to_thread(self.payload_cache.read, sha256, offset, size)

@@ -24,6 +24,7 @@ from typing import Any
 import aiocoap
 from aiocoap import resource
 from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
 from aiocoap.transports import udp6
 
 from fwcm import protocol
@@ -33,7 +34,8 @@ from fwcm.transport.inbound import Inbound
 log = logging.getLogger(__name__)
 
 NoticeSource = Callable[[str, str], Awaitable[bytes | None]]
-PayloadSource = Callable[[str], Awaitable[bytes | None]]
+PayloadSource = Callable[[str, int, int], Awaitable[tuple[bytes, int] | None]]
+"""(sha256, offset, size) → that many bytes of the payload from offset and its total size, or None."""
 RefusalSource = Callable[[str, dict[str, str], str], Awaitable[str | None]]
 """(sha256, query, transport) → why a payload fetch is refused (4.01), or None."""
 Authorizer = Callable[[str, str, str], Awaitable[bool]]
@@ -51,6 +53,8 @@ ACK_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 5
 """Max-Age of a 5.03 answered while storage is unavailable: when to ask again."""
 CREDENTIAL_QUERY = "k"
+BLOCK_SZX = 6
+"""Largest Block2 size served: 2**(6+4) = 1024 bytes (a client may ask for smaller blocks)."""
 MAX_PUSHES_IN_FLIGHT = 256
 PUSH_TIMEOUT_S = 30.0
 
@@ -197,28 +201,46 @@ def _refused(key: tuple[str, str], reason: str) -> Inbound:
 
 
 class PayloadResource(resource.Resource, resource.PathCapable):
-    """Payload bytes by SHA-256; aiocoap slices the response into Block2 blocks."""
+    """Payload bytes by SHA-256, one Block2 block per request.
+
+    Each block is read on its own (from the cached image, or from disk for one too large to cache):
+    neither the server nor aiocoap holds a copy of the whole image per request.
+    """
 
     def __init__(self, source: PayloadSource, refusal: RefusalSource | None = None) -> None:
         super().__init__()
         self._source = source
         self._refusal = refusal
 
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False  # render_get answers the block asked for
+
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         path = request.opt.uri_path
         if len(path) != 1 or len(path[0]) != 64:
             return aiocoap.Message(code=Code.NOT_FOUND)
+        asked = request.opt.block2
+        szx = min(asked.size_exponent, BLOCK_SZX) if asked is not None else BLOCK_SZX
+        number = asked.block_number if asked is not None else 0
+        size = 1 << (szx + 4)
         try:
             if self._refusal is not None:
                 refused = await self._refusal(path[0].lower(), _query(request), "coap")
                 if refused is not None:
                     return aiocoap.Message(code=Code.UNAUTHORIZED, payload=refused.encode()[:100])
-            data = await self._source(path[0].lower())
+            found = await self._source(path[0].lower(), number * size, size)
         except Unavailable:
             return _unavailable()
-        if data is None:
+        if found is None:
             return aiocoap.Message(code=Code.NOT_FOUND)
-        msg = aiocoap.Message(code=Code.CONTENT, payload=data)
+        block, total = found
+        if number * size >= max(total, 1):
+            return aiocoap.Message(code=Code.BAD_OPTION, payload=b"block beyond the end of the payload")
+        msg = aiocoap.Message(code=Code.CONTENT, payload=block)
+        if asked is not None or total > size:
+            more = (number + 1) * size < total
+            msg.opt.block2 = BlockOption.BlockwiseTuple(number, more, szx)
+            msg.opt.size2 = total
         msg.opt.etag = bytes.fromhex(path[0])[:8]
         return msg
 
