@@ -138,6 +138,7 @@ async def test_mqtt_report_out_of_range_is_refused_and_nobody_waits(env: Env) ->
         client.loop_stop()
         client.disconnect()
     assert rejected("mqtt", "shape") - before == 1
+    assert (await env.call("GET", "/dead-letters"))["total"] == 0  # refused, not set aside
 
 
 async def coap_post(ctx: aiocoap.Context, env: Env, device: str, payload: bytes) -> aiocoap.Message:
