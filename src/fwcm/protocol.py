@@ -12,7 +12,7 @@ import base64
 import enum
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +30,30 @@ _HDR_KID = 4
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Tenant slugs and device ids: safe as one MQTT topic level and one CoAP path segment."""
+
+# Bounds of every field a device sends, checked where a message is decoded, so that nothing a
+# device says can fail in the database (``docs/protocol.md`` states them in the CDDL).
+UINT63_MAX = 2**63 - 1
+"""Ids, sequence numbers, byte and usage counts, POSIX times: a signed 64-bit column holds them."""
+ATTEMPT_MAX = 2**31 - 1
+"""Attempts are a 32-bit column."""
+DETAIL_BYTES = 200
+"""Report detail and accounting detail (UTF-8 bytes)."""
+FIRMWARE_NAME_BYTES = 200
+FIRMWARE_VERSION_BYTES = 64
+MAX_OPTIONS = 8
+"""Consent options of a campaign, and so of an answer."""
+OPTION_BYTES = 256
+"""A consent option's name or value: 64 characters (the campaign's bound) of UTF-8."""
+MAX_OPTION_VALUES = 16
+NONCE_BYTES = 16
+KEY_ID_BYTES = 32
+"""Revoked signer key ids: SHA-256 of the key."""
+SIGNED_OBJECT_BYTES = 1024
+"""Attestation evidence and credentials (COSE_Sign1), install tokens."""
+NOTICE_TEXT_BYTES = 800
+"""Text the server puts in a notice (reason, requester, campaign name): 200 characters of UTF-8."""
+ACCOUNTING_KINDS = ("interim", "final", "removed")
 
 
 class ProtocolError(ValueError):
@@ -156,24 +180,37 @@ class Notice:
 
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Notice:
+        kind_value = _uint(m, 1)
         try:
-            window = m.get(9)
-            return cls(
-                kind=NoticeKind(_uint(m, 1)),
-                device=_text(m, 2),
-                campaign=_uint(m, 3),
-                attempt=_uint(m, 4),
-                issued=_uint(m, 5),
-                envelope=_opt_bytes(m, 6),
-                nonce=_opt_bytes(m, 7),
-                revoked=tuple(_bytes_list(m.get(8, []))),
-                window=(int(window[0]), int(window[1])) if window is not None else None,
-                extra={k: v for k, v in m.items() if isinstance(k, int) and k >= 10},
-            )
-        except ProtocolError:
-            raise
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise ProtocolError("shape", f"malformed notice: {exc}") from exc
+            kind = NoticeKind(kind_value)
+        except ValueError:
+            raise ProtocolError("shape", f"unknown notice kind {kind_value}") from None
+        device = _text(m, 2)
+        if not NAME_RE.fullmatch(device):
+            raise ProtocolError("shape", "key 2 must be a device name")
+        window = m.get(9)
+        if window is not None and not (isinstance(window, list | tuple) and len(window) == 2):
+            raise ProtocolError("shape", "key 9 must be [start, end]")
+        nonce = m.get(7)
+        if nonce is not None and not (isinstance(nonce, bytes) and len(nonce) == NONCE_BYTES):
+            raise ProtocolError("shape", f"key 7 must be {NONCE_BYTES} bytes")
+        extra = {k: v for k, v in m.items() if isinstance(k, int) and k >= 10}
+        for key, v in extra.items():
+            check = _NOTICE_EXTENSIONS.get(key)
+            if check is not None:
+                check[0](v, check[1])
+        return cls(
+            kind=kind,
+            device=device,
+            campaign=_uint(m, 3),
+            attempt=_uint(m, 4, ATTEMPT_MAX),
+            issued=_uint(m, 5),
+            envelope=_opt_bytes(m, 6, MAX_NOTICE_BYTES),
+            nonce=nonce,
+            revoked=tuple(_bytes_list(m.get(8, []), KEY_ID_BYTES)),
+            window=None if window is None else (_as_uint(window[0], "key 9"), _as_uint(window[1], "key 9")),
+            extra=extra,
+        )
 
 
 @dataclass(frozen=True)
@@ -208,7 +245,7 @@ class Report:
         if self.progress is not None:
             m[7] = self.progress
         if self.detail is not None:
-            m[8] = self.detail[:200]
+            m[8] = _clip(self.detail, DETAIL_BYTES)
         if self.installed_sequence is not None:
             m[9] = self.installed_sequence
         m.update(self.extra)
@@ -216,35 +253,50 @@ class Report:
 
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Report:
+        """Decode a report, refusing (``shape``) every field outside its documented range."""
         try:
             device, campaign, attempt, seq, state, result = m[1], m[2], m[3], m[4], m[5], m[6]
         except KeyError as exc:
             raise ProtocolError("shape", f"missing key {exc.args[0]}") from None
-        if type(device) is not str:
-            raise ProtocolError("shape", "key 1 must be text")
-        for key, v in ((2, campaign), (3, attempt), (4, seq), (5, state), (6, result)):
-            if type(v) is not int or v < 0:  # not bool, not a subclass: what CBOR decodes to
-                raise ProtocolError("shape", f"key {key} must be an unsigned integer")
+        if type(device) is not str or not NAME_RE.fullmatch(device):
+            raise ProtocolError("shape", "key 1 must be a device name")
+        if not (  # one expression: this runs for every report (type: not bool, as CBOR decodes)
+            type(campaign) is int
+            and 0 <= campaign <= UINT63_MAX
+            and type(attempt) is int
+            and 0 <= attempt <= ATTEMPT_MAX
+            and type(seq) is int
+            and 0 <= seq <= UINT63_MAX
+            and type(state) is int
+            and type(result) is int
+        ):
+            for key, top in ((2, UINT63_MAX), (3, ATTEMPT_MAX), (4, UINT63_MAX), (5, 255), (6, 255)):
+                _as_uint(m[key], f"key {key}", top)
         detail, progress, installed = m.get(8), m.get(7), m.get(9)
-        if detail is not None and not isinstance(detail, str):
-            raise ProtocolError("shape", "report detail must be text")
+        if detail is not None:
+            _check_text(detail, DETAIL_BYTES, "report detail")
         known = 6 + (detail is not None) + (progress is not None) + (installed is not None)
         extra = {k: v for k, v in m.items() if isinstance(k, int) and k >= 10} if len(m) > known else {}
+        for key, v in extra.items():
+            check = _REPORT_EXTENSIONS.get(key)
+            if check is not None:
+                check[0](v, check[1])
         try:
-            return cls(
-                device=device,
-                campaign=campaign,
-                attempt=attempt,
-                seq=seq,
-                state=LwState(state),
-                result=Result(result),
-                progress=None if progress is None else _as_uint(progress, "progress"),
-                detail=detail,
-                installed_sequence=None if installed is None else _as_uint(installed, "sequence"),
-                extra=extra,
-            )
+            lw_state, lw_result = LwState(state), Result(result)
         except ValueError as exc:
-            raise ProtocolError("shape", f"malformed report: {exc}") from exc
+            raise ProtocolError("shape", f"malformed report: {exc}") from None
+        return cls(
+            device=device,
+            campaign=campaign,
+            attempt=attempt,
+            seq=seq,
+            state=lw_state,
+            result=lw_result,
+            progress=None if progress is None else _as_uint(progress, "progress"),
+            detail=detail,
+            installed_sequence=None if installed is None else _as_uint(installed, "sequence"),
+            extra=extra,
+        )
 
 
 # -- COSE_Mac0 framing ------------------------------------------------------------------------
@@ -388,16 +440,16 @@ def _loads(data: bytes) -> Any:
         raise ProtocolError("cbor", f"not CBOR: {exc}") from exc
 
 
-def _as_uint(v: Any, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ProtocolError("shape", f"{what} must be an unsigned integer")
+def _as_uint(v: Any, what: str, top: int = UINT63_MAX) -> int:
+    if type(v) is not int or not 0 <= v <= top:  # not bool: CBOR decodes integers to int itself
+        raise ProtocolError("shape", f"{what} must be an integer in 0..{top}")
     return v
 
 
-def _uint(m: dict[Any, Any], key: int) -> int:
+def _uint(m: dict[Any, Any], key: int, top: int = UINT63_MAX) -> int:
     if key not in m:
         raise ProtocolError("shape", f"missing key {key}")
-    return _as_uint(m[key], f"key {key}")
+    return _as_uint(m[key], f"key {key}", top)
 
 
 def _text(m: dict[Any, Any], key: int) -> str:
@@ -407,17 +459,141 @@ def _text(m: dict[Any, Any], key: int) -> str:
     return v
 
 
-def _opt_bytes(m: dict[Any, Any], key: int) -> bytes | None:
+def _check_text(v: Any, max_bytes: int, what: str, min_bytes: int = 0) -> None:
+    """Text of ``min_bytes..max_bytes`` UTF-8 bytes without NUL (PostgreSQL text cannot hold it)."""
+    if type(v) is not str:
+        raise ProtocolError("shape", f"{what} must be text")
+    size = len(v) if v.isascii() else len(v.encode())
+    if not min_bytes <= size <= max_bytes:
+        raise ProtocolError("shape", f"{what} must be {min_bytes}..{max_bytes} bytes of UTF-8")
+    if "\x00" in v:
+        raise ProtocolError("shape", f"{what} must not contain NUL")
+
+
+def _clip(v: str, max_bytes: int) -> str:
+    """The longest prefix of ``v`` that fits ``max_bytes`` of UTF-8."""
+    return v if len(v.encode()) <= max_bytes else v.encode()[:max_bytes].decode(errors="ignore")
+
+
+def _opt_bytes(m: dict[Any, Any], key: int, max_size: int) -> bytes | None:
     v = m.get(key)
-    if v is not None and not isinstance(v, bytes):
-        raise ProtocolError("shape", f"key {key} must be bytes")
+    if v is not None and not (isinstance(v, bytes) and len(v) <= max_size):
+        raise ProtocolError("shape", f"key {key} must be at most {max_size} bytes")
     return v
 
 
-def _bytes_list(v: Any) -> list[bytes]:
-    if not isinstance(v, list | tuple) or not all(isinstance(x, bytes) for x in v):
-        raise ProtocolError("shape", "expected a list of byte strings")
+def _bytes_list(v: Any, size: int) -> list[bytes]:
+    if not isinstance(v, list | tuple) or not all(isinstance(x, bytes) and len(x) == size for x in v):
+        raise ProtocolError("shape", f"expected a list of {size}-byte strings")
     return list(v)
+
+
+def _check_map(v: Any, what: str, allowed: frozenset[int], required: frozenset[int] = frozenset()) -> None:
+    if not isinstance(v, Mapping):
+        raise ProtocolError("shape", f"{what} must be a map")
+    if not v.keys() <= allowed:
+        raise ProtocolError("shape", f"{what} has keys other than {sorted(allowed)}")
+    if not required <= v.keys():
+        raise ProtocolError("shape", f"{what} needs keys {sorted(required)}")
+
+
+# -- extension values of reports and notices (keys >= 10) --------------------------------------
+
+
+def _check_signed(v: Any, what: str) -> None:
+    if not (isinstance(v, bytes) and len(v) <= SIGNED_OBJECT_BYTES):
+        raise ProtocolError("shape", f"{what} must be at most {SIGNED_OBJECT_BYTES} bytes")
+
+
+def _check_firmware_name(v: Any, what: str) -> None:
+    _check_text(v, FIRMWARE_NAME_BYTES, what)
+
+
+def _check_firmware_version(v: Any, what: str) -> None:
+    _check_text(v, FIRMWARE_VERSION_BYTES, what)
+
+
+def _check_options(v: Any, what: str) -> None:
+    """``{option: value}`` of an answer: at most MAX_OPTIONS names and values of 1..OPTION_BYTES."""
+    if not isinstance(v, Mapping) or len(v) > MAX_OPTIONS:
+        raise ProtocolError("shape", f"{what} must be a map of at most {MAX_OPTIONS} options")
+    for name, value in v.items():
+        _check_text(name, OPTION_BYTES, f"{what} option", 1)
+        _check_text(value, OPTION_BYTES, f"{what} value", 1)
+
+
+def _check_answer(v: Any, what: str) -> None:
+    """``{1: accepted, ? 2: {option: value}}``."""
+    _check_map(v, what, frozenset({1, 2}), frozenset({1}))
+    if type(v[1]) is not bool:
+        raise ProtocolError("shape", f"{what}: key 1 must be true or false")
+    if 2 in v:
+        _check_options(v[2], f"{what}: key 2")
+
+
+def _check_accounting(v: Any, what: str) -> None:
+    """``{1: kind, 2: uses, 3: seconds, ? 4: detail}``."""
+    _check_map(v, what, frozenset({1, 2, 3, 4}), frozenset({1, 2, 3}))
+    if v[1] not in ACCOUNTING_KINDS or type(v[1]) is not str:
+        raise ProtocolError("shape", f"{what}: key 1 must be one of {', '.join(ACCOUNTING_KINDS)}")
+    _as_uint(v[2], f"{what}: uses")
+    _as_uint(v[3], f"{what}: seconds")
+    if 4 in v:
+        _check_text(v[4], DETAIL_BYTES, f"{what}: detail")
+
+
+def _check_reason(v: Any, what: str) -> None:
+    _check_text(v, NOTICE_TEXT_BYTES, what)
+
+
+def _check_invitation(v: Any, what: str) -> None:
+    """``{1: requester, 2: campaign name, 3: {option: [values]}, 4: deadline, 5: initiator}``; a
+    receiver takes what is there."""
+    _check_map(v, what, frozenset({1, 2, 3, 4, 5}))
+    for key in (1, 2, 5):
+        if key in v:
+            _check_text(v[key], NOTICE_TEXT_BYTES, f"{what}: key {key}")
+    if 4 in v:
+        _as_uint(v[4], f"{what}: deadline")
+    options = v.get(3, {})
+    if not isinstance(options, Mapping) or len(options) > MAX_OPTIONS:
+        raise ProtocolError("shape", f"{what}: key 3 must be a map of at most {MAX_OPTIONS} options")
+    for name, values in options.items():
+        _check_text(name, OPTION_BYTES, f"{what}: option", 1)
+        if not isinstance(values, list | tuple) or not 1 <= len(values) <= MAX_OPTION_VALUES:
+            raise ProtocolError("shape", f"{what}: option {name!r} needs 1..{MAX_OPTION_VALUES} values")
+        for value in values:
+            _check_text(value, OPTION_BYTES, f"{what}: value", 1)
+
+
+def _check_prepare(v: Any, what: str) -> None:
+    if v is not True:
+        raise ProtocolError("shape", f"{what} must be true")
+
+
+def _check_limits(v: Any, what: str) -> None:
+    """``{? 1: max uses, ? 2: seconds, ? 3: accounting interval}``."""
+    _check_map(v, what, frozenset({1, 2, 3}))
+    for key, n in v.items():
+        _as_uint(n, f"{what}: key {key}")
+
+
+_Check = tuple[Callable[[Any, str], None], str]
+_REPORT_EXTENSIONS: dict[int, _Check] = {
+    REPORT_EVIDENCE: (_check_signed, "report key 10 (evidence)"),
+    REPORT_FIRMWARE_NAME: (_check_firmware_name, "report key 11 (firmware name)"),
+    REPORT_FIRMWARE_VERSION: (_check_firmware_version, "report key 12 (firmware version)"),
+    REPORT_ANSWER: (_check_answer, "report key 13 (answer)"),
+    REPORT_ACCOUNTING: (_check_accounting, "report key 14 (accounting)"),
+}
+_NOTICE_EXTENSIONS: dict[int, _Check] = {
+    NOTICE_TOKEN: (_check_signed, "notice key 10 (install token)"),
+    NOTICE_CREDENTIAL: (_check_signed, "notice key 11 (credential)"),
+    NOTICE_REASON: (_check_reason, "notice key 12 (reason)"),
+    NOTICE_INVITATION: (_check_invitation, "notice key 13 (invitation)"),
+    NOTICE_PREPARE: (_check_prepare, "notice key 14 (prepare)"),
+    NOTICE_LIMITS: (_check_limits, "notice key 15 (limits)"),
+}
 
 
 # -- device credentials -----------------------------------------------------------------------

@@ -116,6 +116,31 @@ async def test_mqtt_bad_messages_are_dropped_and_counted(env: Env) -> None:
     assert await device_sequence(env, "victim") == 1  # nothing written for the victim
 
 
+async def test_mqtt_report_out_of_range_is_refused_and_nobody_waits(env: Env) -> None:
+    """A correctly sealed hello whose sequence no database column holds (2^63) used to fail its
+    batch forever; now it is refused as ``shape`` and acknowledged, and every later report, of
+    that device or another, is applied."""
+    secrets = await env.devices([("big", "mqtt"), ("small", "mqtt")])
+    before = rejected("mqtt", "shape")
+    poison = protocol.seal(secrets["big"], "big", {1: "big", 2: 0, 3: 0, 4: 1, 5: 0, 6: 0, 9: 2**63})
+    client = publisher(env)
+    try:
+        client.publish(protocol.status_topic("acme", "big"), poison, qos=1).wait_for_publish(5)
+        for name, installed in (("small", 4), ("big", 3)):
+            report = protocol.encode_report(secrets[name], hello(name, 2, installed))
+            client.publish(protocol.status_topic("acme", name), report, qos=1).wait_for_publish(5)
+
+        async def applied() -> bool:
+            return (await device_sequence(env, "small"), await device_sequence(env, "big")) == (4, 3)
+
+        await wait_for(applied)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert rejected("mqtt", "shape") - before == 1
+    assert (await env.call("GET", "/dead-letters"))["total"] == 0  # refused, not set aside
+
+
 async def coap_post(ctx: aiocoap.Context, env: Env, device: str, payload: bytes) -> aiocoap.Message:
     uri = f"{env.settings.public_coap_url}/s/acme/{device}"
     return await asyncio.wait_for(

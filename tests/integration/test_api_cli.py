@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import stat
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from fwcm import manifest, protocol
 from fwcm.cli import resources
+from fwcm.store import deadletters, repo
 
 VENDOR = manifest.vendor_id_for_domain("example.com")
 CLASS_A = manifest.class_id_for(VENDOR, "sensor-a")
@@ -227,3 +229,27 @@ def test_login_writes_private_config_and_checks_key(
     assert cfg.read_text() == f'url = "{server}"\napi_key = "{api.key}"\n'
     who = ok_json("whoami")
     assert who["slug"] == "acme" and who["url"] == server
+
+
+def test_dead_letters_through_the_cli(env: dict[str, str], api: Any) -> None:
+    with api.db.session() as s:
+        other, _key = repo.create_tenant(s, "other")
+        Letter = deadletters.Letter
+        deadletters.add(
+            s,
+            [
+                Letter(api.tenant_id, "d1", "mqtt", b"\xd1raw", "integrity", "IntegrityError: boom"),
+                Letter(api.tenant_id, "d2", "coap", b"\xd1raw2", "data", "DataError: too long"),
+                Letter(other.id, "theirs", "mqtt", b"secret", "data", "not yours"),
+            ],
+        )
+    page = ok_json("device", "dead-letters")
+    assert page["total"] == 2  # only this tenant's
+    assert [(d["device"], d["reason"], d["error"]) for d in page["items"]] == [
+        ("d2", "data", "DataError: too long"),
+        ("d1", "integrity", "IntegrityError: boom"),
+    ]
+    assert base64.b64decode(page["items"][1]["payload"]) == b"\xd1raw"
+    assert [d["device"] for d in ok_json("device", "dead-letters", "--device", "d1")["items"]] == ["d1"]
+    code, out, err = run("device", "dead-letters")
+    assert code == 0 and "2 dead letters" in out and "DataError: too long" in out, err

@@ -41,7 +41,7 @@ def test_notice_round_trip_with_optional_fields() -> None:
         1_700_000_000,
         envelope=b"\xd8\x6b\xa0",
         nonce=b"n" * 16,
-        revoked=(b"k1", b"k2"),
+        revoked=(b"1" * 32, b"2" * 32),  # key ids: SHA-256 of the signer key
         window=(10, 20),
         extra={12: "future"},
     )

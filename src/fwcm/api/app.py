@@ -603,6 +603,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     app.include_router(
         inventory_router(db, settings, devices_changed)
     )  # first: /devices/outdated before /devices/{name}
+    from fwcm.api.deadletters import create_router as dead_letters_router  # imports this module
+
+    app.include_router(dead_letters_router(db))
     app.include_router(api)
 
     # -- public payload route for devices --------------------------------------------------------

@@ -409,6 +409,26 @@ def device_show(name: Annotated[str, typer.Argument(metavar="NAME")], as_json: J
         )
 
 
+@device_app.command("dead-letters")
+def device_dead_letters(
+    device: Annotated[str | None, typer.Option("--device", help="Only this device's")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many")] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Messages of your devices that failed to apply and were set aside, newest first."""
+    with api() as client:
+        page = client.get("/dead-letters", device=device, limit=limit, offset=offset)
+    if as_json:
+        _print_json(page)
+        return
+    _table(
+        f"{page['total']} dead letters",
+        ["at", "device", "transport", "reason", "error"],
+        [[_short(d["at"]), d["device"], d["transport"], d["reason"], d["error"]] for d in page["items"]],
+    )
+
+
 # -- campaigns --------------------------------------------------------------------------------
 
 

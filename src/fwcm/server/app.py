@@ -34,6 +34,7 @@ from fwcm.server.engine import Engine, Notifier
 from fwcm.server.http import uvicorn_config
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
+from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
@@ -378,19 +379,19 @@ class Server:
             await self.stop()
 
     async def _housekeeping(self) -> None:
-        """Trim device history now and then so it stays bounded."""
+        """Trim device history and dead letters now and then so they stay bounded."""
         while True:
             await asyncio.sleep(60)
             try:
-                trimmed = await asyncio.to_thread(self._trim)
-                if trimmed:
-                    log.info("trimmed %d old device events", trimmed)
+                events, letters = await asyncio.to_thread(self._trim)
+                if events or letters:
+                    log.info("trimmed %d old device events and %d old dead letters", events, letters)
             except Exception:
                 log.exception("history trim failed")
 
-    def _trim(self) -> int:
+    def _trim(self) -> tuple[int, int]:
         with self.db.session() as s:
-            return dq.trim_history(s)
+            return dq.trim_history(s), dl.trim(s)
 
     # -- CoAP sources -------------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
 """Batched ingest of device messages from every transport.
 
 Messages are queued as they arrive, verified (size, COSE_Mac0 under the device's own key, topic or
-path identity), and applied in one transaction per batch.  Each message is acknowledged only
-after its batch committed, or refused with a reason; when the database fails, the batch is
-retried and nothing is acknowledged, so the transport redelivers.
+path identity, the range of every field), and applied in one transaction per batch.  Each message
+is acknowledged only after its batch committed, or refused with a reason.  A batch that fails is
+halved until the messages that fail on their own are found: those become dead letters (stored,
+acknowledged, counted) and the rest commits, so one device's message never holds up another's.
+When the database itself fails, nothing is acknowledged and the batch is retried, so the
+transport redelivers.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +29,7 @@ from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
 from fwcm.store import consent as cq
+from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
@@ -42,6 +48,69 @@ KEY_CACHE_TTL_S = 60.0
 class _Item:
     inbound: Inbound
     arrived: float
+
+
+class _Unit(NamedTuple):
+    """A verified message of a batch: a status report, or a presence flag (``online``)."""
+
+    pos: int
+    """Its place in the batch."""
+    key: dq.DeviceKey
+    verified: dq.Verified | None
+    online: bool | None
+
+
+@dataclass
+class _Checked:
+    """A verified batch: the answer of each refused message, and what to apply with where each
+    message sits in the batch (kept as plain lists: building units is left to a failed batch)."""
+
+    outcomes: list[ProtocolError | None]
+    verified: list[dq.Verified]
+    where: list[int]
+    """Batch position of each verified report."""
+    presence: list[tuple[int, dq.DeviceKey, bool]]
+    """(batch position, device, online) of each presence message."""
+
+    def units(self) -> list[_Unit]:
+        """One unit per message to apply, in batch order: what isolating a failed batch halves."""
+        units = [_Unit(pos, v.key, v, None) for pos, v in zip(self.where, self.verified, strict=True)]
+        units += [_Unit(pos, key, None, online) for pos, key, online in self.presence]
+        return sorted(units, key=lambda u: u.pos)
+
+
+@dataclass
+class _Applied:
+    """What committed transactions of a batch changed, for the callbacks after acknowledging."""
+
+    changed: int = 0
+    campaigns: set[int] = field(default_factory=set)
+    attested: list[dq.AttestationResult] = field(default_factory=list)
+    credentials: Credentials = field(default_factory=list)
+
+    def add(self, other: _Applied) -> None:
+        self.changed += other.changed
+        self.campaigns |= other.campaigns
+        self.attested += other.attested
+        self.credentials += other.credentials
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short label for why a message failed to apply (a metric label: few values)."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        return "integrity"
+    if isinstance(exc, sa_exc.DataError | OverflowError | ValueError):
+        return "data"
+    if isinstance(exc, sa_exc.DBAPIError):
+        return "database"
+    return "internal"
+
+
+def describe(exc: BaseException) -> str:
+    """The driver's first line (no SQL, no parameters: a dead letter is shown to its tenant)."""
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".replace("\x00", "")[:200]
 
 
 class KeyCache:
@@ -132,6 +201,7 @@ class Ingest:
         self._linger = linger_s
         self.ingested = 0
         self.rejected = 0
+        self.quarantined = 0
 
     def submit(self, inbound: Inbound) -> None:
         """Queue a message (called on the event loop thread)."""
@@ -169,22 +239,113 @@ class Ingest:
         delay = 0.2
         while True:
             try:
-                outcomes, campaigns, attested, credentials = await asyncio.to_thread(self._process, batch)
+                checked, first = await asyncio.to_thread(self._process, batch)
                 break
-            except Exception:
+            except Exception:  # the key lookup: the database is down
                 log.exception("ingest batch of %d failed; retrying without acknowledging", len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        outcomes = checked.outcomes
+        if isinstance(first, _Applied):
+            applied = first
+        else:
+            applied = await self._isolate(batch, checked.units(), outcomes, first)
+        self._count(batch, outcomes)
         now = time.monotonic()
         metrics.LAST_COMMIT.set(time.time())
         for item, outcome in zip(batch, outcomes, strict=True):
             item.inbound.on_done(outcome)
         metrics.INGEST_LATENCY.observe(now - batch[0].arrived)  # the batch's oldest report
         metrics.BATCH_SIZE.observe(len(batch))
-        if attested or credentials:
-            self.on_attested(attested, credentials)
-        if campaigns:
-            self._on_applied(campaigns)
+        if applied.attested or applied.credentials:
+            self.on_attested(applied.attested, applied.credentials)
+        if applied.campaigns:
+            self._on_applied(applied.campaigns)
+
+    async def _isolate(
+        self, batch: list[_Item], units: list[_Unit], outcomes: list[ProtocolError | None], failure: Exception
+    ) -> _Applied:
+        """Apply what can be applied of a batch whose transaction failed.
+
+        The failing part is halved until single messages fail; one that fails twice while the
+        database takes writes becomes a dead letter. A part that fails while the database takes no
+        writes is an outage: it waits and is retried, and nothing of the batch is acknowledged.
+        """
+        log.warning("ingest batch of %d failed (%s); isolating what fails", len(units), describe(failure))
+        log.debug("ingest batch failure", exc_info=failure)
+        applied = _Applied()
+        pending: list[tuple[Sequence[_Unit], Exception | None]] = [(units, failure)]
+        tried_alone: set[int] = set()
+        buried: list[tuple[_Unit, str]] = []
+        delay = 0.2
+        while pending:
+            part, error = pending.pop()
+            if error is None:
+                try:
+                    applied.add(await asyncio.to_thread(self._apply_units, part))
+                    continue
+                except Exception as exc:
+                    error = exc
+            alone = len(part) == 1
+            if alone and part[0].pos in tried_alone:
+                reason, why = failure_reason(error), describe(error)
+                if await asyncio.to_thread(self._bury, batch, part[0], reason, why):
+                    outcomes[part[0].pos] = ProtocolError("quarantined", f"failed to apply: {why}")
+                    buried.append((part[0], reason))
+                    continue
+            elif await asyncio.to_thread(self._database_works):
+                if alone:  # once more on its own: a deadlock or a dropped connection passes
+                    tried_alone.add(part[0].pos)
+                    pending.append((part, None))
+                else:
+                    mid = len(part) // 2
+                    pending += [(part[mid:], None), (part[:mid], None)]  # arrival order: left first
+                continue
+            log.warning(
+                "database unavailable (%s); %d messages wait, none acknowledged",
+                describe(error),
+                sum(len(p) for p, _e in pending) + len(part),
+            )
+            pending.append((part, None))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if buried:
+            self._report_buried(batch, buried)
+        return applied
+
+    def _database_works(self) -> bool:
+        try:
+            with self.db.session() as s:
+                dl.probe(s)
+            return True
+        except Exception:
+            return False
+
+    def _bury(self, batch: list[_Item], unit: _Unit, reason: str, error: str) -> bool:
+        """Store a message that fails on its own as a dead letter; False if the database failed."""
+        m = batch[unit.pos].inbound
+        letter = dl.Letter(unit.key.tenant_id, m.device, m.transport, m.payload, reason, error)
+        try:
+            with self.db.session() as s:
+                dl.add(s, [letter])
+            return True
+        except Exception:
+            return False
+
+    def _report_buried(self, batch: list[_Item], buried: list[tuple[_Unit, str]]) -> None:
+        """Count dead letters, and log them in one line per batch."""
+        for unit, reason in buried:
+            metrics.QUARANTINED.labels(batch[unit.pos].inbound.transport, reason).inc()
+        self.quarantined += len(buried)
+        names = [f"{batch[u.pos].inbound.tenant}/{batch[u.pos].inbound.device}" for u, _r in buried[:5]]
+        more = f" and {len(buried) - 5} more" if len(buried) > 5 else ""
+        log.warning(
+            "ingest: %d of %d messages failed to apply and were kept as dead letters: %s%s",
+            len(buried),
+            len(batch),
+            ", ".join(names),
+            more,
+        )
 
     def _answer_contexts(self, s: Session, campaigns: set[int]) -> dict[int, cq.AnswerContext]:
         """Consent rules of campaigns receiving answers (cached: they do not change once started)."""
@@ -198,13 +359,20 @@ class Ingest:
                 self._consents[cid] = cq.AnswerContext(spec, manifest_id) if spec else None
         return {c: ctx for c in campaigns if (ctx := self._consents.get(c)) is not None}
 
-    def _process(
-        self, batch: list[_Item]
-    ) -> tuple[list[ProtocolError | None], set[int], list[dq.AttestationResult], Credentials]:
-        """Verify and apply a batch in one transaction; returns per-message outcome."""
+    def _process(self, batch: list[_Item]) -> tuple[_Checked, _Applied | Exception]:
+        """Verify a batch and apply it in one transaction: what was checked, and what the
+        transaction changed (or why it failed)."""
+        checked = self._verify(batch)
+        presence = {key.device_pk: online for _pos, key, online in checked.presence}
+        try:
+            return checked, self._apply(checked.verified, presence)
+        except Exception as exc:
+            return checked, exc
+
+    def _verify(self, batch: list[_Item]) -> _Checked:
+        """Check every message of a batch: the refused get their reason, the rest are kept."""
         outcomes: list[ProtocolError | None] = [None] * len(batch)
         sealed: dict[int, protocol.Sealed] = {}
-        presence: dict[int, bool] = {}
         for i, item in enumerate(batch):
             m = item.inbound
             if m.kind.startswith("refused:"):
@@ -222,7 +390,7 @@ class Ingest:
         names = {(batch[i].inbound.tenant, batch[i].inbound.device) for i in sealed}
         names |= {(b.inbound.tenant, b.inbound.device) for b in batch if b.inbound.kind == "presence"}
         keys = self.keys.lookup(names)
-        verified: list[dq.Verified] = []
+        checked = _Checked(outcomes, [], [], [])
         for i, frame in sealed.items():
             m = batch[i].inbound
             key = keys.get((m.tenant, m.device))
@@ -232,15 +400,29 @@ class Ingest:
                 report = protocol.Report.from_map(frame.open(key.secret))
                 if report.device != m.device:
                     raise ProtocolError("forbidden", f"report names {report.device!r}, sent as {m.device!r}")
-                verified.append(dq.Verified(key, report))
+                checked.verified.append(dq.Verified(key, report))
+                checked.where.append(i)
             except ProtocolError as err:
                 outcomes[i] = err
-        for item in batch:
+            except Exception as exc:  # a decoder bug: refuse this message, never stall the batch
+                log.warning("cannot decode a message of %s/%s: %s", m.tenant, m.device, describe(exc))
+                outcomes[i] = ProtocolError("internal", f"could not decode: {describe(exc)}")
+        for i, item in enumerate(batch):
             m = item.inbound
             if m.kind == "presence":
                 key = keys.get((m.tenant, m.device))
                 if key is not None and m.payload in (b"0", b"1"):
-                    presence[key.device_pk] = m.payload == b"1"
+                    checked.presence.append((i, key, m.payload == b"1"))
+        return checked
+
+    def _apply_units(self, units: Sequence[_Unit]) -> _Applied:
+        verified = [u.verified for u in units if u.verified is not None]
+        return self._apply(verified, {u.key.device_pk: u.online for u in units if u.online is not None})
+
+    def _apply(self, verified: list[dq.Verified], presence: dict[int, bool]) -> _Applied:
+        """Apply verified messages in one transaction; raises (nothing written) if any fails."""
+        if not verified and not presence:
+            return _Applied()
         reports, evidence, answers, usage = _split(verified)
         done = [
             (v.report.campaign, v.key.device_pk)
@@ -262,13 +444,18 @@ class Ingest:
             if a.reason is not None:
                 log.warning("attestation of %s/%s refused: %s", a.target.tenant, a.target.name, a.reason)
                 campaigns.add(a.campaign)
+        log.debug("%d reports applied: %d deployments changed", len(verified), changed)
+        return _Applied(changed, campaigns, attested, credentials)
+
+    def _count(self, batch: list[_Item], outcomes: list[ProtocolError | None]) -> None:
+        """Metrics of a settled batch: ingested per transport (one update per batch), refusals."""
         ingested: Counter[str] = Counter()
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.inbound.kind == "presence":
                 continue
             if outcome is None:
                 ingested[item.inbound.transport] += 1
-            else:
+            elif outcome.reason != "quarantined":  # counted as dead letters
                 self.rejected += 1
                 metrics.REJECTED.labels(item.inbound.transport, outcome.reason).inc()
                 log.warning(
@@ -278,8 +465,6 @@ class Ingest:
                     item.inbound.device,
                     outcome,
                 )
-        for transport, n in ingested.items():  # one counter update per batch, not per report
+        for transport, n in ingested.items():
             self.ingested += n
             metrics.REPORTS_INGESTED.labels(transport).inc(n)
-        log.debug("batch of %d: %d deployments changed", len(batch), changed)
-        return outcomes, campaigns, attested, credentials

@@ -60,3 +60,9 @@ HTTP_CLOSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+QUARANTINED = Counter(
+    "fwcm_messages_quarantined",
+    "Device messages that passed every check but failed to apply, kept as dead letters",
+    ["transport", "reason"],
+    registry=REGISTRY,
+)

@@ -13,13 +13,12 @@ from sqlalchemy import Table, and_, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fwcm.protocol import REPORT_ACCOUNTING, REPORT_ANSWER, Result
+from fwcm.protocol import ACCOUNTING_KINDS, REPORT_ACCOUNTING, REPORT_ANSWER, Result
 from fwcm.rollout.consent import ConsentSpec, Group, Tally
 from fwcm.rollout.states import CampaignState, DeviceState
 from fwcm.store.deployments import Target, Verified, _target, _targets, set_campaign_state, utcnow
 from fwcm.store.models import AccountingRecord, Campaign, Deployment, Device, DeviceEvent
 
-ACCOUNTING_KINDS = ("interim", "final", "removed")
 _MEMBER_FAILED = (
     DeviceState.FAILED.value,
     DeviceState.TIMED_OUT.value,

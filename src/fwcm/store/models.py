@@ -280,3 +280,22 @@ class CampaignEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DeadLetter(Base):
+    """A device message that passed every check but failed to apply, kept for its tenant to see.
+
+    Ingest stores it here, acknowledges it and goes on; bounded to the newest rows per tenant.
+    """
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_tenant", "tenant_id", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    device: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[str] = mapped_column(String(8))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    """The message exactly as it arrived (a sealed report, or a presence flag)."""
+    reason: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
