@@ -355,7 +355,7 @@ async def test_agent_survives_any_exception_from_its_link(
 ) -> None:
     """A link library that raises something unexpected (aiocoap: "ClientObservation cancelled
     twice") costs the device one connection, never the device: it logs, reconnects and updates."""
-    cfg = world.device(f"x-{transport}", transport)
+    cfg = await world.device(f"x-{transport}", transport)
     agent = DeviceAgent(cfg, world.clients, backoff_max=0.5)
     made = agent._make_link
     failures = []

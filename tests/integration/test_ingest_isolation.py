@@ -435,3 +435,21 @@ def test_dead_letters_are_trimmed_per_tenant(api: Any) -> None:
         total, rows = dl.page(s, other_id, 10, 0)
         assert (total, [r.device for r in rows]) == (2, ["o2", "o1"])
         assert s.scalar(select(func.count()).select_from(DeadLetter)) == 4
+
+
+async def test_a_late_hello_does_not_undo_a_newer_one(fleet: Fleet) -> None:
+    """Hellos are ordered by their seq like any report: one delivered late (a broker hands a dead
+    replica's unacknowledged messages to another) leaves what a newer hello recorded."""
+    feed = Feed(fleet.db)
+    try:
+        assert await feed.send(("d0", fleet.hello("d0", 7, 3))) == [None]
+        assert fleet.sequence("d0") == 3
+        assert await feed.send(("d0", fleet.hello("d0", 5, 1))) == [None]  # older: acknowledged, ignored
+        assert fleet.sequence("d0") == 3
+        assert await feed.send(("d0", fleet.hello("d0", 8, 4)), ("d0", fleet.hello("d0", 6, 2))) == [
+            None,
+            None,
+        ]
+        assert fleet.sequence("d0") == 4
+    finally:
+        await feed.close()

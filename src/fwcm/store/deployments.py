@@ -517,8 +517,13 @@ _INSTALLED = (
 )
 _HELLO = (
     update(_DEVICES)
-    .where(_DEVICES.c.id == bindparam("d"))
+    .where(
+        _DEVICES.c.id == bindparam("d"),
+        # a hello delivered late (redelivered after a replica died) must not undo a newer one
+        or_(_DEVICES.c.hello_seq.is_(None), _DEVICES.c.hello_seq < bindparam("q")),
+    )
     .values(
+        hello_seq=bindparam("q"),
         sequence=bindparam("sq"),
         firmware_name=func.coalesce(bindparam("fn"), _DEVICES.c.firmware_name),
         version=func.coalesce(bindparam("fv"), _DEVICES.c.version),
@@ -541,6 +546,7 @@ def apply_reports(
     hellos = [
         {
             "d": v.key.device_pk,
+            "q": v.report.seq,
             "sq": v.report.installed_sequence,
             "fn": _short_text(v.report.extra.get(REPORT_FIRMWARE_NAME), 200),
             "fv": _short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64),

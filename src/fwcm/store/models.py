@@ -138,6 +138,8 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(default=False)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     coap_address: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    hello_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Sequence number of the newest hello applied: an older one delivered late changes nothing."""
     """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
