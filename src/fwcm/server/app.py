@@ -13,7 +13,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -28,6 +28,7 @@ from fwcm import attestation, manifest, protocol
 from fwcm.api.ranges import CHUNK, plan
 from fwcm.config import Settings
 from fwcm.protocol import NoticeKind
+from fwcm.rollout import deployment
 from fwcm.rollout.states import CampaignState
 from fwcm.server.accounts import AccountSync
 from fwcm.server.engine import Engine, Notifier
@@ -193,6 +194,16 @@ async def _unavailable(send: Any) -> None:
     headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": b'{"detail": "storage unavailable; retry later"}'})
+
+
+class ActiveNotice(NamedTuple):
+    """What a device's notice resource shows now (CoAP builds notices on demand)."""
+
+    campaign: int
+    target: dq.Target
+    manifest_id: int
+    kind: NoticeKind
+    reason: str | None = None
 
 
 @dataclass
@@ -408,14 +419,17 @@ class Server:
             found.target, found.campaign, found.kind, found.manifest_id, reason=found.reason
         )
 
-    def _active_notice(self, tenant: str, device: str) -> dq.ActiveNotice | None:
+    def _active_notice(self, tenant: str, device: str) -> ActiveNotice | None:
+        """The notice a device's newest deployment shows now; else its credential, if one is due."""
         with self.db.read() as s:
-            found = dq.active_notice(s, tenant, device)
+            found = dq.speaking_deployment(s, tenant, device)
             if found is not None:
-                return found
+                kind = deployment.notice_kind(found.state, found.campaign_state, found.group_decision)
+                reason = deployment.notice_reason(kind, found.detail)
+                return ActiveNotice(found.campaign, found.target, found.manifest_id, kind, reason)
             done = dq.last_attested_success(s, tenant, device)
             if done is not None:
-                return dq.ActiveNotice(done[0], done[1], done[2], NoticeKind.CREDENTIAL)
+                return ActiveNotice(done[0], done[1], done[2], NoticeKind.CREDENTIAL)
         return None
 
     def _envelope(self, manifest_id: int) -> bytes:

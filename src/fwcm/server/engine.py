@@ -36,9 +36,10 @@ from fwcm.protocol import (
     NoticeKind,
     encode_notice,
 )
+from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
 from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
-from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
+from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
 from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
@@ -375,7 +376,8 @@ class Engine:
         ) -> tuple[list[dq.Target], Decision]:
             if decided is None:
                 if expire_due:
-                    dq.expire_in_progress(s, c.id, policy, now)
+                    silent = dq.silent(s, c.id, deployment.timeout_cutoffs(policy, now))
+                    dq.write_expired(s, c.id, deployment.expire(silent, policy, now), now)
                 if join_due:
                     repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
                 decided = decide(s)
@@ -470,8 +472,7 @@ class Engine:
             at, interval = before.get(key, (0.0, silent_s))
             if now >= at:
                 # what the device's notice is now (as CoAP's notice resource would show it)
-                committed = c.group_decision == "commit" and state == DeviceState.DOWNLOADED.value
-                kind = NoticeKind.COMMIT if committed else NoticeKind.UPDATE
+                kind = deployment.notice_kind(DeviceState(state), CampaignState(c.state), c.group_decision)
                 self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id)
                 sent += 1
                 at, interval = now + interval, min(2 * interval, RESEND_MAX_INTERVAL_S)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from fwcm import protocol
 from fwcm.protocol import REPORT_ACCOUNTING, REPORT_ANSWER, REPORT_EVIDENCE, ProtocolError, Result
+from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
@@ -347,6 +348,17 @@ class Ingest:
             more,
         )
 
+    def _judge(self, s: Session, reports: list[dq.Verified]) -> list[deployment.Applied]:
+        """What campaign reports do to their deployments: current rows in, the rules decide."""
+        if not reports:
+            return []
+        views = dq.deployment_views(s, {(v.report.campaign, v.key.device_pk) for v in reports})
+        missing = {c for c, _d in views} - self._policies.keys()
+        for cid, stored in dq.campaign_policy_rows(s, missing).items():  # they never change once started
+            self._policies[cid] = Policy.from_stored(stored)
+        reported = [deployment.Reported(v.key.tenant_id, v.key.device_pk, v.report) for v in reports]
+        return deployment.judge_reports(views, reported, self._policies, time.time())
+
     def _answer_contexts(self, s: Session, campaigns: set[int]) -> dict[int, cq.AnswerContext]:
         """Consent rules of campaigns receiving answers (cached: they do not change once started)."""
         missing = [c for c in campaigns if c not in self._consents]
@@ -431,7 +443,10 @@ class Ingest:
         ]
         with self.db.session() as s:
             attested = dq.apply_attestations(s, evidence)
-            changed, campaigns = dq.apply_reports(s, reports, self._policies)
+            dq.apply_hellos(s, [v for v in reports if v.report.campaign == 0])
+            applied = self._judge(s, [v for v in reports if v.report.campaign != 0])
+            dq.write_reports(s, applied)
+            changed, campaigns = len(applied), {a.campaign for a in applied}
             if answers:
                 contexts = self._answer_contexts(s, {v.report.campaign for v in answers})
                 campaigns |= cq.apply_answers(s, answers, contexts)

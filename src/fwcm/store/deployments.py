@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
@@ -34,19 +34,11 @@ from fwcm.protocol import (
     REPORT_EVIDENCE,
     REPORT_FIRMWARE_NAME,
     REPORT_FIRMWARE_VERSION,
-    NoticeKind,
     Report,
     Result,
 )
-from fwcm.rollout.policy import Policy
-from fwcm.rollout.states import (
-    DEVICE_TERMINAL,
-    IN_PROGRESS,
-    CampaignState,
-    DeploymentView,
-    DeviceState,
-    apply_report,
-)
+from fwcm.rollout.deployment import Applied, DeploymentView, Expired, Silent
+from fwcm.rollout.states import DEVICE_TERMINAL, IN_PROGRESS, CampaignState, DeviceState
 from fwcm.store.db import execute_many
 from fwcm.store.models import (
     Campaign,
@@ -332,14 +324,10 @@ def set_phase(s: Session, campaign_id: int, tenant_id: int, phase: int, label: s
     )
 
 
-def expire_in_progress(s: Session, campaign_id: int, policy: Policy, now: float) -> int:
-    """Deployments silent for longer than the device timeout: retried later, or timed out."""
-    expired = 0
-    when = datetime.fromtimestamp(now, UTC)
-    for st in IN_PROGRESS:
-        cutoff = policy.timeout_cutoff(st.value, now)
-        if cutoff is None:
-            continue
+def silent(s: Session, campaign_id: int, cutoffs: Mapping[DeviceState, float]) -> list[Silent]:
+    """In-progress deployments whose last report is older than their state's cutoff (POSIX s)."""
+    out: list[Silent] = []
+    for st, cutoff in cutoffs.items():
         rows = s.execute(
             select(Deployment.device_id, Deployment.attempt, Deployment.tenant_id).where(
                 Deployment.campaign_id == campaign_id,
@@ -347,36 +335,41 @@ def expire_in_progress(s: Session, campaign_id: int, policy: Policy, now: float)
                 Deployment.updated_at <= datetime.fromtimestamp(cutoff, UTC),
             )
         ).all()
-        for device_id, attempt, tenant_id in rows:
-            at = policy.retry_at(None, attempt, now)
-            new = DeviceState.PENDING if at is not None else DeviceState.TIMED_OUT
-            s.execute(
-                update(Deployment)
-                .where(
-                    Deployment.campaign_id == campaign_id,
-                    Deployment.device_id == device_id,
-                    Deployment.state == st.value,
-                )
-                .values(
-                    state=new.value,
-                    updated_at=when,
-                    retry_at=datetime.fromtimestamp(at, UTC) if at is not None else None,
-                    detail=f"no report for {policy.device_timeout_s:g} s while {st.value}",
-                )
+        out += [Silent(r.tenant_id, r.device_id, r.attempt, st) for r in rows]
+    return out
+
+
+def write_expired(s: Session, campaign_id: int, expired: Sequence[Expired], now: float) -> None:
+    """Persist what the device timeout decided (a deployment that reported meanwhile is left)."""
+    when = datetime.fromtimestamp(now, UTC)
+    for e in expired:
+        changed = s.execute(
+            update(Deployment)
+            .where(
+                Deployment.campaign_id == campaign_id,
+                Deployment.device_id == e.device_pk,
+                Deployment.state == e.was.value,
             )
-            s.add(
-                DeviceEvent(
-                    tenant_id=tenant_id,
-                    campaign_id=campaign_id,
-                    device_id=device_id,
-                    at=when,
-                    state=DeviceState.TIMED_OUT.value,
-                    result=0,
-                    detail="retry scheduled" if at is not None else "timed out",
-                )
+            .values(
+                state=e.state.value,
+                updated_at=when,
+                retry_at=datetime.fromtimestamp(e.retry_at, UTC) if e.retry_at is not None else None,
+                detail=e.detail,
             )
-            expired += 1
-    return expired
+        )
+        if not changed.rowcount:  # type: ignore[attr-defined]
+            continue
+        s.add(
+            DeviceEvent(
+                tenant_id=e.tenant_id,
+                campaign_id=campaign_id,
+                device_id=e.device_pk,
+                at=when,
+                state=DeviceState.TIMED_OUT.value,
+                result=0,
+                detail="retry scheduled" if e.retry_at is not None else "timed out",
+            )
+        )
 
 
 def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Target]:
@@ -443,24 +436,21 @@ class Verified(NamedTuple):
     report: Report
 
 
-def campaign_policies(s: Session, campaign_ids: Iterable[int], cache: dict[int, Policy]) -> dict[int, Policy]:
-    """Rollout policies of campaigns (they do not change once a campaign runs), cached."""
-    missing = [c for c in set(campaign_ids) if c not in cache]
-    if missing:
-        for cid, policy in s.execute(select(Campaign.id, Campaign.policy).where(Campaign.id.in_(missing))):
-            cache[cid] = Policy.from_stored(policy or {})
-    return cache
+def campaign_policy_rows(s: Session, campaign_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The stored policies of campaigns, as stored."""
+    rows = s.execute(select(Campaign.id, Campaign.policy).where(Campaign.id.in_(list(set(campaign_ids)))))
+    return {r.id: r.policy or {} for r in rows}
 
 
 _VIEW_CHUNK = 5000
 
 
-def _deployment_views(s: Session, reports: Sequence[Verified]) -> dict[tuple[int, int], DeploymentView]:
-    """Current state of the reported deployments: one indexed ``IN`` per campaign (a row-value
-    ``IN`` over (campaign, device) pairs is not an index lookup on SQLite), read through Core."""
+def deployment_views(s: Session, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], DeploymentView]:
+    """Current state of (campaign, device) deployments: one indexed ``IN`` per campaign (a
+    row-value ``IN`` over pairs is not an index lookup on SQLite), read through Core."""
     by_campaign: dict[int, set[int]] = {}
-    for v in reports:
-        by_campaign.setdefault(v.report.campaign, set()).add(v.key.device_pk)
+    for cid, device in pairs:
+        by_campaign.setdefault(cid, set()).add(device)
     conn = s.connection()
     current: dict[tuple[int, int], DeploymentView] = {}
     for cid, devices in by_campaign.items():
@@ -533,17 +523,10 @@ _HELLO = (
 )
 
 
-def apply_reports(
-    s: Session, batch: Sequence[Verified], policies: dict[int, Policy] | None = None
-) -> tuple[int, set[int]]:
-    """Apply a batch of verified reports in the caller's transaction.
-
-    A transient failure (per the campaign's retry rules) puts the deployment back to pending with
-    a retry time instead of failing it.  Returns the number of deployments changed and their
-    campaigns.
-    """
+def apply_hellos(s: Session, hellos: Sequence[Verified]) -> None:
+    """Record what devices say they run (campaign 0 reports), newest hello first to last."""
     now = utcnow()
-    hellos = [
+    rows = [
         {
             "d": v.key.device_pk,
             "q": v.report.seq,
@@ -553,70 +536,51 @@ def apply_reports(
             "u": now,
             "on": True,
         }
-        for v in batch
-        if v.report.campaign == 0 and v.report.installed_sequence is not None
+        for v in hellos
+        if v.report.installed_sequence is not None
     ]
-    if hellos:  # the hello is the device's receipt of what it runs
-        execute_many(s.connection(), _HELLO, hellos)
+    if rows:  # the hello is the device's receipt of what it runs
+        execute_many(s.connection(), _HELLO, rows)
 
-    reports = [v for v in batch if v.report.campaign != 0]
-    if not reports:
-        return 0, set()
-    current = _deployment_views(s, reports)
-    policies = campaign_policies(s, {c for c, _d in current}, {} if policies is None else policies)
 
+def write_reports(s: Session, applied: Sequence[Applied]) -> None:
+    """Persist what reports did to their deployments (judged by ``rollout.deployment``), with the
+    history of every state entered and the sequence a device that succeeded now runs."""
+    if not applied:
+        return
+    now = utcnow()
     updates: list[dict[str, object]] = []
     events: list[dict[str, object]] = []
-    succeeded: list[dict[str, object]] = []
-    for v in sorted(reports, key=lambda v: v.report.seq):
-        k = (v.report.campaign, v.key.device_pk)
-        view = current.get(k)
-        if view is None:
-            continue
-        change = apply_report(view, v.report)
-        if change is None:
-            continue
-        retry_at = None
-        if change.state == DeviceState.FAILED:
-            at = policies[k[0]].retry_at(change.result, view.attempt, now.timestamp())
-            retry_at = datetime.fromtimestamp(at, UTC) if at is not None else None
-        final = DeviceState.PENDING if retry_at is not None else change.state
-        current[k] = DeploymentView(final, view.attempt, change.seq)
+    installs: list[dict[str, object]] = []
+    for a in applied:
+        retry_at = datetime.fromtimestamp(a.retry_at, UTC) if a.retry_at is not None else None
         updates.append(
             {
-                "c": k[0],
-                "d": k[1],
-                "st": final.value,
-                "r": change.result,
+                "c": a.campaign,
+                "d": a.device_pk,
+                "st": a.state.value,
+                "r": a.result,
                 "rt": retry_at,
-                "q": change.seq,
-                "a": view.attempt,
-                "p": v.report.progress,
-                "dt": v.report.detail,
+                "q": a.seq,
+                "a": a.attempt,
+                "p": a.progress,
+                "dt": a.detail,
                 "u": now,
             }
         )
-        if change.state != view.state:
+        if a.entered is not None:
+            detail = a.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}"
             events.append(
-                {
-                    "t": v.key.tenant_id,
-                    "c": k[0],
-                    "d": k[1],
-                    "u": now,
-                    "st": change.state.value,
-                    "r": change.result,
-                    "dt": v.report.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}",
-                }
+                {"t": a.tenant_id, "c": a.campaign, "d": a.device_pk, "u": now}
+                | {"st": a.entered.value, "r": a.result, "dt": detail}
             )
-        if change.state == DeviceState.SUCCEEDED and v.report.installed_sequence is not None:
-            succeeded.append({"d": k[1], "sq": v.report.installed_sequence, "u": now})
-    if updates:
-        # one row order for every replica: concurrent batches then wait on each other, not deadlock
-        updates.sort(key=lambda u: (u["c"], u["d"]))
-        execute_many(s.connection(), _REPORT_UPDATE, updates)
+        if a.installed is not None:
+            installs.append({"d": a.device_pk, "sq": a.installed, "u": now})
+    # one row order for every replica: concurrent batches then wait on each other, not deadlock
+    updates.sort(key=lambda u: (u["c"], u["d"]))
+    execute_many(s.connection(), _REPORT_UPDATE, updates)
     execute_many(s.connection(), _EVENT_INSERT, events)
-    execute_many(s.connection(), _INSTALLED, succeeded)
-    return len(updates), {int(u["c"]) for u in updates}  # type: ignore[call-overload]
+    execute_many(s.connection(), _INSTALLED, installs)
 
 
 def _short_text(v: object, limit: int) -> str | None:
@@ -671,21 +635,27 @@ def trim_history(s: Session, keep: int = HISTORY_PER_DEVICE) -> int:
     return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class ActiveNotice:
-    """What a device's notice resource shows now (CoAP builds notices on demand)."""
+class Speaking(NamedTuple):
+    """A device's newest deployment that still has something to say to it, and what decides the
+    notice (``rollout.deployment.notice_kind``)."""
 
     campaign: int
     target: Target
     manifest_id: int
-    kind: NoticeKind
-    reason: str | None = None
+    state: DeviceState
+    campaign_state: CampaignState
+    group_decision: str | None
+    detail: str | None
 
 
-def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
-    """The newest deployment of a device that still has something to say to it."""
+def speaking_deployment(s: Session, tenant: str, device: str) -> Speaking | None:
+    """The newest deployment of a device in progress in a live or cancelled campaign, or withdrawn
+    (cancel, quorum not met, group abort) after it was notified: the device may have started, so
+    it must see the withdrawal."""
     in_flight = [st.value for st in DEVICE_TERMINAL] + [DeviceState.PENDING.value]
     withdrawn = and_(Deployment.state == DeviceState.CANCELLED.value, Deployment.attempt > 0)
+    live = [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.CANCELLED.value]
+    ended = [CampaignState.CANCELLED.value, CampaignState.STOPPED.value]
     row = _newest_deployment(
         s,
         tenant,
@@ -696,8 +666,8 @@ def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
             Deployment.attempt,
             Device.transport,
             Device.secret,
-            func.coalesce(Deployment.manifest_id, Campaign.manifest_id),
-            Campaign.state,
+            func.coalesce(Deployment.manifest_id, Campaign.manifest_id).label("manifest_id"),
+            Campaign.state.label("campaign_state"),
             Deployment.nonce,
             Deployment.attested_at,
             Deployment.state,
@@ -705,39 +675,31 @@ def active_notice(s: Session, tenant: str, device: str) -> ActiveNotice | None:
             Deployment.detail,
         ),
         or_(
-            and_(
-                Deployment.state.notin_(in_flight),
-                Campaign.state.in_(
-                    [
-                        CampaignState.RUNNING.value,
-                        CampaignState.PAUSED.value,
-                        CampaignState.CANCELLED.value,
-                    ]
-                ),
-            ),
-            # withdrawn before the device reported (cancel, quorum not met, group abort): it may
-            # have started, so it must see the withdrawal
-            and_(
-                withdrawn,
-                or_(
-                    Campaign.state.in_([CampaignState.CANCELLED.value, CampaignState.STOPPED.value]),
-                    Campaign.group_decision == "abort",
-                ),
-            ),
+            and_(Deployment.state.notin_(in_flight), Campaign.state.in_(live)),
+            and_(withdrawn, or_(Campaign.state.in_(ended), Campaign.group_decision == "abort")),
         ),
     )
     if row is None:
         return None
-    target = Target(row[1], tenant, device, row[3], row[4], row[2], row[7], row[8] is not None)
-    kind = NoticeKind.UPDATE
-    if row[9] == DeviceState.INVITED.value:
-        kind = NoticeKind.INVITE
-    elif row[9] == DeviceState.CANCELLED.value or row[6] == CampaignState.CANCELLED.value:
-        kind = NoticeKind.ABORT if row[10] == "abort" else NoticeKind.CANCEL
-    elif row[10] == "commit" and row[9] == DeviceState.DOWNLOADED.value:
-        kind = NoticeKind.COMMIT
-    reason = row[11] if kind in (NoticeKind.CANCEL, NoticeKind.ABORT) else None
-    return ActiveNotice(row[0], target, row[5], kind, reason)
+    target = Target(
+        row.device_id,
+        tenant,
+        device,
+        row.transport,
+        row.secret,
+        row.attempt,
+        row.nonce,
+        row.attested_at is not None,
+    )
+    return Speaking(
+        row.campaign_id,
+        target,
+        row.manifest_id,
+        DeviceState(row.state),
+        CampaignState(row.campaign_state),
+        row.group_decision,
+        row.detail,
+    )
 
 
 def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tuple[int, Target, int]]:
@@ -787,12 +749,13 @@ def last_attested_success(s: Session, tenant: str, device: str) -> tuple[int, Ta
     )
     if row is None:
         return None
-    return row[0], Target(row[1], tenant, device, row[3], row[4], row[2]), row[5]
+    target = Target(row.device_id, tenant, device, row.transport, row.secret, row.attempt)
+    return row.campaign_id, target, row.manifest_id
 
 
 def _newest_deployment(
     s: Session, tenant: str, device: str, columns: Sequence[Any], *where: ColumnElement[bool]
-) -> Sequence[Any] | None:
+) -> Row[Any] | None:
     """The newest deployment of one device (by tenant slug and name) matching ``where``."""
     return s.execute(
         select(*columns)
