@@ -30,14 +30,15 @@ import hmac
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 
-from fwcm.manifest.keys import PrivateKey, PublicKey, key_id, public_of
+from fwcm.manifest.keys import PrivateKey, PublicKey, key_id, load_public_key, public_of
+from fwcm.protocol import REPORT_EVIDENCE, Report
 
 COSE_SIGN1_TAG = 18
 ALG_ES256 = -7
@@ -191,6 +192,78 @@ def check_evidence(
     if ev.manifest_digest != manifest_digest:
         raise AttestationError("wrong_manifest", "evidence is for another manifest")
     return ev
+
+
+class Awaiting(NamedTuple):
+    """A deployment of an attested campaign as stored, which a device's evidence is judged against."""
+
+    attempt: int
+    last_seq: int
+    notified: bool
+    """Only a notified deployment (not yet downloading) may attest."""
+    nonce: bytes | None
+    nonce_age_s: float | None
+    key_pem: str | None
+    """The device's registered attestation key (PEM), if any."""
+    tenant: str
+    device: str
+    manifest_digest: bytes
+    image_digest: bytes
+
+
+class Verdict(NamedTuple):
+    """Evidence judged: a ``grant`` for an install token, or the ``refusal``."""
+
+    campaign: int
+    device_pk: int
+    attempt: int
+    seq: int
+    grant: Grant | None
+    refusal: AttestationError | None
+
+
+def judge_evidence(
+    awaiting: Mapping[tuple[int, int], Awaiting], evidence: Iterable[tuple[int, Report]], now: float
+) -> list[Verdict]:
+    """Judge evidence reports, ``(device row id, report)``, against their deployments
+    (``awaiting`` by (campaign, device row id)), in seq order.
+
+    Duplicates (seq already applied), evidence for an attempt no longer current and evidence for a
+    deployment past ``notified`` are ignored; after a refusal, later evidence of the same
+    deployment in the batch finds nothing to judge.
+    """
+    pending = dict(awaiting)
+    out: list[Verdict] = []
+    for device_pk, report in sorted(evidence, key=lambda e: e[1].seq):
+        key = (report.campaign, device_pk)
+        a = pending.get(key)
+        if a is None or a.attempt != report.attempt or a.last_seq >= report.seq or not a.notified:
+            continue
+        data = report.extra.get(REPORT_EVIDENCE)
+        try:
+            public = load_public_key(a.key_pem.encode()) if a.key_pem else None
+            check_evidence(
+                data if isinstance(data, bytes) else b"",
+                public,
+                device=a.device,
+                nonce=a.nonce,
+                nonce_age_s=a.nonce_age_s,
+                manifest_digest=a.manifest_digest,
+            )
+        except AttestationError as err:
+            out.append(Verdict(report.campaign, device_pk, a.attempt, report.seq, None, err))
+            del pending[key]
+            continue
+        grant = Grant(
+            a.tenant,
+            a.device,
+            a.manifest_digest,
+            a.image_digest,
+            report.campaign,
+            expires=int(now) + TOKEN_TTL_S,
+        )
+        out.append(Verdict(report.campaign, device_pk, a.attempt, report.seq, grant, None))
+    return out
 
 
 # -- install tokens ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from device_sim.faults import get_profile
 from device_sim.fleet import run_fleet
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Report, Result
-from fwcm.store import deployments as dq
+from fwcm.store import leases as lq
 from fwcm.store import repo
 from fwcm.store.db import Database
 from fwcm.transport.broker import Broker, free_port
@@ -318,24 +318,24 @@ def test_claims_skip_a_campaign_another_replica_is_claiming(db: Database) -> Non
     with db.session() as s:
         repo.change_campaign(s, tenant.id, cancelled, "cancel")
     with db.session() as s:
-        assert [c.id for c in dq.lease_campaigns(s, "r1", 15)] == [cid]
+        assert [c.id for c in lq.lease_campaigns(s, "r1", 15)] == [cid]
     with db.session() as s:
-        assert dq.lease_campaigns(s, "r2", 15) == []  # r1 holds it
-        assert [c[0] for c in dq.cancelled_unsettled(s, "r1", 15)] == [cancelled]
+        assert lq.lease_campaigns(s, "r2", 15) == []  # r1 holds it
+        assert [c[0] for c in lq.cancelled_unsettled(s, "r1", 15)] == [cancelled]
     with db.session() as s:
-        assert dq.cancelled_unsettled(s, "r2", 15) == []
+        assert lq.cancelled_unsettled(s, "r2", 15) == []
     if db.is_sqlite:
         return
     with db.session() as s:  # r1 died: its leases ran out
         s.execute(text("UPDATE campaigns SET lease_until = now() - interval '1 minute'"))
     with db.session() as s2:  # r2 is mid-claim, its transaction open: the rows are locked
-        assert [c.id for c in dq.lease_campaigns(s2, "r2", 15)] == [cid]
-        assert [c[0] for c in dq.cancelled_unsettled(s2, "r2", 15)] == [cancelled]
+        assert [c.id for c in lq.lease_campaigns(s2, "r2", 15)] == [cid]
+        assert [c[0] for c in lq.cancelled_unsettled(s2, "r2", 15)] == [cancelled]
         started = time.monotonic()
         with db.session() as s3:
             s3.execute(text("SET LOCAL lock_timeout = '5s'"))  # a blocked claim fails instead
-            assert dq.lease_campaigns(s3, "r3", 15) == []
-            assert dq.cancelled_unsettled(s3, "r3", 15) == []
+            assert lq.lease_campaigns(s3, "r3", 15) == []
+            assert lq.cancelled_unsettled(s3, "r3", 15) == []
         assert time.monotonic() - started < 2
     with db.session() as s:
         owners = dict(s.execute(text("SELECT id, lease_owner FROM campaigns")).tuples().all())

@@ -30,7 +30,7 @@ from fwcm import attestation, pki, protocol
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Report, Result
 from fwcm.server.metrics import REGISTRY
-from fwcm.store import deployments as dq
+from fwcm.store import notices as nq
 from fwcm.store import repo
 from fwcm.store.models import Deployment, Device
 
@@ -205,7 +205,7 @@ async def test_attested_campaign_genuine_devices_install_rogue_ones_are_refused(
         assert report.devices[n].installed_sequence == 1 and report.devices[n].credentials == 0
 
     with env.server.db.read() as s:
-        server_keys = [mf.public_of(mf.load_private_key(k)) for k in dq.server_signing_keys(s)]
+        server_keys = [mf.public_of(mf.load_private_key(k)) for k in nq.server_signing_keys(s)]
     from device_sim.flash import Flash
 
     for n in set(names) - rogue:
@@ -233,7 +233,7 @@ async def test_payload_endpoints_refuse_fetches_without_a_valid_install_token(
     await env.call("POST", f"/campaigns/{c['id']}/start")
 
     with env.server.db.read() as s:
-        server_key = mf.load_private_key(dq.server_signing_keys(s)[0])
+        server_key = mf.load_private_key(nq.server_signing_keys(s)[0])
     now = int(datetime.now(UTC).timestamp())
 
     def token(

@@ -453,12 +453,12 @@ def test_start_assigns_phases_in_device_order(db: Database) -> None:
 def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:
     from datetime import UTC, datetime
 
-    from fwcm.store import deployments as dq
+    from fwcm.store import device_state as ds
     from fwcm.store.models import DeviceEvent
 
     with db.session() as s:
         for device in (1, 2):
-            for i in range(dq.HISTORY_PER_DEVICE + 7):
+            for i in range(ds.HISTORY_PER_DEVICE + 7):
                 s.add(
                     DeviceEvent(
                         tenant_id=1,
@@ -470,7 +470,7 @@ def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:
                     )
                 )
     with db.session() as s:
-        assert dq.trim_history(s) == 14
+        assert ds.trim_history(s) == 14
     with db.session() as s:
         kept = s.execute(
             select(DeviceEvent.device_id, func.min(DeviceEvent.result), func.count())
@@ -478,7 +478,7 @@ def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:
             .order_by(DeviceEvent.device_id)
         ).all()
     # the newest events stay: results 7 .. 56 for each device
-    assert [tuple(r) for r in kept] == [(1, 7, dq.HISTORY_PER_DEVICE), (2, 7, dq.HISTORY_PER_DEVICE)]
+    assert [tuple(r) for r in kept] == [(1, 7, ds.HISTORY_PER_DEVICE), (2, 7, ds.HISTORY_PER_DEVICE)]
 
 
 _EVENT_ROWS = 3000

@@ -1,17 +1,12 @@
-"""Campaign and device deployment state machines (pure).
+"""The vocabulary of campaign and deployment states (pure), and the campaign transition table.
 
-Device reports speak LwM2M /5 (state + result); ``state_for_report`` maps them onto deployment
-states, and ``apply_report`` decides whether a report changes a deployment at all: reports of an
-old attempt, duplicates (seq not above the last applied one) and reports after a terminal state
-are ignored, which is what makes at-least-once delivery harmless.
+Every layer (store, API, CLI, demo, simulator displays) names states through these enums; the rules
+that move a deployment between them are in :mod:`fwcm.rollout.deployment`.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
-
-from fwcm.protocol import SKIP_RESULTS, LwState, Report, Result
 
 
 class CampaignState(enum.StrEnum):
@@ -91,50 +86,3 @@ IN_PROGRESS = frozenset(
 NOT_STARTED_INSTALL = frozenset(
     {DeviceState.PENDING, DeviceState.NOTIFIED, DeviceState.DOWNLOADING, DeviceState.DOWNLOADED}
 )
-
-
-def state_for_report(state: LwState, result: Result) -> DeviceState:
-    """Map an LwM2M state/result pair onto a deployment state."""
-    if state == LwState.DOWNLOADING:
-        return DeviceState.DOWNLOADING
-    if state == LwState.DOWNLOADED:
-        return DeviceState.DOWNLOADED
-    if state == LwState.UPDATING:
-        return DeviceState.INSTALLING
-    if result == Result.SUCCESS:
-        return DeviceState.SUCCEEDED
-    if result == Result.CANCELLED:
-        return DeviceState.CANCELLED
-    if result == Result.DECLINED:
-        return DeviceState.DECLINED
-    if result in SKIP_RESULTS:
-        return DeviceState.SKIPPED
-    if result == Result.INITIAL:
-        return DeviceState.NOTIFIED  # idle, nothing happened yet: the device has the notice
-    return DeviceState.FAILED
-
-
-class DeploymentView(NamedTuple):
-    """What a report is judged against (immutable; a tuple: one is made per report ingested)."""
-
-    state: DeviceState
-    attempt: int
-    last_seq: int
-
-
-class Change(NamedTuple):
-    state: DeviceState
-    result: int
-    seq: int
-
-
-def apply_report(current: DeploymentView, report: Report) -> Change | None:
-    """The change a report makes to a deployment, or None when it must be ignored."""
-    if report.attempt != current.attempt or report.seq <= current.last_seq:
-        return None
-    if current.state in DEVICE_TERMINAL:
-        return None
-    new = state_for_report(report.state, report.result)
-    if new == DeviceState.NOTIFIED and current.state != DeviceState.PENDING:
-        return Change(current.state, int(report.result), report.seq)
-    return Change(new, int(report.result), report.seq)

@@ -13,7 +13,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -28,14 +28,19 @@ from fwcm import attestation, manifest, protocol
 from fwcm.api.ranges import CHUNK, plan
 from fwcm.config import Settings
 from fwcm.protocol import NoticeKind
+from fwcm.rollout import deployment
 from fwcm.rollout.states import CampaignState
 from fwcm.server.accounts import AccountSync
 from fwcm.server.engine import Engine, Notifier
 from fwcm.server.http import uvicorn_config
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
+from fwcm.store import attestations as aq
 from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
+from fwcm.store import device_state as ds
+from fwcm.store import leases as lq
+from fwcm.store import notices as nq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore, is_sha256
@@ -193,6 +198,16 @@ async def _unavailable(send: Any) -> None:
     headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": b'{"detail": "storage unavailable; retry later"}'})
+
+
+class ActiveNotice(NamedTuple):
+    """What a device's notice resource shows now (CoAP builds notices on demand)."""
+
+    campaign: int
+    target: dq.Target
+    manifest_id: int
+    kind: NoticeKind
+    reason: str | None = None
 
 
 @dataclass
@@ -391,7 +406,7 @@ class Server:
 
     def _trim(self) -> tuple[int, int]:
         with self.db.session() as s:
-            return dq.trim_history(s), dl.trim(s)
+            return ds.trim_history(s), dl.trim(s)
 
     # -- CoAP sources -------------------------------------------------------------------------
 
@@ -408,19 +423,22 @@ class Server:
             found.target, found.campaign, found.kind, found.manifest_id, reason=found.reason
         )
 
-    def _active_notice(self, tenant: str, device: str) -> dq.ActiveNotice | None:
+    def _active_notice(self, tenant: str, device: str) -> ActiveNotice | None:
+        """The notice a device's newest deployment shows now; else its credential, if one is due."""
         with self.db.read() as s:
-            found = dq.active_notice(s, tenant, device)
+            found = nq.speaking_deployment(s, tenant, device)
             if found is not None:
-                return found
-            done = dq.last_attested_success(s, tenant, device)
+                kind = deployment.notice_kind(found.state, found.campaign_state, found.group_decision)
+                reason = deployment.notice_reason(kind, found.detail)
+                return ActiveNotice(found.campaign, found.target, found.manifest_id, kind, reason)
+            done = nq.last_attested_success(s, tenant, device)
             if done is not None:
-                return dq.ActiveNotice(done[0], done[1], done[2], NoticeKind.CREDENTIAL)
+                return ActiveNotice(done[0], done[1], done[2], NoticeKind.CREDENTIAL)
         return None
 
     def _envelope(self, manifest_id: int) -> bytes:
         with self.db.read() as s:
-            return dq.manifest_envelope(s, manifest_id)
+            return lq.manifest_envelope(s, manifest_id)
 
     async def coap_authorized(self, tenant: str, device: str, credential: str) -> bool:
         """Whether ``credential`` is the password of a known device ``tenant/device``."""
@@ -437,7 +455,7 @@ class Server:
 
     def _load_coap_addresses(self) -> dict[tuple[str, str], str]:
         with self.db.read() as s:
-            return dq.coap_addresses(s)
+            return ds.coap_addresses(s)
 
     async def _save_coap_addresses(self) -> None:
         """Store where CoAP devices observe from, in batches: after a restart their notices are
@@ -455,19 +473,19 @@ class Server:
 
     def _store_coap_addresses(self, seen: dict[tuple[str, str], str]) -> None:
         with self.db.session() as s:
-            dq.set_coap_addresses(s, seen)
+            ds.set_coap_addresses(s, seen)
 
     # -- attestation ----------------------------------------------------------------------------
 
     def _load_signing_keys(self) -> None:
         with self.db.session() as s:
-            pems = dq.server_signing_keys(s)
+            pems = nq.server_signing_keys(s)
         keys = [manifest.load_private_key(p) for p in pems]
         self.notifier.signing_key = keys[0]
         self.notifier.token_key = attestation.token_key(keys[0])
         self.token_keys = [attestation.token_key(k) for k in keys]
 
-    def _deliver_attested(self, results: list[dq.AttestationResult], credentials: Credentials) -> None:
+    def _deliver_attested(self, results: list[aq.AttestationResult], credentials: Credentials) -> None:
         """After ingest committed: install tokens (or refusals) and credentials go to the devices."""
         for r in results:
             if r.reason is None:
@@ -482,7 +500,7 @@ class Server:
         now = time.monotonic()
         if now - self._protected_at >= PROTECTED_REFRESH_S:
             with self.db.read() as s:
-                self._protected = dq.protected_images(s)
+                self._protected = nq.protected_images(s)
             self._protected_at = now
         return self._protected
 

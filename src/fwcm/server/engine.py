@@ -36,12 +36,15 @@ from fwcm.protocol import (
     NoticeKind,
     encode_notice,
 )
+from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
 from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
-from fwcm.rollout.states import CAMPAIGN_TERMINAL, DeviceState
+from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
 from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
+from fwcm.store import leases as lq
+from fwcm.store import notices as nq
 from fwcm.store import repo
 from fwcm.store.db import Database
 
@@ -209,7 +212,7 @@ class Engine:
         self._resend_checked: dict[int, float] = {}
         self._resend_due: dict[int, dict[tuple[int, int], tuple[float, float]]] = {}
         """Per campaign: silent deployments (device, attempt) → (next repeat, interval)."""
-        self._leased: list[dq.LeasedCampaign] = []
+        self._leased: list[lq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
         self._busy = False
@@ -252,7 +255,7 @@ class Engine:
             await asyncio.sleep(max(0.0, MIN_STEP_S - (time.monotonic() - started)))
 
     async def release(self) -> None:
-        await self._db(lambda s: dq.release_leases(s, self.owner))
+        await self._db(lambda s: lq.release_leases(s, self.owner))
 
     def _in_session(self, fn: Callable[[Session], T]) -> T:
         with self.db.session() as s:
@@ -262,9 +265,9 @@ class Engine:
         with self.db.read() as s:
             return fn(s)
 
-    def _read_held(self, ids: list[int]) -> list[dq.LeasedCampaign]:
+    def _read_held(self, ids: list[int]) -> list[lq.LeasedCampaign]:
         with self.db.read() as s:
-            return dq.held_campaigns(s, ids, self.owner)
+            return lq.held_campaigns(s, ids, self.owner)
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction on a worker thread."""
@@ -277,7 +280,7 @@ class Engine:
             self._lease_now = False
             self._leased_at = now
             leased, revoked = await self._db(
-                lambda s: (dq.lease_campaigns(s, self.owner, LEASE_S), dq.revoked_key_ids(s))
+                lambda s: (lq.lease_campaigns(s, self.owner, LEASE_S), nq.revoked_key_ids(s))
             )
             self.notifier.revoked = revoked
             await self._process_cancellations()
@@ -303,7 +306,7 @@ class Engine:
         metrics.ENGINE_CAMPAIGNS_FAILING.set(len(self._failing))
         self._held = held_now
 
-    async def _step_campaign(self, c: dq.LeasedCampaign) -> None:
+    async def _step_campaign(self, c: lq.LeasedCampaign) -> None:
         """Everything one step does for one campaign."""
         await self._load_envelope(c.manifest_id)
         spec = self._consent(c)
@@ -319,7 +322,7 @@ class Engine:
         if spec is not None and spec.group and c.group_decision is None:
             await self._coordinate(c, spec)
 
-    async def _set_aside(self, c: dq.LeasedCampaign, exc: Exception, failing: _Failing | None) -> None:
+    async def _set_aside(self, c: lq.LeasedCampaign, exc: Exception, failing: _Failing | None) -> None:
         """One campaign's step raised: note why, count it, log it once, and retry it later."""
         error = _describe(exc)
         metrics.ENGINE_CAMPAIGN_ERRORS.labels(type(exc).__name__).inc()
@@ -330,17 +333,17 @@ class Engine:
         note = f"the engine cannot advance this campaign: {error}"[:NOTE_MAX_CHARS]
         if note != self.notes.get(c.id):
             try:
-                await self._db(lambda s: dq.set_note(s, c.id, note))
+                await self._db(lambda s: lq.set_note(s, c.id, note))
                 self.notes[c.id] = note
             except Exception:  # the database may be what failed; the note waits for the next try
                 log.debug("campaign %d: could not record the engine's note", c.id, exc_info=True)
 
     async def _load_envelope(self, manifest_id: int) -> None:
         if manifest_id not in self.notifier.envelopes:
-            env = await self._db(lambda s: dq.manifest_envelope(s, manifest_id))
+            env = await self._db(lambda s: lq.manifest_envelope(s, manifest_id))
             self.notifier.envelopes[manifest_id] = env
 
-    async def _resend_notified(self, c: dq.LeasedCampaign) -> None:
+    async def _resend_notified(self, c: lq.LeasedCampaign) -> None:
         targets: list[dq.Target] = await self._db(
             lambda s: dq.in_flight(s, c.id, [DeviceState.NOTIFIED.value])
         )
@@ -349,13 +352,13 @@ class Engine:
         if targets:
             log.info("campaign %d: re-sent %d notices after taking the lease", c.id, len(targets))
 
-    def _policy(self, c: dq.LeasedCampaign) -> Policy:
+    def _policy(self, c: lq.LeasedCampaign) -> Policy:
         cached = self._policies.get(c.id)
         if cached is None:
             cached = self._policies[c.id] = Policy.from_stored(c.policy)
         return cached
 
-    async def _advance(self, c: dq.LeasedCampaign) -> None:
+    async def _advance(self, c: lq.LeasedCampaign) -> None:
         """One policy decision for a scheduled, running or paused campaign, carried out at once."""
         policy = self._policy(c)
         now = time.time()
@@ -375,7 +378,8 @@ class Engine:
         ) -> tuple[list[dq.Target], Decision]:
             if decided is None:
                 if expire_due:
-                    dq.expire_in_progress(s, c.id, policy, now)
+                    silent = dq.silent(s, c.id, deployment.timeout_cutoffs(policy, now))
+                    dq.write_expired(s, c.id, deployment.expire(silent, policy, now), now)
                 if join_due:
                     repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
                 decided = decide(s)
@@ -396,12 +400,12 @@ class Engine:
                     cq.expire_invitations(s, c.id)
             state.record_notified(len(targets), now)
             if decision.advance_to is not None:
-                dq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
+                lq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
             if decision.transition is not None:
-                dq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
+                lq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
             note = None if decision.transition is not None else decision.note
             if note != self.notes.get(c.id):  # written only when it changes
-                dq.set_note(s, c.id, note)
+                lq.set_note(s, c.id, note)
                 self.notes[c.id] = note
             return targets, decision
 
@@ -443,7 +447,7 @@ class Engine:
             if state in CAMPAIGN_TERMINAL:
                 self._forget(c.id)
 
-    async def _resend_silent(self, c: dq.LeasedCampaign, policy: Policy, now: float) -> None:
+    async def _resend_silent(self, c: lq.LeasedCampaign, policy: Policy, now: float) -> None:
         """Repeat the notice of deployments in progress that have been silent for a while.
 
         A report the broker acknowledged to the device can still be lost on its way to the server:
@@ -470,8 +474,7 @@ class Engine:
             at, interval = before.get(key, (0.0, silent_s))
             if now >= at:
                 # what the device's notice is now (as CoAP's notice resource would show it)
-                committed = c.group_decision == "commit" and state == DeviceState.DOWNLOADED.value
-                kind = NoticeKind.COMMIT if committed else NoticeKind.UPDATE
+                kind = deployment.notice_kind(DeviceState(state), CampaignState(c.state), c.group_decision)
                 self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id)
                 sent += 1
                 at, interval = now + interval, min(2 * interval, RESEND_MAX_INTERVAL_S)
@@ -482,7 +485,7 @@ class Engine:
 
     # -- consent campaigns ------------------------------------------------------------------
 
-    def _consent(self, c: dq.LeasedCampaign) -> ConsentSpec | None:
+    def _consent(self, c: lq.LeasedCampaign) -> ConsentSpec | None:
         """The campaign's consent rules (cached), and what its notices carry because of them."""
         if c.consent is None:
             return None
@@ -513,11 +516,11 @@ class Engine:
             self.notifier.extras[c.id] = extras
         return spec
 
-    def _deadline(self, c: dq.LeasedCampaign) -> float:
+    def _deadline(self, c: lq.LeasedCampaign) -> float:
         started = c.started_at.timestamp() if c.started_at is not None else time.time()
         return deadline_at(started, self._consents[c.id])
 
-    async def _ask(self, c: dq.LeasedCampaign, spec: ConsentSpec) -> None:
+    async def _ask(self, c: lq.LeasedCampaign, spec: ConsentSpec) -> None:
         """Invite, count the answers, and grant or refuse the campaign by its quorum rule."""
         now = time.time()
         passed = now >= self._deadline(c)
@@ -530,12 +533,12 @@ class Engine:
             withdrawn: list[dq.Target] = []
             if verdict == "grant":
                 cq.set_stage(s, c.id, "granted")
-                dq.add_campaign_event(s, c.id, c.tenant_id, c.state, f"consent granted: {reason}")
-                dq.set_note(s, c.id, None)
+                lq.add_campaign_event(s, c.id, c.tenant_id, c.state, f"consent granted: {reason}")
+                lq.set_note(s, c.id, None)
             elif verdict == "refuse":
                 withdrawn = cq.refuse(s, c.id, c.tenant_id, reason)
             elif reason != self.notes.get(c.id):
-                dq.set_note(s, c.id, reason)
+                lq.set_note(s, c.id, reason)
             self.notes[c.id] = reason
             return invites, verdict, reason, withdrawn
 
@@ -554,7 +557,7 @@ class Engine:
             if verdict == "refuse":
                 self._forget(c.id)
 
-    async def _coordinate(self, c: dq.LeasedCampaign, spec: ConsentSpec) -> None:
+    async def _coordinate(self, c: lq.LeasedCampaign, spec: ConsentSpec) -> None:
         """Group install: commit once every member prepared, abort on a failure or the deadline.
         The decision is written before any commit or abort notice leaves."""
         granted = c.granted_at.timestamp() if c.granted_at is not None else time.time()
@@ -564,7 +567,7 @@ class Engine:
             verdict, reason = group_verdict(cq.group(s, c.id), deadline_passed=passed)
             if verdict == "wait" or not cq.decide_group(s, c.id, verdict):
                 return "wait", reason, []
-            dq.add_campaign_event(s, c.id, c.tenant_id, c.state, reason)
+            lq.add_campaign_event(s, c.id, c.tenant_id, c.state, reason)
             if verdict == "commit":
                 return verdict, reason, cq.members(s, c.id, [DeviceState.DOWNLOADED.value])
             targets = cq.members(
@@ -599,14 +602,14 @@ class Engine:
 
         def work(s: Session) -> list[tuple[int, int, list[dq.Target]]]:
             out = []
-            for cid, _tenant, manifest_id in dq.cancelled_unsettled(s, self.owner, LEASE_S):
+            for cid, _tenant, manifest_id in lq.cancelled_unsettled(s, self.owner, LEASE_S):
                 targets = dq.in_flight(
                     s,
                     cid,
                     [DeviceState.NOTIFIED.value, DeviceState.DOWNLOADING.value, DeviceState.DOWNLOADED.value],
                 )
                 dq.cancel_not_started(s, cid)
-                dq.settle_cancel(s, cid)
+                lq.settle_cancel(s, cid)
                 out.append((cid, manifest_id, targets))
             return out
 

@@ -23,14 +23,19 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fwcm import protocol
+from fwcm import attestation, protocol
 from fwcm.protocol import REPORT_ACCOUNTING, REPORT_ANSWER, REPORT_EVIDENCE, ProtocolError, Result
+from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
+from fwcm.store import attestations as aq
 from fwcm.store import consent as cq
 from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
+from fwcm.store import device_state as ds
+from fwcm.store import leases as lq
+from fwcm.store import notices as nq
 from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.transport.inbound import Inbound
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 
 Credentials = list[tuple[int, dq.Target, int]]
 """(campaign, target, manifest id) of attested installs that succeeded: credentials are due."""
-AttestedFn = Callable[[list[dq.AttestationResult], Credentials], None]
+AttestedFn = Callable[[list[aq.AttestationResult], Credentials], None]
 
 KEY_CACHE_TTL_S = 60.0
 
@@ -55,8 +60,8 @@ class _Unit(NamedTuple):
 
     pos: int
     """Its place in the batch."""
-    key: dq.DeviceKey
-    verified: dq.Verified | None
+    key: ds.DeviceKey
+    verified: ds.Verified | None
     online: bool | None
 
 
@@ -66,10 +71,10 @@ class _Checked:
     message sits in the batch (kept as plain lists: building units is left to a failed batch)."""
 
     outcomes: list[ProtocolError | None]
-    verified: list[dq.Verified]
+    verified: list[ds.Verified]
     where: list[int]
     """Batch position of each verified report."""
-    presence: list[tuple[int, dq.DeviceKey, bool]]
+    presence: list[tuple[int, ds.DeviceKey, bool]]
     """(batch position, device, online) of each presence message."""
 
     def units(self) -> list[_Unit]:
@@ -85,7 +90,7 @@ class _Applied:
 
     changed: int = 0
     campaigns: set[int] = field(default_factory=set)
-    attested: list[dq.AttestationResult] = field(default_factory=list)
+    attested: list[aq.AttestationResult] = field(default_factory=list)
     credentials: Credentials = field(default_factory=list)
 
     def add(self, other: _Applied) -> None:
@@ -120,7 +125,7 @@ class KeyCache:
         self._db = db
         self._ttl = ttl
         self._size = size
-        self._entries: dict[tuple[str, str], tuple[float, dq.DeviceKey | None]] = {}
+        self._entries: dict[tuple[str, str], tuple[float, ds.DeviceKey | None]] = {}
 
     def prime(self, tenant_id: int, targets: list[dq.Target]) -> None:
         """Remember the keys of devices just notified: their reports follow within seconds."""
@@ -128,16 +133,16 @@ class KeyCache:
         if len(self._entries) + len(targets) > self._size:
             self._entries.clear()
         for t in targets:
-            self._entries[(t.tenant, t.name)] = (until, dq.DeviceKey(t.device_pk, tenant_id, t.secret))
+            self._entries[(t.tenant, t.name)] = (until, ds.DeviceKey(t.device_pk, tenant_id, t.secret))
 
-    def peek(self, name: tuple[str, str]) -> dq.DeviceKey | None:
+    def peek(self, name: tuple[str, str]) -> ds.DeviceKey | None:
         """The cached key of a device, without touching the database (None: not cached)."""
         hit = self._entries.get(name)
         return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
-    def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], dq.DeviceKey | None]:
+    def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], ds.DeviceKey | None]:
         now = time.monotonic()
-        found: dict[tuple[str, str], dq.DeviceKey | None] = {}
+        found: dict[tuple[str, str], ds.DeviceKey | None] = {}
         missing = set()
         for n in names:
             hit = self._entries.get(n)
@@ -147,7 +152,7 @@ class KeyCache:
                 missing.add(n)
         if missing:
             with self._db.session() as s:
-                loaded = dq.device_keys(s, missing)
+                loaded = ds.device_keys(s, missing)
             if len(self._entries) + len(missing) > self._size:
                 self._entries.clear()
             for n in missing:
@@ -158,14 +163,14 @@ class KeyCache:
 
 
 def _split(
-    verified: list[dq.Verified],
-) -> tuple[list[dq.Verified], list[dq.Verified], list[dq.Verified], list[dq.Verified]]:
+    verified: list[ds.Verified],
+) -> tuple[list[ds.Verified], list[ds.Verified], list[ds.Verified], list[ds.Verified]]:
     """Status reports; attestation evidence, consent answers and usage records (a report may be
     several of those, never both a plain report and one of them)."""
-    reports: list[dq.Verified] = []
-    evidence: list[dq.Verified] = []
-    answers: list[dq.Verified] = []
-    usage: list[dq.Verified] = []
+    reports: list[ds.Verified] = []
+    evidence: list[ds.Verified] = []
+    answers: list[ds.Verified] = []
+    usage: list[ds.Verified] = []
     kinds = ((REPORT_EVIDENCE, evidence), (REPORT_ANSWER, answers), (REPORT_ACCOUNTING, usage))
     for v in verified:
         extra = v.report.extra
@@ -347,6 +352,29 @@ class Ingest:
             more,
         )
 
+    @staticmethod
+    def _attest(s: Session, evidence: list[ds.Verified]) -> list[aq.AttestationResult]:
+        """Attestation evidence: the deployments it answers in, the attestation rules decide."""
+        if not evidence:
+            return []
+        rows = aq.awaiting_evidence(s, {(v.report.campaign, v.key.device_pk) for v in evidence})
+        awaiting = {pair: row.awaiting for pair, row in rows.items()}
+        judged = attestation.judge_evidence(
+            awaiting, [(v.key.device_pk, v.report) for v in evidence], time.time()
+        )
+        return aq.write_verdicts(s, judged, rows)
+
+    def _judge(self, s: Session, reports: list[ds.Verified]) -> list[deployment.Applied]:
+        """What campaign reports do to their deployments: current rows in, the rules decide."""
+        if not reports:
+            return []
+        views = dq.deployment_views(s, {(v.report.campaign, v.key.device_pk) for v in reports})
+        missing = {c for c, _d in views} - self._policies.keys()
+        for cid, stored in lq.campaign_policy_rows(s, missing).items():  # they never change once started
+            self._policies[cid] = Policy.from_stored(stored)
+        reported = [deployment.Reported(v.key.tenant_id, v.key.device_pk, v.report) for v in reports]
+        return deployment.judge_reports(views, reported, self._policies, time.time())
+
     def _answer_contexts(self, s: Session, campaigns: set[int]) -> dict[int, cq.AnswerContext]:
         """Consent rules of campaigns receiving answers (cached: they do not change once started)."""
         missing = [c for c in campaigns if c not in self._consents]
@@ -400,7 +428,7 @@ class Ingest:
                 report = protocol.Report.from_map(frame.open(key.secret))
                 if report.device != m.device:
                     raise ProtocolError("forbidden", f"report names {report.device!r}, sent as {m.device!r}")
-                checked.verified.append(dq.Verified(key, report))
+                checked.verified.append(ds.Verified(key, report))
                 checked.where.append(i)
             except ProtocolError as err:
                 outcomes[i] = err
@@ -419,7 +447,7 @@ class Ingest:
         verified = [u.verified for u in units if u.verified is not None]
         return self._apply(verified, {u.key.device_pk: u.online for u in units if u.online is not None})
 
-    def _apply(self, verified: list[dq.Verified], presence: dict[int, bool]) -> _Applied:
+    def _apply(self, verified: list[ds.Verified], presence: dict[int, bool]) -> _Applied:
         """Apply verified messages in one transaction; raises (nothing written) if any fails."""
         if not verified and not presence:
             return _Applied()
@@ -430,15 +458,18 @@ class Ingest:
             if v.report.campaign and v.report.result == Result.SUCCESS
         ]
         with self.db.session() as s:
-            attested = dq.apply_attestations(s, evidence)
-            changed, campaigns = dq.apply_reports(s, reports, self._policies)
+            attested = self._attest(s, evidence)
+            ds.apply_hellos(s, [v for v in reports if v.report.campaign == 0])
+            applied = self._judge(s, [v for v in reports if v.report.campaign != 0])
+            dq.write_reports(s, applied)
+            changed, campaigns = len(applied), {a.campaign for a in applied}
             if answers:
                 contexts = self._answer_contexts(s, {v.report.campaign for v in answers})
                 campaigns |= cq.apply_answers(s, answers, contexts)
             if usage:
                 cq.apply_accounting(s, usage)
-            credentials = dq.credential_targets(s, done) if done else []
-            dq.set_presence(s, presence)
+            credentials = nq.credential_targets(s, done) if done else []
+            ds.set_presence(s, presence)
         for a in attested:
             metrics.ATTESTATIONS.labels(a.reason or "accepted").inc()
             if a.reason is not None:

@@ -16,7 +16,10 @@ from sqlalchemy.orm import Session
 from fwcm.protocol import ACCOUNTING_KINDS, REPORT_ACCOUNTING, REPORT_ANSWER, Result
 from fwcm.rollout.consent import ConsentSpec, Group, Tally
 from fwcm.rollout.states import CampaignState, DeviceState
-from fwcm.store.deployments import Target, Verified, _target, _targets, set_campaign_state, utcnow
+from fwcm.store.db import utcnow
+from fwcm.store.deployments import Target, target_of, targets
+from fwcm.store.device_state import Verified
+from fwcm.store.leases import set_campaign_state
 from fwcm.store.models import AccountingRecord, Campaign, Deployment, Device, DeviceEvent
 
 _MEMBER_FAILED = (
@@ -31,7 +34,7 @@ def take_for_invite(s: Session, campaign_id: int, limit: int = 1000) -> list[Tar
     """Mark up to ``limit`` not yet invited deployments ``invited`` (attempt 1) and return them."""
     now = utcnow()
     rows = s.execute(
-        _targets()
+        targets()
         .where(
             Deployment.campaign_id == campaign_id,
             Deployment.state == DeviceState.PENDING.value,
@@ -51,7 +54,7 @@ def take_for_invite(s: Session, campaign_id: int, limit: int = 1000) -> list[Tar
         )
         .values(state=DeviceState.INVITED.value, attempt=1, last_seq=-1, notified_at=now, updated_at=now)
     )
-    return [replace(_target(r), attempt=1) for r in rows]
+    return [replace(target_of(r), attempt=1) for r in rows]
 
 
 def tally(s: Session, campaign_id: int) -> Tally:
@@ -75,7 +78,7 @@ def set_stage(s: Session, campaign_id: int, stage: str) -> None:
 def refuse(s: Session, campaign_id: int, tenant_id: int, reason: str) -> list[Target]:
     """Quorum not met: the campaign stops, nothing is installed; returns the devices to tell."""
     asked = s.execute(
-        _targets().where(
+        targets().where(
             Deployment.campaign_id == campaign_id,
             Deployment.state.in_((DeviceState.INVITED.value, DeviceState.PENDING.value)),
             Deployment.attempt > 0,
@@ -96,7 +99,7 @@ def refuse(s: Session, campaign_id: int, tenant_id: int, reason: str) -> list[Ta
     )
     set_stage(s, campaign_id, "refused")
     set_campaign_state(s, campaign_id, tenant_id, CampaignState.STOPPED, reason)
-    return [_target(r) for r in asked]
+    return [target_of(r) for r in asked]
 
 
 def expire_invitations(s: Session, campaign_id: int) -> int:
@@ -132,13 +135,13 @@ def decide_group(s: Session, campaign_id: int, decision: str) -> bool:
 
 def members(s: Session, campaign_id: int, states: Sequence[str]) -> list[Target]:
     rows = s.execute(
-        _targets().where(
+        targets().where(
             Deployment.campaign_id == campaign_id,
             Deployment.choice.is_not(None),
             Deployment.state.in_(list(states)),
         )
     ).all()
-    return [_target(r) for r in rows]
+    return [target_of(r) for r in rows]
 
 
 def abort_members(s: Session, campaign_id: int, reason: str) -> None:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -186,3 +187,12 @@ def _processed(rows: list[tuple[Any, ...]], processors: _Processors) -> list[tup
         done: dict[Any, Any] = {None: None}
         columns[i] = tuple(done[v] if v in done else done.setdefault(v, proc(v)) for v in columns[i])
     return list(zip(*columns, strict=True))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)

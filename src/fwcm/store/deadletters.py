@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from fwcm.store.deployments import utcnow
+from fwcm.store.db import utcnow
 from fwcm.store.models import DeadLetter
 
 PER_TENANT = 1000

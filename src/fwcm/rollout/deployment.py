@@ -1,0 +1,223 @@
+"""Deployment rules (pure): what a report, a silence or a campaign decision means for one device.
+
+A deployment is one device in one campaign. Device reports speak LwM2M /5 (state + result);
+:func:`state_for_report` maps them onto deployment states, and :func:`apply_report` decides whether
+a report changes a deployment at all: reports of an old attempt, duplicates (seq not above the
+last applied one) and reports after a terminal state are ignored, which is what makes
+at-least-once delivery harmless. :func:`judge_reports` adds the campaign's retry rule to a batch,
+:func:`expire` judges deployments that went silent, and :func:`notice_kind` says which notice a
+deployment's device should see now. The store reads the rows these take and writes what they
+return; nothing here reads a clock, a database or a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+from fwcm.protocol import SKIP_RESULTS, LwState, NoticeKind, Report, Result
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.states import DEVICE_TERMINAL, IN_PROGRESS, CampaignState, DeviceState
+
+
+def state_for_report(state: LwState, result: Result) -> DeviceState:
+    """Map an LwM2M state/result pair onto a deployment state."""
+    if state == LwState.DOWNLOADING:
+        return DeviceState.DOWNLOADING
+    if state == LwState.DOWNLOADED:
+        return DeviceState.DOWNLOADED
+    if state == LwState.UPDATING:
+        return DeviceState.INSTALLING
+    if result == Result.SUCCESS:
+        return DeviceState.SUCCEEDED
+    if result == Result.CANCELLED:
+        return DeviceState.CANCELLED
+    if result == Result.DECLINED:
+        return DeviceState.DECLINED
+    if result in SKIP_RESULTS:
+        return DeviceState.SKIPPED
+    if result == Result.INITIAL:
+        return DeviceState.NOTIFIED  # idle, nothing happened yet: the device has the notice
+    return DeviceState.FAILED
+
+
+class DeploymentView(NamedTuple):
+    """What a report is judged against (immutable; a tuple: one is made per report ingested)."""
+
+    state: DeviceState
+    attempt: int
+    last_seq: int
+
+
+class Change(NamedTuple):
+    state: DeviceState
+    result: int
+    seq: int
+
+
+def apply_report(current: DeploymentView, report: Report) -> Change | None:
+    """The change a report makes to a deployment, or None when it must be ignored."""
+    if report.attempt != current.attempt or report.seq <= current.last_seq:
+        return None
+    if current.state in DEVICE_TERMINAL:
+        return None
+    new = state_for_report(report.state, report.result)
+    if new == DeviceState.NOTIFIED and current.state != DeviceState.PENDING:
+        return Change(current.state, int(report.result), report.seq)
+    return Change(new, int(report.result), report.seq)
+
+
+# -- a batch of reports -------------------------------------------------------------------------
+
+
+class Reported(NamedTuple):
+    """A verified report and whose it is (the tenant's id and the device's row id)."""
+
+    tenant_id: int
+    device_pk: int
+    report: Report
+
+
+class Applied(NamedTuple):
+    """What one report does to its deployment, ready to be written."""
+
+    tenant_id: int
+    campaign: int
+    device_pk: int
+    attempt: int
+    state: DeviceState
+    """What is stored: ``pending`` again when a failure is retried later."""
+    entered: DeviceState | None
+    """The state the report entered, for the device's history (None: no new state)."""
+    result: int
+    seq: int
+    retry_at: float | None
+    """When the next attempt starts (POSIX seconds), for a failure that is retried."""
+    progress: int | None
+    detail: str | None
+    installed: int | None
+    """The sequence a device that succeeded now runs."""
+
+
+def judge_reports(
+    views: Mapping[tuple[int, int], DeploymentView],
+    reports: Iterable[Reported],
+    policies: Mapping[int, Policy],
+    now: float,
+) -> list[Applied]:
+    """The changes a batch of reports makes, in seq order per deployment.
+
+    ``views`` holds the current state of each reported (campaign, device) deployment; a report of
+    a deployment not in it is ignored. A failure the campaign's retry rule calls transient puts
+    the deployment back to ``pending`` with a retry time instead of failing it.
+    """
+    current = dict(views)
+    out: list[Applied] = []
+    for r in sorted(reports, key=lambda r: r.report.seq):
+        report = r.report
+        key = (report.campaign, r.device_pk)
+        view = current.get(key)
+        if view is None:
+            continue
+        change = apply_report(view, report)
+        if change is None:
+            continue
+        retry_at = None
+        if change.state == DeviceState.FAILED:
+            retry_at = policies[report.campaign].retry_at(change.result, view.attempt, now)
+        stored = DeviceState.PENDING if retry_at is not None else change.state
+        current[key] = DeploymentView(stored, view.attempt, change.seq)
+        succeeded = change.state == DeviceState.SUCCEEDED
+        out.append(
+            Applied(
+                tenant_id=r.tenant_id,
+                campaign=report.campaign,
+                device_pk=r.device_pk,
+                attempt=view.attempt,
+                state=stored,
+                entered=change.state if change.state != view.state else None,
+                result=change.result,
+                seq=change.seq,
+                retry_at=retry_at,
+                progress=report.progress,
+                detail=report.detail,
+                installed=report.installed_sequence if succeeded else None,
+            )
+        )
+    return out
+
+
+# -- silence ------------------------------------------------------------------------------------
+
+
+class Silent(NamedTuple):
+    """An in-progress deployment whose last report is older than its state's cutoff."""
+
+    tenant_id: int
+    device_pk: int
+    attempt: int
+    state: DeviceState
+
+
+class Expired(NamedTuple):
+    """What the device timeout does to a silent deployment."""
+
+    tenant_id: int
+    device_pk: int
+    attempt: int
+    was: DeviceState
+    """The state it was silent in (it changes only if still in it when written)."""
+    state: DeviceState
+    """``pending`` (a retry at ``retry_at``) or ``timed_out``."""
+    retry_at: float | None
+    detail: str
+
+
+def timeout_cutoffs(policy: Policy, now: float) -> dict[DeviceState, float]:
+    """Per in-progress state, the time before which a deployment's last report makes it silent
+    (states without a cutoff never time out now: an install window waits for its opening)."""
+    cutoffs = {st: policy.timeout_cutoff(st.value, now) for st in IN_PROGRESS}
+    return {st: c for st, c in cutoffs.items() if c is not None}
+
+
+def expire(silent: Sequence[Silent], policy: Policy, now: float) -> list[Expired]:
+    """Silent deployments: retried later when the retry rule allows, timed out otherwise."""
+    out = []
+    for d in silent:
+        at = policy.retry_at(None, d.attempt, now)
+        out.append(
+            Expired(
+                tenant_id=d.tenant_id,
+                device_pk=d.device_pk,
+                attempt=d.attempt,
+                was=d.state,
+                state=DeviceState.PENDING if at is not None else DeviceState.TIMED_OUT,
+                retry_at=at,
+                detail=f"no report for {policy.device_timeout_s:g} s while {d.state.value}",
+            )
+        )
+    return out
+
+
+# -- which notice a device sees -----------------------------------------------------------------
+
+
+def notice_kind(state: DeviceState, campaign: CampaignState, group_decision: str | None) -> NoticeKind:
+    """The notice a deployment's device should see now (its notice resource, a repeated notice).
+
+    Invited devices see the invitation; a withdrawn deployment or a cancelled campaign shows a
+    cancel (an abort, when a group install was aborted); a group member that downloaded sees the
+    commit once the group committed; every other deployment in progress sees its update.
+    """
+    if state == DeviceState.INVITED:
+        return NoticeKind.INVITE
+    if state == DeviceState.CANCELLED or campaign == CampaignState.CANCELLED:
+        return NoticeKind.ABORT if group_decision == "abort" else NoticeKind.CANCEL
+    if group_decision == "commit" and state == DeviceState.DOWNLOADED:
+        return NoticeKind.COMMIT
+    return NoticeKind.UPDATE
+
+
+def notice_reason(kind: NoticeKind, detail: str | None) -> str | None:
+    """A withdrawal (cancel, abort) carries why the deployment was withdrawn; no other notice does."""
+    return detail if kind in (NoticeKind.CANCEL, NoticeKind.ABORT) else None
