@@ -36,9 +36,10 @@ from fwcm.protocol import (
     NoticeKind,
     encode_notice,
 )
-from fwcm.rollout import deployment
+from fwcm.rollout import deployment, planner
 from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
-from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
+from fwcm.rollout.planner import CampaignView, Decision, PolicyState
+from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
 from fwcm.store import consent as cq
@@ -371,7 +372,7 @@ class Engine:
                 state = self._policy_state[c.id] = PolicyState()
                 state.seed(dq.recent_notifications(s, c.id, now - 60.0))
             view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
-            return view, policy.decide(view, state, now)
+            return view, planner.decide(policy, view, state, now)
 
         def work(
             s: Session, decided: tuple[CampaignView, Decision] | None
