@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 
+from fwcm.rollout.deployment import Expired, Silent, expire
 from fwcm.rollout.policy import PACE_BURST_S, RATE_WINDOW_S, Policy
 from fwcm.rollout.states import DEVICE_TERMINAL, NOT_FOR_ME, CampaignState, DeviceState
 
@@ -300,3 +301,71 @@ def _acknowledge(state: PolicyState, counts: Mapping[int, Mapping[str, int]], cu
     if state.paused_for is not None and state.paused_for[0] == "success":
         state.success_override.add(state.paused_for[1])
     state.paused_for = None
+
+
+# -- one engine step ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One campaign as the engine read it, in one read transaction."""
+
+    view: CampaignView
+    silent: tuple[Silent, ...] = ()
+    """In-progress deployments past their state's timeout cutoff (read when expiry is due)."""
+    recent: tuple[float, ...] | None = None
+    """Notification times of the last rate window, on the engine's first look (seeds the pacing)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one engine step does to one campaign, written in one transaction."""
+
+    decision: Decision
+    max_phase: int
+    """Pending deployments of phases up to this one may be notified."""
+    expired: tuple[Expired, ...] = ()
+    join: bool = False
+    """Dynamic campaigns: take in devices registered since (their phase is the policy's last)."""
+    invite: bool = False
+    """Consent campaigns: ask devices that joined late."""
+    close_invitations: bool = False
+    """Consent campaigns: the deadline passed; unanswered invitations end as ``no_answer``."""
+    note: str | None = None
+    note_changed: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to write: most steps of a running campaign (checked without the write lock)."""
+        d = self.decision
+        changes = d.notify or d.advance_to is not None or d.transition is not None or self.expired
+        return not (changes or self.join or self.invite or self.close_invitations or self.note_changed)
+
+
+def plan(
+    policy: Policy,
+    snapshot: Snapshot,
+    memory: PolicyState,
+    now: float,
+    *,
+    join: bool = False,
+    consent_due: bool = False,
+    deadline: float | None = None,
+    note_before: str | None = None,
+) -> Plan:
+    """The step for a campaign from its snapshot: the decision, the silent deployments that expire
+    (retried later or timed out), and the housekeeping that is due. Mutates ``memory`` only."""
+    if snapshot.recent is not None:
+        memory.seed(snapshot.recent)
+    decision = decide(policy, snapshot.view, memory, now)
+    note = None if decision.transition is not None else decision.note
+    return Plan(
+        decision=decision,
+        max_phase=snapshot.view.phase,
+        expired=tuple(expire(snapshot.silent, policy, now)),
+        join=join,
+        invite=consent_due,
+        close_invitations=consent_due and deadline is not None and now >= deadline,
+        note=note,
+        note_changed=note != note_before,
+    )
