@@ -30,13 +30,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState
+from fwcm.rollout.states import DeviceState
 from fwcm.runtime import setup_logging, tune_gc
 
 log = logging.getLogger("fwcm.demo")
 
 STATES = tuple(st.value for st in DeviceState)
-TERMINAL = tuple(st.value for st in DeviceState if st in DEVICE_TERMINAL)
 
 
 @dataclass
