@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from limits import cpu_seconds
+from procstats import cpu_seconds, metric, proc_status_mb
 
 from fwcm import manifest as mf
 from fwcm.transport.broker import free_port, start_broker
@@ -40,16 +39,7 @@ from fwcm.transport.broker import free_port, start_broker
 
 def rss_peak_mb(pid: int) -> float:
     """Peak resident set size of a process (VmHWM), in MB."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return float("nan")
-    m = re.search(r"VmHWM:\s+(\d+) kB", text)
-    return int(m.group(1)) / 1024 if m else float("nan")
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    return proc_status_mb(pid, "VmHWM")
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:

@@ -40,7 +40,6 @@ import json
 import os
 import pickle
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -62,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx
 import paho.mqtt.client as mqtt
+from procstats import cpu_seconds, metric, proc_status_mb
 
 from fwcm import manifest as mf
 from fwcm import protocol
@@ -76,26 +76,6 @@ CSV_HEADER = "name,vendor_id,class_id,tags,sequence,version,transport,hardware_i
 
 
 # -- process helpers ----------------------------------------------------------------------------
-
-
-def proc_status_mb(pid: int, field_name: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in MB."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return float("nan")
-    m = re.search(rf"{field_name}:\s+(\d+) kB", text)
-    return int(m.group(1)) / 1024 if m else float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @dataclass

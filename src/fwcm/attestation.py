@@ -33,16 +33,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+from cryptography.hazmat.primitives import serialization
 
-from fwcm.manifest.keys import PrivateKey, PublicKey, key_id, load_public_key, public_of
+from fwcm.manifest import cose
+from fwcm.manifest.keys import PrivateKey, PublicKey, key_id, load_public_key
 from fwcm.protocol import REPORT_EVIDENCE, Report
 
-COSE_SIGN1_TAG = 18
-ALG_ES256 = -7
-ALG_EDDSA = -8
 NONCE_BYTES = 16
 MAX_OBJECT_BYTES = 1024
 TOKEN_TTL_S = 300
@@ -62,41 +58,14 @@ class AttestationError(ValueError):
 # -- COSE_Sign1 -------------------------------------------------------------------------------
 
 
-def _alg(key: PrivateKey | PublicKey) -> int:
-    return ALG_EDDSA if isinstance(public_of(key), ed25519.Ed25519PublicKey) else ALG_ES256
-
-
-def _to_be_signed(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
-def sign1(key: PrivateKey, claims: Mapping[int, Any]) -> bytes:
-    """Sign ``claims`` with ``key`` into a tagged COSE_Sign1 carrying the key id."""
-    protected = cbor2.dumps({1: _alg(key)})
+def sign1(key: PrivateKey, claims: Mapping[int, Any], *, kid: bool = True) -> bytes:
+    """Sign ``claims`` with ``key`` into a tagged COSE_Sign1, carrying the key id unless ``kid``
+    is false (the verifier tries each of its keys)."""
+    protected = cbor2.dumps({cose.HDR_ALG: cose.alg_for(key)})
     payload = cbor2.dumps(dict(claims), canonical=True)
-    data = _to_be_signed(protected, payload)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        signature = key.sign(data)
-    else:
-        r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {4: key_id(key)}, payload, signature]))
-
-
-def _verify(key: PublicKey, alg: int, signature: bytes, data: bytes) -> bool:
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            if alg != ALG_EDDSA:
-                return False
-            key.verify(signature, data)
-        else:
-            if alg != ALG_ES256 or len(signature) != 64:
-                return False
-            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            key.verify(utils.encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
+    signature = cose.sign(key, cose.to_be_signed(protected, payload))
+    unprotected = {cose.HDR_KID: key_id(key)} if kid else {}
+    return cbor2.dumps(cbor2.CBORTag(cose.COSE_SIGN1_TAG, [protected, unprotected, payload, signature]))
 
 
 def open_sign1(data: bytes, keys: Iterable[PublicKey]) -> dict[int, Any]:
@@ -107,7 +76,7 @@ def open_sign1(data: bytes, keys: Iterable[PublicKey]) -> dict[int, Any]:
         obj = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
         raise AttestationError("malformed", f"not CBOR: {exc}") from None
-    if isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG:
+    if isinstance(obj, cbor2.CBORTag) and obj.tag == cose.COSE_SIGN1_TAG:
         obj = obj.value
     if not (isinstance(obj, list | tuple) and len(obj) == 4):
         raise AttestationError("malformed", "not a COSE_Sign1 array")
@@ -121,8 +90,8 @@ def open_sign1(data: bytes, keys: Iterable[PublicKey]) -> dict[int, Any]:
         raise AttestationError("malformed", "COSE_Sign1 header or payload is not CBOR") from None
     if not isinstance(headers, Mapping) or not isinstance(claims, Mapping):
         raise AttestationError("malformed", "COSE_Sign1 header or payload is not a map")
-    tbs = _to_be_signed(protected, payload)
-    if not any(_verify(k, headers.get(1, 0), signature, tbs) for k in keys):
+    tbs = cose.to_be_signed(protected, payload)
+    if not any(cose.verify(k, headers.get(cose.HDR_ALG, 0), signature, tbs) for k in keys):
         raise AttestationError("bad_signature", "signature does not verify with the expected key")
     return dict(claims)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fwcm.rollout.consent import ConsentSpec, Group, Quorum, Tally, group_verdict, quorum_verdict
 from fwcm.rollout.definition import load_definition
-from fwcm.rollout.policy import PolicyError
+from fwcm.rollout.values import PolicyError
 
 
 def verdict(rule: object, total: int, accepted: int, declined: int, passed: bool) -> str:

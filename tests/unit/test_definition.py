@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fwcm.rollout.definition import DefinitionError, load_definition
-from fwcm.rollout.policy import Policy, PolicyError
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.values import PolicyError
 
 CAMPAIGNS = Path(__file__).resolve().parents[2] / "campaigns"
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from fwcm.rollout.policy import CampaignView, Policy, PolicyError, PolicyState
+from fwcm.rollout.planner import CampaignView, PolicyState, decide, finished
+from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import CampaignState
+from fwcm.rollout.values import PolicyError
 
 RUNNING, PAUSED = CampaignState.RUNNING, CampaignState.PAUSED
 
@@ -46,11 +48,11 @@ def test_phase_sizes_until_and_size() -> None:
 
 def test_notifies_pending_of_current_and_earlier_phases_only() -> None:
     p = staged()
-    d = p.decide(view(0, p0={"pending": 15}, p1={"pending": 135}), PolicyState(), 0)
+    d = decide(p, view(0, p0={"pending": 15}, p1={"pending": 135}), PolicyState(), 0)
     assert d.notify == 15 and d.advance_to is None and d.transition is None
     # a retried device of phase 1 waits in pending while phase 2 runs
-    d = p.decide(
-        view(1, p0={"succeeded": 14, "pending": 1}, p1={"pending": 5, "notified": 130}), PolicyState(), 0
+    d = decide(
+        p, view(1, p0={"succeeded": 14, "pending": 1}, p1={"pending": 5, "notified": 130}), PolicyState(), 0
     )
     assert d.notify == 6
 
@@ -58,18 +60,18 @@ def test_notifies_pending_of_current_and_earlier_phases_only() -> None:
 def test_advances_at_the_success_threshold_once_nothing_is_pending() -> None:
     p = staged()
     below = view(0, p0={"succeeded": 14, "downloading": 6}, p1={"pending": 100})  # 70 % < 95 %
-    assert p.decide(below, PolicyState(), 0).advance_to is None
+    assert decide(p, below, PolicyState(), 0).advance_to is None
     at = view(0, p0={"succeeded": 18, "skipped": 1, "installing": 1}, p1={"pending": 100})  # 95 %
-    d = p.decide(at, PolicyState(), 0)
+    d = decide(p, at, PolicyState(), 0)
     assert d.advance_to == 1 and d.transition is None
     pending_left = view(0, p0={"succeeded": 19, "pending": 1}, p1={"pending": 100})
-    assert p.decide(pending_left, PolicyState(), 0).advance_to is None
+    assert decide(p, pending_left, PolicyState(), 0).advance_to is None
 
 
 def test_error_threshold_stops_with_a_reason_naming_it() -> None:
     p = staged()
     v = view(0, p0={"failed": 2, "timed_out": 1, "succeeded": 12, "pending": 5})
-    d = p.decide(v, PolicyState(), 0)
+    d = decide(p, v, PolicyState(), 0)
     assert d.notify == 0
     assert d.transition == (
         CampaignState.STOPPED,
@@ -80,15 +82,15 @@ def test_error_threshold_stops_with_a_reason_naming_it() -> None:
 def test_error_threshold_is_inclusive_and_needs_the_minimum_devices() -> None:
     p = staged()
     exactly = view(0, p0={"failed": 2, "succeeded": 18})  # 10.0 % >= 10 %
-    assert p.decide(exactly, PolicyState(), 0).transition is not None
+    assert decide(p, exactly, PolicyState(), 0).transition is not None
     one = view(0, p0={"failed": 1, "notified": 1})  # 100 %, but fewer than 2 devices
-    assert p.decide(one, PolicyState(), 0).transition is None
+    assert decide(p, one, PolicyState(), 0).transition is None
 
 
 def test_error_in_an_earlier_phase_still_counts() -> None:
     p = staged()
     v = view(1, p0={"failed": 5, "succeeded": 10}, p1={"notified": 50})
-    d = p.decide(v, PolicyState(), 0)
+    d = decide(p, v, PolicyState(), 0)
     assert d.transition is not None and d.transition[1].startswith("error threshold of phase 1 (canary)")
 
 
@@ -96,66 +98,66 @@ def test_on_error_pause_then_resume_acknowledges_the_failures_seen() -> None:
     p = staged(on_error="pause")
     st = PolicyState()
     v = view(0, p0={"failed": 2, "succeeded": 8, "pending": 10})
-    d = p.decide(v, st, 0)
+    d = decide(p, v, st, 0)
     assert d.transition is not None and d.transition[0] == PAUSED
-    assert p.decide(view(0, PAUSED, p0=v.counts[0]), st, 1).transition is None  # stays paused
+    assert decide(p, view(0, PAUSED, p0=v.counts[0]), st, 1).transition is None  # stays paused
     # the operator resumes: the same failures no longer pause, a new one does
-    assert p.decide(view(0, RUNNING, p0=v.counts[0]), st, 2) == p.decide(
-        view(0, RUNNING, p0={"succeeded": 8, "pending": 10, "failed": 0}), PolicyState(), 2
+    assert decide(p, view(0, RUNNING, p0=v.counts[0]), st, 2) == decide(
+        p, view(0, RUNNING, p0={"succeeded": 8, "pending": 10, "failed": 0}), PolicyState(), 2
     )
-    d = p.decide(view(0, RUNNING, p0={"failed": 3, "succeeded": 8, "pending": 9}), st, 3)
+    d = decide(p, view(0, RUNNING, p0={"failed": 3, "succeeded": 8, "pending": 9}), st, 3)
     assert d.transition is not None and d.transition[0] == PAUSED
 
 
 def test_settled_phase_below_success_threshold_stops_or_pauses() -> None:
     v = view(0, p0={"succeeded": 18, "failed": 1, "cancelled": 1}, p1={"pending": 10})  # 90 % < 95 %
-    d = staged().decide(v, PolicyState(), 0)
+    d = decide(staged(), v, PolicyState(), 0)
     assert d.transition == (
         CampaignState.STOPPED,
         "success threshold of phase 1 (canary) not reached: 18 of 20 devices succeeded (90.0% < 95%)",
     )
     p, st = staged(on_error="pause"), PolicyState()
-    d = p.decide(v, st, 0)
+    d = decide(p, v, st, 0)
     assert d.transition is not None and d.transition[0] == PAUSED
-    d = p.decide(view(0, RUNNING, p0=v.counts[0], p1={"pending": 10}), st, 1)  # resumed: waived
+    d = decide(p, view(0, RUNNING, p0=v.counts[0], p1={"pending": 10}), st, 1)  # resumed: waived
     assert d.advance_to == 1 and d.transition is None
 
 
 def test_approval_pauses_after_the_phase_and_resume_continues() -> None:
     p = Policy.from_dict({"phases": [{"size": 2, "advance": "approval"}, {}]})
     st = PolicyState()
-    d = p.decide(view(0, p0={"succeeded": 2}, p1={"pending": 8}), st, 0)
+    d = decide(p, view(0, p0={"succeeded": 2}, p1={"pending": 8}), st, 0)
     assert d.advance_to == 1 and d.notify == 0
     assert d.transition == (
         PAUSED,
         "phase 1 done (2 of 2 devices succeeded); waiting for approval: resume to start phase 2",
     )
-    assert p.decide(view(1, PAUSED, p0={"succeeded": 2}, p1={"pending": 8}), st, 1).notify == 0
-    d = p.decide(view(1, RUNNING, p0={"succeeded": 2}, p1={"pending": 8}), st, 2)
+    assert decide(p, view(1, PAUSED, p0={"succeeded": 2}, p1={"pending": 8}), st, 1).notify == 0
+    d = decide(p, view(1, RUNNING, p0={"succeeded": 2}, p1={"pending": 8}), st, 2)
     assert d.notify == 8 and d.transition is None
 
 
 def test_completes_when_the_last_phase_is_done() -> None:
     p = staged()
     v = view(2, p0={"succeeded": 15}, p1={"succeeded": 135}, p2={"succeeded": 140, "failed": 5, "skipped": 5})
-    d = p.decide(v, PolicyState(), 0)
+    d = decide(p, v, PolicyState(), 0)
     assert d.transition == (
         CampaignState.COMPLETED,
         "all 300 devices done: 290 succeeded, 5 failed, 5 skipped",
     )
     low = view(2, p0={"succeeded": 1}, p1={"succeeded": 1}, p2={"succeeded": 8, "cancelled": 2})
-    d = p.decide(low, PolicyState(), 0)
+    d = decide(p, low, PolicyState(), 0)
     assert d.transition is not None and d.transition[0] == CampaignState.COMPLETED
     assert "below the success threshold of phase 3 (80.0% < 95%)" in d.transition[1]
-    assert p.decide(view(2, p2={"succeeded": 9, "installing": 1}), PolicyState(), 0).transition is None
+    assert decide(p, view(2, p2={"succeeded": 9, "installing": 1}), PolicyState(), 0).transition is None
 
 
 def test_dynamic_campaign_stays_open_for_devices_that_join() -> None:
     p = Policy.from_dict({**staged().to_dict(), "dynamic": True})
     assert p.late_phase == 2
-    d = p.decide(view(2, p2={"succeeded": 10}), PolicyState(), 0)
+    d = decide(p, view(2, p2={"succeeded": 10}), PolicyState(), 0)
     assert d.transition is None and d.note is not None and "dynamic" in d.note
-    assert p.decide(view(2, p2={"succeeded": 10, "pending": 3}), PolicyState(), 0).notify == 3
+    assert decide(p, view(2, p2={"succeeded": 10, "pending": 3}), PolicyState(), 0).notify == 3
 
 
 def test_rate_limit_paces_within_the_minute() -> None:
@@ -163,7 +165,7 @@ def test_rate_limit_paces_within_the_minute() -> None:
     st = PolicyState()
     sent = []
     for i in range(120):
-        d = p.decide(view(0, p0={"pending": 1000}), st, 1000.0 + i * 0.5)
+        d = decide(p, view(0, p0={"pending": 1000}), st, 1000.0 + i * 0.5)
         st.record_notified(d.notify, 1000.0 + i * 0.5)
         sent.append(d.notify)
     assert sent[0] == 2 and max(sent) == 2
@@ -189,7 +191,7 @@ def test_ramp_grows_with_successes_up_to_the_rate() -> None:
 
 def test_no_rate_means_no_cap_beyond_the_batch() -> None:
     p = Policy.from_dict({"batch_max": 5000})
-    assert p.decide(view(0, p0={"pending": 4000}), PolicyState(), 0).notify == 4000
+    assert decide(p, view(0, p0={"pending": 4000}), PolicyState(), 0).notify == 4000
 
 
 def test_scheduled_start() -> None:
@@ -197,11 +199,11 @@ def test_scheduled_start() -> None:
     start = ts("2026-12-01T02:00:00+00:00")
     assert p.initial_state(start - 1) == CampaignState.SCHEDULED
     assert p.initial_state(start) == RUNNING
-    d = p.decide(view(0, CampaignState.SCHEDULED, p0={"pending": 5}), PolicyState(), start - 60)
+    d = decide(p, view(0, CampaignState.SCHEDULED, p0={"pending": 5}), PolicyState(), start - 60)
     assert (
         d.transition is None and d.notify == 0 and d.note == "scheduled to start at 2026-12-01T02:00:00+00:00"
     )
-    d = p.decide(view(0, CampaignState.SCHEDULED, p0={"pending": 5}), PolicyState(), start)
+    d = decide(p, view(0, CampaignState.SCHEDULED, p0={"pending": 5}), PolicyState(), start)
     assert d.transition == (RUNNING, "scheduled start reached")
     assert Policy().initial_state(0) == RUNNING
 
@@ -245,11 +247,11 @@ def test_window_inside_the_skipped_hour_does_not_open_that_day() -> None:
 
 def test_notify_mode_holds_notices_outside_the_window() -> None:
     p = Policy.from_dict({"window": {"start": "01:00", "end": "05:00", "tz": "UTC", "mode": "notify"}})
-    d = p.decide(view(0, p0={"pending": 10}), PolicyState(), ts("2026-05-01T12:00:00+00:00"))
+    d = decide(p, view(0, p0={"pending": 10}), PolicyState(), ts("2026-05-01T12:00:00+00:00"))
     assert d.notify == 0 and d.note == (
         "outside the maintenance window 01:00-05:00 UTC; opens 2026-05-02T01:00+00:00"
     )
-    assert p.decide(view(0, p0={"pending": 10}), PolicyState(), ts("2026-05-02T01:00:00+00:00")).notify == 10
+    assert decide(p, view(0, p0={"pending": 10}), PolicyState(), ts("2026-05-02T01:00:00+00:00")).notify == 10
 
 
 def test_install_mode_notifies_now_and_downloaded_devices_wait_for_the_window() -> None:
@@ -261,7 +263,7 @@ def test_install_mode_notifies_now_and_downloaded_devices_wait_for_the_window() 
     )
     noon = ts("2026-05-01T12:00:00+00:00")
     assert p.window_mode == "install"
-    assert p.decide(view(0, p0={"pending": 10}), PolicyState(), noon).notify == 10
+    assert decide(p, view(0, p0={"pending": 10}), PolicyState(), noon).notify == 10
     assert p.window_span(noon) == (int(ts("2026-05-02T01:00:00+00:00")), int(ts("2026-05-02T05:00:00+00:00")))
     assert not p.is_timed_out("downloaded", noon - 3600, noon)  # waiting for the window
     assert p.is_timed_out("downloading", noon - 3600, noon)
@@ -297,24 +299,27 @@ def test_retries_back_off_exponentially_and_end() -> None:
 def test_flat_counts_keep_the_first_engine_api_working() -> None:
     p = Policy.from_dict({"rate_per_minute": 100, "error_threshold_percent": 10})
     st = PolicyState()
-    assert p.decide(Counter(pending=500), st, 0).notify == 3  # paced: 2 s worth of 100/min
-    assert p.finished(Counter(succeeded=9, failed=1)) is not None
-    assert p.finished(Counter(succeeded=10)) == (CampaignState.COMPLETED, "all 10 devices done: 10 succeeded")
-    assert p.finished(Counter(succeeded=9, notified=1)) is None
+    assert decide(p, Counter(pending=500), st, 0).notify == 3  # paced: 2 s worth of 100/min
+    assert finished(p, Counter(succeeded=9, failed=1)) is not None
+    assert finished(p, Counter(succeeded=10)) == (
+        CampaignState.COMPLETED,
+        "all 10 devices done: 10 succeeded",
+    )
+    assert finished(p, Counter(succeeded=9, notified=1)) is None
 
 
 def test_terminal_and_draft_campaigns_get_no_decision() -> None:
     for s in (CampaignState.DRAFT, CampaignState.COMPLETED, CampaignState.CANCELLED, CampaignState.STOPPED):
-        d = staged().decide(view(0, s, p0={"pending": 5, "failed": 5}), PolicyState(), 0)
+        d = decide(staged(), view(0, s, p0={"pending": 5, "failed": 5}), PolicyState(), 0)
         assert d.notify == 0 and d.transition is None
 
 
 def test_state_survives_a_restart_through_seed() -> None:
     p = Policy.from_dict({"rate_per_minute": 600})
-    assert p.decide(view(0, p0={"pending": 100}), PolicyState(), 1000.0).notify == 20  # 2 s worth
+    assert decide(p, view(0, p0={"pending": 100}), PolicyState(), 1000.0).notify == 20  # 2 s worth
     st = PolicyState()
     st.seed([990.0] * 595)  # notices of the minute before the restart
-    assert p.decide(view(0, p0={"pending": 100}), st, 1000.0).notify == 5
+    assert decide(p, view(0, p0={"pending": 100}), st, 1000.0).notify == 5
 
 
 @pytest.mark.parametrize(

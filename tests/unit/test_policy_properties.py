@@ -10,7 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwcm.rollout.policy import CampaignView, Policy, PolicyState
+from fwcm.rollout.planner import CampaignView, PolicyState, decide
+from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import CampaignState, DeviceState
 
 STATES = [s.value for s in DeviceState]
@@ -103,7 +104,7 @@ def test_never_above_the_rate_in_any_60s_window(
     for gap, pending, share, new_ok in ticks:
         now += gap
         successes += new_ok
-        d = policy.decide(one_phase(policy, pending=pending, succeeded=successes), state, now)
+        d = decide(policy, one_phase(policy, pending=pending, succeeded=successes), state, now)
         assert 0 <= d.notify <= min(pending, policy.batch_max)
         taken = math.floor(d.notify * share)
         state.record_notified(taken, now)
@@ -130,7 +131,7 @@ def test_steady_ticks_stay_within_the_rate(policy: Policy, interval: float, tick
     sent: list[tuple[float, int]] = []
     for i in range(ticks):
         now = i * interval
-        d = policy.decide(one_phase(policy, pending=10**6), state, now)
+        d = decide(policy, one_phase(policy, pending=10**6), state, now)
         state.record_notified(d.notify, now)
         if d.notify:
             sent.append((now, d.notify))
@@ -149,7 +150,7 @@ def test_clock_running_backwards_never_loosens_the_rate(policy: Policy, times: l
     state = PolicyState()
     seen, sent = -math.inf, []
     for t in times:
-        d = policy.decide(one_phase(policy, pending=10_000), state, t)
+        d = decide(policy, one_phase(policy, pending=10_000), state, t)
         state.record_notified(d.notify, t)
         seen = max(seen, t)
         if d.notify:
@@ -175,7 +176,7 @@ def test_ramp_never_exceeds_the_configured_rate_and_only_grows(policy: Policy, s
 @given(data=st.data(), policy=policies())
 def test_notifies_only_pending_devices_of_started_phases(data: st.DataObject, policy: Policy) -> None:
     view = data.draw(views(policy))
-    d = policy.decide(view, PolicyState(), 1e9)
+    d = decide(policy, view, PolicyState(), 1e9)
     assert 0 <= d.notify <= pending_started(view)
     assert d.notify <= policy.batch_max
     if d.transition is not None:
@@ -188,7 +189,7 @@ def test_notifies_only_pending_devices_of_started_phases(data: st.DataObject, po
 @given(data=st.data(), policy=policies())
 def test_never_advances_below_the_success_threshold(data: st.DataObject, policy: Policy) -> None:
     view = data.draw(views(policy))
-    d = policy.decide(view, PolicyState(), 1e9)
+    d = decide(policy, view, PolicyState(), 1e9)
     if d.advance_to is None:
         return
     c = view.counts[view.phase]
@@ -222,7 +223,7 @@ def test_always_stops_once_an_error_threshold_is_crossed(
     data: st.DataObject, policy: Policy, campaign: CampaignState
 ) -> None:
     view = data.draw(views(policy, campaign))
-    d = policy.decide(view, PolicyState(), 1e9)
+    d = decide(policy, view, PolicyState(), 1e9)
     p = crossed(policy, view)
     if p is None:
         assert d.transition is None or "error threshold" not in d.transition[1]
@@ -261,5 +262,5 @@ def test_stored_form_round_trips(policy: Policy) -> None:
 def test_dynamic_campaigns_never_complete_by_themselves(data: st.DataObject, policy: Policy) -> None:
     dynamic = Policy.from_dict({**policy.to_dict(), "dynamic": True})
     view = data.draw(views(dynamic))
-    d = dynamic.decide(view, PolicyState(), 1e9)
+    d = decide(dynamic, view, PolicyState(), 1e9)
     assert d.transition is None or d.transition[0] != CampaignState.COMPLETED

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fwcm.rollout.consent import ConsentSpec, deadline_at
 from fwcm.rollout.definition import DefinitionError, load_definition
-from fwcm.rollout.policy import MAX_DURATION_S, Policy, PolicyError
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.values import MAX_DURATION_S, PolicyError
 
 DAY = 86400.0
 NOW = 1_780_000_000.0  # 2026

@@ -21,7 +21,7 @@ from fwcm.protocol import (
     Result,
 )
 from fwcm.rollout.consent import ConsentSpec
-from fwcm.rollout.policy import PolicyError
+from fwcm.rollout.values import PolicyError
 
 KEY = bytes(range(32))
 BIG = 2**63

@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fwcm.rollout.states import DeviceState
 from fwcm.runtime import setup_logging, tune_gc
 
 log = logging.getLogger("fwcm.demo")
 
-TERMINAL = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
-STATES = ("pending", "notified", "downloading", "downloaded", "installing", *TERMINAL)
+STATES = tuple(st.value for st in DeviceState)
 
 
 @dataclass
@@ -88,9 +88,10 @@ def load_campaign_file(path: Path | None) -> dict[str, Any]:
 def _progress_table(stats: dict[str, Any], devices: int, elapsed: float) -> Table:
     counts = stats.get("counts", {})
     table = Table(title=f"campaign {stats.get('name')} — {stats.get('state')}  ({elapsed:.1f} s)")
-    for st in STATES:
+    shown = [st for st in STATES if counts.get(st)] or ["pending"]  # the states that apply
+    for st in shown:
         table.add_column(st, justify="right")
-    table.add_row(*(str(counts.get(st, 0)) for st in STATES))
+    table.add_row(*(str(counts.get(st, 0)) for st in shown))
     return table
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from . import cose
+from .cose import ALG_EDDSA, ALG_ES256, ALG_NAMES, COSE_SIGN1_TAG, HDR_ALG, HDR_KID, HDR_X5CHAIN
 from .errors import ManifestError, SignatureError
 from .keys import PrivateKey, PublicKey, key_alg, key_id, public_of
 
@@ -68,17 +68,7 @@ DIGEST_SHA256 = -16
 COMPONENT_FW: list[bytes] = [b"fw"]
 """The single component identifier fwcm writes: ``[h'6677']``."""
 
-# --- COSE (RFC 9052/9053, RFC 9360, draft-ietf-jose-fully-specified-algorithms) ------------------
-COSE_SIGN1_TAG = 18
-HDR_ALG = 1
-HDR_CRIT = 2
-HDR_KID = 4
-HDR_X5CHAIN = 33
-ALG_ES256 = -7
-ALG_EDDSA = -8
-ALG_ESP256 = -9
 SIGNING_ALGS = {"es256": ALG_ES256, "eddsa": ALG_EDDSA}
-ALG_NAMES = {ALG_ES256: "ES256", ALG_EDDSA: "EdDSA", ALG_ESP256: "ESP256"}
 
 MAX_ENVELOPE_BYTES = 256 * 1024
 """Envelopes above this size are refused unread (a profile envelope is a few hundred bytes plus certs)."""
@@ -221,18 +211,6 @@ def encode_manifest(info: ManifestInfo) -> bytes:
     return _dumps(manifest)
 
 
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return _dumps(["Signature1", protected, b"", payload])
-
-
-def _sign(key: PrivateKey, data: bytes) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
-    der = key.sign(data, ec.ECDSA(hashes.SHA256()))
-    r, s = utils.decode_dss_signature(der)
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
 def build_envelope(info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] | None = None) -> bytes:
     """Sign ``info`` with ``key`` (ES256 or EdDSA by key type) into a tagged SUIT envelope.
 
@@ -250,7 +228,7 @@ def build_envelope(info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] 
             raise ManifestError("x5chain entries must be non-empty DER bytes")
         protected_map[HDR_X5CHAIN] = x5chain[0] if len(x5chain) == 1 else list(x5chain)
     protected = _dumps(protected_map)
-    signature = _sign(key, _sig_structure(protected, suit_digest))
+    signature = cose.sign(key, cose.to_be_signed(protected, suit_digest))
     sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public_of(key))}, None, signature])
     auth = [suit_digest, _dumps(sign1)]
     envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest})
@@ -560,24 +538,6 @@ def decode_envelope(data: bytes) -> Envelope:
 # --- verification ----------------------------------------------------------------------------------
 
 
-def _verify_one(sig: CoseSignature, key: PublicKey, payload: bytes) -> bool:
-    data = _sig_structure(sig.protected, payload)
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            if sig.alg != ALG_EDDSA:
-                return False
-            key.verify(sig.signature, data)
-        else:
-            if sig.alg not in (ALG_ES256, ALG_ESP256):
-                return False
-            r = int.from_bytes(sig.signature[:32], "big")
-            s = int.from_bytes(sig.signature[32:], "big")
-            key.verify(utils.encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
-
-
 def verify_envelope(env: Envelope, keys: Iterable[PublicKey]) -> PublicKey:
     """Return the first trusted key that verifies a signature of ``env``; raise :class:`SignatureError`.
 
@@ -596,7 +556,7 @@ def verify_envelope(env: Envelope, keys: Iterable[PublicKey]) -> PublicKey:
             if sig.kid is not None and sig.kid != key_id(pub):
                 continue
             known_kid = True
-            if _verify_one(sig, pub, payload):
+            if cose.verify(pub, sig.alg, sig.signature, cose.to_be_signed(sig.protected, payload)):
                 return original
     if not known_kid:
         kid = env.signatures[0].kid

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fwcm import filters
 from fwcm.protocol import NAME_RE
-from fwcm.rollout.policy import (
+from fwcm.rollout.values import (
     COUNT_RANGE,
     MAX_DEVICES,
     TIMEOUT_RANGE,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwcm.rollout.consent import ConsentSpec
-from fwcm.rollout.policy import Policy, PolicyError, check_keys
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.values import PolicyError, check_keys
 
 MAX_NAME_CHARS = 200
 """As the API: a campaign name is 1-200 characters."""

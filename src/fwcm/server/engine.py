@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,9 +36,10 @@ from fwcm.protocol import (
     NoticeKind,
     encode_notice,
 )
-from fwcm.rollout import deployment
+from fwcm.rollout import deployment, planner
 from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
-from fwcm.rollout.policy import CampaignView, Decision, Policy, PolicyState
+from fwcm.rollout.planner import CampaignView, PolicyState
+from fwcm.rollout.policy import RATE_WINDOW_S, Policy
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
 from fwcm.store import consent as cq
@@ -359,71 +360,38 @@ class Engine:
         return cached
 
     async def _advance(self, c: lq.LeasedCampaign) -> None:
-        """One policy decision for a scheduled, running or paused campaign, carried out at once."""
+        """One step for a scheduled, running or paused campaign: snapshot → plan → apply.
+
+        The snapshot is read on a read transaction; the pure planner decides; the plan is written
+        in one transaction, and only when it changes something (on SQLite a write transaction
+        holds the one write lock, and ingest waits for it; most steps change nothing).
+        """
         policy = self._policy(c)
         now = time.time()
+        first_look = c.id not in self._policy_state
+        memory = self._policy_state.setdefault(c.id, PolicyState())
         join_due = policy.dynamic and now - self._joined.get(c.id, 0.0) >= JOIN_EVERY_S
         expire_due = now - self._expired_at.get(c.id, 0.0) >= EXPIRE_EVERY_S
-
-        def decide(s: Session) -> tuple[CampaignView, Decision]:
-            state = self._policy_state.get(c.id)
-            if state is None:  # first decision since this replica took the lease
-                state = self._policy_state[c.id] = PolicyState()
-                state.seed(dq.recent_notifications(s, c.id, now - 60.0))
-            view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
-            return view, policy.decide(view, state, now)
-
-        def work(
-            s: Session, decided: tuple[CampaignView, Decision] | None
-        ) -> tuple[list[dq.Target], Decision]:
-            if decided is None:
-                if expire_due:
-                    silent = dq.silent(s, c.id, deployment.timeout_cutoffs(policy, now))
-                    dq.write_expired(s, c.id, deployment.expire(silent, policy, now), now)
-                if join_due:
-                    repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
-                decided = decide(s)
-            view, decision = decided
-            state = self._policy_state[c.id]
-            targets = dq.take_pending(
-                s,
-                c.id,
-                decision.notify,
-                max_phase=view.phase,
-                now=now,
-                attestation=c.attestation,
-                consented_only=c.consent is not None,
-            )
-            if c.consent is not None and expire_due:
-                cq.take_for_invite(s, c.id)  # devices that joined late are asked too
-                if now >= self._deadline(c):
-                    cq.expire_invitations(s, c.id)
-            state.record_notified(len(targets), now)
-            if decision.advance_to is not None:
-                lq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
-            if decision.transition is not None:
-                lq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
-            note = None if decision.transition is not None else decision.note
-            if note != self.notes.get(c.id):  # written only when it changes
-                lq.set_note(s, c.id, note)
-                self.notes[c.id] = note
-            return targets, decision
-
-        decided = None
-        if not (expire_due or join_due or c.consent is not None):
-            # Most ticks of a running campaign change nothing: decide on a read transaction and
-            # write only when the decision says so (on SQLite a write transaction holds the one
-            # write lock, and ingest waits for it).
-            decided = await asyncio.to_thread(self._in_read, decide)
-            _view, decision = decided
-            note = None if decision.transition is not None else decision.note
-            idle = not decision.notify and decision.advance_to is None and decision.transition is None
-            if idle and note == self.notes.get(c.id):
-                targets: list[dq.Target] = []
-            else:
-                targets, decision = await self._db(lambda s: work(s, decided))
-        else:
-            targets, decision = await self._db(lambda s: work(s, None))
+        cutoffs = deployment.timeout_cutoffs(policy, now) if expire_due else {}
+        since = now - RATE_WINDOW_S if first_look else None
+        snapshot = await asyncio.to_thread(self._in_read, lambda s: _snapshot(s, c, cutoffs, since))
+        step = planner.plan(
+            policy,
+            snapshot,
+            memory,
+            now,
+            join=join_due,
+            consent_due=c.consent is not None and expire_due,
+            deadline=self._deadline(c) if c.consent is not None else None,
+            note_before=self.notes.get(c.id),
+        )
+        targets: list[dq.Target] = []
+        if not step.idle:
+            targets = await self._db(lambda s: _apply(s, c, policy, step, now))
+            if step.note_changed:
+                self.notes[c.id] = step.note
+        memory.record_notified(len(targets), now)
+        decision = step.decision
         if join_due:
             self._joined[c.id] = now
         if expire_due:
@@ -624,3 +592,44 @@ def _describe(exc: BaseException) -> str:
     """An error in one line, as the campaign's note and the log-once key show it."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _snapshot(
+    s: Session, c: lq.LeasedCampaign, cutoffs: Mapping[DeviceState, float], since: float | None
+) -> planner.Snapshot:
+    """What the planner needs of one campaign, read in one transaction."""
+    view = CampaignView.from_rows(c.state, c.phase, dq.phase_counts(s, c.id))
+    silent = tuple(dq.silent(s, c.id, cutoffs)) if cutoffs else ()
+    recent = tuple(dq.recent_notifications(s, c.id, since)) if since is not None else None
+    return planner.Snapshot(view, silent, recent)
+
+
+def _apply(
+    s: Session, c: lq.LeasedCampaign, policy: Policy, step: planner.Plan, now: float
+) -> list[dq.Target]:
+    """Write one campaign's plan in the caller's transaction; returns the devices to notify."""
+    if step.expired:
+        dq.write_expired(s, c.id, step.expired, now)
+    if step.join:
+        repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
+    decision = step.decision
+    targets = dq.take_pending(
+        s,
+        c.id,
+        decision.notify,
+        max_phase=step.max_phase,
+        now=now,
+        attestation=c.attestation,
+        consented_only=c.consent is not None,
+    )
+    if step.invite:
+        cq.take_for_invite(s, c.id)  # devices that joined late are asked too
+    if step.close_invitations:
+        cq.expire_invitations(s, c.id)
+    if decision.advance_to is not None:
+        lq.set_phase(s, c.id, c.tenant_id, decision.advance_to, policy.label(decision.advance_to))
+    if decision.transition is not None:
+        lq.set_campaign_state(s, c.id, c.tenant_id, *decision.transition)
+    if step.note_changed:
+        lq.set_note(s, c.id, step.note)
+    return targets

@@ -29,6 +29,7 @@ from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.server import metrics
+from fwcm.server.keys import KeyCache
 from fwcm.store import attestations as aq
 from fwcm.store import consent as cq
 from fwcm.store import deadletters as dl
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 Credentials = list[tuple[int, dq.Target, int]]
 """(campaign, target, manifest id) of attested installs that succeeded: credentials are due."""
 AttestedFn = Callable[[list[aq.AttestationResult], Credentials], None]
-
-KEY_CACHE_TTL_S = 60.0
 
 
 @dataclass
@@ -116,50 +115,6 @@ def describe(exc: BaseException) -> str:
     cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}".replace("\x00", "")[:200]
-
-
-class KeyCache:
-    """Device keys by (tenant, name); short-lived so deleted devices stop being accepted."""
-
-    def __init__(self, db: Database, ttl: float = KEY_CACHE_TTL_S, size: int = 200_000) -> None:
-        self._db = db
-        self._ttl = ttl
-        self._size = size
-        self._entries: dict[tuple[str, str], tuple[float, ds.DeviceKey | None]] = {}
-
-    def prime(self, tenant_id: int, targets: list[dq.Target]) -> None:
-        """Remember the keys of devices just notified: their reports follow within seconds."""
-        until = time.monotonic() + self._ttl
-        if len(self._entries) + len(targets) > self._size:
-            self._entries.clear()
-        for t in targets:
-            self._entries[(t.tenant, t.name)] = (until, ds.DeviceKey(t.device_pk, tenant_id, t.secret))
-
-    def peek(self, name: tuple[str, str]) -> ds.DeviceKey | None:
-        """The cached key of a device, without touching the database (None: not cached)."""
-        hit = self._entries.get(name)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
-
-    def lookup(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], ds.DeviceKey | None]:
-        now = time.monotonic()
-        found: dict[tuple[str, str], ds.DeviceKey | None] = {}
-        missing = set()
-        for n in names:
-            hit = self._entries.get(n)
-            if hit is not None and hit[0] > now:
-                found[n] = hit[1]
-            else:
-                missing.add(n)
-        if missing:
-            with self._db.session() as s:
-                loaded = ds.device_keys(s, missing)
-            if len(self._entries) + len(missing) > self._size:
-                self._entries.clear()
-            for n in missing:
-                key = loaded.get(n)
-                found[n] = key
-                self._entries[n] = (now + self._ttl, key)
-        return found
 
 
 def _split(

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Unpack, cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Row,
@@ -72,7 +72,7 @@ def counts(s: Session, campaign_id: int) -> Counter[str]:
     return Counter({state: n for state, n in rows})
 
 
-def targets() -> Select[Unpack[tuple[Any, ...]]]:
+def targets() -> Select[*tuple[Any, ...]]:
     """Deployment rows with what a notice needs: device key, name, tenant slug and transport."""
     return (
         select(
@@ -230,7 +230,7 @@ def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Targe
     return [target_of(r) for r in rows]
 
 
-def target_of(r: Row[Unpack[tuple[Any, ...]]]) -> Target:
+def target_of(r: Row[*tuple[Any, ...]]) -> Target:
     """The one constructor of a target from a ``targets()`` row."""
     return Target(
         device_pk=r.device_id,

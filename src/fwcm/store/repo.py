@@ -44,7 +44,8 @@ from sqlalchemy.orm import Session
 from fwcm import filters, manifest, pki
 from fwcm.protocol import NAME_RE, Result
 from fwcm.rollout.consent import ConsentSpec
-from fwcm.rollout.policy import Policy, PolicyError
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.values import PolicyError
 from fwcm.store.models import (
     ApiKey,
     Campaign,
