@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from fwcm import inventory, manifest
+from fwcm.errors import Conflict, NotFound
 from fwcm.store import inventory as inv
 from fwcm.store import repo
 from fwcm.store.models import Deployment, Device, DeviceEvent, FactoryDevice
@@ -354,9 +355,9 @@ def test_concurrent_claims_have_exactly_one_winner(api: Any, via: str) -> None:
                 with api.db.session() as s:
                     device, _fd = inv.claim_device(s, ids[slug], unit.serial, unit.claim_code, name)
                     outcome = (slug, 201, device.name)
-            except repo.Conflict as exc:
+            except Conflict as exc:
                 outcome = (slug, 409, str(exc))
-            except repo.NotFound as exc:
+            except NotFound as exc:
                 outcome = (slug, 404, str(exc))
         with lock:
             results.append(outcome)

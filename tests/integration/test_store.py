@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from fwcm import filters, manifest
+from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound
 from fwcm.store import repo
 from fwcm.store.db import Database
 from fwcm.store.models import CampaignEvent, Deployment, Device, Manifest
@@ -205,7 +206,7 @@ def test_csv_import_all_or_nothing_with_line_numbers(db: Database) -> None:
             "too,few",
         ]
     )
-    with pytest.raises(repo.ImportErrors) as info, db.session() as s:
+    with pytest.raises(ImportErrors) as info, db.session() as s:
         repo.import_devices_csv(s, tid, text)
     errs = info.value.errors
     assert [e.split(":")[0] for e in errs] == [f"line {n}" for n in range(3, 11)]
@@ -224,7 +225,7 @@ def test_csv_import_all_or_nothing_with_line_numbers(db: Database) -> None:
 def test_csv_import_refuses_names_that_exist(db: Database) -> None:
     tid = _tenant(db, "acme")
     _add_fleet(db, tid)
-    with pytest.raises(repo.Conflict, match="'d2'"), db.session() as s:
+    with pytest.raises(Conflict, match="'d2'"), db.session() as s:
         repo.import_devices_csv(
             s, tid, _csv([f"new1,{VENDOR},{CLASS_A},,,,,,", f"d2,{VENDOR},{CLASS_A},,,,,,"])
         )
@@ -247,15 +248,15 @@ def test_csv_import_header_subset_and_given_secret(db: Database) -> None:
 
 
 def test_csv_bad_header_reported_on_line_1(db: Database) -> None:
-    with pytest.raises(repo.ImportErrors, match=r"line 1: unknown column.*colour.*missing column.*class_id"):
+    with pytest.raises(ImportErrors, match=r"line 1: unknown column.*colour.*missing column.*class_id"):
         repo.parse_devices_csv("name,vendor_id,colour\n")
-    with pytest.raises(repo.ImportErrors, match="line 1: empty file"):
+    with pytest.raises(ImportErrors, match="line 1: empty file"):
         repo.parse_devices_csv("")
 
 
 def test_csv_errors_are_capped(db: Database) -> None:
     rows = [f"bad{i},x,y,,,,,," for i in range(80)]
-    with pytest.raises(repo.ImportErrors) as info:
+    with pytest.raises(ImportErrors) as info:
         repo.parse_devices_csv(_csv(rows))
     assert len(info.value.errors) == repo.MAX_IMPORT_ERRORS
     assert info.value.more == 30
@@ -314,9 +315,9 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
         assert total == 3 and [d["device"] for d in devs] == ["d1", "d2", "d4"]
         states = [e.state for e in s.scalars(select(CampaignEvent).where(CampaignEvent.campaign_id == cid))]
         assert states == ["draft", "running"]
-    with pytest.raises(repo.Conflict, match="is running"), db.session() as s:
+    with pytest.raises(Conflict, match="is running"), db.session() as s:
         repo.start_campaign(s, tid, cid)
-    with pytest.raises(repo.NotFound), db.session() as s:
+    with pytest.raises(NotFound), db.session() as s:
         repo.start_campaign(s, other, cid)
 
 
@@ -326,7 +327,7 @@ def test_campaign_state_changes(db: Database) -> None:
     mid = _manifest(db, tid)
     with db.session() as s:
         cid = repo.create_campaign(s, tid, "all", mid, "", None).id
-    with pytest.raises(repo.Conflict, match="pause needs a campaign that is running"), db.session() as s:
+    with pytest.raises(Conflict, match="pause needs a campaign that is running"), db.session() as s:
         repo.change_campaign(s, tid, cid, "pause")
     with db.session() as s:
         repo.start_campaign(s, tid, cid)
@@ -335,7 +336,7 @@ def test_campaign_state_changes(db: Database) -> None:
         c = repo.change_campaign(s, tid, cid, "cancel")
         # finished_at is set by the engine once it has withdrawn the notices (tests/e2e)
         assert c.state == "cancelled" and c.finished_at is None
-    with pytest.raises(repo.Conflict), db.session() as s:
+    with pytest.raises(Conflict), db.session() as s:
         repo.change_campaign(s, tid, cid, "resume")
     with db.session() as s:
         assert [e.state for e in repo.campaign_events(s, tid, cid)] == [
@@ -353,7 +354,7 @@ def test_campaign_refuses_bad_filter_and_foreign_manifest(db: Database) -> None:
     mid = _manifest(db, other)
     with pytest.raises(filters.FilterError, match="unknown field 'colour'"), db.session() as s:
         repo.create_campaign(s, tid, "x", mid, "colour == 'red'")
-    with pytest.raises(repo.Invalid, match=f"manifest {mid} not found"), db.session() as s:
+    with pytest.raises(Invalid, match=f"manifest {mid} not found"), db.session() as s:
         repo.create_campaign(s, tid, "x", mid, "")
 
 
@@ -376,7 +377,7 @@ def test_manifest_dedupe_and_signer_revocation(db: Database) -> None:
         again, created2 = repo.upload_manifest(s, tid, env)
         assert created1 and not created2 and first.id == again.id
         assert first.envelope == env and first.signer_id == sg.id
-    with pytest.raises(repo.Conflict, match="already registered as signer 'release'"), db.session() as s:
+    with pytest.raises(Conflict, match="already registered as signer 'release'"), db.session() as s:
         repo.add_signer(s, tid, "again", manifest.public_key_pem(key))
     with db.session() as s:
         repo.revoke_signer(s, tid, "release")
@@ -400,9 +401,9 @@ def test_tenant_keys_are_hashed_and_resolve(db: Database) -> None:
 
         stored = s.scalars(select(ApiKey.key_hash)).all()
         assert key not in stored and hashlib.sha256(key.encode()).hexdigest() in stored
-    with pytest.raises(repo.Conflict), db.session() as s:
+    with pytest.raises(Conflict), db.session() as s:
         repo.create_tenant(s, "acme")
-    with pytest.raises(repo.Invalid), db.session() as s:
+    with pytest.raises(Invalid), db.session() as s:
         repo.create_tenant(s, "no spaces")
 
 
@@ -426,7 +427,7 @@ def test_invalid_policy_is_refused_at_creation(db: Database) -> None:
     with db.session() as s:
         tid = repo.create_tenant(s, "pol", "Pol")[0].id
     mid = _manifest(db, tid)
-    with pytest.raises(repo.Invalid, match="unknown key 'rate'"), db.session() as s:
+    with pytest.raises(Invalid, match="unknown key 'rate'"), db.session() as s:
         repo.create_campaign(s, tid, "x", mid, "", {"rate": 10})
 
 

@@ -27,6 +27,7 @@ from fwcm import filters, pki
 from fwcm.api import schemas as sc
 from fwcm.api.ranges import file_response
 from fwcm.config import Settings
+from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
 from fwcm.manifest import ManifestError, SignatureError
 from fwcm.store import consent as cq
 from fwcm.store import repo
@@ -124,18 +125,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
         return h
 
-    app.add_exception_handler(repo.NotFound, handler(404))
-    app.add_exception_handler(repo.Conflict, handler(409))
-    app.add_exception_handler(repo.TooLarge, handler(413))
+    app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(Conflict, handler(409))
+    app.add_exception_handler(TooLarge, handler(413))
     app.add_exception_handler(filters.FilterError, handler(422))
 
     async def import_errors(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, repo.ImportErrors)
+        assert isinstance(exc, ImportErrors)
         errors = exc.errors + ([f"... and {exc.more} more"] if exc.more else [])
         return _error(422, str(exc), errors=errors)
 
-    app.add_exception_handler(repo.ImportErrors, import_errors)
-    app.add_exception_handler(repo.Invalid, handler(422))
+    app.add_exception_handler(ImportErrors, import_errors)
+    app.add_exception_handler(Invalid, handler(422))
 
     async def manifest_error(_request: Request, exc: Exception) -> JSONResponse:
         status = 422 if isinstance(exc, SignatureError) else 400

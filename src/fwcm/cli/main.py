@@ -59,6 +59,7 @@ def tenant_ca(
 
     from fwcm import pki as pki_lib
     from fwcm.config import Settings
+    from fwcm.errors import NotFound
     from fwcm.store import repo
     from fwcm.store.db import Database
 
@@ -72,7 +73,7 @@ def tenant_ca(
     try:
         with db.session() as s:
             repo.set_tenant_ca(s, slug, Path(cert).read_bytes(), root)
-    except (OSError, pki_lib.ChainError, repo.NotFound) as exc:
+    except (OSError, pki_lib.ChainError, NotFound) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fwcm import filters, manifest
+from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound
 from fwcm.inventory import FACTORY_CSV_COLUMNS, claim_hash
 from fwcm.store.models import Campaign, Deployment, Device, DeviceEvent, FactoryDevice, Manifest, Tenant
 from fwcm.store.repo import (
@@ -31,10 +32,6 @@ from fwcm.store.repo import (
     MAX_IMPORT_ERRORS,
     SECRET_BYTES,
     TRANSPORTS,
-    Conflict,
-    ImportErrors,
-    Invalid,
-    NotFound,
     _name,
     _opt_text,
     _tags,

@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fwcm import filters, manifest, pki
+from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
 from fwcm.protocol import NAME_RE, Result
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
@@ -100,35 +101,6 @@ _IN_CHUNK = 5000
 BIGINT_MAX = 2**63 - 1
 """Largest value of a BIGINT column (ids, sequence numbers, sizes) on SQLite and PostgreSQL."""
 _DEVICES = cast(Table, Device.__table__)
-
-
-class NotFound(LookupError):
-    """The object does not exist for this tenant (it may exist for another: same answer)."""
-
-
-class Conflict(ValueError):
-    """The request clashes with current state: a duplicate name, a campaign in the wrong state."""
-
-
-class Invalid(ValueError):
-    """Input that is well-formed but not acceptable: names the field and the problem."""
-
-
-class TooLarge(Invalid):
-    """An upload over its configured limit (HTTP 413)."""
-
-
-class ImportErrors(Invalid):
-    """A CSV import refused as a whole; ``errors`` lists ``line N: problem`` entries."""
-
-    def __init__(self, errors: list[str], more: int = 0) -> None:
-        self.errors = errors
-        self.more = more
-        summary = "; ".join(errors[:3])
-        extra = len(errors) - 3 + more
-        if extra > 0:
-            summary += f"; and {extra} more"
-        super().__init__(f"CSV import refused, nothing imported: {summary}")
 
 
 def now() -> datetime:
