@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from fwcm import inventory, protocol
+from fwcm.devices import parse_devices_csv
 from fwcm.server.accounts import CHECK_INTERVAL_S
 from fwcm.store import repo
 from fwcm.store.models import Device, Tenant
@@ -99,7 +100,7 @@ async def test_claim_release_and_transfer_move_the_account(env: Env) -> None:
 
 async def test_devices_added_and_removed_by_another_replica_reach_the_broker(env: Env) -> None:
     """Another replica's API calls are not this server's: only the periodic check sees them."""
-    devices = repo.parse_devices_csv(
+    devices = parse_devices_csv(
         "name,vendor_id,class_id\n" + "".join(f"elsewhere-{i},{VENDOR},{CLASS}\n" for i in range(3))
     )
     with env.server.db.session() as s:

@@ -155,7 +155,7 @@ def test_make_batch_keeps_codes_and_private_keys_out_of_the_upload(tmp_path: Pat
         assert manifest.public_key_pem(private).decode() == row["attest_key_pem"]
         assert stat.S_IMODE((paths["devices"] / f"{u.serial}.json").stat().st_mode) == 0o600
     assert stat.S_IMODE(paths["factory"].stat().st_mode) == 0o600
-    entries = inv.parse_factory_csv(factory)
+    entries = inventory.parse_factory_csv(factory)
     assert [(e.vendor_id, e.class_id, e.sequence, e.firmware_version) for e in entries] == [
         (str(VENDOR_ID), str(CLASS_A), 4, "1.2.0")
     ] * 3

@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from fwcm import manifest, protocol
+from fwcm.devices import validate_device
 from fwcm.protocol import ProtocolError
 from fwcm.server.ingest import Ingest
 from fwcm.server.metrics import REGISTRY
@@ -113,7 +114,7 @@ def fleet(api: Any) -> Fleet:
         uris=("http://127.0.0.1/p/x",),
     )
     with db.session() as s:
-        devices = [repo.register_device(s, tid, repo.validate_device(n, VENDOR, CLASS)) for n in NAMES]
+        devices = [repo.register_device(s, tid, validate_device(n, VENDOR, CLASS)) for n in NAMES]
         secrets = {d.name: d.secret for d in devices}
         pks = {d.name: d.id for d in devices}
         repo.add_signer(s, tid, "release", manifest.public_key_pem(key))

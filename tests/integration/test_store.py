@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from fwcm import filters, manifest
+from fwcm.devices import MAX_IMPORT_ERRORS, parse_devices_csv, validate_device
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound
 from fwcm.store import repo
 from fwcm.store.db import Database
@@ -50,7 +51,7 @@ def _add_fleet(db: Database, tenant_id: int) -> None:
             repo.register_device(
                 s,
                 tenant_id,
-                repo.validate_device(name, VENDOR, cls, tags, seq, version, transport, hw),
+                validate_device(name, VENDOR, cls, tags, seq, version, transport, hw),
             )
 
 
@@ -207,7 +208,7 @@ def test_csv_import_all_or_nothing_with_line_numbers(db: Database) -> None:
         ]
     )
     with pytest.raises(ImportErrors) as info, db.session() as s:
-        repo.import_devices_csv(s, tid, text)
+        repo.import_devices(s, tid, parse_devices_csv(text))
     errs = info.value.errors
     assert [e.split(":")[0] for e in errs] == [f"line {n}" for n in range(3, 11)]
     assert "device name 'bad name!'" in errs[0]
@@ -226,8 +227,10 @@ def test_csv_import_refuses_names_that_exist(db: Database) -> None:
     tid = _tenant(db, "acme")
     _add_fleet(db, tid)
     with pytest.raises(Conflict, match="'d2'"), db.session() as s:
-        repo.import_devices_csv(
-            s, tid, _csv([f"new1,{VENDOR},{CLASS_A},,,,,,", f"d2,{VENDOR},{CLASS_A},,,,,,"])
+        repo.import_devices(
+            s,
+            tid,
+            parse_devices_csv(_csv([f"new1,{VENDOR},{CLASS_A},,,,,,", f"d2,{VENDOR},{CLASS_A},,,,,,"])),
         )
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Device).where(Device.name == "new1")) == 0
@@ -237,8 +240,9 @@ def test_csv_import_header_subset_and_given_secret(db: Database) -> None:
     tid = _tenant(db, "acme")
     secret = os.urandom(32).hex()
     text = f"class_id,name,vendor_id,secret\n{CLASS_A},x1,{VENDOR},{secret}\n\n{CLASS_B},x2,{VENDOR},\n"
+    devices = parse_devices_csv(text)
     with db.session() as s:
-        devices = repo.import_devices_csv(s, tid, text)
+        repo.import_devices(s, tid, devices)
     assert [d.name for d in devices] == ["x1", "x2"]
     with db.session() as s:
         x1 = repo.get_device(s, tid, "x1")
@@ -249,16 +253,16 @@ def test_csv_import_header_subset_and_given_secret(db: Database) -> None:
 
 def test_csv_bad_header_reported_on_line_1(db: Database) -> None:
     with pytest.raises(ImportErrors, match=r"line 1: unknown column.*colour.*missing column.*class_id"):
-        repo.parse_devices_csv("name,vendor_id,colour\n")
+        parse_devices_csv("name,vendor_id,colour\n")
     with pytest.raises(ImportErrors, match="line 1: empty file"):
-        repo.parse_devices_csv("")
+        parse_devices_csv("")
 
 
 def test_csv_errors_are_capped(db: Database) -> None:
     rows = [f"bad{i},x,y,,,,,," for i in range(80)]
     with pytest.raises(ImportErrors) as info:
-        repo.parse_devices_csv(_csv(rows))
-    assert len(info.value.errors) == repo.MAX_IMPORT_ERRORS
+        parse_devices_csv(_csv(rows))
+    assert len(info.value.errors) == MAX_IMPORT_ERRORS
     assert info.value.more == 30
     assert "and 77 more" in str(info.value)
 
@@ -296,7 +300,7 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
         assert c.started_at is not None
     # A device registered later does not join a started campaign.
     with db.session() as s:
-        repo.register_device(s, tid, repo.validate_device("late", VENDOR, CLASS_A, {"region": "eu"}))
+        repo.register_device(s, tid, validate_device("late", VENDOR, CLASS_A, {"region": "eu"}))
     with db.session() as s:
         rows = s.execute(
             select(Device.name, Deployment.state, Deployment.tenant_id, Deployment.last_seq)
@@ -435,7 +439,7 @@ def test_start_assigns_phases_in_device_order(db: Database) -> None:
     with db.session() as s:
         tid = repo.create_tenant(s, "ph", "Ph")[0].id
         for i in range(20):
-            repo.register_device(s, tid, repo.validate_device(f"d{i:02d}", VENDOR, CLASS_A, {}))
+            repo.register_device(s, tid, validate_device(f"d{i:02d}", VENDOR, CLASS_A, {}))
     mid = _manifest(db, tid)
     policy = {"phases": [{"until": "10%"}, {"until": "50%"}, {"until": "100%"}]}
     with db.session() as s:

@@ -27,6 +27,7 @@ from fwcm import filters, pki
 from fwcm.api import schemas as sc
 from fwcm.api.ranges import file_response
 from fwcm.config import Settings
+from fwcm.devices import parse_devices_csv, validate_device
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
 from fwcm.manifest import ManifestError, SignatureError
 from fwcm.store import consent as cq
@@ -433,7 +434,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.post("/devices", response_model=sc.DeviceOut, status_code=201, tags=["devices"])
     def add_device(body: sc.DeviceIn, t: Tenant) -> sc.DeviceOut:
         """Register one device; the answer carries its secret (hex) and MQTT credentials once."""
-        dev = repo.validate_device(**body.model_dump())
+        dev = validate_device(**body.model_dump())
         with db.session() as s:
             out = sc.DeviceOut.of(repo.register_device(s, t.id, dev), secret=dev.secret, tenant=t.slug)
         devices_changed()
@@ -463,7 +464,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             raise ApiError(400, f"CSV is not UTF-8 (byte {exc.start})") from None
 
         def run() -> sc.ImportOut:
-            devices = repo.parse_devices_csv(text)
+            devices = parse_devices_csv(text)
             with db.session() as s:
                 repo.import_devices(s, t.id, devices)
             devices_changed()

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from fwcm.api import schemas as sc
 from fwcm.api.app import PREFIX, ApiError, TenantCtx, _read_body, current_tenant, fleet_tenant
 from fwcm.config import Settings
+from fwcm.inventory import parse_factory_body
 from fwcm.store import inventory as inv
 from fwcm.store.db import Database
 from fwcm.store.models import Device, FactoryDevice
@@ -195,7 +196,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         content_type = request.headers.get("content-type", "text/csv")
 
         def run() -> FactoryImportOut:
-            entries = inv.parse_factory_body(data, content_type)
+            entries = parse_factory_body(data, content_type)
             with db.session() as s:
                 n = inv.register_factory_devices(s, t.id, entries)
             return FactoryImportOut(registered=n)

@@ -7,18 +7,12 @@ indistinguishable from a missing one (``NotFound``).  Functions run inside the c
 
 from __future__ import annotations
 
-import base64
-import csv
-import functools
 import hashlib
-import io
 import logging
 import secrets
 import time
-import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -42,8 +36,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fwcm import filters, manifest, pki
-from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
-from fwcm.protocol import NAME_RE, Result
+from fwcm.devices import NewDevice
+from fwcm.errors import Conflict, Invalid, NotFound, TooLarge
+from fwcm.names import check_name
+from fwcm.protocol import Result
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
 from fwcm.rollout.values import PolicyError
@@ -80,23 +76,7 @@ DEPLOYMENT_STATES = (
     "no_answer",
 )
 TERMINAL_STATES = ("succeeded", "failed", "skipped", "timed_out", "cancelled", "declined", "no_answer")
-TRANSPORTS = ("mqtt", "coap")
-SECRET_BYTES = 32
 API_KEY_PREFIX = "fwcm_"
-MAX_IMPORT_ERRORS = 50
-CSV_COLUMNS = (
-    "name",
-    "vendor_id",
-    "class_id",
-    "tags",
-    "sequence",
-    "version",
-    "transport",
-    "hardware_id",
-    "secret",
-    "attest_key",
-)
-CSV_REQUIRED = ("name", "vendor_id", "class_id")
 _IN_CHUNK = 5000
 BIGINT_MAX = 2**63 - 1
 """Largest value of a BIGINT column (ids, sequence numbers, sizes) on SQLite and PostgreSQL."""
@@ -111,37 +91,12 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _uuid(value: Any, field: str) -> str:
-    canonical = _canonical_uuid(str(value).strip())
-    if canonical is None:
-        raise Invalid(f"{field} must be a UUID, got {value!r}")
-    return canonical
-
-
-@functools.lru_cache(maxsize=1024)
-def _canonical_uuid(text: str) -> str | None:
-    """Cached: a CSV import repeats the same few vendor and class ids on every row."""
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return None
-
-
-def _name(value: Any, what: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise Invalid(
-            f"{what} {value!r} is not valid: 1-64 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
-
-
 # -- tenants ----------------------------------------------------------------------------------
 
 
 def create_tenant(s: Session, slug: str, name: str | None = None, kind: str = "fleet") -> tuple[Tenant, str]:
     """Create a tenant and its first API key; the plaintext key is returned only here."""
-    _name(slug, "tenant slug")
+    check_name(slug, "tenant slug")
     if kind not in ("fleet", "manufacturer"):
         raise ValueError(f"tenant kind must be fleet or manufacturer, not {kind!r}")
     if s.scalar(select(Tenant.id).where(Tenant.slug == slug)) is not None:
@@ -188,7 +143,7 @@ def add_signer(
     """Trust a signer for this tenant's manifests: a bare public key, or a signer certificate that
     chains to the operator root through the tenant's CA (developer certificates carry the hardware
     IDs their builds may target). Raises ManifestError for a bad key, ChainError for a bad chain."""
-    _name(name, "signer name")
+    check_name(name, "signer name")
     cert_text: str | None = None
     hardware_ids: list[str] | None = None
     if cert_pem is not None:
@@ -419,256 +374,30 @@ def signer_name(s: Session, tenant_id: int, signer_id: int | None) -> str | None
 # -- devices ----------------------------------------------------------------------------------
 
 
-@dataclass
-class NewDevice:
-    """A validated device row, before insertion."""
-
-    name: str
-    vendor_id: str
-    class_id: str
-    tags: dict[str, str]
-    sequence: int
-    version: str | None
-    transport: str
-    hardware_id: str | None
-    secret: bytes
-    attest_key_pem: str | None = None
-
-    def row(self, tenant_id: int) -> dict[str, Any]:
-        return {
-            "tenant_id": tenant_id,
-            "name": self.name,
-            "vendor_id": self.vendor_id,
-            "class_id": self.class_id,
-            "tags": self.tags,
-            "sequence": self.sequence,
-            "version": self.version,
-            "transport": self.transport,
-            "hardware_id": self.hardware_id,
-            "secret": self.secret,
-            "attest_key_pem": self.attest_key_pem,
-            "online": False,
-        }
-
-
-def _tags(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Invalid("tags must be an object of key → value")
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str) or not filters.TAG_KEY_RE.match(k):
-            raise Invalid(f"tag key {k!r} is not valid: 1-64 of letters, digits, '_' or '-'")
-        if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise Invalid(f"tag {k!r} must be text or an integer")
-        if len(str(v)) > 200:
-            raise Invalid(f"tag {k!r} is longer than 200 characters")
-        out[k] = str(v)
-    return out
-
-
-def _opt_text(value: Any, field: str, max_len: int) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise Invalid(f"{field} must be text")
-    if len(value) > max_len:
-        raise Invalid(f"{field} is longer than {max_len} characters")
-    return value
-
-
-def validate_device(
-    name: Any,
-    vendor_id: Any,
-    class_id: Any,
-    tags: Any = None,
-    sequence: Any = 0,
-    version: Any = None,
-    transport: Any = "mqtt",
-    hardware_id: Any = None,
-    secret: Any = None,
-    attest_key_pem: Any = None,
-) -> NewDevice:
-    """Check one device's fields; raise Invalid naming the first bad one."""
-    if sequence is None or sequence == "":
-        sequence = 0
-    if isinstance(sequence, str):
-        try:
-            sequence = int(sequence.strip())
-        except ValueError:
-            raise Invalid(f"sequence must be an integer, got {sequence!r}") from None
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < 2**63:
-        raise Invalid(f"sequence must be a non-negative integer, got {sequence!r}")
-    transport = transport or "mqtt"
-    if transport not in TRANSPORTS:
-        raise Invalid(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    if secret is None or secret == "":
-        secret_b = secrets.token_bytes(SECRET_BYTES)
-    elif isinstance(secret, bytes):
-        secret_b = secret
-    else:
-        try:
-            secret_b = bytes.fromhex(str(secret))
-        except ValueError:
-            raise Invalid("secret must be hex") from None
-    if len(secret_b) != SECRET_BYTES:
-        raise Invalid(f"secret must be {SECRET_BYTES} bytes ({2 * SECRET_BYTES} hex digits)")
-    return NewDevice(
-        name=_name(name, "device name"),
-        vendor_id=_uuid(vendor_id, "vendor_id"),
-        class_id=_uuid(class_id, "class_id"),
-        tags=_tags(tags),
-        sequence=sequence,
-        version=_opt_text(version, "version", 64),
-        transport=transport,
-        hardware_id=_opt_text(hardware_id, "hardware_id", 128),
-        secret=secret_b,
-        attest_key_pem=_attest_key(attest_key_pem),
-    )
-
-
-def _attest_key(value: Any) -> str | None:
-    """A public attestation key as PEM, or base64 of its DER (one CSV cell); stored as PEM."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise Invalid("attestation key must be text (PEM or base64 DER)")
-    text = value.strip()
-    data = text.encode() if text.startswith("-----BEGIN") else _b64_pem(text)
-    try:
-        key = manifest.load_public_key(data)
-    except manifest.ManifestError as exc:
-        raise Invalid(f"attestation key refused: {exc}") from None
-    return manifest.public_key_pem(key).decode()
-
-
-def _b64_pem(text: str) -> bytes:
-    try:
-        der = base64.b64decode(text, validate=True)
-    except ValueError:
-        raise Invalid("attestation key is neither PEM nor base64 DER") from None
-    lines = [base64.b64encode(der[i : i + 48]).decode() for i in range(0, len(der), 48)]
-    return ("-----BEGIN PUBLIC KEY-----\n" + "\n".join(lines) + "\n-----END PUBLIC KEY-----\n").encode()
+def _device_row(tenant_id: int, dev: NewDevice) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "name": dev.name,
+        "vendor_id": dev.vendor_id,
+        "class_id": dev.class_id,
+        "tags": dev.tags,
+        "sequence": dev.sequence,
+        "version": dev.version,
+        "transport": dev.transport,
+        "hardware_id": dev.hardware_id,
+        "secret": dev.secret,
+        "attest_key_pem": dev.attest_key_pem,
+        "online": False,
+    }
 
 
 def register_device(s: Session, tenant_id: int, dev: NewDevice) -> Device:
     if s.scalar(select(Device.id).where(Device.tenant_id == tenant_id, Device.name == dev.name)) is not None:
         raise Conflict(f"device {dev.name!r} already exists")
-    device = Device(**dev.row(tenant_id))
+    device = Device(**_device_row(tenant_id, dev))
     s.add(device)
     s.flush()
     return device
-
-
-def parse_csv_tags(text: str) -> dict[str, str]:
-    """``k=v;k2=v2`` → dict; raises Invalid for a part without '=' or a repeated key."""
-    out: dict[str, str] = {}
-    for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise Invalid(f"tag {part!r} is not key=value")
-        k = k.strip()
-        if k in out:
-            raise Invalid(f"tag {k!r} given twice")
-        out[k] = v.strip()
-    return out
-
-
-def _listed(names: Sequence[str], shown: int = 10) -> str:
-    """Names for an error message: the first ``shown`` (each at most 40 characters), then a count."""
-    text = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in names[:shown])
-    return text + (f" and {len(names) - shown:,} more" if len(names) > shown else "")
-
-
-def read_csv_header(
-    reader: Iterator[list[str]], allowed: Sequence[str], required: Sequence[str]
-) -> list[str]:
-    """The header line of an import, lower-cased; ImportErrors naming unknown, missing or repeated
-    columns."""
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise ImportErrors(["line 1: empty file; expected a header: " + ",".join(allowed)]) from None
-    except csv.Error as exc:
-        raise ImportErrors([f"line 1: {exc}"]) from None
-    columns = [h.strip().lower() for h in header]
-    seen = Counter(columns)  # one pass: the header's length is the sender's choice
-    unknown = [c for c in seen if c not in allowed]
-    missing = [c for c in required if c not in seen]
-    dupes = sorted(c for c, n in seen.items() if n > 1)
-    problems = []
-    if unknown:
-        problems.append(f"unknown column(s) {_listed(unknown)}")
-    if missing:
-        problems.append(f"missing column(s) {_listed(missing)}")
-    if dupes:
-        problems.append(f"repeated column(s) {_listed(dupes)}")
-    if problems:
-        raise ImportErrors([f"line 1: {'; '.join(problems)} (columns: {','.join(allowed)})"])
-    return columns
-
-
-def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[NewDevice]:
-    """Validate a whole CSV file; raise ImportErrors listing every bad line (up to a cap)."""
-    errors: list[str] = []
-    more = 0
-
-    def err(line: int, msg: str) -> None:
-        nonlocal more
-        if len(errors) < max_errors:
-            errors.append(f"line {line}: {msg}")
-        else:
-            more += 1
-
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    columns = read_csv_header(reader, CSV_COLUMNS, CSV_REQUIRED)
-    out: list[NewDevice] = []
-    seen: dict[str, int] = {}
-    width = len(columns)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            err(reader.line_num, str(exc))
-            break
-        line = reader.line_num
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != width:
-            err(line, f"expected {width} fields, found {len(row)}")
-            continue
-        values = dict(zip(columns, row, strict=True))
-        try:
-            tags = parse_csv_tags(values.get("tags", ""))
-            dev = validate_device(
-                name=values["name"].strip(),
-                vendor_id=values["vendor_id"],
-                class_id=values["class_id"],
-                tags=tags,
-                sequence=values.get("sequence"),
-                version=values.get("version", "").strip() or None,
-                transport=values.get("transport", "").strip() or "mqtt",
-                hardware_id=values.get("hardware_id", "").strip() or None,
-                secret=values.get("secret", "").strip() or None,
-                attest_key_pem=values.get("attest_key", "").strip() or None,
-            )
-        except Invalid as exc:
-            err(line, str(exc))
-            continue
-        if dev.name in seen:
-            err(line, f"device {dev.name!r} already appears on line {seen[dev.name]}")
-            continue
-        seen[dev.name] = line
-        out.append(dev)
-    if errors:
-        raise ImportErrors(errors, more)
-    return out
 
 
 def import_devices(s: Session, tenant_id: int, devices: list[NewDevice]) -> int:
@@ -688,15 +417,9 @@ def import_devices(s: Session, tenant_id: int, devices: list[NewDevice]) -> int:
     if devices:
         batch = 10000
         for i in range(0, len(devices), batch):
-            s.execute(insert(_DEVICES), [d.row(tenant_id) for d in devices[i : i + batch]])
+            s.execute(insert(_DEVICES), [_device_row(tenant_id, d) for d in devices[i : i + batch]])
     log.info("tenant %d imported %d devices", tenant_id, len(devices))
     return len(devices)
-
-
-def import_devices_csv(s: Session, tenant_id: int, text: str) -> list[NewDevice]:
-    devices = parse_devices_csv(text)
-    import_devices(s, tenant_id, devices)
-    return devices
 
 
 def get_device(s: Session, tenant_id: int, name: str) -> Device:
