@@ -18,6 +18,7 @@ from sqlalchemy import update
 
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Result
+from fwcm.rollout import launch
 from fwcm.server.metrics import REGISTRY
 from fwcm.store import repo
 from fwcm.store.models import Campaign
@@ -93,8 +94,10 @@ def _stored_campaign(env: Env, tenant: str, manifest_id: int, device: str, polic
     with env.server.db.session() as s:
         tenant_row = repo.tenant_by_slug(s, tenant)
         assert tenant_row is not None
-        c = repo.create_campaign(s, tenant_row.id, f"bad {device}", manifest_id, f'name == "{device}"')
-        repo.start_campaign(s, tenant_row.id, c.id)
+        c = repo.create_campaign(
+            s, tenant_row.id, manifest_id, launch.draft(f"bad {device}", f'name == "{device}"')
+        )
+        repo.start_campaign(s, tenant_row.id, c.id, launch.start_plan)
         s.execute(update(Campaign).where(Campaign.id == c.id).values(policy=policy))
         return c.id
 

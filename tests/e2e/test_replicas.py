@@ -34,6 +34,7 @@ from device_sim.faults import get_profile
 from device_sim.fleet import run_fleet
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Report, Result
+from fwcm.rollout import launch
 from fwcm.store import leases as lq
 from fwcm.store import repo
 from fwcm.store.db import Database
@@ -309,12 +310,12 @@ def test_claims_skip_a_campaign_another_replica_is_claiming(db: Database) -> Non
         tenant, _key = repo.create_tenant(s, "acme")
         repo.add_signer(s, tenant.id, "rel", mf.public_key_pem(key))
         man, _created = repo.upload_manifest(s, tenant.id, mf.build_envelope(info, key))
-        cid = repo.create_campaign(s, tenant.id, "c", man.id, "", None).id
+        cid = repo.create_campaign(s, tenant.id, man.id, launch.draft("c", "", None)).id
     with db.session() as s:
-        repo.start_campaign(s, tenant.id, cid)
-        cancelled = repo.create_campaign(s, tenant.id, "c2", man.id, "", None).id
+        repo.start_campaign(s, tenant.id, cid, launch.start_plan)
+        cancelled = repo.create_campaign(s, tenant.id, man.id, launch.draft("c2", "", None)).id
     with db.session() as s:
-        repo.start_campaign(s, tenant.id, cancelled)
+        repo.start_campaign(s, tenant.id, cancelled, launch.start_plan)
     with db.session() as s:
         repo.change_campaign(s, tenant.id, cancelled, "cancel")
     with db.session() as s:

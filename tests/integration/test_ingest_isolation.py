@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from fwcm import manifest, protocol
 from fwcm.devices import validate_device
 from fwcm.protocol import ProtocolError
+from fwcm.rollout import launch
 from fwcm.server.ingest import Ingest
 from fwcm.server.metrics import REGISTRY
 from fwcm.store import deadletters as dl
@@ -119,9 +120,9 @@ def fleet(api: Any) -> Fleet:
         pks = {d.name: d.id for d in devices}
         repo.add_signer(s, tid, "release", manifest.public_key_pem(key))
         m, _created = repo.upload_manifest(s, tid, manifest.build_envelope(info, key))
-        cid = repo.create_campaign(s, tid, "c", m.id, "", {}).id
+        cid = repo.create_campaign(s, tid, m.id, launch.draft("c", "", {})).id
     with db.session() as s:
-        repo.start_campaign(s, tid, cid)
+        repo.start_campaign(s, tid, cid, launch.start_plan)
     with db.session() as s:
         assert len(dq.take_pending(s, cid, 100)) == len(NAMES)
     return Fleet(api, cid, secrets, pks)

@@ -30,6 +30,7 @@ from fwcm.config import Settings
 from fwcm.devices import parse_devices_csv, validate_device
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
 from fwcm.manifest import ManifestError, SignatureError
+from fwcm.rollout import launch
 from fwcm.store import consent as cq
 from fwcm.store import repo
 from fwcm.store.db import Database
@@ -506,17 +507,16 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.post("/campaigns", response_model=sc.CampaignOut, status_code=201, tags=["campaigns"])
     def create_campaign(body: sc.CampaignIn, t: Tenant) -> sc.CampaignOut:
         """A draft campaign: a manifest, a device filter (checked now) and a rollout policy."""
+        draft = launch.draft(
+            body.name,
+            body.filter,
+            body.policy,
+            attestation=body.attestation,
+            consent=body.consent,
+            requester=t.name,
+        )
         with db.session() as s:
-            c = repo.create_campaign(
-                s,
-                t.id,
-                body.name,
-                body.manifest_id,
-                body.filter,
-                body.policy,
-                attestation=body.attestation,
-                consent=body.consent,
-            )
+            c = repo.create_campaign(s, t.id, body.manifest_id, draft)
             return sc.CampaignOut.of(c)
 
     @api.get("/campaigns/{campaign_id}/accounting", response_model=sc.AccountingOut, tags=["campaigns"])
@@ -547,7 +547,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     def start_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
         """Freeze the devices matching the filter and start the rollout."""
         with db.session() as s:
-            out = sc.CampaignOut.of(repo.start_campaign(s, t.id, campaign_id))
+            out = sc.CampaignOut.of(repo.start_campaign(s, t.id, campaign_id, launch.start_plan))
         notify(campaign_id)
         return out
 
@@ -578,7 +578,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
     def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:
         with db.read() as s:
-            return sc.CampaignStats(**repo.campaign_stats(s, t.id, campaign_id))
+            return sc.CampaignStats(**repo.campaign_stats(s, t.id, campaign_id, launch.phase_names))
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
     def campaign_devices(

@@ -12,7 +12,6 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -40,9 +39,7 @@ from fwcm.devices import NewDevice
 from fwcm.errors import Conflict, Invalid, NotFound, TooLarge
 from fwcm.names import check_name
 from fwcm.protocol import Result
-from fwcm.rollout.consent import ConsentSpec
-from fwcm.rollout.policy import Policy
-from fwcm.rollout.values import PolicyError
+from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
 from fwcm.store.models import (
     ApiKey,
     Campaign,
@@ -520,65 +517,25 @@ def filter_clause(node: filters.Node) -> ColumnElement[bool]:
 # -- campaigns --------------------------------------------------------------------------------
 
 
-def _storable_filter(text: str | None) -> str:
-    """The canonical filter a campaign stores, checked in that form: start parses what is stored,
-    and the canonical spelling may be longer than what was sent (spaces, quotes, escapes)."""
-    canonical = filters.validate(text)
-    if len(canonical) > filters.MAX_FILTER_CHARS:
-        raise Invalid(
-            f"filter: its canonical form is {len(canonical):,} characters; a campaign stores at most "
-            f"{filters.MAX_FILTER_CHARS:,}"
-        )
-    filters.parse(canonical)
-    return canonical
-
-
-def _validate_policy(policy: Any) -> dict[str, Any]:
-    if policy is None:
-        return {}
-    if not isinstance(policy, dict):
-        raise Invalid("policy must be an object")
-    try:
-        return Policy.from_dict(policy).to_dict()
-    except PolicyError as exc:
-        raise Invalid(f"invalid rollout policy: {exc}") from None
-
-
-def create_campaign(
-    s: Session,
-    tenant_id: int,
-    name: str,
-    manifest_id: int,
-    filter_text: str | None,
-    policy: dict[str, Any] | None = None,
-    *,
-    attestation: bool = False,
-    consent: dict[str, Any] | None = None,
-) -> Campaign:
-    """A draft campaign; the filter is checked now so a typo never reaches start.
-
-    A consent campaign may name its peer devices (and an initiator) instead of a filter.
-    """
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise Invalid("campaign name must be 1-200 characters")
-    spec = _consent_spec(s, tenant_id, consent) if consent is not None else None
-    if spec is not None and spec.peer_filter() is not None:
-        if filter_text:
-            raise Invalid("a consent campaign takes either a device filter or peers, not both")
-        filter_text = spec.peer_filter()
-    canonical = _storable_filter(filter_text)
+def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: CampaignDraft) -> Campaign:
+    """Store a checked draft; its manifest and consent variants must be manifests of this tenant."""
+    for value, variant in draft.variants.items():
+        try:
+            get_manifest(s, tenant_id, variant)
+        except NotFound:
+            raise Invalid(f"consent.variants.{value}: manifest {variant} not found") from None
     try:
         get_manifest(s, tenant_id, manifest_id)
     except NotFound:
         raise Invalid(f"manifest {manifest_id} not found") from None
     campaign = Campaign(
         tenant_id=tenant_id,
-        name=name.strip(),
+        name=draft.name,
         manifest_id=manifest_id,
-        filter=canonical,
-        policy=_validate_policy(policy),
-        attestation=attestation,
-        consent=spec.to_dict() if spec is not None else None,
+        filter=draft.filter,
+        policy=draft.policy,
+        attestation=draft.attestation,
+        consent=draft.consent,
         state="draft",
         phase=0,
         total=0,
@@ -587,23 +544,6 @@ def create_campaign(
     s.flush()
     _campaign_event(s, campaign, "draft", None)
     return campaign
-
-
-def _consent_spec(s: Session, tenant_id: int, consent: dict[str, Any]) -> ConsentSpec:
-    """Check a ``[consent]`` table; variants must be manifests of this tenant."""
-    try:
-        spec = ConsentSpec.parse(consent)
-    except PolicyError as exc:
-        raise Invalid(str(exc)) from None
-    for value, manifest_id in spec.variants.items():
-        try:
-            get_manifest(s, tenant_id, manifest_id)
-        except NotFound:
-            raise Invalid(f"consent.variants.{value}: manifest {manifest_id} not found") from None
-    if spec.requester is None:
-        tenant = s.get(Tenant, tenant_id)
-        spec = replace(spec, requester=tenant.name if tenant is not None else None)
-    return spec
 
 
 def list_campaigns(s: Session, tenant_id: int, state: str | None = None) -> Sequence[Campaign]:
@@ -631,8 +571,12 @@ def _campaign_event(s: Session, campaign: Campaign, state: str, reason: str | No
     )
 
 
-def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
-    """Freeze the matching devices into deployments with one INSERT … SELECT and start running."""
+def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner) -> Campaign:
+    """Freeze the matching devices into deployments with one INSERT … SELECT and start running.
+
+    ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device by
+    its rank, and the state the campaign enters.
+    """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     if campaign.state not in ("draft", "scheduled"):
         raise Conflict(
@@ -640,12 +584,9 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
         )
     cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
     _check_signer_scope(s, campaign, cond)
-    try:
-        policy = Policy.from_stored(campaign.policy or {})
-    except PolicyError as exc:
-        raise Invalid(f"invalid rollout policy: {exc}") from None
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
-    bounds = policy.phase_bounds(matching)
+    planned = plan(campaign.policy, matching, time.time())
+    bounds = planned.bounds
     # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
     rank = func.row_number().over(order_by=Device.id) - 1
     whens = [(rank < b, i) for i, b in enumerate(bounds[:-1])]
@@ -672,7 +613,7 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int) -> Campaign:
     if s.get_bind().dialect.name == "postgresql":
         # fresh rows: without statistics the planner scans pending rows once per notice batch
         s.execute(text("ANALYZE deployments"))
-    campaign.state = policy.initial_state(time.time()).value
+    campaign.state = planned.state
     campaign.phase = 0
     campaign.started_at = now()
     _campaign_event(s, campaign, campaign.state, f"started with {total} devices")
@@ -741,8 +682,9 @@ def change_campaign(
     return campaign
 
 
-def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, Any]:
-    """Counts per deployment state and the most common failure results."""
+def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer) -> dict[str, Any]:
+    """Counts per deployment state and the most common failure results; ``phase_names``
+    (``rollout.launch.phase_names``) labels the phases of the stored policy."""
     campaign = get_campaign(s, tenant_id, campaign_id)
     counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
     for state, n in s.execute(
@@ -792,7 +734,7 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "total": campaign.total,
         "counts": counts,
         "phases": {str(k): v for k, v in sorted(phases.items())},
-        "phase_names": _phase_names(campaign.policy),
+        "phase_names": phase_names(campaign.policy),
         "per_minute": recent,
         "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
         "failures": failures,
@@ -800,16 +742,6 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int) -> dict[str, An
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
     }
-
-
-def _phase_names(stored: dict[str, Any] | None) -> list[str]:
-    """Phase labels of a stored policy; none when the row cannot be read (the status still shows
-    the engine's note saying why)."""
-    try:
-        policy = Policy.from_stored(stored or {})
-    except PolicyError:
-        return []
-    return [policy.label(i) for i in range(len(policy.phases))]
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:
