@@ -13,7 +13,7 @@ from test_api import CLASS_A, VENDOR, add_signer, device_json, envelope, upload_
 
 from fwcm import manifest
 from fwcm.devices import CSV_COLUMNS
-from fwcm.store import repo
+from fwcm.store import tenants
 
 HUGE = [2**63, 2**64, 10**30, -(2**63) - 1]
 """Just past a BIGINT column, past an unsigned one, far past, and below the signed range."""
@@ -261,7 +261,7 @@ def _populate(client: TestClient) -> dict[str, Any]:
 
 def _manufacturer(api: Any) -> TestClient:
     with api.db.session() as s:
-        _t, key = repo.create_tenant(s, "maker", "Maker", kind="manufacturer")
+        _t, key = tenants.create_tenant(s, "maker", "Maker", kind="manufacturer")
     c = TestClient(api.app, headers={"Authorization": f"Bearer {key}"})
     api._clients.append(c)
     return c

@@ -12,8 +12,8 @@ history go with it, so nothing of one owner is visible to the next) and move ``o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 from sqlalchemy import Table, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -24,8 +24,18 @@ from fwcm.devices import check_tags, check_transport
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.inventory import FactoryEntry, claim_hash
 from fwcm.names import check_name
-from fwcm.store.models import Campaign, Deployment, Device, DeviceEvent, FactoryDevice, Manifest, Tenant
-from fwcm.store.repo import FINAL_CAMPAIGN_STATES, filter_clause, now
+from fwcm.rollout.states import CAMPAIGN_TERMINAL
+from fwcm.store.filtersql import filter_clause
+from fwcm.store.models import (
+    Campaign,
+    Deployment,
+    Device,
+    DeviceEvent,
+    FactoryDevice,
+    Manifest,
+    Tenant,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,7 @@ _FACTORY = cast(Table, FactoryDevice.__table__)
 _IN_CHUNK = 5000
 NO_MATCH = "no unclaimed device with this serial and claim code"
 ALREADY_CLAIMED = "device already claimed"
+_FINISHED = sorted(state.value for state in CAMPAIGN_TERMINAL)
 
 
 # -- factory registration ---------------------------------------------------------------------
@@ -156,7 +167,7 @@ def claim_device(
     clean_tags = check_tags(tags)
     clean_transport = check_transport(transport)
     digest = claim_hash(claim_code)
-    claimed_at = now()
+    claimed_at = utcnow()
     result = s.execute(
         update(FactoryDevice)
         .where(
@@ -175,7 +186,7 @@ def claim_device(
         ).first()
         if owner is None:
             raise NotFound(NO_MATCH)
-        if owner[0] == tenant_id:
+        if owner.owner_id == tenant_id:
             mine = s.scalar(
                 select(Device.name)
                 .join(FactoryDevice, FactoryDevice.id == Device.factory_id)
@@ -211,14 +222,14 @@ def _owned_claimed_device(s: Session, tenant_id: int, name: str, action: str) ->
         .where(
             Deployment.device_id == device.id,
             Campaign.tenant_id == tenant_id,
-            Campaign.state.not_in(FINAL_CAMPAIGN_STATES),
+            Campaign.state.not_in(_FINISHED),
         )
         .order_by(Campaign.id)
         .limit(1)
     ).first()
     if busy is not None:
         raise Conflict(
-            f"device {name!r} is in campaign {busy[0]}, which is {busy[1]}; it can be {action} "
+            f"device {name!r} is in campaign {busy.id}, which is {busy.state}; it can be {action} "
             "once the campaign has finished or been cancelled"
         )
     fd = s.scalar(select(FactoryDevice).where(FactoryDevice.id == device.factory_id).with_for_update())
@@ -274,17 +285,11 @@ def transfer_device(
     }
     _drop_device(s, device)
     fd.owner_id = target.id
-    fd.claimed_at = now()
+    fd.claimed_at = utcnow()
     s.flush()
     moved = _insert_device(s, target.id, fd, target_name, clash, **kept)
     log.info("tenant %d transferred factory device %s to tenant %d", tenant_id, fd.serial, target.id)
     return moved, fd, target
-
-
-def serial_of(s: Session, device: Device) -> str | None:
-    if device.factory_id is None:
-        return None
-    return s.scalar(select(FactoryDevice.serial).where(FactoryDevice.id == device.factory_id))
 
 
 # -- outdated devices -------------------------------------------------------------------------
@@ -354,34 +359,3 @@ def outdated_devices(
         for r in rows
     ]
     return total, items
-
-
-# -- broker accounts --------------------------------------------------------------------------
-
-
-class AccountRow(NamedTuple):
-    """What a device's broker account is made of."""
-
-    tenant: str
-    device: str
-    secret: bytes
-
-
-def broker_account_rows(s: Session, batch: int = 5000) -> Iterator[AccountRow]:
-    """Every device with its tenant's slug and its secret, streamed in batches (plain rows: this
-    reads the whole fleet)."""
-    stmt = select(Tenant.slug, Device.name, Device.secret).join(Tenant, Tenant.id == Device.tenant_id)
-    result = s.connection().execution_options(stream_results=True, max_row_buffer=batch).execute(stmt)
-    for r in result:
-        yield AccountRow(r.slug, r.name, r.secret)
-
-
-def devices_fingerprint(s: Session) -> tuple[int, int]:
-    """(number of devices, highest device id): changes whenever a device is added or removed.
-
-    On PostgreSQL ids are never reused.  SQLite may reuse the highest id after it was deleted (a
-    transfer of the newest device keeps both numbers), but SQLite runs one replica, whose API
-    reports every change itself.
-    """
-    r = s.execute(select(func.count().label("n"), func.max(Device.id).label("top")).select_from(Device)).one()
-    return int(r.n), int(r.top or 0)
