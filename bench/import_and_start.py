@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, text
 from fwcm import manifest
 from fwcm.api import create_app
 from fwcm.config import Settings
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.store.db import Database, normalize_url
 
 
@@ -54,7 +54,7 @@ def run(database_url: str, data_dir: Path, n: int) -> dict[str, Any]:
     settings = Settings(data_dir=data_dir, database_url=database_url)
     app = create_app(db, settings)
     with db.session() as s:
-        _t, api_key = repo.create_tenant(s, "bench", "Bench")
+        _t, api_key = tenants.create_tenant(s, "bench", "Bench")
     client = TestClient(app, headers={"Authorization": f"Bearer {api_key}"})
 
     vendor = manifest.vendor_id_for_domain("bench.example")

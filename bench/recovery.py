@@ -39,7 +39,7 @@ from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.protocol import Report
 from fwcm.server.app import Server
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.transport.broker import Broker, free_port, start_broker
 
 VENDOR = mf.vendor_id_for_domain("bench.fwcm.example")
@@ -71,7 +71,7 @@ class Bench:
     async def start(self) -> None:
         await self.server.start()
         with self.server.db.session() as s:
-            _t, api_key = repo.create_tenant(s, "acme", "Acme")
+            _t, api_key = tenants.create_tenant(s, "acme", "Acme")
         self.http = httpx.AsyncClient(
             base_url=self.settings.public_http_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60
         )

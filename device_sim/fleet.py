@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
+from fwcm.devices import CSV_COLUMNS
 from fwcm.protocol import LwState, Report, Result
-from fwcm.store.repo import CSV_COLUMNS
 
 from .agent import AgentStatus, DeviceAgent, DeviceConfig
 from .faults import FaultProfile

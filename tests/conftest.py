@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from fwcm.config import Settings
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.store.db import Database, normalize_url
 
 PG_ENV = "FWCM_TEST_DATABASE_URL"
@@ -89,7 +89,7 @@ class ApiEnv:
     def new_tenant(self, slug: str) -> TestClient:
         """Another tenant on the same app, with its own authenticated client."""
         with self.db.session() as s:
-            _tenant, key = repo.create_tenant(s, slug, slug.title())
+            _tenant, key = tenants.create_tenant(s, slug, slug.title())
         c = TestClient(self.app, headers={"Authorization": f"Bearer {key}"})  # type: ignore[arg-type]
         self._clients.append(c)
         return c
@@ -106,7 +106,7 @@ def api(db: Database, settings: Settings) -> Iterator[ApiEnv]:
 
     app = create_app(db, settings)
     with db.session() as s:
-        tenant, key = repo.create_tenant(s, "acme", "Acme Corp")
+        tenant, key = tenants.create_tenant(s, "acme", "Acme Corp")
         tenant_id = tenant.id
     client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
     env = ApiEnv(app, db, settings, client, tenant_id, "acme", key)

@@ -1,4 +1,5 @@
-"""Factory batches for claim-once ownership (sans-IO apart from ``write_batch``).
+"""Factory batches for claim-once ownership: made at the factory, checked when uploaded (pure
+apart from ``write_batch``).
 
 A manufacturer makes, per device, a serial, a hardware id, a claim code (printed on the box), a
 32-byte message-MAC secret and an attestation key pair.  Three artefacts come out of a batch:
@@ -8,7 +9,9 @@ A manufacturer makes, per device, a serial, a hardware id, a claim code (printed
 * ``labels.csv``: serial and claim code, as printed on each box;
 * ``devices/<serial>.json``: what is flashed into each device (secret, attestation private key).
 
-The claim code is hashed exactly as typed apart from surrounding whitespace (see ``claim_hash``).
+An upload (that CSV, or the same as a JSON list) is checked as a whole by ``parse_factory_body``:
+every bad entry is listed and nothing is registered.  The claim code is hashed exactly as typed
+apart from surrounding whitespace (see ``claim_hash``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from fwcm import manifest
+from fwcm.devices import (
+    MAX_IMPORT_ERRORS,
+    SECRET_BYTES,
+    ImportProblems,
+    check_sequence,
+    optional_text,
+    read_csv_header,
+)
+from fwcm.errors import Invalid
+from fwcm.names import check_name
 
 FACTORY_CSV_COLUMNS = (
     "serial",
@@ -38,11 +51,11 @@ FACTORY_CSV_COLUMNS = (
     "attest_key_pem",
 )
 """Columns of the file ``POST /api/v1/factory/devices`` accepts as CSV (attest_key_pem optional)."""
-
-SECRET_BYTES = 32
+FACTORY_REQUIRED = ("serial", "hardware_id", "vendor", "model", "claim_hash", "secret")
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
 _CODE_GROUPS = 4
 _CODE_GROUP_LEN = 4
+_HEX = set("0123456789abcdef")
 
 
 def normalize_claim_code(code: str) -> str:
@@ -193,3 +206,175 @@ def write_batch(units: Sequence[FactoryUnit], out: Path) -> dict[str, Path]:
     for u in units:
         _write_private(devices / f"{u.serial}.json", json.dumps(u.provisioning(), indent=2) + "\n")
     return {"factory": factory, "labels": labels, "devices": devices}
+
+
+# -- an upload, checked -----------------------------------------------------------------------
+
+
+@dataclass
+class FactoryEntry:
+    """A validated factory device, before it is registered."""
+
+    serial: str
+    hardware_id: str
+    vendor_id: str
+    class_id: str
+    firmware_version: str | None
+    sequence: int
+    claim_hash: str
+    secret: bytes
+    attest_key_pem: str | None
+
+
+def _text(value: Any, field: str, max_len: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"{field} is required")
+    value = value.strip()
+    if len(value) > max_len:
+        raise Invalid(f"{field} is longer than {max_len} characters")
+    return value
+
+
+def _hex(value: Any, field: str, nbytes: int) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{field} is required ({2 * nbytes} hex digits)")
+    text = value.strip().lower()
+    if len(text) != 2 * nbytes or not set(text) <= _HEX:
+        raise Invalid(f"{field} must be {2 * nbytes} hex digits ({nbytes} bytes)")
+    return text
+
+
+def _attest_key(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise Invalid("attest_key_pem must be a PEM public key")
+    try:
+        key = manifest.load_public_key(value.strip().encode())
+    except manifest.ManifestError as exc:
+        raise Invalid(f"attest_key_pem refused: {exc}") from None
+    return manifest.public_key_pem(key).decode()
+
+
+def validate_factory_device(
+    serial: Any,
+    hardware_id: Any,
+    vendor: Any,
+    model: Any,
+    claim_hash: Any,
+    secret: Any,
+    firmware_version: Any = None,
+    sequence: Any = 0,
+    attest_key_pem: Any = None,
+) -> FactoryEntry:
+    """Check one factory device; raise Invalid naming the first bad field.
+
+    ``vendor`` is the vendor's domain and ``model`` the device model: the ids follow the manifest
+    convention (vendor_id = uuid5(DNS, vendor), class_id = uuid5(vendor_id, model)).
+    """
+    serial_s = check_name(serial.strip() if isinstance(serial, str) else serial, "serial")
+    hw = _text(hardware_id, "hardware_id", 128)
+    vendor_s = _text(vendor, "vendor", 253)
+    model_s = _text(model, "model", 200)
+    vendor_id = manifest.vendor_id_for_domain(vendor_s)
+    return FactoryEntry(
+        serial=serial_s,
+        hardware_id=hw,
+        vendor_id=str(vendor_id),
+        class_id=str(manifest.class_id_for(vendor_id, model_s)),
+        firmware_version=optional_text(
+            firmware_version.strip() if isinstance(firmware_version, str) else firmware_version,
+            "firmware_version",
+            64,
+        ),
+        sequence=check_sequence(sequence),
+        claim_hash=_hex(claim_hash, "claim_hash", 32),
+        secret=bytes.fromhex(_hex(secret, "secret", SECRET_BYTES)),
+        attest_key_pem=_attest_key(attest_key_pem),
+    )
+
+
+def _validate_all(
+    items: Sequence[tuple[str, dict[str, Any]]], problems: ImportProblems, seen: dict[str, str]
+) -> list[FactoryEntry]:
+    out = []
+    for where, values in items:
+        try:
+            entry = validate_factory_device(**values)
+        except Invalid as exc:
+            problems.add(where, str(exc))
+            continue
+        if entry.serial in seen:
+            problems.add(where, f"serial {entry.serial!r} already appears on {seen[entry.serial]}")
+            continue
+        seen[entry.serial] = where
+        out.append(entry)
+    return out
+
+
+def parse_factory_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
+    """Validate a whole factory CSV; raise ImportErrors listing every bad line (up to a cap)."""
+    problems = ImportProblems(max_errors)
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    columns = read_csv_header(reader, FACTORY_CSV_COLUMNS, FACTORY_REQUIRED)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    width = len(columns)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.add(f"line {reader.line_num}", str(exc))
+            break
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != width:
+            problems.add(f"line {start}", f"expected {width} fields, found {len(row)}")
+            continue
+        # A quoted PEM spans several physical lines: errors name the line the record starts on.
+        rows.append((f"line {start}", dict(zip(columns, row, strict=True))))
+    entries = _validate_all(rows, problems, {})
+    problems.raise_any()
+    return entries
+
+
+def parse_factory_json(data: Any, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
+    """Validate a JSON list of factory devices; errors name items by 1-based position."""
+    if not isinstance(data, list):
+        raise Invalid("expected a JSON list of devices")
+    problems = ImportProblems(max_errors)
+    fields = set(FACTORY_CSV_COLUMNS)
+    items: list[tuple[str, dict[str, Any]]] = []
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, dict):
+            problems.add(f"item {i}", "expected an object")
+            continue
+        unknown = sorted(set(item) - fields)
+        missing = [f for f in FACTORY_REQUIRED if f not in item]
+        if unknown or missing:
+            parts = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
+                [f"missing field(s) {', '.join(missing)}"] if missing else []
+            )
+            problems.add(f"item {i}", "; ".join(parts))
+            continue
+        items.append((f"item {i}", item))
+    entries = _validate_all(items, problems, {})
+    problems.raise_any()
+    return entries
+
+
+def parse_factory_body(body: bytes, content_type: str) -> list[FactoryEntry]:
+    """A factory upload as JSON (``application/json``) or CSV (anything else textual)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Invalid(f"body is not UTF-8 (byte {exc.start})") from None
+    if "json" in content_type.lower():
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise Invalid(f"body is not valid JSON: {exc}") from None
+        return parse_factory_json(data)
+    return parse_factory_csv(text)

@@ -17,7 +17,7 @@ import pytest
 from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.server.app import Server
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.transport.accounts import Credentials
 from fwcm.transport.broker import Broker, free_port, start_broker
 
@@ -121,7 +121,7 @@ async def env(tmp_path: Path, broker: Broker, database_url: str) -> AsyncIterato
             if "in use" not in str(exc) or attempt == 2:
                 raise
     with server.db.session() as s:
-        _t, key = repo.create_tenant(s, "acme", "Acme")
+        _t, key = tenants.create_tenant(s, "acme", "Acme")
     signing_key = mf.generate_private_key("es256")
     http = httpx.AsyncClient(
         base_url=settings.public_http_url, headers={"Authorization": f"Bearer {key}"}, timeout=30

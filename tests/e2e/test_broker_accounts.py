@@ -11,8 +11,10 @@ import pytest
 from sqlalchemy import delete, select
 
 from fwcm import inventory, protocol
+from fwcm.devices import parse_devices_csv
 from fwcm.server.accounts import CHECK_INTERVAL_S
-from fwcm.store import repo
+from fwcm.store import devices as device_store
+from fwcm.store import tenants
 from fwcm.store.models import Device, Tenant
 from fwcm.transport.accounts import Credentials
 
@@ -59,8 +61,8 @@ async def test_a_registered_device_gets_in_with_the_credentials_it_was_given(env
 
 async def test_claim_release_and_transfer_move_the_account(env: Env) -> None:
     with env.server.db.session() as s:
-        _m, maker_key = repo.create_tenant(s, "maker", "Sensor Works", "manufacturer")
-        _o, other_key = repo.create_tenant(s, "other", "Other Fleet")
+        _m, maker_key = tenants.create_tenant(s, "maker", "Sensor Works", "manufacturer")
+        _o, other_key = tenants.create_tenant(s, "other", "Other Fleet")
     units = inventory.make_batch(2, "e2e.fwcm.example", "sensor-v1")
     base = env.settings.public_http_url
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {maker_key}"}) as maker:
@@ -99,13 +101,13 @@ async def test_claim_release_and_transfer_move_the_account(env: Env) -> None:
 
 async def test_devices_added_and_removed_by_another_replica_reach_the_broker(env: Env) -> None:
     """Another replica's API calls are not this server's: only the periodic check sees them."""
-    devices = repo.parse_devices_csv(
+    devices = parse_devices_csv(
         "name,vendor_id,class_id\n" + "".join(f"elsewhere-{i},{VENDOR},{CLASS}\n" for i in range(3))
     )
     with env.server.db.session() as s:
         tenant_id = s.scalar(select(Tenant.id).where(Tenant.slug == "acme"))
         assert tenant_id is not None
-        repo.import_devices(s, tenant_id, devices)
+        device_store.import_devices(s, tenant_id, devices)
     accounts = [
         Credentials(f"acme/{d.name}", protocol.device_password(d.secret, "acme", d.name)) for d in devices
     ]

@@ -14,7 +14,7 @@ from device_sim.faults import get_profile
 from device_sim.fleet import run_fleet
 from fwcm import inventory
 from fwcm import manifest as mf
-from fwcm.store import repo
+from fwcm.store import tenants
 
 from .conftest import Env, firmware
 from .test_bad_input import wait_for
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(180)
 
 async def test_claimed_devices_update_and_unclaimed_ones_are_never_targeted(env: Env, tmp_path: Path) -> None:
     with env.server.db.session() as s:
-        _m, maker_key = repo.create_tenant(s, "maker", "Sensor Works", "manufacturer")
+        _m, maker_key = tenants.create_tenant(s, "maker", "Sensor Works", "manufacturer")
     units = inventory.make_batch(3, "e2e.fwcm.example", "sensor-v1", firmware_version="1.0.1", sequence=1)
     async with httpx.AsyncClient(
         base_url=env.settings.public_http_url, headers={"Authorization": f"Bearer {maker_key}"}

@@ -19,8 +19,9 @@ from device_sim.agent import DeviceAgent
 from device_sim.transports import CoapLink, SharedClients
 from fwcm import protocol
 from fwcm.config import Settings
+from fwcm.devices import validate_device
 from fwcm.server.app import Server
-from fwcm.store import repo
+from fwcm.store import devices, tenants
 from fwcm.store.models import Device
 from fwcm.transport.broker import Broker, free_port
 
@@ -177,9 +178,9 @@ async def test_device_resources_answer_503_while_the_database_is_down(
     await server.start()
     try:
         with server.db.session() as s:
-            tenant, _key = repo.create_tenant(s, "acme", "Acme")
-            device = repo.register_device(
-                s, tenant.id, repo.validate_device("c1", str(VENDOR), str(CLASS), transport="coap")
+            tenant, _key = tenants.create_tenant(s, "acme", "Acme")
+            device = devices.register_device(
+                s, tenant.id, validate_device("c1", str(VENDOR), str(CLASS), transport="coap")
             )
             secret = device.secret
         uri = f"{settings.public_coap_url}/n/acme/c1?k={protocol.device_password(secret, 'acme', 'c1')}"

@@ -18,8 +18,9 @@ from sqlalchemy import update
 
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Result
+from fwcm.rollout import launch
 from fwcm.server.metrics import REGISTRY
-from fwcm.store import repo
+from fwcm.store import campaigns, tenants
 from fwcm.store.models import Campaign
 
 from .conftest import CLASS, VENDOR, Env, firmware
@@ -51,7 +52,7 @@ def engine_errors() -> float:
 async def _evil_tenant(env: Env) -> tuple[httpx.AsyncClient, int, dict[str, bytes]]:
     """Another tenant with its own signer, manifest and two CoAP devices."""
     with env.server.db.session() as s:
-        _t, key = repo.create_tenant(s, "evil", "Evil")
+        _t, key = tenants.create_tenant(s, "evil", "Evil")
     http = httpx.AsyncClient(
         base_url=env.settings.public_http_url + "/api/v1",
         headers={"Authorization": f"Bearer {key}"},
@@ -91,10 +92,12 @@ def _stored_campaign(env: Env, tenant: str, manifest_id: int, device: str, polic
     """Create and start a campaign through the store, then overwrite its policy in the same
     transaction: the engine first sees it with ``policy``, validation never did."""
     with env.server.db.session() as s:
-        tenant_row = repo.tenant_by_slug(s, tenant)
+        tenant_row = tenants.tenant_by_slug(s, tenant)
         assert tenant_row is not None
-        c = repo.create_campaign(s, tenant_row.id, f"bad {device}", manifest_id, f'name == "{device}"')
-        repo.start_campaign(s, tenant_row.id, c.id)
+        c = campaigns.create_campaign(
+            s, tenant_row.id, manifest_id, launch.draft(f"bad {device}", f'name == "{device}"')
+        )
+        campaigns.start_campaign(s, tenant_row.id, c.id, launch.start_plan)
         s.execute(update(Campaign).where(Campaign.id == c.id).values(policy=policy))
         return c.id
 

@@ -34,8 +34,9 @@ from device_sim.faults import get_profile
 from device_sim.fleet import run_fleet
 from fwcm import manifest as mf
 from fwcm.protocol import LwState, Report, Result
+from fwcm.rollout import launch
+from fwcm.store import campaigns, images, tenants, trust
 from fwcm.store import leases as lq
-from fwcm.store import repo
 from fwcm.store.db import Database
 from fwcm.transport.broker import Broker, free_port
 
@@ -306,17 +307,17 @@ def test_claims_skip_a_campaign_another_replica_is_claiming(db: Database) -> Non
         uris=("http://127.0.0.1/p/x",),
     )
     with db.session() as s:
-        tenant, _key = repo.create_tenant(s, "acme")
-        repo.add_signer(s, tenant.id, "rel", mf.public_key_pem(key))
-        man, _created = repo.upload_manifest(s, tenant.id, mf.build_envelope(info, key))
-        cid = repo.create_campaign(s, tenant.id, "c", man.id, "", None).id
+        tenant, _key = tenants.create_tenant(s, "acme")
+        trust.add_signer(s, tenant.id, "rel", mf.public_key_pem(key))
+        man, _created = images.upload_manifest(s, tenant.id, mf.build_envelope(info, key))
+        cid = campaigns.create_campaign(s, tenant.id, man.id, launch.draft("c", "", None)).id
     with db.session() as s:
-        repo.start_campaign(s, tenant.id, cid)
-        cancelled = repo.create_campaign(s, tenant.id, "c2", man.id, "", None).id
+        campaigns.start_campaign(s, tenant.id, cid, launch.start_plan)
+        cancelled = campaigns.create_campaign(s, tenant.id, man.id, launch.draft("c2", "", None)).id
     with db.session() as s:
-        repo.start_campaign(s, tenant.id, cancelled)
+        campaigns.start_campaign(s, tenant.id, cancelled, launch.start_plan)
     with db.session() as s:
-        repo.change_campaign(s, tenant.id, cancelled, "cancel")
+        campaigns.change_campaign(s, tenant.id, cancelled, "cancel")
     with db.session() as s:
         assert [c.id for c in lq.lease_campaigns(s, "r1", 15)] == [cid]
     with db.session() as s:

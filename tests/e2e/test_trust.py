@@ -31,7 +31,7 @@ from fwcm import manifest as mf
 from fwcm.protocol import LwState, Report, Result
 from fwcm.server.metrics import REGISTRY
 from fwcm.store import notices as nq
-from fwcm.store import repo
+from fwcm.store import trust as trust_store
 from fwcm.store.models import Deployment, Device
 
 from .conftest import CLASS, VENDOR, Env, firmware
@@ -77,7 +77,7 @@ async def trust(env: Env, tmp_path: Path) -> Pki:
     (tmp_path / "root.pem").write_bytes(p.root_pem)
     env.settings.pki_root = tmp_path / "root.pem"
     with env.server.db.session() as s:
-        repo.set_tenant_ca(s, "acme", pki.cert_pem(p.ca), p.root)
+        trust_store.set_tenant_ca(s, "acme", pki.cert_pem(p.ca), p.root)
     cert = p.signer_cert(p.signer_key, "certified").decode()
     sg = await env.call("POST", "/signers", json={"name": "certified", "cert_pem": cert})
     assert sg["certified"] and sg["hardware_ids"] is None

@@ -23,7 +23,7 @@ from device_sim.fleet import FleetReport, run_fleet
 from fwcm import manifest as mf
 from fwcm.config import Settings
 from fwcm.server.app import Server
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.transport.broker import Broker, free_port
 
 
@@ -66,7 +66,7 @@ async def run_mqtt_campaign(
     hello, then run one campaign to its end (bounded: about three minutes on a loaded machine)."""
     settings = server.settings
     with server.db.session() as s:
-        _t, key = repo.create_tenant(s, "acme", "Acme")
+        _t, key = tenants.create_tenant(s, "acme", "Acme")
     signing = mf.generate_private_key("es256")
     async with httpx.AsyncClient(
         base_url=settings.public_http_url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30

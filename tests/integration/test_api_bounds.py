@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from test_api import CLASS_A, VENDOR, add_signer, device_json, envelope, upload_manifest
 
 from fwcm import manifest
-from fwcm.store import repo
+from fwcm.devices import CSV_COLUMNS
+from fwcm.store import tenants
 
 HUGE = [2**63, 2**64, 10**30, -(2**63) - 1]
 """Just past a BIGINT column, past an unsigned one, far past, and below the signed range."""
@@ -230,13 +231,11 @@ def test_manifest_numbers_beyond_the_store_are_refused(api: Any, field: str, val
 
 
 def test_a_100000_column_header_is_refused_naming_the_repeated_columns(api: Any) -> None:
-    header = ",".join(list(repo.CSV_COLUMNS) * 10_000)  # 100,000 columns
+    header = ",".join(list(CSV_COLUMNS) * 10_000)  # 100,000 columns
     r = api.client.post("/api/v1/devices/import", content=header + "\n", headers={"content-type": "text/csv"})
     assert r.status_code == 422
-    listed = ", ".join(sorted(repo.CSV_COLUMNS))
-    assert r.json()["errors"] == [
-        f"line 1: repeated column(s) {listed} (columns: {','.join(repo.CSV_COLUMNS)})"
-    ]
+    listed = ", ".join(sorted(CSV_COLUMNS))
+    assert r.json()["errors"] == [f"line 1: repeated column(s) {listed} (columns: {','.join(CSV_COLUMNS)})"]
     unknown = ",".join(f"c{i}" for i in range(100_000))
     r = api.client.post(
         "/api/v1/devices/import", content=unknown + "\n", headers={"content-type": "text/csv"}
@@ -262,7 +261,7 @@ def _populate(client: TestClient) -> dict[str, Any]:
 
 def _manufacturer(api: Any) -> TestClient:
     with api.db.session() as s:
-        _t, key = repo.create_tenant(s, "maker", "Maker", kind="manufacturer")
+        _t, key = tenants.create_tenant(s, "maker", "Maker", kind="manufacturer")
     c = TestClient(api.app, headers={"Authorization": f"Bearer {key}"})
     api._clients.append(c)
     return c

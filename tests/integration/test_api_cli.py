@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fwcm import manifest, protocol
 from fwcm.cli import resources
-from fwcm.store import deadletters, repo
+from fwcm.store import deadletters, tenants
 
 VENDOR = manifest.vendor_id_for_domain("example.com")
 CLASS_A = manifest.class_id_for(VENDOR, "sensor-a")
@@ -233,7 +233,7 @@ def test_login_writes_private_config_and_checks_key(
 
 def test_dead_letters_through_the_cli(env: dict[str, str], api: Any) -> None:
     with api.db.session() as s:
-        other, _key = repo.create_tenant(s, "other")
+        other, _key = tenants.create_tenant(s, "other")
         Letter = deadletters.Letter
         deadletters.add(
             s,

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from fwcm.api import create_app
 from fwcm.config import Settings
-from fwcm.store import repo
+from fwcm.store import tenants
 from fwcm.store.db import Database
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def _client(db: Database, data_dir: Path) -> TestClient:
     app = create_app(db, Settings(data_dir=data_dir, database_url=db.url))
     with db.session() as s:
-        _t, key = repo.create_tenant(s, "acme", "Acme")
+        _t, key = tenants.create_tenant(s, "acme", "Acme")
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 
 

@@ -22,9 +22,10 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from fwcm import inventory, manifest
-from fwcm.store import inventory as inv
-from fwcm.store import repo
-from fwcm.store.models import Deployment, Device, DeviceEvent, FactoryDevice
+from fwcm.errors import Conflict, NotFound
+from fwcm.store import factory as factory_store
+from fwcm.store import tenants
+from fwcm.store.models import Deployment, Device, DeviceEvent, FactoryDevice, utcnow
 
 VENDOR = "example.com"
 MODEL = "sensor-a"
@@ -40,7 +41,7 @@ NO_MATCH = "no unclaimed device with this serial and claim code"
 
 def new_client(api: Any, slug: str, kind: str = "fleet") -> TestClient:
     with api.db.session() as s:
-        _tenant, key = repo.create_tenant(s, slug, slug.title(), kind)
+        _tenant, key = tenants.create_tenant(s, slug, slug.title(), kind)
     c = TestClient(api.app, headers={"Authorization": f"Bearer {key}"})
     api._clients.append(c)
     return c
@@ -82,7 +83,7 @@ def owner_of(api: Any, serial: str) -> int | None:
 
 def tenant_id(api: Any, slug: str) -> int:
     with api.db.read() as s:
-        t = repo.tenant_by_slug(s, slug)
+        t = tenants.tenant_by_slug(s, slug)
         assert t is not None
         return t.id
 
@@ -154,7 +155,7 @@ def test_make_batch_keeps_codes_and_private_keys_out_of_the_upload(tmp_path: Pat
         assert manifest.public_key_pem(private).decode() == row["attest_key_pem"]
         assert stat.S_IMODE((paths["devices"] / f"{u.serial}.json").stat().st_mode) == 0o600
     assert stat.S_IMODE(paths["factory"].stat().st_mode) == 0o600
-    entries = inv.parse_factory_csv(factory)
+    entries = inventory.parse_factory_csv(factory)
     assert [(e.vendor_id, e.class_id, e.sequence, e.firmware_version) for e in entries] == [
         (str(VENDOR_ID), str(CLASS_A), 4, "1.2.0")
     ] * 3
@@ -333,7 +334,7 @@ def test_concurrent_claims_have_exactly_one_winner(api: Any, via: str) -> None:
     keys = {"acme": api.key}
     for slug in slugs[1:]:
         with api.db.session() as s:
-            _t, keys[slug] = repo.create_tenant(s, slug)
+            _t, keys[slug] = tenants.create_tenant(s, slug)
     ids = {slug: tenant_id(api, slug) for slug in slugs}
     n = 20
     barrier = threading.Barrier(n)
@@ -352,11 +353,11 @@ def test_concurrent_claims_have_exactly_one_winner(api: Any, via: str) -> None:
             barrier.wait()
             try:
                 with api.db.session() as s:
-                    device, _fd = inv.claim_device(s, ids[slug], unit.serial, unit.claim_code, name)
+                    device, _fd = factory_store.claim_device(s, ids[slug], unit.serial, unit.claim_code, name)
                     outcome = (slug, 201, device.name)
-            except repo.Conflict as exc:
+            except Conflict as exc:
                 outcome = (slug, 409, str(exc))
-            except repo.NotFound as exc:
+            except NotFound as exc:
                 outcome = (slug, 404, str(exc))
         with lock:
             results.append(outcome)
@@ -501,7 +502,7 @@ def test_release_and_transfer_refused_while_in_unfinished_campaign(api: Any) -> 
                 tenant_id=api.tenant_id,
                 campaign_id=campaign["id"],
                 device_id=device.id,
-                at=repo.now(),
+                at=utcnow(),
                 state="cancelled",
             )
         )
@@ -637,8 +638,8 @@ def test_cli_factory_and_claim_commands(api: Any, server: str, tmp_path: Path) -
 
     runner = CliRunner()
     with api.db.session() as s:
-        _m, maker_key = repo.create_tenant(s, "maker", kind="manufacturer")
-        _g, globex_key = repo.create_tenant(s, "globex")
+        _m, maker_key = tenants.create_tenant(s, "maker", kind="manufacturer")
+        _g, globex_key = tenants.create_tenant(s, "globex")
     base = {"FWCM_URL": server, "FWCM_CONFIG": str(tmp_path / "none.toml")}
 
     def run(key: str, *args: Any) -> tuple[int, str, str]:

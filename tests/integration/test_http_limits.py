@@ -29,7 +29,7 @@ from fwcm.config import Settings
 from fwcm.server.app import Server
 from fwcm.server.http import HttpLimits, uvicorn_config
 from fwcm.server.metrics import REGISTRY
-from fwcm.store import repo
+from fwcm.store import tenants
 
 MiB = 1024 * 1024
 IMAGE = firmware(8 * MiB, seed=3)
@@ -109,7 +109,7 @@ async def listening(tmp_path: Path, limits: HttpLimits) -> AsyncIterator[Listene
     srv = Server(settings, enable_mqtt=False, enable_coap=False, enable_http=False)
     await srv.start()
     with srv.db.session() as s:
-        _tenant, key = repo.create_tenant(s, "acme", "Acme")
+        _tenant, key = tenants.create_tenant(s, "acme", "Acme")
     uv = uvicorn.Server(uvicorn_config(srv.create_api(), "127.0.0.1", settings.http_port, limits))
     task = asyncio.create_task(uv.serve())
     try:

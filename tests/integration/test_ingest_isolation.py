@@ -29,12 +29,15 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from fwcm import manifest, protocol
+from fwcm.devices import validate_device
 from fwcm.protocol import ProtocolError
+from fwcm.rollout import launch
 from fwcm.server.ingest import Ingest
 from fwcm.server.metrics import REGISTRY
+from fwcm.store import campaigns, images, tenants, trust
 from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
-from fwcm.store import repo
+from fwcm.store import devices as device_store
 from fwcm.store.db import Database
 from fwcm.store.models import DeadLetter, Deployment, Device
 from fwcm.transport.inbound import Inbound
@@ -113,14 +116,14 @@ def fleet(api: Any) -> Fleet:
         uris=("http://127.0.0.1/p/x",),
     )
     with db.session() as s:
-        devices = [repo.register_device(s, tid, repo.validate_device(n, VENDOR, CLASS)) for n in NAMES]
+        devices = [device_store.register_device(s, tid, validate_device(n, VENDOR, CLASS)) for n in NAMES]
         secrets = {d.name: d.secret for d in devices}
         pks = {d.name: d.id for d in devices}
-        repo.add_signer(s, tid, "release", manifest.public_key_pem(key))
-        m, _created = repo.upload_manifest(s, tid, manifest.build_envelope(info, key))
-        cid = repo.create_campaign(s, tid, "c", m.id, "", {}).id
+        trust.add_signer(s, tid, "release", manifest.public_key_pem(key))
+        m, _created = images.upload_manifest(s, tid, manifest.build_envelope(info, key))
+        cid = campaigns.create_campaign(s, tid, m.id, launch.draft("c", "", {})).id
     with db.session() as s:
-        repo.start_campaign(s, tid, cid)
+        campaigns.start_campaign(s, tid, cid, launch.start_plan)
     with db.session() as s:
         assert len(dq.take_pending(s, cid, 100)) == len(NAMES)
     return Fleet(api, cid, secrets, pks)
@@ -420,7 +423,7 @@ def test_arbitrary_sealed_maps_never_hold_up_a_good_report(
 
 def test_dead_letters_are_trimmed_per_tenant(api: Any) -> None:
     with api.db.session() as s:
-        other, _key = repo.create_tenant(s, "other")
+        other, _key = tenants.create_tenant(s, "other")
         other_id = other.id
     for n in range(5):
         with api.db.session() as s:

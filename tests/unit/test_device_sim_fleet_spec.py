@@ -9,8 +9,8 @@ import pytest
 from device_sim.agent import AgentStatus
 from device_sim.faults import get_profile
 from device_sim.fleet import FleetReport, all_finished, devices_csv, transport_for
+from fwcm.devices import parse_devices_csv
 from fwcm.protocol import LwState, Result
-from fwcm.store import repo
 
 VENDOR = uuid.uuid5(uuid.NAMESPACE_DNS, "example.com")
 CLASS = uuid.uuid5(VENDOR, "m1")
@@ -19,7 +19,7 @@ CLASS = uuid.uuid5(VENDOR, "m1")
 def test_registration_csv_is_accepted_by_the_server_parser() -> None:
     names = ["sim-00000", "sim-00001", "sim-00002"]
     text = devices_csv(names, [transport_for(i, "mixed") for i in range(3)], VENDOR, CLASS, 4)
-    devices = repo.parse_devices_csv(text)
+    devices = parse_devices_csv(text)
     assert [d.name for d in devices] == names
     assert {str(d.vendor_id) for d in devices} == {str(VENDOR)}
     assert {str(d.class_id) for d in devices} == {str(CLASS)}

@@ -1,7 +1,7 @@
-"""The REST management API: a FastAPI app over the tenant-scoped repository.
+"""The REST management API: a FastAPI app over the tenant-scoped store.
 
 Every ``/api/v1`` route authenticates with ``Authorization: Bearer <key>`` and passes the
-tenant to ``fwcm.store.repo``, which filters every query on it.  Errors are JSON
+tenant to the ``fwcm.store`` modules, which filter every query on it.  Errors are JSON
 ``{"detail": "..."}`` with one sentence: 400 malformed, 401 no/bad key, 404 absent (or another
 tenant's), 409 conflicting state, 413 too large, 422 well-formed but unacceptable, 503 database
 unreachable (with ``Retry-After``), 500 anything else (logged once with its traceback).
@@ -27,9 +27,13 @@ from fwcm import filters, pki
 from fwcm.api import schemas as sc
 from fwcm.api.ranges import file_response
 from fwcm.config import Settings
+from fwcm.devices import parse_devices_csv, validate_device
+from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
 from fwcm.manifest import ManifestError, SignatureError
+from fwcm.rollout import launch
+from fwcm.store import campaigns, images, tenants, trust
 from fwcm.store import consent as cq
-from fwcm.store import repo
+from fwcm.store import devices as device_store
 from fwcm.store.db import Database
 from fwcm.store.payloads import EmptyPayload, PayloadStore, PayloadTooLarge, is_sha256
 
@@ -124,18 +128,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
         return h
 
-    app.add_exception_handler(repo.NotFound, handler(404))
-    app.add_exception_handler(repo.Conflict, handler(409))
-    app.add_exception_handler(repo.TooLarge, handler(413))
+    app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(Conflict, handler(409))
+    app.add_exception_handler(TooLarge, handler(413))
     app.add_exception_handler(filters.FilterError, handler(422))
 
     async def import_errors(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, repo.ImportErrors)
+        assert isinstance(exc, ImportErrors)
         errors = exc.errors + ([f"... and {exc.more} more"] if exc.more else [])
         return _error(422, str(exc), errors=errors)
 
-    app.add_exception_handler(repo.ImportErrors, import_errors)
-    app.add_exception_handler(repo.Invalid, handler(422))
+    app.add_exception_handler(ImportErrors, import_errors)
+    app.add_exception_handler(Invalid, handler(422))
 
     async def manifest_error(_request: Request, exc: Exception) -> JSONResponse:
         status = 422 if isinstance(exc, SignatureError) else 400
@@ -183,7 +187,7 @@ def current_tenant(request: Request) -> TenantCtx:
         )
     db: Database = request.app.state.db
     with db.session() as s:
-        t = repo.tenant_for_key(s, key.strip())
+        t = tenants.tenant_for_key(s, key.strip())
         if t is None:
             raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
         return TenantCtx(t.id, t.slug, t.name, t.kind)
@@ -248,7 +252,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/tenant", response_model=sc.TenantOut, tags=["tenant"])
     def get_tenant(t: AnyTenant) -> sc.TenantOut:
         with db.read() as s:
-            row = repo.tenant_by_slug(s, t.slug)
+            row = tenants.tenant_by_slug(s, t.slug)
             return sc.TenantOut(id=t.id, slug=t.slug, name=t.name, created_at=row.created_at if row else None)
 
     # -- payloads -----------------------------------------------------------------------------
@@ -288,7 +292,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
         def record() -> sc.PayloadOut:
             with db.session() as s:
-                p, created = repo.record_payload(s, t.id, stored.sha256, stored.size, name)
+                p, created = images.record_payload(s, t.id, stored.sha256, stored.size, name)
                 if not created:
                     response.status_code = 200
                 return sc.PayloadOut.of(p, created)
@@ -298,7 +302,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/payloads", response_model=list[sc.PayloadOut], tags=["payloads"])
     def list_payloads(t: Tenant) -> list[sc.PayloadOut]:
         with db.read() as s:
-            return [sc.PayloadOut.of(p) for p in repo.list_payloads(s, t.id)]
+            return [sc.PayloadOut.of(p) for p in images.list_payloads(s, t.id)]
 
     def _payload_sha(sha256: str) -> str:
         sha = sha256.lower()
@@ -309,7 +313,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/payloads/{sha256}", response_model=sc.PayloadOut, tags=["payloads"])
     def get_payload(sha256: str, t: Tenant) -> sc.PayloadOut:
         with db.read() as s:
-            return sc.PayloadOut.of(repo.get_payload(s, t.id, _payload_sha(sha256)))
+            return sc.PayloadOut.of(images.get_payload(s, t.id, _payload_sha(sha256)))
 
     @api.api_route(
         "/payloads/{sha256}/content",
@@ -322,7 +326,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         """The image bytes; supports Range (206/416), ETag and If-None-Match (304)."""
         sha = _payload_sha(sha256)
         with db.session() as s:
-            repo.get_payload(s, t.id, sha)
+            images.get_payload(s, t.id, sha)
         if not store.exists(sha):
             raise ApiError(404, f"payload {sha} is recorded but its file is missing")
         return file_response(request.headers, store.path_for(sha), sha, head=request.method == "HEAD")
@@ -334,7 +338,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         """Trust a signer: a bare public key, or a signer certificate issued by the tenant's CA."""
         try:
             with db.session() as s:
-                signer = repo.add_signer(
+                signer = trust.add_signer(
                     s, t.id, body.name, body.public_key_pem, cert_pem=body.cert_pem, root=settings.root_cert()
                 )
                 return sc.SignerOut.of(signer)
@@ -344,19 +348,19 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/signers", response_model=list[sc.SignerOut], tags=["signers"])
     def list_signers(t: Tenant) -> list[sc.SignerOut]:
         with db.read() as s:
-            return [sc.SignerOut.of(x) for x in repo.list_signers(s, t.id)]
+            return [sc.SignerOut.of(x) for x in trust.list_signers(s, t.id)]
 
     @api.get("/signers/{name}", response_model=sc.SignerOut, tags=["signers"])
     def get_signer(name: str, t: Tenant) -> sc.SignerOut:
         with db.read() as s:
-            return sc.SignerOut.of(repo.get_signer(s, t.id, name))
+            return sc.SignerOut.of(trust.get_signer(s, t.id, name))
 
     @api.post("/signers/{name}/revoke", response_model=sc.SignerOut, tags=["signers"])
     def revoke_signer(name: str, t: Tenant) -> sc.SignerOut:
         """Stop trusting this signer: its manifests are refused, campaigns delivering one are
         cancelled, and every later notice tells the tenant's devices to refuse it too."""
         with db.session() as s:
-            signer, cancelled = repo.revoke_signer(s, t.id, name)
+            signer, cancelled = trust.revoke_signer(s, t.id, name)
             out = sc.SignerOut.of(signer)
         for cid in cancelled:
             notify(cid)
@@ -391,29 +395,29 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
 
         def store_manifest() -> sc.ManifestOut:
             with db.session() as s:
-                m, created = repo.upload_manifest(
+                m, created = images.upload_manifest(
                     s, t.id, data, max_bytes=limit, name=name, root=settings.root_cert()
                 )
                 if not created:
                     response.status_code = 200
-                return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id), created)
+                return sc.ManifestOut.of(m, trust.signer_name(s, t.id, m.signer_id), created)
 
         return await run_in_threadpool(store_manifest)
 
     @api.get("/manifests", response_model=list[sc.ManifestOut], tags=["manifests"])
     def list_manifests(t: Tenant) -> list[sc.ManifestOut]:
         with db.read() as s:
-            names = {x.id: x.name for x in repo.list_signers(s, t.id)}
+            names = {x.id: x.name for x in trust.list_signers(s, t.id)}
             return [
                 sc.ManifestOut.of(m, names.get(m.signer_id) if m.signer_id else None)
-                for m in repo.list_manifests(s, t.id)
+                for m in images.list_manifests(s, t.id)
             ]
 
     @api.get("/manifests/{manifest_id}", response_model=sc.ManifestOut, tags=["manifests"])
     def get_manifest(manifest_id: sc.RowId, t: Tenant) -> sc.ManifestOut:
         with db.read() as s:
-            m = repo.get_manifest(s, t.id, manifest_id)
-            return sc.ManifestOut.of(m, repo.signer_name(s, t.id, m.signer_id))
+            m = images.get_manifest(s, t.id, manifest_id)
+            return sc.ManifestOut.of(m, trust.signer_name(s, t.id, m.signer_id))
 
     @api.get(
         "/manifests/{manifest_id}/envelope",
@@ -424,7 +428,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     def get_envelope(manifest_id: sc.RowId, t: Tenant) -> Response:
         """The exact envelope bytes that were uploaded."""
         with db.session() as s:
-            m = repo.get_manifest(s, t.id, manifest_id)
+            m = images.get_manifest(s, t.id, manifest_id)
             return Response(m.envelope, media_type="application/cbor", headers={"ETag": f'"{m.digest}"'})
 
     # -- devices ------------------------------------------------------------------------------
@@ -432,9 +436,11 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.post("/devices", response_model=sc.DeviceOut, status_code=201, tags=["devices"])
     def add_device(body: sc.DeviceIn, t: Tenant) -> sc.DeviceOut:
         """Register one device; the answer carries its secret (hex) and MQTT credentials once."""
-        dev = repo.validate_device(**body.model_dump())
+        dev = validate_device(**body.model_dump())
         with db.session() as s:
-            out = sc.DeviceOut.of(repo.register_device(s, t.id, dev), secret=dev.secret, tenant=t.slug)
+            out = sc.DeviceOut.of(
+                device_store.register_device(s, t.id, dev), secret=dev.secret, tenant=t.slug
+            )
         devices_changed()
         return out
 
@@ -462,9 +468,9 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             raise ApiError(400, f"CSV is not UTF-8 (byte {exc.start})") from None
 
         def run() -> sc.ImportOut:
-            devices = repo.parse_devices_csv(text)
+            devices = parse_devices_csv(text)
             with db.session() as s:
-                repo.import_devices(s, t.id, devices)
+                device_store.import_devices(s, t.id, devices)
             devices_changed()
             return sc.ImportOut(
                 imported=len(devices),
@@ -481,7 +487,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         offset: sc.Offset = 0,
     ) -> sc.DevicePage:
         with db.read() as s:
-            total, rows = repo.list_devices(s, t.id, filter, limit, offset)
+            total, rows = device_store.list_devices(s, t.id, filter, limit, offset)
             return sc.DevicePage(
                 total=total, limit=limit, offset=offset, items=[sc.DeviceOut.of(d) for d in rows]
             )
@@ -489,7 +495,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/devices/{name}", response_model=sc.DeviceOut, tags=["devices"])
     def get_device(name: str, t: Tenant) -> sc.DeviceOut:
         with db.read() as s:
-            return sc.DeviceOut.of(repo.get_device(s, t.id, name))
+            return sc.DeviceOut.of(device_store.get_device(s, t.id, name))
 
     @api.get("/devices/{name}/events", response_model=list[sc.DeviceEventOut], tags=["devices"])
     def device_events(
@@ -497,31 +503,30 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     ) -> list[sc.DeviceEventOut]:
         """Recent deployment state changes of one device, newest first."""
         with db.read() as s:
-            return [sc.DeviceEventOut.of(e) for e in repo.device_history(s, t.id, name, limit)]
+            return [sc.DeviceEventOut.of(e) for e in device_store.device_history(s, t.id, name, limit)]
 
     # -- campaigns ----------------------------------------------------------------------------
 
     @api.post("/campaigns", response_model=sc.CampaignOut, status_code=201, tags=["campaigns"])
     def create_campaign(body: sc.CampaignIn, t: Tenant) -> sc.CampaignOut:
         """A draft campaign: a manifest, a device filter (checked now) and a rollout policy."""
+        draft = launch.draft(
+            body.name,
+            body.filter,
+            body.policy,
+            attestation=body.attestation,
+            consent=body.consent,
+            requester=t.name,
+        )
         with db.session() as s:
-            c = repo.create_campaign(
-                s,
-                t.id,
-                body.name,
-                body.manifest_id,
-                body.filter,
-                body.policy,
-                attestation=body.attestation,
-                consent=body.consent,
-            )
+            c = campaigns.create_campaign(s, t.id, body.manifest_id, draft)
             return sc.CampaignOut.of(c)
 
     @api.get("/campaigns/{campaign_id}/accounting", response_model=sc.AccountingOut, tags=["campaigns"])
     def campaign_accounting(campaign_id: sc.RowId, t: Tenant) -> sc.AccountingOut:
         """Usage reported by the installed software of a campaign, per device."""
         with db.read() as s:
-            repo.get_campaign(s, t.id, campaign_id)
+            campaigns.get_campaign(s, t.id, campaign_id)
             rows = [sc.AccountingRow(**r) for r in cq.accounting_report(s, t.id, campaign_id)]
         return sc.AccountingOut(
             campaign=campaign_id,
@@ -534,25 +539,25 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/campaigns", response_model=list[sc.CampaignOut], tags=["campaigns"])
     def list_campaigns(t: Tenant, state: str | None = None) -> list[sc.CampaignOut]:
         with db.read() as s:
-            return [sc.CampaignOut.of(c) for c in repo.list_campaigns(s, t.id, state)]
+            return [sc.CampaignOut.of(c) for c in campaigns.list_campaigns(s, t.id, state)]
 
     @api.get("/campaigns/{campaign_id}", response_model=sc.CampaignOut, tags=["campaigns"])
     def get_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
         with db.read() as s:
-            return sc.CampaignOut.of(repo.get_campaign(s, t.id, campaign_id))
+            return sc.CampaignOut.of(campaigns.get_campaign(s, t.id, campaign_id))
 
     @api.post("/campaigns/{campaign_id}/start", response_model=sc.CampaignOut, tags=["campaigns"])
     def start_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
         """Freeze the devices matching the filter and start the rollout."""
         with db.session() as s:
-            out = sc.CampaignOut.of(repo.start_campaign(s, t.id, campaign_id))
+            out = sc.CampaignOut.of(campaigns.start_campaign(s, t.id, campaign_id, launch.start_plan))
         notify(campaign_id)
         return out
 
     def _change(action: str) -> Any:
         def change(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
             with db.session() as s:
-                out = sc.CampaignOut.of(repo.change_campaign(s, t.id, campaign_id, action))
+                out = sc.CampaignOut.of(campaigns.change_campaign(s, t.id, campaign_id, action))
             notify(campaign_id)
             return out
 
@@ -576,7 +581,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
     def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:
         with db.read() as s:
-            return sc.CampaignStats(**repo.campaign_stats(s, t.id, campaign_id))
+            return sc.CampaignStats(**campaigns.campaign_stats(s, t.id, campaign_id, launch.phase_names))
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
     def campaign_devices(
@@ -587,7 +592,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
         offset: sc.Offset = 0,
     ) -> sc.DeploymentPage:
         with db.session() as s:
-            total, rows = repo.campaign_devices(s, t.id, campaign_id, state, limit, offset)
+            total, rows = campaigns.campaign_devices(s, t.id, campaign_id, state, limit, offset)
             return sc.DeploymentPage(
                 total=total, limit=limit, offset=offset, items=[sc.DeploymentOut(**r) for r in rows]
             )
@@ -596,7 +601,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     def campaign_events(campaign_id: sc.RowId, t: Tenant) -> list[sc.CampaignEventOut]:
         """Every state change of the campaign with its time and reason."""
         with db.read() as s:
-            return [sc.CampaignEventOut.of(e) for e in repo.campaign_events(s, t.id, campaign_id)]
+            return [sc.CampaignEventOut.of(e) for e in campaigns.campaign_events(s, t.id, campaign_id)]
 
     from fwcm.api.inventory import create_router as inventory_router  # imports this module
 
@@ -626,7 +631,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
             raise ApiError(404, f"payload {sha256} not found")
         if sha not in published:  # a published payload stays published: remember it
             with db.read() as s:
-                if not repo.payload_is_published(s, sha):
+                if not images.payload_is_published(s, sha):
                     raise ApiError(404, f"payload {sha256} not found")
             published.add(sha)
         return file_response(request.headers, store.path_for(sha), sha, head=request.method == "HEAD")

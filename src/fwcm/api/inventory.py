@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from fwcm.api import schemas as sc
 from fwcm.api.app import PREFIX, ApiError, TenantCtx, _read_body, current_tenant, fleet_tenant
 from fwcm.config import Settings
-from fwcm.store import inventory as inv
+from fwcm.inventory import parse_factory_body
+from fwcm.store import factory
 from fwcm.store.db import Database
 from fwcm.store.models import Device, FactoryDevice
 
@@ -195,9 +196,9 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         content_type = request.headers.get("content-type", "text/csv")
 
         def run() -> FactoryImportOut:
-            entries = inv.parse_factory_body(data, content_type)
+            entries = parse_factory_body(data, content_type)
             with db.session() as s:
-                n = inv.register_factory_devices(s, t.id, entries)
+                n = factory.register_factory_devices(s, t.id, entries)
             return FactoryImportOut(registered=n)
 
         return await run_in_threadpool(run)
@@ -211,7 +212,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
     ) -> FactoryPage:
         """The manufacturer's own devices and whether each is claimed (never secrets or owners)."""
         with db.read() as s:
-            total, rows = inv.list_factory_devices(s, t.id, claimed, limit, offset)
+            total, rows = factory.list_factory_devices(s, t.id, claimed, limit, offset)
             return FactoryPage(
                 total=total, limit=limit, offset=offset, items=[FactoryDeviceOut.of(f) for f in rows]
             )
@@ -224,7 +225,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         the same); 409 when the device is already claimed.
         """
         with db.session() as s:
-            device, fd = inv.claim_device(
+            device, fd = factory.claim_device(
                 s, t.id, body.serial, body.claim_code, body.name, body.tags, body.transport
             )
             out = OwnedDeviceOut.owned(device, t.slug, fd.serial, credentials=True)
@@ -240,7 +241,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
     ) -> OutdatedPage:
         """Devices whose reported sequence is below the newest manifest of their vendor and class."""
         with db.read() as s:
-            total, rows = inv.outdated_devices(s, t.id, filter, limit, offset)
+            total, rows = factory.outdated_devices(s, t.id, filter, limit, offset)
             return OutdatedPage(
                 total=total, limit=limit, offset=offset, items=[OutdatedOut(**r) for r in rows]
             )
@@ -252,7 +253,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         409 while it is in a campaign that has not finished, or when it was registered directly.
         """
         with db.session() as s:
-            fd = inv.release_device(s, t.id, name)
+            fd = factory.release_device(s, t.id, name)
             out = ReleaseOut(serial=fd.serial)
         devices_changed()
         return out
@@ -265,7 +266,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         new username from its secret (docs/protocol.md).
         """
         with db.session() as s:
-            device, fd, target = inv.transfer_device(s, t.id, name, body.to, body.name)
+            device, fd, target = factory.transfer_device(s, t.id, name, body.to, body.name)
             out = OwnedDeviceOut.owned(device, target.slug, fd.serial)
         devices_changed()
         return out

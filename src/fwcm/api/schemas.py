@@ -9,8 +9,16 @@ from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 from fwcm import protocol
-from fwcm.store.models import Campaign, CampaignEvent, Device, DeviceEvent, Manifest, Payload, Signer
-from fwcm.store.repo import BIGINT_MAX
+from fwcm.store.models import (
+    BIGINT_MAX,
+    Campaign,
+    CampaignEvent,
+    Device,
+    DeviceEvent,
+    Manifest,
+    Payload,
+    Signer,
+)
 
 RowId = Annotated[int, Interval(ge=1, le=BIGINT_MAX)]
 """An id in a path, query or body: outside the id column's range it is refused (422) before any

@@ -103,7 +103,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
     from fwcm import pki
     from fwcm.config import Settings
     from fwcm.server.app import Server
-    from fwcm.store import repo
+    from fwcm.store import tenants
+    from fwcm.store import trust as trust_store
     from fwcm.transport.broker import free_port, start_broker
 
     profile = get_profile("consent" if opts.consent else opts.faults)
@@ -127,7 +128,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             f"{settings.public_coap_url}"
         )
         with server.db.session() as s:
-            _tenant, key = repo.create_tenant(s, "demo", "Demo Fleet Inc.")
+            _tenant, key = tenants.create_tenant(s, "demo", "Demo Fleet Inc.")
         api = Api(settings.public_http_url, key)
 
         signing_key = mf.generate_private_key("es256")
@@ -136,7 +137,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         if trust.root_pem is not None:
             settings.pki_root = workdir / "root.pem"
             with server.db.session() as s:
-                repo.set_tenant_ca(s, "demo", trust.ca_pem, pki.load_cert(trust.root_pem))
+                trust_store.set_tenant_ca(s, "demo", trust.ca_pem, pki.load_cert(trust.root_pem))
         await api.call("POST", "/signers", json={"name": "release", **trust.signer_body(pub)})
         image = random.Random(42).randbytes(opts.image_size)
         sha = hashlib.sha256(image).hexdigest()

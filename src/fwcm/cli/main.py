@@ -59,7 +59,8 @@ def tenant_ca(
 
     from fwcm import pki as pki_lib
     from fwcm.config import Settings
-    from fwcm.store import repo
+    from fwcm.errors import NotFound
+    from fwcm.store import trust
     from fwcm.store.db import Database
 
     settings = Settings.from_env()
@@ -71,8 +72,8 @@ def tenant_ca(
     db.migrate()
     try:
         with db.session() as s:
-            repo.set_tenant_ca(s, slug, Path(cert).read_bytes(), root)
-    except (OSError, pki_lib.ChainError, repo.NotFound) as exc:
+            trust.set_tenant_ca(s, slug, Path(cert).read_bytes(), root)
+    except (OSError, pki_lib.ChainError, NotFound) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
@@ -94,7 +95,7 @@ def tenant_create(
 ) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
     from fwcm.config import Settings
-    from fwcm.store import repo
+    from fwcm.store import tenants
     from fwcm.store.db import Database
 
     settings = Settings.from_env()
@@ -103,7 +104,7 @@ def tenant_create(
     db.migrate()
     try:
         with db.session() as s:
-            tenant, key = repo.create_tenant(s, slug, name or slug, kind)
+            tenant, key = tenants.create_tenant(s, slug, name or slug, kind)
             tenant_slug = tenant.slug
     except Exception as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -24,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from fwcm.store import inventory as inv
+from fwcm.store import devices
 from fwcm.store.db import Database
 from fwcm.transport import accounts
 from fwcm.transport.accounts import Credentials
@@ -86,9 +86,10 @@ class AccountSync:
         """Rewrite the files from the database and signal the broker; returns the device count."""
         started = time.monotonic()
         with self.db.read() as s:
-            fingerprint = inv.devices_fingerprint(s)
+            fingerprint = devices.devices_fingerprint(s)
             creds = (
-                accounts.device_credentials(r.secret, r.tenant, r.device) for r in inv.broker_account_rows(s)
+                accounts.device_credentials(r.secret, r.tenant, r.device)
+                for r in devices.broker_account_rows(s)
             )
             count = accounts.write_accounts(self.directory, self.service, creds)
         self.written = fingerprint
@@ -100,7 +101,7 @@ class AccountSync:
 
     def _fingerprint(self) -> tuple[int, int]:
         with self.db.read() as s:
-            return inv.devices_fingerprint(s)
+            return devices.devices_fingerprint(s)
 
     async def _run(self) -> None:
         while True:

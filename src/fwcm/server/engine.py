@@ -42,11 +42,11 @@ from fwcm.rollout.planner import CampaignView, PolicyState
 from fwcm.rollout.policy import RATE_WINDOW_S, Policy
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
+from fwcm.store import campaigns
 from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
 from fwcm.store import leases as lq
 from fwcm.store import notices as nq
-from fwcm.store import repo
 from fwcm.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -611,7 +611,7 @@ def _apply(
     if step.expired:
         dq.write_expired(s, c.id, step.expired, now)
     if step.join:
-        repo.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
+        campaigns.join_new_devices(s, c.id, c.tenant_id, policy.late_phase)
     decision = step.decision
     targets = dq.take_pending(
         s,

@@ -6,7 +6,7 @@ frozen (campaign, device) pairs created by one set-based INSERT … SELECT at ca
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +27,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a bigint.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+BIGINT_MAX = 2**63 - 1
+"""Largest value of a BIGINT column (ids, sequence numbers, sizes) on SQLite and PostgreSQL."""
+
+
+def utcnow() -> datetime:
+    """The time rows are stamped with: timezone-aware UTC."""
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

@@ -11,262 +11,57 @@ history go with it, so nothing of one owner is visible to the next) and move ``o
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 from sqlalchemy import Table, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fwcm import filters, manifest
-from fwcm.inventory import FACTORY_CSV_COLUMNS, claim_hash
-from fwcm.store.models import Campaign, Deployment, Device, DeviceEvent, FactoryDevice, Manifest, Tenant
-from fwcm.store.repo import (
-    FINAL_CAMPAIGN_STATES,
-    MAX_IMPORT_ERRORS,
-    SECRET_BYTES,
-    TRANSPORTS,
-    Conflict,
-    ImportErrors,
-    Invalid,
-    NotFound,
-    _name,
-    _opt_text,
-    _tags,
-    filter_clause,
-    now,
-    read_csv_header,
+from fwcm import filters
+from fwcm.devices import check_tags, check_transport
+from fwcm.errors import Conflict, Invalid, NotFound
+from fwcm.inventory import FactoryEntry, claim_hash
+from fwcm.names import check_name
+from fwcm.rollout.states import CAMPAIGN_TERMINAL
+from fwcm.store.filtersql import filter_clause
+from fwcm.store.models import (
+    Campaign,
+    Deployment,
+    Device,
+    DeviceEvent,
+    FactoryDevice,
+    Manifest,
+    Tenant,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
 
-FACTORY_REQUIRED = ("serial", "hardware_id", "vendor", "model", "claim_hash", "secret")
 _FACTORY = cast(Table, FactoryDevice.__table__)
 _IN_CHUNK = 5000
-_HEX = set("0123456789abcdef")
 NO_MATCH = "no unclaimed device with this serial and claim code"
 ALREADY_CLAIMED = "device already claimed"
+_FINISHED = sorted(state.value for state in CAMPAIGN_TERMINAL)
 
 
 # -- factory registration ---------------------------------------------------------------------
 
 
-@dataclass
-class FactoryEntry:
-    """A validated factory device, before insertion."""
-
-    serial: str
-    hardware_id: str
-    vendor_id: str
-    class_id: str
-    firmware_version: str | None
-    sequence: int
-    claim_hash: str
-    secret: bytes
-    attest_key_pem: str | None
-
-    def row(self, manufacturer_id: int) -> dict[str, Any]:
-        return {
-            "manufacturer_id": manufacturer_id,
-            "serial": self.serial,
-            "hardware_id": self.hardware_id,
-            "vendor_id": self.vendor_id,
-            "class_id": self.class_id,
-            "firmware_version": self.firmware_version,
-            "sequence": self.sequence,
-            "claim_hash": self.claim_hash,
-            "secret": self.secret,
-            "attest_key_pem": self.attest_key_pem,
-        }
-
-
-def _text(value: Any, field: str, max_len: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise Invalid(f"{field} is required")
-    value = value.strip()
-    if len(value) > max_len:
-        raise Invalid(f"{field} is longer than {max_len} characters")
-    return value
-
-
-def _sequence(value: Any) -> int:
-    if value is None or value == "":
-        return 0
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise Invalid(f"sequence must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise Invalid(f"sequence must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _hex(value: Any, field: str, nbytes: int) -> str:
-    if not isinstance(value, str):
-        raise Invalid(f"{field} is required ({2 * nbytes} hex digits)")
-    text = value.strip().lower()
-    if len(text) != 2 * nbytes or not set(text) <= _HEX:
-        raise Invalid(f"{field} must be {2 * nbytes} hex digits ({nbytes} bytes)")
-    return text
-
-
-def _attest_key(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise Invalid("attest_key_pem must be a PEM public key")
-    try:
-        key = manifest.load_public_key(value.strip().encode())
-    except manifest.ManifestError as exc:
-        raise Invalid(f"attest_key_pem refused: {exc}") from None
-    return manifest.public_key_pem(key).decode()
-
-
-def validate_factory_device(
-    serial: Any,
-    hardware_id: Any,
-    vendor: Any,
-    model: Any,
-    claim_hash: Any,
-    secret: Any,
-    firmware_version: Any = None,
-    sequence: Any = 0,
-    attest_key_pem: Any = None,
-) -> FactoryEntry:
-    """Check one factory device; raise Invalid naming the first bad field.
-
-    ``vendor`` is the vendor's domain and ``model`` the device model: the ids follow the manifest
-    convention (vendor_id = uuid5(DNS, vendor), class_id = uuid5(vendor_id, model)).
-    """
-    serial_s = _name(serial.strip() if isinstance(serial, str) else serial, "serial")
-    hw = _text(hardware_id, "hardware_id", 128)
-    vendor_s = _text(vendor, "vendor", 253)
-    model_s = _text(model, "model", 200)
-    vendor_id = manifest.vendor_id_for_domain(vendor_s)
-    return FactoryEntry(
-        serial=serial_s,
-        hardware_id=hw,
-        vendor_id=str(vendor_id),
-        class_id=str(manifest.class_id_for(vendor_id, model_s)),
-        firmware_version=_opt_text(
-            firmware_version.strip() if isinstance(firmware_version, str) else firmware_version,
-            "firmware_version",
-            64,
-        ),
-        sequence=_sequence(sequence),
-        claim_hash=_hex(claim_hash, "claim_hash", 32),
-        secret=bytes.fromhex(_hex(secret, "secret", SECRET_BYTES)),
-        attest_key_pem=_attest_key(attest_key_pem),
-    )
-
-
-class _Errors:
-    def __init__(self, max_errors: int) -> None:
-        self.errors: list[str] = []
-        self.more = 0
-        self.max = max_errors
-
-    def add(self, where: str, msg: str) -> None:
-        if len(self.errors) < self.max:
-            self.errors.append(f"{where}: {msg}")
-        else:
-            self.more += 1
-
-    def raise_any(self) -> None:
-        if self.errors:
-            raise ImportErrors(self.errors, self.more)
-
-
-def _validate_all(
-    items: Sequence[tuple[str, dict[str, Any]]], errors: _Errors, seen: dict[str, str]
-) -> list[FactoryEntry]:
-    out = []
-    for where, values in items:
-        try:
-            entry = validate_factory_device(**values)
-        except Invalid as exc:
-            errors.add(where, str(exc))
-            continue
-        if entry.serial in seen:
-            errors.add(where, f"serial {entry.serial!r} already appears on {seen[entry.serial]}")
-            continue
-        seen[entry.serial] = where
-        out.append(entry)
-    return out
-
-
-def parse_factory_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
-    """Validate a whole factory CSV; raise ImportErrors listing every bad line (up to a cap)."""
-    errors = _Errors(max_errors)
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    columns = read_csv_header(reader, FACTORY_CSV_COLUMNS, FACTORY_REQUIRED)
-    rows: list[tuple[str, dict[str, Any]]] = []
-    width = len(columns)
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            errors.add(f"line {reader.line_num}", str(exc))
-            break
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != width:
-            errors.add(f"line {start}", f"expected {width} fields, found {len(row)}")
-            continue
-        # A quoted PEM spans several physical lines: errors name the line the record starts on.
-        rows.append((f"line {start}", dict(zip(columns, row, strict=True))))
-    entries = _validate_all(rows, errors, {})
-    errors.raise_any()
-    return entries
-
-
-def parse_factory_json(data: Any, max_errors: int = MAX_IMPORT_ERRORS) -> list[FactoryEntry]:
-    """Validate a JSON list of factory devices; errors name items by 1-based position."""
-    if not isinstance(data, list):
-        raise Invalid("expected a JSON list of devices")
-    errors = _Errors(max_errors)
-    fields = set(FACTORY_CSV_COLUMNS)
-    items: list[tuple[str, dict[str, Any]]] = []
-    for i, item in enumerate(data, 1):
-        if not isinstance(item, dict):
-            errors.add(f"item {i}", "expected an object")
-            continue
-        unknown = sorted(set(item) - fields)
-        missing = [f for f in FACTORY_REQUIRED if f not in item]
-        if unknown or missing:
-            parts = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
-                [f"missing field(s) {', '.join(missing)}"] if missing else []
-            )
-            errors.add(f"item {i}", "; ".join(parts))
-            continue
-        items.append((f"item {i}", item))
-    entries = _validate_all(items, errors, {})
-    errors.raise_any()
-    return entries
-
-
-def parse_factory_body(body: bytes, content_type: str) -> list[FactoryEntry]:
-    """A factory upload as JSON (``application/json``) or CSV (anything else textual)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Invalid(f"body is not UTF-8 (byte {exc.start})") from None
-    if "json" in content_type.lower():
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise Invalid(f"body is not valid JSON: {exc}") from None
-        return parse_factory_json(data)
-    return parse_factory_csv(text)
+def _factory_row(manufacturer_id: int, e: FactoryEntry) -> dict[str, Any]:
+    return {
+        "manufacturer_id": manufacturer_id,
+        "serial": e.serial,
+        "hardware_id": e.hardware_id,
+        "vendor_id": e.vendor_id,
+        "class_id": e.class_id,
+        "firmware_version": e.firmware_version,
+        "sequence": e.sequence,
+        "claim_hash": e.claim_hash,
+        "secret": e.secret,
+        "attest_key_pem": e.attest_key_pem,
+    }
 
 
 def register_factory_devices(s: Session, manufacturer_id: int, entries: Sequence[FactoryEntry]) -> int:
@@ -283,7 +78,8 @@ def register_factory_devices(s: Session, manufacturer_id: int, entries: Sequence
     try:
         with s.begin_nested():
             for i in range(0, len(entries), 10000):
-                s.execute(insert(_FACTORY), [e.row(manufacturer_id) for e in entries[i : i + 10000]])
+                rows = [_factory_row(manufacturer_id, e) for e in entries[i : i + 10000]]
+                s.execute(insert(_FACTORY), rows)
     except IntegrityError:  # a concurrent upload registered one of these serials first
         raise Conflict("nothing registered: a serial of this batch was registered concurrently") from None
     log.info("manufacturer %d registered %d factory devices", manufacturer_id, len(entries))
@@ -312,13 +108,6 @@ def list_factory_devices(
 
 
 # -- claim, release, transfer -----------------------------------------------------------------
-
-
-def _transport(value: Any) -> str:
-    value = value or "mqtt"
-    if value not in TRANSPORTS:
-        raise Invalid(f"transport must be one of {', '.join(TRANSPORTS)}, got {value!r}")
-    return str(value)
 
 
 def _insert_device(
@@ -374,11 +163,11 @@ def claim_device(
     if not isinstance(serial, str) or not isinstance(claim_code, str) or not claim_code.strip():
         raise NotFound(NO_MATCH)
     serial = serial.strip()
-    device_name = _name(name if name else serial, "device name")
-    clean_tags = _tags(tags)
-    clean_transport = _transport(transport)
+    device_name = check_name(name if name else serial, "device name")
+    clean_tags = check_tags(tags)
+    clean_transport = check_transport(transport)
     digest = claim_hash(claim_code)
-    claimed_at = now()
+    claimed_at = utcnow()
     result = s.execute(
         update(FactoryDevice)
         .where(
@@ -397,7 +186,7 @@ def claim_device(
         ).first()
         if owner is None:
             raise NotFound(NO_MATCH)
-        if owner[0] == tenant_id:
+        if owner.owner_id == tenant_id:
             mine = s.scalar(
                 select(Device.name)
                 .join(FactoryDevice, FactoryDevice.id == Device.factory_id)
@@ -433,14 +222,14 @@ def _owned_claimed_device(s: Session, tenant_id: int, name: str, action: str) ->
         .where(
             Deployment.device_id == device.id,
             Campaign.tenant_id == tenant_id,
-            Campaign.state.not_in(FINAL_CAMPAIGN_STATES),
+            Campaign.state.not_in(_FINISHED),
         )
         .order_by(Campaign.id)
         .limit(1)
     ).first()
     if busy is not None:
         raise Conflict(
-            f"device {name!r} is in campaign {busy[0]}, which is {busy[1]}; it can be {action} "
+            f"device {name!r} is in campaign {busy.id}, which is {busy.state}; it can be {action} "
             "once the campaign has finished or been cancelled"
         )
     fd = s.scalar(select(FactoryDevice).where(FactoryDevice.id == device.factory_id).with_for_update())
@@ -484,7 +273,7 @@ def transfer_device(
         raise Invalid(f"device {name!r} already belongs to tenant {to_slug!r}")
     if target.kind != "fleet":
         raise Invalid(f"tenant {to_slug!r} is a {target.kind}; devices can only move to a fleet tenant")
-    target_name = _name(new_name if new_name else device.name, "device name")
+    target_name = check_name(new_name if new_name else device.name, "device name")
     clash = f"tenant {to_slug!r} already has a device named {target_name!r}; pass another name"
     if s.scalar(select(Device.id).where(Device.tenant_id == target.id, Device.name == target_name)):
         raise Conflict(clash)
@@ -496,17 +285,11 @@ def transfer_device(
     }
     _drop_device(s, device)
     fd.owner_id = target.id
-    fd.claimed_at = now()
+    fd.claimed_at = utcnow()
     s.flush()
     moved = _insert_device(s, target.id, fd, target_name, clash, **kept)
     log.info("tenant %d transferred factory device %s to tenant %d", tenant_id, fd.serial, target.id)
     return moved, fd, target
-
-
-def serial_of(s: Session, device: Device) -> str | None:
-    if device.factory_id is None:
-        return None
-    return s.scalar(select(FactoryDevice.serial).where(FactoryDevice.id == device.factory_id))
 
 
 # -- outdated devices -------------------------------------------------------------------------
@@ -576,34 +359,3 @@ def outdated_devices(
         for r in rows
     ]
     return total, items
-
-
-# -- broker accounts --------------------------------------------------------------------------
-
-
-class AccountRow(NamedTuple):
-    """What a device's broker account is made of."""
-
-    tenant: str
-    device: str
-    secret: bytes
-
-
-def broker_account_rows(s: Session, batch: int = 5000) -> Iterator[AccountRow]:
-    """Every device with its tenant's slug and its secret, streamed in batches (plain rows: this
-    reads the whole fleet)."""
-    stmt = select(Tenant.slug, Device.name, Device.secret).join(Tenant, Tenant.id == Device.tenant_id)
-    result = s.connection().execution_options(stream_results=True, max_row_buffer=batch).execute(stmt)
-    for r in result:
-        yield AccountRow(r.slug, r.name, r.secret)
-
-
-def devices_fingerprint(s: Session) -> tuple[int, int]:
-    """(number of devices, highest device id): changes whenever a device is added or removed.
-
-    On PostgreSQL ids are never reused.  SQLite may reuse the highest id after it was deleted (a
-    transfer of the newest device keeps both numbers), but SQLite runs one replica, whose API
-    reports every change itself.
-    """
-    r = s.execute(select(func.count().label("n"), func.max(Device.id).label("top")).select_from(Device)).one()
-    return int(r.n), int(r.top or 0)

@@ -1,0 +1,140 @@
+"""Creating and starting a campaign (pure): the checked draft it is stored from, the plan of its start.
+
+``draft`` checks what a requester sends (name, device filter, rollout policy, consent table) and
+returns each in the form the store keeps, so a typo is refused before a campaign exists and never
+reaches start.  ``start_plan`` reads the stored policy back when the campaign starts: how the frozen
+devices split into phases, and whether it runs at once or waits for its ``start_at``.
+``phase_names`` labels those phases for the campaign's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fwcm import filters
+from fwcm.errors import Invalid
+from fwcm.rollout.consent import ConsentSpec
+from fwcm.rollout.definition import MAX_NAME_CHARS
+from fwcm.rollout.policy import Policy
+from fwcm.rollout.values import PolicyError
+
+
+@dataclass(frozen=True)
+class CampaignDraft:
+    """A new campaign, checked, in its stored form."""
+
+    name: str
+    filter: str
+    """The canonical filter text (what start parses)."""
+    policy: dict[str, Any]
+    """The rollout policy as ``campaigns.policy`` stores it."""
+    attestation: bool = False
+    consent: dict[str, Any] | None = None
+    """The consent table as ``campaigns.consent`` stores it, for consent campaigns."""
+    variants: dict[str, int] = field(default_factory=dict)
+    """Consent variants: manifest id per option value; each must be a manifest of the tenant."""
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What a start writes: the phase of each frozen device and the campaign's state."""
+
+    bounds: tuple[int, ...]
+    """Cumulative phase ends: the device ranked ``r`` (0-based, by id) joins the first phase with
+    ``r < bound``."""
+    state: str
+    """``running``, or ``scheduled`` until the policy's ``start_at``."""
+
+
+StartPlanner = Callable[[Mapping[str, Any] | None, int, float], StartPlan]
+"""``start_plan``'s signature: (stored policy, number of matching devices, now) → plan."""
+PhaseNamer = Callable[[Mapping[str, Any] | None], list[str]]
+"""``phase_names``'s signature: stored policy → a label per phase."""
+
+
+def draft(
+    name: Any,
+    filter_text: str | None = None,
+    policy: Any = None,
+    *,
+    attestation: bool = False,
+    consent: dict[str, Any] | None = None,
+    requester: str | None = None,
+) -> CampaignDraft:
+    """Check a new campaign; raise Invalid (or FilterError) naming the first problem.
+
+    A consent campaign may name its peer devices (and an initiator) instead of a filter;
+    ``requester`` (the tenant's name) is what its invitations say when the table names nobody.
+    """
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+        raise Invalid(f"campaign name must be 1-{MAX_NAME_CHARS} characters")
+    spec = consent_spec(consent, requester) if consent is not None else None
+    if spec is not None and spec.peer_filter() is not None:
+        if filter_text:
+            raise Invalid("a consent campaign takes either a device filter or peers, not both")
+        filter_text = spec.peer_filter()
+    return CampaignDraft(
+        name=name.strip(),
+        filter=storable_filter(filter_text),
+        policy=stored_policy(policy),
+        attestation=attestation,
+        consent=spec.to_dict() if spec is not None else None,
+        variants=dict(spec.variants) if spec is not None else {},
+    )
+
+
+def storable_filter(text: str | None) -> str:
+    """The canonical filter a campaign stores, checked in that form: start parses what is stored,
+    and the canonical spelling may be longer than what was sent (spaces, quotes, escapes)."""
+    canonical = filters.validate(text)
+    if len(canonical) > filters.MAX_FILTER_CHARS:
+        raise Invalid(
+            f"filter: its canonical form is {len(canonical):,} characters; a campaign stores at most "
+            f"{filters.MAX_FILTER_CHARS:,}"
+        )
+    filters.parse(canonical)
+    return canonical
+
+
+def stored_policy(policy: Any) -> dict[str, Any]:
+    """A rollout policy checked strictly (every number in its range) and in its stored form."""
+    if policy is None:
+        return {}
+    if not isinstance(policy, dict):
+        raise Invalid("policy must be an object")
+    try:
+        return Policy.from_dict(policy).to_dict()
+    except PolicyError as exc:
+        raise Invalid(f"invalid rollout policy: {exc}") from None
+
+
+def consent_spec(consent: Any, requester: str | None = None) -> ConsentSpec:
+    """A checked ``[consent]`` table; ``requester`` fills in who asks when it names nobody."""
+    try:
+        spec = ConsentSpec.parse(consent)
+    except PolicyError as exc:
+        raise Invalid(str(exc)) from None
+    if spec.requester is None:
+        spec = replace(spec, requester=requester)
+    return spec
+
+
+def start_plan(stored: Mapping[str, Any] | None, matching: int, now: float) -> StartPlan:
+    """The plan of a start over ``matching`` devices at ``now`` (seconds since the epoch)."""
+    try:
+        policy = Policy.from_stored(stored or {})
+    except PolicyError as exc:
+        raise Invalid(f"invalid rollout policy: {exc}") from None
+    return StartPlan(bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value)
+
+
+def phase_names(stored: Mapping[str, Any] | None) -> list[str]:
+    """Phase labels of a stored policy; none when the row cannot be read (the status still shows
+    the engine's note saying why)."""
+    try:
+        policy = Policy.from_stored(stored or {})
+    except PolicyError:
+        return []
+    return [policy.label(i) for i in range(len(policy.phases))]

@@ -1,0 +1,135 @@
+"""Firmware images of a tenant: payloads (stored files, content-addressed by SHA-256) and the signed
+manifests that describe them.
+
+A manifest is stored only once it verifies against one of the tenant's trusted, unrevoked signers
+(and, when it carries a certificate chain, against the operator root through the tenant's CA).
+Every function takes the caller's ``tenant_id`` and filters on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fwcm import manifest, pki
+from fwcm.errors import Invalid, NotFound, TooLarge
+from fwcm.store.models import BIGINT_MAX, Manifest, Payload, Signer, Tenant
+
+log = logging.getLogger(__name__)
+
+
+def record_payload(
+    s: Session, tenant_id: int, sha256: str, size: int, name: str | None = None
+) -> tuple[Payload, bool]:
+    """Record that the tenant owns a stored file; idempotent (returns ``created`` False)."""
+    existing = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+    if existing is not None:
+        return existing, False
+    payload = Payload(tenant_id=tenant_id, sha256=sha256, size=size, name=name)
+    try:
+        with s.begin_nested():
+            s.add(payload)
+            s.flush()
+    except IntegrityError:  # a concurrent upload of the same image won the race
+        existing = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+        if existing is None:
+            raise
+        return existing, False
+    return payload, True
+
+
+def list_payloads(s: Session, tenant_id: int) -> Sequence[Payload]:
+    return s.scalars(select(Payload).where(Payload.tenant_id == tenant_id).order_by(Payload.id)).all()
+
+
+def get_payload(s: Session, tenant_id: int, sha256: str) -> Payload:
+    payload = s.scalar(select(Payload).where(Payload.tenant_id == tenant_id, Payload.sha256 == sha256))
+    if payload is None:
+        raise NotFound(f"payload {sha256} not found")
+    return payload
+
+
+def payload_is_published(s: Session, sha256: str) -> bool:
+    """Whether any tenant owns this image: devices fetch by digest without credentials."""
+    return s.scalar(select(Payload.id).where(Payload.sha256 == sha256).limit(1)) is not None
+
+
+def upload_manifest(
+    s: Session,
+    tenant_id: int,
+    data: bytes,
+    *,
+    max_bytes: int = 64 * 1024,
+    name: str | None = None,
+    root: x509.Certificate | None = None,
+) -> tuple[Manifest, bool]:
+    """Decode and verify an envelope against the tenant's trusted signers, then store it.
+
+    An envelope carrying an ``x5chain`` is also checked like a device checks it: the chain must
+    lead to the operator ``root`` through this tenant's CA. Raises ManifestError (malformed),
+    SignatureError (not signed by a registered, unrevoked signer) or ChainError (bad chain).
+    Uploading the same manifest twice returns the stored one with ``created`` False.
+    """
+    if len(data) > max_bytes:
+        raise TooLarge(f"manifest of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    env = manifest.decode_envelope(data)
+    if any(sig.x5chain for sig in env.signatures):
+        if root is None:
+            raise Invalid("manifest carries a certificate chain but no operator root CA is configured")
+        certified = pki.verify_manifest(env, root)
+        slug = s.scalar(select(Tenant.slug).where(Tenant.id == tenant_id))
+        if certified.tenant != slug:
+            raise pki.ChainError("issuer_mismatch", f"signed under the CA of tenant {certified.tenant!r}")
+    all_signers = list(s.scalars(select(Signer).where(Signer.tenant_id == tenant_id)))
+    signers = [sg for sg in all_signers if sg.revoked_at is None]
+    revoked = {bytes.fromhex(sg.key_id): sg.name for sg in all_signers if sg.revoked_at is not None}
+    for sig in env.signatures:
+        if sig.kid in revoked:
+            raise manifest.SignatureError(f"signed by revoked signer {revoked[sig.kid]!r}")
+    if not signers:
+        raise manifest.SignatureError("no trusted signers registered; add one with `fwcm signer add`")
+    by_kid = {sg.key_id: sg for sg in signers}
+    keys = [manifest.load_public_key(sg.public_key_pem.encode()) for sg in by_kid.values()]
+    verified = manifest.verify_envelope(env, keys)
+    signer = by_kid[manifest.key_id(verified).hex()]
+    info = env.info
+    for what, value in (("sequence number", info.sequence), ("image size", info.image_size)):
+        if value > BIGINT_MAX:
+            raise Invalid(f"manifest refused: its {what} {value} exceeds the largest storable, {BIGINT_MAX}")
+    digest = env.digest.hex()
+    existing = s.scalar(select(Manifest).where(Manifest.tenant_id == tenant_id, Manifest.digest == digest))
+    if existing is not None:
+        return existing, False
+    row = Manifest(
+        tenant_id=tenant_id,
+        digest=digest,
+        sequence=info.sequence,
+        vendor_id=str(info.vendor_id),
+        class_id=str(info.class_id),
+        image_digest=info.image_digest.hex(),
+        image_size=info.image_size,
+        uris=list(info.uris),
+        envelope=bytes(data),
+        signer_id=signer.id,
+        name=name,
+    )
+    s.add(row)
+    s.flush()
+    log.info("tenant %d stored manifest %d (sequence %d)", tenant_id, row.id, info.sequence)
+    return row, True
+
+
+def list_manifests(s: Session, tenant_id: int) -> Sequence[Manifest]:
+    return s.scalars(select(Manifest).where(Manifest.tenant_id == tenant_id).order_by(Manifest.id)).all()
+
+
+def get_manifest(s: Session, tenant_id: int, manifest_id: int) -> Manifest:
+    row = s.scalar(select(Manifest).where(Manifest.tenant_id == tenant_id, Manifest.id == manifest_id))
+    if row is None:
+        raise NotFound(f"manifest {manifest_id} not found")
+    return row
