@@ -38,16 +38,31 @@ CAMPAIGN_TRANSITIONS: dict[CampaignState, frozenset[CampaignState]] = {
 }
 
 
+ACTIONS: dict[str, CampaignState] = {
+    "pause": CampaignState.PAUSED,
+    "resume": CampaignState.RUNNING,
+    "cancel": CampaignState.CANCELLED,
+}
+"""What an operator's action asks a campaign to become."""
+RESUMABLE = frozenset({CampaignState.PAUSED})
+"""Resume continues a campaign that paused; a draft or scheduled one is started instead."""
+
+
 class InvalidTransition(ValueError):
     pass
 
 
-def campaign_transition(current: str, target: str) -> CampaignState:
-    """Validate a campaign state change; raise InvalidTransition naming both states."""
-    cur, tgt = CampaignState(current), CampaignState(target)
-    if tgt not in CAMPAIGN_TRANSITIONS[cur]:
-        raise InvalidTransition(f"campaign is {cur.value}; it cannot become {tgt.value}")
-    return tgt
+def action_transition(current: str, action: str) -> CampaignState:
+    """The state an operator's action takes a campaign to, by the one transition table; raise
+    InvalidTransition naming the states the action needs."""
+    cur, target = CampaignState(current), ACTIONS[action]
+    allowed = [st for st in CampaignState if target in CAMPAIGN_TRANSITIONS[st]]
+    if action == "resume":
+        allowed = [st for st in allowed if st in RESUMABLE]
+    if cur not in allowed:
+        needs = " or ".join(st.value for st in sorted(allowed, key=lambda st: st != CampaignState.RUNNING))
+        raise InvalidTransition(f"campaign is {cur.value}; {action} needs a campaign that is {needs}")
+    return target
 
 
 class DeviceState(enum.StrEnum):

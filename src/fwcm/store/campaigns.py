@@ -21,7 +21,7 @@ from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
-from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState
+from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState, InvalidTransition, action_transition
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
 from fwcm.store.models import Campaign, CampaignEvent, Deployment, Device, Manifest, Signer, utcnow
@@ -174,24 +174,15 @@ def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool
         )
 
 
-_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "pause": (("running", "scheduled"), "paused"),
-    "resume": (("paused",), "running"),
-    "cancel": (("draft", "scheduled", "running", "paused"), "cancelled"),
-}
-
-
 def change_campaign(
     s: Session, tenant_id: int, campaign_id: int, action: str, reason: str | None = None
 ) -> Campaign:
     """Pause, resume or cancel; the engine notices the new state and acts on the devices."""
-    allowed, target = _TRANSITIONS[action]
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
-    if campaign.state not in allowed:
-        raise Conflict(
-            f"campaign {campaign_id} is {campaign.state}; {action} needs a campaign that is "
-            + " or ".join(allowed)
-        )
+    try:
+        target = action_transition(campaign.state, action).value
+    except InvalidTransition as exc:
+        raise Conflict(f"campaign {campaign_id} {str(exc).removeprefix('campaign ')}") from None
     if action == "resume" and campaign.started_at is None:
         raise Conflict(f"campaign {campaign_id} was never started; use start")
     campaign.state = target
