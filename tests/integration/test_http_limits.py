@@ -217,6 +217,36 @@ async def test_transfers_that_stop_are_dropped_after_the_idle_timeout(tmp_path: 
             assert r.status_code == 200 and [p["sha256"] for p in r.json()] == [SHA]
 
 
+async def test_an_application_slow_to_read_a_body_does_not_cut_off_the_client(tmp_path: Path) -> None:
+    """uvicorn stops reading while the application is behind: that silence is the server's, so a
+    client that sent its body on time gets its answer however long the application takes."""
+
+    async def slow_app(scope, receive, send):  # type: ignore[no-untyped-def]
+        size, more = 0, True
+        while more:
+            await asyncio.sleep(0.3)  # far behind the client: every pause outlasts the idle timeout
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    port = free_port()
+    limits = HttpLimits(head_timeout=60, idle_timeout=0.2, max_connections=8)
+    uv = uvicorn.Server(uvicorn_config(slow_app, "127.0.0.1", port, limits))
+    task = asyncio.create_task(uv.serve())
+    try:
+        await wait_until(lambda: uv.started or task.done(), 10, "the listener")
+        stopped = closed("body_timeout")
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(f"http://127.0.0.1:{port}/", content=IMAGE[: 2 * MiB])
+        assert r.status_code == 200 and int(r.text) == 2 * MiB
+        assert closed("body_timeout") == stopped
+    finally:
+        uv.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
 # -- a `fwcm server` process --------------------------------------------------------------------
 
 

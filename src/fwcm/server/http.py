@@ -145,6 +145,10 @@ class BoundedH11Protocol(H11Protocol):
         self._timer = None
         if self._reason is None:
             return
+        if self._reason == "body_timeout" and self.flow.read_paused:
+            # The application is behind on the body (uvicorn stopped reading): the client is not
+            # the one that is silent, so its time starts again when reading resumes.
+            self._deadline = self.loop.time() + self.limits.idle_timeout
         if self.loop.time() < self._deadline:  # pushed back since the timer was set
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             return
