@@ -62,28 +62,24 @@ _LEASE_COLUMNS = (
 
 
 ACTIVE = (CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.SCHEDULED.value)
-
-
 """Campaign states the engine works on."""
+
+
+def _claim(s: Session, owner: str, lease_s: float, which: ColumnElement[bool], *columns: Any) -> list[Any]:
+    """Take (or renew) the lease of the campaigns ``which`` selects that no other live replica
+    holds; returns their ``columns``."""
+    now = utcnow()
+    free = or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now)
+    where = _skip_locked(s, and_(which, free))
+    if where is None:
+        return []
+    lease = {"lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
+    return list(s.execute(update(Campaign).where(where).values(**lease).returning(*columns)).all())
 
 
 def lease_campaigns(s: Session, owner: str, lease_s: float) -> list[LeasedCampaign]:
     """Take (or renew) the lease of every active campaign no other live replica holds."""
-    now = utcnow()
-    claimable = and_(
-        Campaign.state.in_(ACTIVE),
-        or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now),
-    )
-    where = _skip_locked(s, claimable)
-    if where is None:
-        return []
-    rows = s.execute(
-        update(Campaign)
-        .where(where)
-        .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
-        .returning(*_LEASE_COLUMNS)
-    ).all()
-    return [_leased(r) for r in rows]
+    return [_leased(r) for r in _claim(s, owner, lease_s, Campaign.state.in_(ACTIVE), *_LEASE_COLUMNS)]
 
 
 def _skip_locked(s: Session, claimable: ColumnElement[bool]) -> ColumnElement[bool] | None:
@@ -183,23 +179,8 @@ def campaign_policy_rows(s: Session, campaign_ids: Iterable[int]) -> dict[int, d
 
 def cancelled_unsettled(s: Session, owner: str, lease_s: float) -> list[tuple[int, int, int]]:
     """Claim cancelled campaigns whose notices were not yet withdrawn: (id, tenant, manifest)."""
-    now = utcnow()
-    where = _skip_locked(
-        s,
-        and_(
-            Campaign.state == CampaignState.CANCELLED.value,
-            Campaign.finished_at.is_(None),
-            or_(Campaign.lease_owner.is_(None), Campaign.lease_owner == owner, Campaign.lease_until < now),
-        ),
-    )
-    if where is None:
-        return []
-    rows = s.execute(
-        update(Campaign)
-        .where(where)
-        .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
-        .returning(Campaign.id, Campaign.tenant_id, Campaign.manifest_id)
-    ).all()
+    unsettled = and_(Campaign.state == CampaignState.CANCELLED.value, Campaign.finished_at.is_(None))
+    rows = _claim(s, owner, lease_s, unsettled, Campaign.id, Campaign.tenant_id, Campaign.manifest_id)
     return [(r.id, r.tenant_id, r.manifest_id) for r in rows]
 
 

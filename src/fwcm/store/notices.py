@@ -3,11 +3,12 @@ due, the server's signing keys, revoked signers and protected images."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Row,
+    Select,
     and_,
     func,
     or_,
@@ -15,13 +16,12 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
 
 from fwcm.attestation import Grant
 from fwcm.manifest import generate_private_key, private_key_pem
 from fwcm.rollout.states import DEVICE_TERMINAL, CampaignState, DeviceState
 from fwcm.store.db import utcnow
-from fwcm.store.deployments import Target
+from fwcm.store.deployments import Target, target_of, targets
 from fwcm.store.leases import ACTIVE
 from fwcm.store.models import (
     Campaign,
@@ -47,6 +47,21 @@ class Speaking(NamedTuple):
     detail: str | None
 
 
+def _with_campaign(*columns: Any) -> Select[*tuple[Any, ...]]:
+    """``deployments.targets()`` joined to the campaign, with more columns."""
+    return (
+        targets()
+        .add_columns(Deployment.campaign_id, *columns)
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+    )
+
+
+def _newest(s: Session, query: Select[*tuple[Any, ...]], tenant: str, device: str) -> Row[Any] | None:
+    """The newest deployment of one device (by tenant slug and name) the query selects."""
+    newest = query.where(Tenant.slug == tenant, Device.name == device).order_by(Deployment.campaign_id.desc())
+    return s.execute(newest.limit(1)).first()
+
+
 def speaking_deployment(s: Session, tenant: str, device: str) -> Speaking | None:
     """The newest deployment of a device in progress in a live or cancelled campaign, or withdrawn
     (cancel, quorum not met, group abort) after it was notified: the device may have started, so
@@ -55,45 +70,25 @@ def speaking_deployment(s: Session, tenant: str, device: str) -> Speaking | None
     withdrawn = and_(Deployment.state == DeviceState.CANCELLED.value, Deployment.attempt > 0)
     live = [CampaignState.RUNNING.value, CampaignState.PAUSED.value, CampaignState.CANCELLED.value]
     ended = [CampaignState.CANCELLED.value, CampaignState.STOPPED.value]
-    row = _newest_deployment(
-        s,
-        tenant,
-        device,
-        (
-            Deployment.campaign_id,
-            Deployment.device_id,
-            Deployment.attempt,
-            Device.transport,
-            Device.secret,
-            func.coalesce(Deployment.manifest_id, Campaign.manifest_id).label("manifest_id"),
-            Campaign.state.label("campaign_state"),
-            Deployment.nonce,
-            Deployment.attested_at,
-            Deployment.state,
-            Campaign.group_decision,
-            Deployment.detail,
-        ),
+    query = _with_campaign(
+        func.coalesce(Deployment.manifest_id, Campaign.manifest_id).label("notice_manifest_id"),
+        Campaign.state.label("campaign_state"),
+        Deployment.state,
+        Campaign.group_decision,
+        Deployment.detail,
+    ).where(
         or_(
             and_(Deployment.state.notin_(in_flight), Campaign.state.in_(live)),
             and_(withdrawn, or_(Campaign.state.in_(ended), Campaign.group_decision == "abort")),
-        ),
+        )
     )
+    row = _newest(s, query, tenant, device)
     if row is None:
         return None
-    target = Target(
-        row.device_id,
-        tenant,
-        device,
-        row.transport,
-        row.secret,
-        row.attempt,
-        row.nonce,
-        row.attested_at is not None,
-    )
     return Speaking(
         row.campaign_id,
-        target,
-        row.manifest_id,
+        target_of(row),
+        row.notice_manifest_id,
         DeviceState(row.state),
         CampaignState(row.campaign_state),
         row.group_decision,
@@ -101,73 +96,26 @@ def speaking_deployment(s: Session, tenant: str, device: str) -> Speaking | None
     )
 
 
+_ATTESTED_SUCCESS = (Campaign.attestation.is_(True), Deployment.state == DeviceState.SUCCEEDED.value)
+
+
 def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tuple[int, Target, int]]:
-    """Succeeded deployments of attested campaigns among (campaign, device) ``pairs``."""
+    """Succeeded deployments of attested campaigns among (campaign, device) ``pairs``: (campaign,
+    target, the campaign's manifest)."""
     wanted = list(set(pairs))
     if not wanted:
         return []
-    rows = s.execute(
-        select(
-            Deployment.campaign_id,
-            Deployment.device_id,
-            Deployment.attempt,
-            Tenant.slug,
-            Device.name,
-            Device.transport,
-            Device.secret,
-            Campaign.manifest_id,
-        )
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
-        .join(Campaign, Campaign.id == Deployment.campaign_id)
-        .where(
-            tuple_(Deployment.campaign_id, Deployment.device_id).in_(wanted),
-            Campaign.attestation.is_(True),
-            Deployment.state == DeviceState.SUCCEEDED.value,
-        )
-    ).all()
-    return [
-        (r.campaign_id, Target(r.device_id, r.slug, r.name, r.transport, r.secret, r.attempt), r.manifest_id)
-        for r in rows
-    ]
+    query = _with_campaign(Campaign.manifest_id.label("campaign_manifest_id")).where(
+        tuple_(Deployment.campaign_id, Deployment.device_id).in_(wanted), *_ATTESTED_SUCCESS
+    )
+    return [(r.campaign_id, target_of(r), r.campaign_manifest_id) for r in s.execute(query)]
 
 
 def last_attested_success(s: Session, tenant: str, device: str) -> tuple[int, Target, int] | None:
     """The device's newest succeeded deployment of an attested campaign: its credential is due."""
-    row = _newest_deployment(
-        s,
-        tenant,
-        device,
-        (
-            Deployment.campaign_id,
-            Deployment.device_id,
-            Deployment.attempt,
-            Device.transport,
-            Device.secret,
-            Campaign.manifest_id,
-        ),
-        Campaign.attestation.is_(True),
-        Deployment.state == DeviceState.SUCCEEDED.value,
-    )
-    if row is None:
-        return None
-    target = Target(row.device_id, tenant, device, row.transport, row.secret, row.attempt)
-    return row.campaign_id, target, row.manifest_id
-
-
-def _newest_deployment(
-    s: Session, tenant: str, device: str, columns: Sequence[Any], *where: ColumnElement[bool]
-) -> Row[Any] | None:
-    """The newest deployment of one device (by tenant slug and name) matching ``where``."""
-    return s.execute(
-        select(*columns)
-        .join(Device, Device.id == Deployment.device_id)
-        .join(Tenant, Tenant.id == Device.tenant_id)
-        .join(Campaign, Campaign.id == Deployment.campaign_id)
-        .where(Tenant.slug == tenant, Device.name == device, *where)
-        .order_by(Deployment.campaign_id.desc())
-        .limit(1)
-    ).first()
+    query = _with_campaign(Campaign.manifest_id.label("campaign_manifest_id")).where(*_ATTESTED_SUCCESS)
+    row = _newest(s, query, tenant, device)
+    return None if row is None else (row.campaign_id, target_of(row), row.campaign_manifest_id)
 
 
 def grant_for(s: Session, campaign_id: int, device_pk: int, *, ttl_s: int) -> Grant | None:
