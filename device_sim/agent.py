@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 import cbor2
 
 from fwcm import attestation, manifest, pki, protocol
-from fwcm.protocol import LwState, Notice, NoticeKind, Report, Result
+from fwcm.protocol import Accounting, Answer, LwState, Notice, NoticeKind, Report, Result, UsageLimits
 
 from .faults import DeviceFaults
 from .flash import DeviceState, Flash, Job, attempt_key
@@ -686,7 +686,7 @@ class DeviceAgent:
             job = existing
         else:
             job = Job(n.campaign, n.attempt, "downloading", info.sequence, digest, info.image_size)
-        job.limits = _limits(n.extra.get(protocol.NOTICE_LIMITS))
+        job.limits = _limits(n.limits)
         if n.extra.get(protocol.NOTICE_PREPARE):
             job.notice = cbor2.dumps(n.to_map()).hex()
         st.job = job
@@ -809,20 +809,19 @@ class DeviceAgent:
         """Answer an invitation as this device's owner would (the fault profile decides)."""
         if self.flash.state.is_finished(n.campaign, n.attempt):
             return
-        invitation = n.extra.get(protocol.NOTICE_INVITATION)
-        offered = invitation.get(3, {}) if isinstance(invitation, dict) else {}
+        invitation = n.invitation
+        offered = invitation.options if invitation is not None and invitation.options else {}
         answer = self.faults.consent
         if answer == "ignore":
             log.info("%s: invitation to campaign %d left unanswered", self.name, n.campaign)
             return
         if answer == "decline":
-            body = {1: False}
             self._report(
                 n.campaign,
                 n.attempt,
                 LwState.IDLE,
                 Result.DECLINED,
-                extra={protocol.REPORT_ANSWER: body},
+                extra={protocol.REPORT_ANSWER: Answer(accepted=False).to_map()},
                 finish=True,
             )
             return
@@ -834,7 +833,7 @@ class DeviceAgent:
             n.campaign,
             n.attempt,
             LwState.IDLE,
-            extra={protocol.REPORT_ANSWER: {1: True, 2: choice}},
+            extra={protocol.REPORT_ANSWER: Answer(accepted=True, choice=choice).to_map()},
             finish=True,
         )
 
@@ -863,15 +862,13 @@ class DeviceAgent:
                     self.flash.save()
 
     def _account(self, campaign: int, u: dict[str, float], kind: str, detail: str | None = None) -> None:
-        record: dict[int, object] = {1: kind, 2: int(u["uses"]), 3: int(time.time() - u["since"])}
-        if detail:
-            record[4] = detail
+        record = Accounting(kind, int(u["uses"]), int(time.time() - u["since"]), detail or None)
         self._report(
             campaign,
             int(u["attempt"]),
             LwState.IDLE,
             Result.SUCCESS,
-            extra={protocol.REPORT_ACCOUNTING: record},
+            extra={protocol.REPORT_ACCOUNTING: record.to_map()},
         )
 
     def _remove(self, campaign: int, u: dict[str, float], why: str) -> None:
@@ -1006,12 +1003,16 @@ class DeviceAgent:
             await asyncio.sleep(0.05)
 
 
-def _limits(v: object) -> dict[str, float] | None:
-    """Usage limits and accounting interval from an update notice (key 15)."""
-    if not isinstance(v, dict):
+def _limits(limits: UsageLimits | None) -> dict[str, float] | None:
+    """Usage limits and accounting interval from an update notice, as the job persists them."""
+    if limits is None:
         return None
-    names = {1: "max_uses", 2: "expires", 3: "every"}
-    out = {names[k]: float(x) for k, x in v.items() if k in names and isinstance(x, int | float) and x > 0}
+    given = {
+        "max_uses": limits.max_uses,
+        "expires": limits.expires_after_s,
+        "every": limits.accounting_every_s,
+    }
+    out = {name: float(x) for name, x in given.items() if x is not None and x > 0}
     return out or None
 
 

@@ -10,6 +10,7 @@ The package's face: each concern has its module, and every public name is handed
 * :mod:`~fwcm.protocol.fields` — bounds of every field and the bounded-decoding helpers
 * :mod:`~fwcm.protocol.framing` — COSE_Mac0 seal and unseal
 * :mod:`~fwcm.protocol.messages` — the notice and the report, their key constants and codecs
+* :mod:`~fwcm.protocol.values` — the nested maps of notices and reports as value types
 * :mod:`~fwcm.protocol.topics` — MQTT topics, CoAP paths, the payload path
 * :mod:`~fwcm.protocol.credentials` — a device's broker and observation password
 """
@@ -41,7 +42,6 @@ from fwcm.protocol.framing import (
     unseal,
 )
 from fwcm.protocol.messages import (
-    ACCOUNTING_KINDS,
     NOTICE_CREDENTIAL,
     NOTICE_INVITATION,
     NOTICE_LIMITS,
@@ -78,6 +78,7 @@ from fwcm.protocol.topics import (
     presence_topic,
     status_topic,
 )
+from fwcm.protocol.values import ACCOUNTING_KINDS, Accounting, Answer, Invitation, UsageLimits
 
 __all__ = [
     "ACCOUNTING_KINDS",
@@ -116,6 +117,9 @@ __all__ = [
     "TOPIC_PREFIX",
     "TRANSIENT_RESULTS",
     "UINT63_MAX",
+    "Accounting",
+    "Answer",
+    "Invitation",
     "LwState",
     "Notice",
     "NoticeKind",
@@ -123,6 +127,7 @@ __all__ = [
     "Report",
     "Result",
     "Sealed",
+    "UsageLimits",
     "broker_username",
     "coap_notice_path",
     "coap_status_path",

@@ -9,7 +9,7 @@ decoded (the nested maps through their value types in :mod:`fwcm.protocol.values
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +19,14 @@ from fwcm.protocol.fields import (
     FIRMWARE_NAME_BYTES,
     FIRMWARE_VERSION_BYTES,
     KEY_ID_BYTES,
-    MAX_OPTION_VALUES,
-    MAX_OPTIONS,
     NAME_RE,
     NONCE_BYTES,
     NOTICE_TEXT_BYTES,
-    OPTION_BYTES,
     SIGNED_OBJECT_BYTES,
     UINT63_MAX,
     ProtocolError,
     as_uint,
     bytes_list,
-    check_map,
     check_text,
     clip,
     opt_bytes,
@@ -38,8 +34,7 @@ from fwcm.protocol.fields import (
     uint,
 )
 from fwcm.protocol.framing import MAX_NOTICE_BYTES, seal, unseal
-
-ACCOUNTING_KINDS = ("interim", "final", "removed")
+from fwcm.protocol.values import Accounting, Answer, Invitation, UsageLimits
 
 
 class LwState(enum.IntEnum):
@@ -101,11 +96,11 @@ NOTICE_CREDENTIAL = 11
 NOTICE_REASON = 12
 """Cancel notice: why (e.g. the attestation was refused)."""
 NOTICE_INVITATION = 13
-"""Invite notice: ``{1: requester, 2: campaign name, 3: {option: [values]}, 4: deadline, 5: initiator}``."""
+"""Invite notice: the :class:`Invitation`."""
 NOTICE_PREPARE = 14
 """Update notice of a group install: download and verify, then wait for commit or abort."""
 NOTICE_LIMITS = 15
-"""Update notice: ``{1: max uses, 2: expires at, 3: accounting interval s}`` of the installed software."""
+"""Update notice: the :class:`UsageLimits` of the installed software."""
 REPORT_EVIDENCE = 10
 """Report: attestation evidence (COSE_Sign1 by the device's attestation key)."""
 REPORT_FIRMWARE_NAME = 11
@@ -113,9 +108,9 @@ REPORT_FIRMWARE_NAME = 11
 REPORT_FIRMWARE_VERSION = 12
 """Hello: the version string of the running firmware."""
 REPORT_ANSWER = 13
-"""Answer to an invitation: ``{1: accepted, 2: {option: chosen value}}``."""
+"""The :class:`Answer` to an invitation."""
 REPORT_ACCOUNTING = 14
-"""Usage of installed software: ``{1: "interim" | "final" | "removed", 2: uses, 3: seconds, 4: detail}``."""
+"""Usage of installed software: an :class:`Accounting` record."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +150,18 @@ class Notice:
             m[9] = list(self.window)
         m.update(self.extra)
         return m
+
+    @property
+    def invitation(self) -> Invitation | None:
+        """What an invite notice asks (key 13), if it says."""
+        found = self.extra.get(NOTICE_INVITATION)
+        return None if found is None else Invitation.from_map(found)
+
+    @property
+    def limits(self) -> UsageLimits | None:
+        """The usage limits of the software an update notice installs (key 15), if it has any."""
+        found = self.extra.get(NOTICE_LIMITS)
+        return None if found is None else UsageLimits.from_map(found)
 
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Notice:
@@ -228,6 +235,18 @@ class Report:
             m[9] = self.installed_sequence
         m.update(self.extra)
         return m
+
+    @property
+    def answer(self) -> Answer | None:
+        """The answer to an invitation (key 13), if the report carries one."""
+        found = self.extra.get(REPORT_ANSWER)
+        return None if found is None else Answer.from_map(found)
+
+    @property
+    def accounting(self) -> Accounting | None:
+        """The usage record (key 14), if the report carries one."""
+        found = self.extra.get(REPORT_ACCOUNTING)
+        return None if found is None else Accounting.from_map(found)
 
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Report:
@@ -321,57 +340,8 @@ def _check_firmware_version(v: Any, what: str) -> None:
     check_text(v, FIRMWARE_VERSION_BYTES, what)
 
 
-def _check_options(v: Any, what: str) -> None:
-    """``{option: value}`` of an answer: at most MAX_OPTIONS names and values of 1..OPTION_BYTES."""
-    if not isinstance(v, Mapping) or len(v) > MAX_OPTIONS:
-        raise ProtocolError("shape", f"{what} must be a map of at most {MAX_OPTIONS} options")
-    for name, value in v.items():
-        check_text(name, OPTION_BYTES, f"{what} option", 1)
-        check_text(value, OPTION_BYTES, f"{what} value", 1)
-
-
-def _check_answer(v: Any, what: str) -> None:
-    """``{1: accepted, ? 2: {option: value}}``."""
-    check_map(v, what, frozenset({1, 2}), frozenset({1}))
-    if type(v[1]) is not bool:
-        raise ProtocolError("shape", f"{what}: key 1 must be true or false")
-    if 2 in v:
-        _check_options(v[2], f"{what}: key 2")
-
-
-def _check_accounting(v: Any, what: str) -> None:
-    """``{1: kind, 2: uses, 3: seconds, ? 4: detail}``."""
-    check_map(v, what, frozenset({1, 2, 3, 4}), frozenset({1, 2, 3}))
-    if v[1] not in ACCOUNTING_KINDS or type(v[1]) is not str:
-        raise ProtocolError("shape", f"{what}: key 1 must be one of {', '.join(ACCOUNTING_KINDS)}")
-    as_uint(v[2], f"{what}: uses")
-    as_uint(v[3], f"{what}: seconds")
-    if 4 in v:
-        check_text(v[4], DETAIL_BYTES, f"{what}: detail")
-
-
 def _check_reason(v: Any, what: str) -> None:
     check_text(v, NOTICE_TEXT_BYTES, what)
-
-
-def _check_invitation(v: Any, what: str) -> None:
-    """``{1: requester, 2: campaign name, 3: {option: [values]}, 4: deadline, 5: initiator}``; a
-    receiver takes what is there."""
-    check_map(v, what, frozenset({1, 2, 3, 4, 5}))
-    for key in (1, 2, 5):
-        if key in v:
-            check_text(v[key], NOTICE_TEXT_BYTES, f"{what}: key {key}")
-    if 4 in v:
-        as_uint(v[4], f"{what}: deadline")
-    options = v.get(3, {})
-    if not isinstance(options, Mapping) or len(options) > MAX_OPTIONS:
-        raise ProtocolError("shape", f"{what}: key 3 must be a map of at most {MAX_OPTIONS} options")
-    for name, values in options.items():
-        check_text(name, OPTION_BYTES, f"{what}: option", 1)
-        if not isinstance(values, list | tuple) or not 1 <= len(values) <= MAX_OPTION_VALUES:
-            raise ProtocolError("shape", f"{what}: option {name!r} needs 1..{MAX_OPTION_VALUES} values")
-        for value in values:
-            check_text(value, OPTION_BYTES, f"{what}: value", 1)
 
 
 def _check_prepare(v: Any, what: str) -> None:
@@ -379,26 +349,19 @@ def _check_prepare(v: Any, what: str) -> None:
         raise ProtocolError("shape", f"{what} must be true")
 
 
-def _check_limits(v: Any, what: str) -> None:
-    """``{? 1: max uses, ? 2: seconds, ? 3: accounting interval}``."""
-    check_map(v, what, frozenset({1, 2, 3}))
-    for key, n in v.items():
-        as_uint(n, f"{what}: key {key}")
-
-
-_Check = tuple[Callable[[Any, str], None], str]
+_Check = tuple[Callable[[Any, str], object], str]
 _REPORT_EXTENSIONS: dict[int, _Check] = {
     REPORT_EVIDENCE: (_check_signed, "report key 10 (evidence)"),
     REPORT_FIRMWARE_NAME: (_check_firmware_name, "report key 11 (firmware name)"),
     REPORT_FIRMWARE_VERSION: (_check_firmware_version, "report key 12 (firmware version)"),
-    REPORT_ANSWER: (_check_answer, "report key 13 (answer)"),
-    REPORT_ACCOUNTING: (_check_accounting, "report key 14 (accounting)"),
+    REPORT_ANSWER: (Answer.from_map, "report key 13 (answer)"),
+    REPORT_ACCOUNTING: (Accounting.from_map, "report key 14 (accounting)"),
 }
 _NOTICE_EXTENSIONS: dict[int, _Check] = {
     NOTICE_TOKEN: (_check_signed, "notice key 10 (install token)"),
     NOTICE_CREDENTIAL: (_check_signed, "notice key 11 (credential)"),
     NOTICE_REASON: (_check_reason, "notice key 12 (reason)"),
-    NOTICE_INVITATION: (_check_invitation, "notice key 13 (invitation)"),
+    NOTICE_INVITATION: (Invitation.from_map, "notice key 13 (invitation)"),
     NOTICE_PREPARE: (_check_prepare, "notice key 14 (prepare)"),
-    NOTICE_LIMITS: (_check_limits, "notice key 15 (limits)"),
+    NOTICE_LIMITS: (UsageLimits.from_map, "notice key 15 (limits)"),
 }
