@@ -31,7 +31,7 @@ from fwcm import attestation, manifest, pki, protocol
 from fwcm.protocol import Accounting, Answer, LwState, Notice, NoticeKind, Report, Result, UsageLimits
 
 from .faults import DeviceFaults
-from .flash import DeviceState, Flash, Job, attempt_key
+from .flash import Flash, Job, PersistedState, attempt_key
 from .transports import (
     CoapLink,
     FetchError,
@@ -235,7 +235,7 @@ class DeviceAgent:
         return self.config.name
 
     @property
-    def state(self) -> DeviceState:
+    def state(self) -> PersistedState:
         return self.flash.state
 
     def stop(self) -> None:
