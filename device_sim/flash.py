@@ -74,7 +74,9 @@ class Download:
 
 
 @dataclass
-class DeviceState:
+class PersistedState:
+    """Everything the device remembers across a power cycle, kept in ``state.json``."""
+
     active: SlotName = "a"
     installed_sequence: int = 0
     slots: dict[str, SlotInfo] = field(default_factory=lambda: {s: SlotInfo() for s in SLOTS})
@@ -127,7 +129,7 @@ class DeviceState:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DeviceState:
+    def from_json(cls, data: dict[str, Any]) -> PersistedState:
         job = data.get("job")
         download = data.get("download")
         active = data.get("active", "a")
@@ -175,11 +177,11 @@ class Flash:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _load(self) -> DeviceState:
+    def _load(self) -> PersistedState:
         if not self.state_path.exists():
-            return DeviceState()
+            return PersistedState()
         with self.state_path.open("rb") as f:
-            return DeviceState.from_json(json.load(f))
+            return PersistedState.from_json(json.load(f))
 
     @property
     def exists(self) -> bool:
@@ -205,7 +207,7 @@ class Flash:
         """Factory state: ``image`` in slot A, active, at ``sequence``; slot B empty."""
         self.slot_path("a").write_bytes(image)
         self.slot_path("b").write_bytes(b"")
-        self.state = DeviceState(active="a", installed_sequence=sequence)
+        self.state = PersistedState(active="a", installed_sequence=sequence)
         self.state.slots["a"] = SlotInfo(hashlib.sha256(image).hexdigest(), len(image), sequence)
         self.save()
 

@@ -46,6 +46,11 @@ TOKEN_TTL_S = 300
 NONCE_TTL_S = 600
 """A nonce not answered within this time is stale."""
 
+_EV_NONCE, _EV_DEVICE, _EV_IMAGE, _EV_MANIFEST = 1, 2, 3, 4
+"""Claims of evidence."""
+_CR_TENANT, _CR_DEVICE, _CR_MANIFEST, _CR_IMAGE, _CR_SEQUENCE, _CR_INSTALLED_AT, _CR_CAMPAIGN = range(1, 8)
+"""Claims of an installation credential."""
+
 
 class AttestationError(ValueError):
     """Evidence, a token or a credential that must be refused; ``reason`` names why."""
@@ -122,15 +127,34 @@ def _int(claims: Mapping[int, Any], k: int) -> int:
 
 @dataclass(frozen=True)
 class Evidence:
+    """What a device attests: the server's nonce, its name, what it runs, what it is to install."""
+
     nonce: bytes
     device: str
     image_digest: bytes
     manifest_digest: bytes
 
+    def to_claims(self) -> dict[int, Any]:
+        return {
+            _EV_NONCE: self.nonce,
+            _EV_DEVICE: self.device,
+            _EV_IMAGE: self.image_digest,
+            _EV_MANIFEST: self.manifest_digest,
+        }
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[int, Any]) -> Evidence:
+        return cls(
+            _bytes(claims, _EV_NONCE),
+            _text(claims, _EV_DEVICE),
+            _bytes(claims, _EV_IMAGE),
+            _bytes(claims, _EV_MANIFEST),
+        )
+
 
 def make_evidence(key: PrivateKey, ev: Evidence) -> bytes:
     """What a device sends to prove itself before it is given an install token."""
-    return sign1(key, {1: ev.nonce, 2: ev.device, 3: ev.image_digest, 4: ev.manifest_digest})
+    return sign1(key, ev.to_claims())
 
 
 def check_evidence(
@@ -149,7 +173,7 @@ def check_evidence(
     if key is None:
         raise AttestationError("no_key", f"device {device!r} has no registered attestation key")
     claims = open_sign1(data, [key])
-    ev = Evidence(_bytes(claims, 1), _text(claims, 2), _bytes(claims, 3), _bytes(claims, 4))
+    ev = Evidence.from_claims(claims)
     if ev.device != device:
         raise AttestationError("wrong_device", f"evidence names {ev.device!r}, sent by {device!r}")
     if nonce is None:
@@ -309,13 +333,13 @@ def issue_credential(key: PrivateKey, g: Grant) -> bytes:
     return sign1(
         key,
         {
-            1: g.tenant,
-            2: g.device,
-            3: g.manifest_digest,
-            4: g.image_digest,
-            5: g.sequence,
-            6: g.installed_at,
-            7: g.campaign,
+            _CR_TENANT: g.tenant,
+            _CR_DEVICE: g.device,
+            _CR_MANIFEST: g.manifest_digest,
+            _CR_IMAGE: g.image_digest,
+            _CR_SEQUENCE: g.sequence,
+            _CR_INSTALLED_AT: g.installed_at,
+            _CR_CAMPAIGN: g.campaign,
         },
     )
 
@@ -323,13 +347,13 @@ def issue_credential(key: PrivateKey, g: Grant) -> bytes:
 def read_credential(data: bytes, keys: Iterable[PublicKey]) -> Grant:
     claims = open_sign1(data, keys)
     return Grant(
-        _text(claims, 1),
-        _text(claims, 2),
-        _bytes(claims, 3),
-        _bytes(claims, 4),
-        _int(claims, 7),
-        sequence=_int(claims, 5),
-        installed_at=_int(claims, 6),
+        _text(claims, _CR_TENANT),
+        _text(claims, _CR_DEVICE),
+        _bytes(claims, _CR_MANIFEST),
+        _bytes(claims, _CR_IMAGE),
+        _int(claims, _CR_CAMPAIGN),
+        sequence=_int(claims, _CR_SEQUENCE),
+        installed_at=_int(claims, _CR_INSTALLED_AT),
     )
 
 

@@ -75,3 +75,42 @@ async def test_burst_arrives_whole_and_only_acknowledged_reports_are_settled(bro
         await asyncio.sleep(0.3)
     finally:
         await second.stop()
+
+
+def retained_notice(url: str, tenant: str, device: str, timeout: float = 10.0) -> bytes | None:
+    """What a client subscribing now to the device's notice topic receives first."""
+    settings = MqttSettings.from_url(url)
+    got: list[bytes] = []
+    c = make_client(settings, f"late-{time.monotonic_ns()}", client_class=mqtt.Client)
+    c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    c.connect(settings.host, settings.port)
+    c.subscribe(protocol.notice_topic(tenant, device), qos=1)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got[0] if got else None
+
+
+async def test_a_notice_sent_is_retained_for_a_device_that_subscribes_later(broker: Broker) -> None:
+    """The MQTT side of the notice-sender seam: the notice is rendered at once and published
+    retained on the device's notice topic."""
+    transport = MqttTransport(broker.service_url, "fwcm-server-notices", lambda _m: None, shared=False)
+    await transport.start()
+    rendered: list[bytes] = []
+
+    def render() -> bytes:
+        rendered.append(b"sealed notice %d" % len(rendered))
+        return rendered[-1]
+
+    try:
+        assert transport.send_notice("acme", "late-1", render) is True
+        assert rendered == [b"sealed notice 0"]
+        got = await asyncio.to_thread(retained_notice, broker.service_url, "acme", "late-1")
+        assert got == b"sealed notice 0"
+    finally:
+        await transport.stop()

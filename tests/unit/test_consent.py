@@ -136,6 +136,7 @@ def test_spec_round_trip_and_peers() -> None:
         ),
         ({"deadline": "1m", "max_uses": 0}, "max_uses"),
         ({"deadline": "1m", "peers": "all"}, "peers"),
+        ({"deadline": "1m", "peers": ["s1\n"]}, "not a device name"),
         ({"deadline": "1m", "colour": "red"}, "colour"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_sim.flash import MAX_REMEMBERED_ATTEMPTS, DeviceState, Flash, Job
+from device_sim.flash import MAX_REMEMBERED_ATTEMPTS, Flash, Job, PersistedState
 
 
 def test_provision_puts_factory_image_in_active_slot_a(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_seq_increments_per_attempt_and_survives_restart(tmp_path: Path) -> None
 
 
 def test_finish_clears_matching_job_and_is_remembered() -> None:
-    s = DeviceState()
+    s = PersistedState()
     s.job = Job(7, 2, "downloading", 2, "ab" * 32, 10)
     s.finish(7, 1, 4)
     assert s.job is not None
@@ -121,7 +121,7 @@ def test_finish_clears_matching_job_and_is_remembered() -> None:
 def test_bookkeeping_stays_bounded_and_seq_never_repeats_for_recent_attempts(
     attempts: list[tuple[int, int]],
 ) -> None:
-    s = DeviceState()
+    s = PersistedState()
     last: dict[tuple[int, int], int] = {}
     hello = [s.next_seq(0, 0)]
     for c, a in attempts:
@@ -134,7 +134,7 @@ def test_bookkeeping_stays_bounded_and_seq_never_repeats_for_recent_attempts(
     assert len(s.seq) <= MAX_REMEMBERED_ATTEMPTS
     assert len(s.outcomes) <= MAX_REMEMBERED_ATTEMPTS
     assert hello == sorted(set(hello))  # the hello counter is never trimmed
-    assert DeviceState.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert PersistedState.from_json(json.loads(json.dumps(s.to_json()))) == s
 
 
 def test_state_json_matches_the_dataclass_and_round_trips(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_state_json_matches_the_dataclass_and_round_trips(tmp_path: Path) -> Non
 
     from device_sim.flash import Download, SlotInfo
 
-    st = DeviceState(active="b", installed_sequence=7, boots=3, evidence="ab")
+    st = PersistedState(active="b", installed_sequence=7, boots=3, evidence="ab")
     st.slots["a"] = SlotInfo("00" * 32, 10, 6)
     st.job = Job(5, 2, "downloading", 8, "11" * 32, 4096)
     st.job.limits = {"max_uses": 3.0}

@@ -31,10 +31,11 @@ from fwcm.protocol import NoticeKind
 from fwcm.rollout import deployment
 from fwcm.rollout.states import CampaignState
 from fwcm.server.accounts import AccountSync
-from fwcm.server.engine import Engine, Notifier
+from fwcm.server.engine import Engine
 from fwcm.server.http import uvicorn_config
 from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY, TOKENS_REFUSED
+from fwcm.server.notices import Notifier
 from fwcm.store import attestations as aq
 from fwcm.store import deadletters as dl
 from fwcm.store import deployments as dq
@@ -301,7 +302,7 @@ class Server:
         if self.enable_mqtt:
             self.mqtt = MqttTransport(self.settings.mqtt_url, self._mqtt_client_id(), self.ingest.submit)
             await self.mqtt.start()
-            self.notifier.publish_mqtt = self.mqtt.publish_notice
+            self.notifier.senders["mqtt"] = self.mqtt
         if self.enable_coap:
             self.coap = CoapTransport(
                 (self.settings.coap_host, self.settings.coap_port),
@@ -314,7 +315,7 @@ class Server:
             )
             self.coap.addresses.update(await asyncio.to_thread(self._load_coap_addresses))
             await self.coap.start()
-            self.notifier.deliver_coap = self.coap.deliver
+            self.notifier.senders["coap"] = self.coap
         if self.enable_http:
             config = uvicorn_config(self.create_api(), self.settings.http_host, self.settings.http_port)
             self._http = uvicorn.Server(config)

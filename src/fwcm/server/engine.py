@@ -17,31 +17,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from fwcm import attestation, manifest
-from fwcm.attestation import Grant
-from fwcm.manifest import PrivateKey
-from fwcm.protocol import (
-    NOTICE_CREDENTIAL,
-    NOTICE_INVITATION,
-    NOTICE_LIMITS,
-    NOTICE_PREPARE,
-    NOTICE_REASON,
-    NOTICE_TOKEN,
-    Notice,
-    NoticeKind,
-    encode_notice,
-)
+from fwcm.protocol import NoticeKind
 from fwcm.rollout import deployment, planner
 from fwcm.rollout.consent import ConsentSpec, deadline_at, group_verdict, quorum_verdict
 from fwcm.rollout.planner import CampaignView, PolicyState
 from fwcm.rollout.policy import RATE_WINDOW_S, Policy
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
+from fwcm.server.notices import Notifier
 from fwcm.store import campaigns
 from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
@@ -82,119 +70,6 @@ class _Failing:
     error: str
     retry_at: float
     delay: float
-
-
-@dataclass
-class Notifier:
-    """Builds each device's notice and routes it to the device's transport.
-
-    Update notices carry what the device needs besides the manifest: the attestation nonce, the
-    install token once the device attested, the install window, and the key ids of the tenant's
-    revoked signers, so a device learns of a revocation with its next notice.
-    """
-
-    publish_mqtt: Callable[[str, str, bytes], None] | None = None
-    deliver_coap: Callable[[str, str, Callable[[], bytes]], bool] | None = None
-    """CoAP: wake the device's observation, or push the rendered notice to its endpoint."""
-    current: dict[tuple[str, str], tuple[int, int, NoticeKind, int]] = field(default_factory=dict)
-    envelopes: dict[int, bytes] = field(default_factory=dict)
-    windows: dict[int, tuple[int, int] | None] = field(default_factory=dict)
-    """Install window per campaign (window mode "install"), carried in update notices."""
-    revoked: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
-    """Key ids of revoked signers per tenant slug."""
-    signing_key: PrivateKey | None = None
-    """Signs installation credentials."""
-    token_key: bytes | None = None
-    """MACs install tokens."""
-    invitations: dict[int, dict[int, Any]] = field(default_factory=dict)
-    """Consent campaigns: what invite notices carry (requester, name, options, deadline)."""
-    extras: dict[int, dict[int, Any]] = field(default_factory=dict)
-    """Per campaign: extension keys of its update notices (group prepare, usage limits)."""
-    _facts: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
-
-    def facts(self, manifest_id: int) -> tuple[bytes, bytes, int]:
-        """(manifest digest, image digest, sequence) of a loaded manifest."""
-        found = self._facts.get(manifest_id)
-        if found is None:
-            env = manifest.decode_envelope(self.envelopes[manifest_id])
-            found = self._facts[manifest_id] = (env.digest, env.info.image_digest, env.info.sequence)
-        return found
-
-    def grant(self, target: dq.Target, campaign: int, manifest_id: int) -> Grant:
-        digest, image, sequence = self.facts(manifest_id)
-        now = int(time.time())
-        return Grant(
-            target.tenant,
-            target.name,
-            digest,
-            image,
-            campaign,
-            expires=now + attestation.TOKEN_TTL_S,
-            sequence=sequence,
-            installed_at=now,
-        )
-
-    def build(
-        self,
-        target: dq.Target,
-        campaign: int,
-        kind: NoticeKind,
-        manifest_id: int,
-        *,
-        reason: str | None = None,
-    ) -> bytes:
-        extra: dict[int, Any] = {}
-        update = kind == NoticeKind.UPDATE
-        if update and target.attested and self.token_key is not None:
-            extra[NOTICE_TOKEN] = attestation.issue_token(
-                self.token_key, self.grant(target, campaign, manifest_id)
-            )
-        if kind == NoticeKind.CREDENTIAL and self.signing_key is not None:
-            extra[NOTICE_CREDENTIAL] = attestation.issue_credential(
-                self.signing_key, self.grant(target, campaign, manifest_id)
-            )
-        if reason is not None:
-            extra[NOTICE_REASON] = reason[:100]
-        if update:
-            extra.update(self.extras.get(campaign, {}))
-        if kind == NoticeKind.INVITE:
-            extra[NOTICE_INVITATION] = self.invitations.get(campaign, {})
-        notice = Notice(
-            kind=kind,
-            device=target.name,
-            campaign=campaign,
-            attempt=target.attempt,
-            issued=int(time.time()),
-            envelope=self.envelopes.get(manifest_id) if update else None,
-            nonce=target.nonce if update else None,
-            revoked=self.revoked.get(target.tenant, ()),
-            window=self.windows.get(campaign) if update else None,
-            extra=extra,
-        )
-        return encode_notice(target.secret, notice)
-
-    def send(
-        self,
-        target: dq.Target,
-        campaign: int,
-        kind: NoticeKind,
-        manifest_id: int,
-        *,
-        reason: str | None = None,
-    ) -> None:
-        key = (target.tenant, target.name)
-        self.current[key] = (campaign, target.attempt, kind, manifest_id)
-        if target.transport == "coap":
-            if self.deliver_coap is not None:
-                self.deliver_coap(
-                    target.tenant,
-                    target.name,
-                    lambda: self.build(target, campaign, kind, manifest_id, reason=reason),
-                )
-        elif self.publish_mqtt is not None:
-            data = self.build(target, campaign, kind, manifest_id, reason=reason)
-            self.publish_mqtt(target.tenant, target.name, data)
-        metrics.NOTICES_SENT.labels(target.transport, kind.name.lower()).inc()
 
 
 class Engine:
@@ -460,28 +335,7 @@ class Engine:
         spec = self._consents.get(c.id)
         if spec is None:
             spec = self._consents[c.id] = ConsentSpec.from_stored(c.consent)
-            self.notifier.invitations[c.id] = {
-                1: spec.requester or "",
-                2: c.name,
-                3: {k: list(v) for k, v in spec.options.items()},
-                4: int(self._deadline(c)),
-                5: spec.initiator or "",
-            }
-            extras: dict[int, Any] = {}
-            if spec.group:
-                extras[NOTICE_PREPARE] = True
-            limits = {
-                k: v
-                for k, v in (
-                    (1, spec.max_uses),
-                    (2, int(spec.expires_after_s) if spec.expires_after_s else None),
-                    (3, int(spec.accounting_every_s) if spec.accounting_every_s else None),
-                )
-                if v is not None
-            }
-            if limits:
-                extras[NOTICE_LIMITS] = limits
-            self.notifier.extras[c.id] = extras
+            self.notifier.consent_notices(c.id, c.name, spec, self._deadline(c))
         return spec
 
     def _deadline(self, c: lq.LeasedCampaign) -> float:

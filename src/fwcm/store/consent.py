@@ -13,7 +13,7 @@ from sqlalchemy import Table, and_, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fwcm.protocol import ACCOUNTING_KINDS, REPORT_ACCOUNTING, REPORT_ANSWER, Result
+from fwcm.protocol import Answer, Result
 from fwcm.rollout.consent import ConsentSpec, Group, Tally
 from fwcm.rollout.states import CampaignState, DeviceState
 from fwcm.store.db import utcnow
@@ -205,8 +205,7 @@ def apply_answers(s: Session, batch: Sequence[Verified], specs: Mapping[int, Ans
         ctx = specs.get(v.report.campaign)
         if row is None or ctx is None or row[3] != v.report.attempt or v.report.seq <= row[4]:
             continue
-        answer = v.report.extra.get(REPORT_ANSWER)
-        accepted, choice = _read_answer(answer)
+        accepted, choice = _read_answer(v.report.answer)
         values: dict[str, object] = {"last_seq": v.report.seq, "updated_at": now}
         problem = ctx.spec.check_choice(choice) if accepted else None
         manifest = (
@@ -246,13 +245,10 @@ def apply_answers(s: Session, batch: Sequence[Verified], specs: Mapping[int, Ans
     return changed
 
 
-def _read_answer(answer: Any) -> tuple[bool, dict[str, str]]:
-    if not isinstance(answer, Mapping):
+def _read_answer(answer: Answer | None) -> tuple[bool, dict[str, str]]:
+    if answer is None:
         return False, {}
-    accepted = answer.get(1) is True
-    raw = answer.get(2, {})
-    choice = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
-    return accepted, choice
+    return answer.accepted, dict(answer.choice or {})
 
 
 def _choice_text(choice: Mapping[str, str]) -> str:
@@ -264,13 +260,9 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
     now = utcnow()
     rows = []
     for v in batch:
-        acct = v.report.extra.get(REPORT_ACCOUNTING)
-        if not isinstance(acct, Mapping):
+        acct = v.report.accounting
+        if acct is None:
             continue
-        kind = acct.get(1)
-        if kind not in ACCOUNTING_KINDS:
-            continue
-        detail = acct.get(4)
         rows.append(
             {
                 "tenant_id": v.key.tenant_id,
@@ -279,10 +271,10 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
                 "attempt": v.report.attempt,
                 "seq": v.report.seq,
                 "at": now,
-                "kind": kind,
-                "uses": _nonneg(acct.get(2)),
-                "seconds": _nonneg(acct.get(3)),
-                "detail": detail[:200] if isinstance(detail, str) else None,
+                "kind": acct.kind,
+                "uses": acct.uses,
+                "seconds": acct.seconds,
+                "detail": acct.detail,
             }
         )
     if not rows:
@@ -300,17 +292,13 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
     removed = [
         {"d": v.key.device_pk, "sq": v.report.installed_sequence}
         for v in batch
-        if isinstance(acct := v.report.extra.get(REPORT_ACCOUNTING), Mapping)
-        and acct.get(1) == "removed"
+        if (acct := v.report.accounting) is not None
+        and acct.kind == "removed"
         and v.report.installed_sequence is not None
     ]
     for r in removed:  # the software is gone again: the device runs its previous image
         s.execute(update(Device).where(Device.id == r["d"]).values(sequence=r["sq"]))
     return len(rows)
-
-
-def _nonneg(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def accounting_report(s: Session, tenant_id: int, campaign_id: int) -> list[dict[str, Any]]:

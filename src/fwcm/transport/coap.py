@@ -30,6 +30,7 @@ from aiocoap.transports import udp6
 from fwcm import protocol
 from fwcm.protocol import ProtocolError
 from fwcm.transport.inbound import Inbound
+from fwcm.transport.notices import NoticeSender, Render
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class PayloadResource(resource.Resource, resource.PathCapable):
         return msg
 
 
-class CoapTransport:
+class CoapTransport(NoticeSender):
     """Serves the CoAP resources on one UDP socket, and pushes notices to devices' endpoints."""
 
     def __init__(
@@ -292,9 +293,10 @@ class CoapTransport:
             self.addresses[(tenant, device)] = address
             self._observed(tenant, device, address)
 
-    def deliver(self, tenant: str, device: str, render: Callable[[], bytes]) -> bool:
-        """Tell a device its notice changed: through its observation, else by pushing the notice
-        (``render()``) to the endpoint it last observed from. False if neither is possible."""
+    def send_notice(self, tenant: str, device: str, render: Render) -> bool:
+        """Tell a device its notice changed: through its observation (the device reads the notice
+        resource again), else by pushing the notice (``render()``) to the endpoint it last
+        observed from. False if neither is possible."""
         if self.notices.notify(tenant, device):
             return True
         address = self.addresses.get((tenant, device))

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 
 from fwcm import protocol
 from fwcm.transport.inbound import Inbound
+from fwcm.transport.notices import NoticeSender, Render
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def make_client(
     return client
 
 
-class MqttTransport:
+class MqttTransport(NoticeSender):
     """Publishes notices and receives status reports and presence for the server."""
 
     def __init__(
@@ -342,9 +343,11 @@ class MqttTransport:
 
     # -- outbound -------------------------------------------------------------------------------
 
-    def publish_notice(self, tenant: str, device: str, payload: bytes) -> None:
-        """Retained QoS 1: a device that subscribes later still receives its current notice."""
-        self.client.publish(protocol.notice_topic(tenant, device), payload, qos=1, retain=True)
+    def send_notice(self, tenant: str, device: str, render: Render) -> bool:
+        """Publish the notice retained with QoS 1: a device that subscribes later (or is offline
+        now) still receives its current notice."""
+        self.client.publish(protocol.notice_topic(tenant, device), render(), qos=1, retain=True)
+        return True
 
     def clear_notice(self, tenant: str, device: str) -> None:
         self.client.publish(protocol.notice_topic(tenant, device), b"", qos=1, retain=True)

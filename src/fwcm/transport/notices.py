@@ -1,0 +1,29 @@
+"""The contract every device transport implements to carry notices to devices.
+
+The server builds each device's notice (:class:`fwcm.server.notices.Notifier`) and hands it to the
+sender of the device's transport; the sender only carries it. MQTT publishes the notice retained
+on the device's notice topic; CoAP wakes the device's observation, or pushes the notice to the
+endpoint the device last observed from. A further transport (LwM2M) implements the same method.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+Render = Callable[[], bytes]
+"""Seals the device's notice as it stands when called."""
+
+
+class NoticeSender(abc.ABC):
+    """Carries notices to the devices of one transport."""
+
+    @abc.abstractmethod
+    def send_notice(self, tenant: str, device: str, render: Render) -> bool:
+        """Tell ``tenant/device`` that its notice changed.
+
+        A sender that delivers the notice itself calls ``render()`` at once; one whose device
+        reads its notice when woken may never call it (the device gets it from the resource it
+        observes). Returns False when the device cannot be reached now: it reads its notice when
+        it comes back.
+        """
