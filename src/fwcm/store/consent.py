@@ -49,7 +49,7 @@ def take_for_invite(s: Session, campaign_id: int, limit: int = 1000) -> list[Tar
         update(Deployment)
         .where(
             Deployment.campaign_id == campaign_id,
-            Deployment.device_id.in_([r[0] for r in rows]),
+            Deployment.device_id.in_([r.device_id for r in rows]),
             Deployment.state == DeviceState.PENDING.value,
         )
         .values(state=DeviceState.INVITED.value, attempt=1, last_seq=-1, notified_at=now, updated_at=now)
@@ -197,19 +197,19 @@ def apply_answers(s: Session, batch: Sequence[Verified], specs: Mapping[int, Ans
             Deployment.device_id.in_({d for _, d in pairs}),
         )
     ).all()
-    current = {(r[0], r[1]): r for r in rows}
+    current = {(r.campaign_id, r.device_id): r for r in rows}
     changed: set[int] = set()
     for v in sorted(batch, key=lambda v: v.report.seq):
         key = (v.report.campaign, v.key.device_pk)
         row = current.pop(key, None)
         ctx = specs.get(v.report.campaign)
-        if row is None or ctx is None or row[3] != v.report.attempt or v.report.seq <= row[4]:
+        if row is None or ctx is None or row.attempt != v.report.attempt or v.report.seq <= row.last_seq:
             continue
         accepted, choice = _read_answer(v.report.answer)
         values: dict[str, object] = {"last_seq": v.report.seq, "updated_at": now}
         problem = ctx.spec.check_choice(choice) if accepted else None
         manifest = (
-            ctx.spec.manifest_for(choice, row[5], ctx.manifest_id) if accepted and not problem else None
+            ctx.spec.manifest_for(choice, row.class_id, ctx.manifest_id) if accepted and not problem else None
         )
         if accepted and problem is None and manifest is not None:
             values.update(state=DeviceState.PENDING.value, choice=choice, manifest_id=manifest, detail=None)
@@ -341,15 +341,15 @@ def accounting_report(s: Session, tenant_id: int, campaign_id: int) -> list[dict
     ).all()
     return [
         {
-            "device": r[0],
-            "uses": r[1],
-            "seconds": r[2],
-            "last_report_at": r[3],
-            "last_kind": r[4],
-            "ended": r[7] is not None,
-            "removed": r[4] == "removed",
-            "detail": r[5],
-            "records": r[6],
+            "device": r.name,
+            "uses": r.uses,
+            "seconds": r.seconds,
+            "last_report_at": r.at,
+            "last_kind": r.kind,
+            "ended": r.end_id is not None,
+            "removed": r.kind == "removed",
+            "detail": r.detail,
+            "records": r.records,
         }
         for r in rows
     ]
