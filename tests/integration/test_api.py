@@ -77,6 +77,14 @@ def test_openapi_and_docs_served(api: Any) -> None:
     assert api.anonymous().get("/api/v1/docs").status_code == 200
 
 
+def test_openapi_operation_ids_are_unique(api: Any) -> None:
+    spec = api.anonymous().get("/api/v1/openapi.json").json()
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert sorted({i for i in ids if ids.count(i) > 1}) == []
+    for path in ("/p/{sha256}", "/api/v1/payloads/{sha256}/content"):  # HEAD is documented beside GET
+        assert {"get", "head"} <= spec["paths"][path].keys()
+
+
 def test_unknown_route_is_json_404(api: Any) -> None:
     r = api.client.get("/api/v1/nothing-here")
     assert r.status_code == 404 and r.json() == {"detail": "Not Found"}

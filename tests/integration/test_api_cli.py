@@ -18,23 +18,23 @@ import uvicorn
 from typer.testing import CliRunner
 
 from fwcm import manifest, protocol
-from fwcm.cli import resources
+from fwcm.cli import account, campaigns, devices, images, signers
 from fwcm.store import deadletters, tenants
 
 VENDOR = manifest.vendor_id_for_domain("example.com")
 CLASS_A = manifest.class_id_for(VENDOR, "sensor-a")
 
 cli = typer.Typer()
-cli.add_typer(resources.payload_app, name="payload")
-cli.add_typer(resources.signer_app, name="signer")
-cli.add_typer(resources.device_app, name="device")
-cli.add_typer(resources.campaign_app, name="campaign")
+cli.add_typer(images.payload_app, name="payload")
+cli.add_typer(signers.signer_app, name="signer")
+cli.add_typer(devices.device_app, name="device")
+cli.add_typer(campaigns.campaign_app, name="campaign")
 manifest_app = typer.Typer()
-manifest_app.command("upload")(resources.manifest_upload)
-manifest_app.command("list")(resources.manifest_list)
+manifest_app.command("upload")(images.manifest_upload)
+manifest_app.command("list")(images.manifest_list)
 cli.add_typer(manifest_app, name="manifest")
-cli.command("login")(resources.login)
-cli.command("whoami")(resources.whoami)
+cli.command("login")(account.login)
+cli.command("whoami")(account.whoami)
 runner = CliRunner()
 
 

@@ -1,7 +1,7 @@
 """Client commands for claim-once ownership.
 
 ``fwcm factory register|list|make-batch`` for manufacturers, and ``fwcm device
-claim|release|transfer|outdated`` for fleet tenants (registered on ``resources.device_app`` by
+claim|release|transfer|outdated`` for fleet tenants (registered on ``devices.device_app`` by
 ``fwcm.cli.main``).  Like every client command: ``--json`` for scripts, one ``error:`` line and
 exit code 1 on failure.
 """
@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from fwcm import inventory
-from fwcm.cli.resources import JsonOpt, _fail, _parse_tags, _print_json, _short, _table, api
+from fwcm.cli.common import JsonOpt, api, fail, parse_tags, print_json, print_table, short
 
 factory_app = typer.Typer(
     help="Manufacturers: register devices for fleet tenants to claim.", no_args_is_help=True
@@ -39,7 +39,7 @@ def factory_register(
     with api() as client:
         result = client.upload("/factory/devices", file, content_type)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(f"registered {result['registered']} devices")
 
@@ -58,10 +58,10 @@ def factory_list(
         flag = None if claimed is None else str(claimed).lower()
         page = client.get("/factory/devices", claimed=flag, limit=limit, offset=offset)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     items = page["items"]
-    _table(
+    print_table(
         f"factory devices {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
         ["serial", "hardware id", "class", "version", "sequence", "claimed", "claimed at"],
         [
@@ -72,7 +72,7 @@ def factory_list(
                 f["firmware_version"],
                 f["sequence"],
                 "yes" if f["claimed"] else "no",
-                _short(f["claimed_at"]),
+                short(f["claimed_at"]),
             ]
             for f in items
         ],
@@ -106,11 +106,11 @@ def factory_make_batch(
         )
         paths = inventory.write_batch(units, out)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except OSError as exc:
-        raise _fail(f"cannot write batch to {out}: {exc.strerror or exc}") from None
+        raise fail(f"cannot write batch to {out}: {exc.strerror or exc}") from None
     if as_json:
-        _print_json(
+        print_json(
             {
                 "count": len(units),
                 "factory_csv": str(paths["factory"]),
@@ -144,13 +144,13 @@ def device_claim(
         "serial": serial,
         "claim_code": claim_code,
         "name": name,
-        "tags": _parse_tags(tag or []),
+        "tags": parse_tags(tag or []),
         "transport": transport,
     }
     with api() as client:
         d = client.post("/devices/claim", body)
     if as_json:
-        _print_json(d)
+        print_json(d)
     else:
         typer.echo(f"claimed {d['serial']} as device {d['name']} of tenant {d['tenant']}")
 
@@ -160,7 +160,7 @@ def device_release(name: Annotated[str, typer.Argument(metavar="NAME")], as_json
     with api() as client:
         r = client.post(f"/devices/{name}/release")
     if as_json:
-        _print_json(r)
+        print_json(r)
     else:
         typer.echo(f"released device {name} (serial {r['serial']})")
 
@@ -177,7 +177,7 @@ def device_transfer(
     with api() as client:
         d = client.post(f"/devices/{name}/transfer", {"to": to, "name": new_name})
     if as_json:
-        _print_json(d)
+        print_json(d)
     else:
         typer.echo(f"device {name} (serial {d['serial']}) now belongs to {d['tenant']} as {d['name']}")
 
@@ -192,9 +192,9 @@ def device_outdated(
     with api() as client:
         page = client.get("/devices/outdated", filter=filter or None, limit=limit, offset=offset)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
-    _table(
+    print_table(
         f"{page['total']} outdated devices",
         ["device", "version", "sequence", "firmware", "newest manifest", "newest sequence", "newest name"],
         [

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fwcm.cli import inventory, keys, manifest, pki, resources, watch
+from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
 from fwcm.cli.demo import demo
 from fwcm.runtime import setup_logging, tune_gc
 
@@ -23,21 +23,21 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys", help="Signing keys.")
 app.add_typer(pki.app, name="pki", help="Certificates: operator root, tenant CAs, signers.")
-manifest.app.command("upload", help="Upload a signed manifest to the server.")(resources.manifest_upload)
-manifest.app.command("list", help="List the tenant's manifests.")(resources.manifest_list)
+manifest.app.command("upload", help="Upload a signed manifest to the server.")(images.manifest_upload)
+manifest.app.command("list", help="List the tenant's manifests.")(images.manifest_list)
 app.add_typer(manifest.app, name="manifest", help="SUIT manifests: create, inspect, verify, upload.")
-app.add_typer(resources.payload_app, name="payload", help="Firmware payloads on the server.")
-app.add_typer(resources.signer_app, name="signer", help="Public keys the tenant trusts.")
-resources.device_app.command("claim")(inventory.device_claim)
-resources.device_app.command("release")(inventory.device_release)
-resources.device_app.command("transfer")(inventory.device_transfer)
-resources.device_app.command("outdated")(inventory.device_outdated)
-app.add_typer(resources.device_app, name="device", help="Devices of the tenant.")
+app.add_typer(images.payload_app, name="payload", help="Firmware payloads on the server.")
+app.add_typer(signers.signer_app, name="signer", help="Public keys the tenant trusts.")
+devices.device_app.command("claim")(inventory.device_claim)
+devices.device_app.command("release")(inventory.device_release)
+devices.device_app.command("transfer")(inventory.device_transfer)
+devices.device_app.command("outdated")(inventory.device_outdated)
+app.add_typer(devices.device_app, name="device", help="Devices of the tenant.")
 app.add_typer(inventory.factory_app, name="factory", help="Manufacturers: devices for fleets to claim.")
-resources.campaign_app.command("watch")(watch.watch)
-app.add_typer(resources.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
-app.add_typer(resources.accounting_app, name="accounting", help="Usage reported by installed software.")
-app.command("login", help="Store the server URL and API key in the config file.")(resources.login)
+campaigns.campaign_app.command("watch")(watch.watch)
+app.add_typer(campaigns.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
+app.add_typer(campaigns.accounting_app, name="accounting", help="Usage reported by installed software.")
+app.command("login", help="Store the server URL and API key in the config file.")(account.login)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 
 admin_app = typer.Typer(help="Server-side administration (runs against the database directly).")

@@ -13,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fwcm.cli.resources import api
+from fwcm.cli.common import api
 
 FINAL = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
 IN_FLIGHT = ("notified", "downloading", "downloaded", "installing")

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from fwcm.api import schemas as sc
-from fwcm.api.app import PREFIX, TenantCtx, fleet_tenant
+from fwcm.api.deps import Tenant, router
 from fwcm.store import deadletters as dl
 from fwcm.store.db import Database
 from fwcm.store.models import DeadLetter
-
-Fleet = Annotated[TenantCtx, Depends(fleet_tenant)]
 
 
 class DeadLetterOut(BaseModel):
@@ -52,12 +49,11 @@ class DeadLetterPage(BaseModel):
 
 
 def create_router(db: Database) -> APIRouter:
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": sc.ErrorOut} for code in (401, 403, 422)}
-    api = APIRouter(prefix=PREFIX, responses=errors)
+    api = router(401, 403, 422)
 
     @api.get("/dead-letters", response_model=DeadLetterPage, tags=["devices"])
     def dead_letters(
-        t: Fleet,
+        t: Tenant,
         device: Annotated[str | None, Query(max_length=64, description="Only this device's")] = None,
         limit: Annotated[int, Query(ge=1, le=dl.PER_TENANT)] = 100,
         offset: Annotated[int, Query(ge=0, le=dl.PER_TENANT)] = 0,

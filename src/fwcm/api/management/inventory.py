@@ -1,7 +1,7 @@
 """Claim-once ownership routes: factory registration (manufacturers) and claim, release, transfer,
 outdated devices (fleet tenants).
 
-Included by ``create_app`` before the main router, so ``GET /devices/outdated`` wins over
+Included by ``create_app`` before the device router, so ``GET /devices/outdated`` wins over
 ``GET /devices/{name}`` (a device literally named ``outdated`` is still listed, but not readable by
 name).  A manufacturer tenant gets 403 on the fleet routes here and a fleet tenant 403 on the
 factory routes.
@@ -13,32 +13,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from fwcm.api import schemas as sc
-from fwcm.api.app import PREFIX, ApiError, TenantCtx, _read_body, current_tenant, fleet_tenant
+from fwcm.api.deps import Maker, Tenant, read_body, router
 from fwcm.config import Settings
 from fwcm.inventory import parse_factory_body
 from fwcm.store import factory
 from fwcm.store.db import Database
 from fwcm.store.models import Device, FactoryDevice
-
-MANUFACTURER = "manufacturer"
-FACTORY_ONLY = "only manufacturer tenants can register or list factory devices"
-
-
-def manufacturer_tenant(t: Annotated[TenantCtx, Depends(current_tenant)]) -> TenantCtx:
-    """The calling tenant, which must be a manufacturer (403 for a fleet tenant)."""
-    if t.kind != MANUFACTURER:
-        raise ApiError(403, FACTORY_ONLY)
-    return t
-
-
-Fleet = Annotated[TenantCtx, Depends(fleet_tenant)]
-Maker = Annotated[TenantCtx, Depends(manufacturer_tenant)]
-
 
 # -- schemas ----------------------------------------------------------------------------------
 
@@ -161,10 +146,7 @@ class OutdatedPage(BaseModel):
 
 def create_router(db: Database, settings: Settings, devices_changed: Callable[[], None]) -> APIRouter:
     """The routes; ``devices_changed`` is called after a claim, release or transfer committed."""
-    errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": sc.ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)
-    }
-    api = APIRouter(prefix=PREFIX, responses=errors)
+    api = router(400, 401, 403, 404, 409, 413, 422)
     item_schema = FactoryDeviceIn.model_json_schema()
 
     @api.post(
@@ -192,7 +174,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         batch with every problem listed (``line N`` / ``item N``); a serial registered before
         (by anyone) answers 409.
         """
-        data = await _read_body(request, settings.max_import_bytes, "factory upload")
+        data = await read_body(request, settings.max_import_bytes, "factory upload")
         content_type = request.headers.get("content-type", "text/csv")
 
         def run() -> FactoryImportOut:
@@ -218,7 +200,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
             )
 
     @api.post("/devices/claim", response_model=OwnedDeviceOut, status_code=201, tags=["devices"])
-    def claim_device(body: ClaimIn, t: Fleet) -> OwnedDeviceOut:
+    def claim_device(body: ClaimIn, t: Tenant) -> OwnedDeviceOut:
         """Claim a manufacturer's device with its serial and the claim code from the box.
 
         404 when no unclaimed device has this serial and code (a wrong serial and a wrong code look
@@ -234,7 +216,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
 
     @api.get("/devices/outdated", response_model=OutdatedPage, tags=["devices"])
     def outdated_devices(
-        t: Fleet,
+        t: Tenant,
         filter: Annotated[str, Query(description="Device filter, as for GET /devices")] = "",
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
         offset: sc.Offset = 0,
@@ -247,7 +229,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
             )
 
     @api.post("/devices/{name}/release", response_model=ReleaseOut, tags=["devices"])
-    def release_device(name: str, t: Fleet) -> ReleaseOut:
+    def release_device(name: str, t: Tenant) -> ReleaseOut:
         """Give up a claimed device: it leaves the tenant and its claim code works again.
 
         409 while it is in a campaign that has not finished, or when it was registered directly.
@@ -259,7 +241,7 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
         return out
 
     @api.post("/devices/{name}/transfer", response_model=OwnedDeviceOut, tags=["devices"])
-    def transfer_device(name: str, body: TransferIn, t: Fleet) -> OwnedDeviceOut:
+    def transfer_device(name: str, body: TransferIn, t: Tenant) -> OwnedDeviceOut:
         """Move a claimed device to another fleet tenant in one step (same restrictions as release).
 
         The answer (to the giving tenant) holds no MQTT password: the device derives the one for its
