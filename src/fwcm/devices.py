@@ -328,3 +328,52 @@ def parse_devices_csv(text: str, max_errors: int = MAX_IMPORT_ERRORS) -> list[Ne
         out.append(dev)
     problems.raise_any()
     return out
+
+
+# -- changes to a device ------------------------------------------------------------------------
+
+
+MAX_TAG_CHANGES = 100
+"""Tags one update or retag may set or remove."""
+
+
+@dataclass(frozen=True)
+class TagChanges:
+    """Tags to set (key → text) and to remove, checked."""
+
+    set: dict[str, str]
+    unset: frozenset[str]
+
+    def apply(self, tags: dict[str, Any] | None) -> dict[str, str]:
+        """The tags a device has after this change."""
+        out = {k: str(v) for k, v in (tags or {}).items() if k not in self.unset}
+        out.update(self.set)
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.unset)
+
+
+def check_tag_changes(value: Any) -> TagChanges:
+    """A JSON merge patch of tags (RFC 7396): ``{"ring": "canary", "old": null}`` sets ``ring`` and
+    removes ``old``; Invalid naming the first bad key or value."""
+    if value is None:
+        return TagChanges({}, frozenset())
+    if not isinstance(value, dict):
+        raise Invalid("tags must be an object of key → value (null removes the tag)")
+    if len(value) > MAX_TAG_CHANGES:
+        raise Invalid(f"at most {MAX_TAG_CHANGES} tags can change at once, got {len(value)}")
+    unset = frozenset(k for k, v in value.items() if v is None)
+    for k in unset:
+        if not isinstance(k, str) or not filters.TAG_KEY_RE.match(k):
+            raise Invalid(f"tag key {k!r} is not valid: 1-64 of letters, digits, '_' or '-'")
+    return TagChanges(check_tags({k: v for k, v in value.items() if v is not None}), unset)
+
+
+def check_attributes(fields: dict[str, Any]) -> dict[str, str | None]:
+    """The attributes an update may change (``version``, ``hardware_id``), checked; None clears one."""
+    limits = {"version": 64, "hardware_id": 128}
+    unknown = sorted(set(fields) - limits.keys())
+    if unknown:
+        raise Invalid(f"cannot change {', '.join(unknown)}; only tags, version and hardware_id")
+    return {k: optional_text(v, k, limits[k]) for k, v in fields.items()}

@@ -253,3 +253,24 @@ def test_dead_letters_through_the_cli(env: dict[str, str], api: Any) -> None:
     assert [d["device"] for d in ok_json("device", "dead-letters", "--device", "d1")["items"]] == ["d1"]
     code, out, err = run("device", "dead-letters")
     assert code == 0 and "2 dead letters" in out and "DataError: too long" in out, err
+
+
+def test_day_two_commands(env: dict[str, str]) -> None:
+    for name, region in (("n1", "eu"), ("n2", "eu"), ("n3", "us")):
+        ok_json(
+            "device", "add", name, "--vendor-id", VENDOR, "--class-id", CLASS_A, "--tag", f"region={region}"
+        )
+    d = ok_json("device", "update", "n1", "--tag", "ring=canary", "--untag", "region", "--version", "2.0")
+    assert (d["tags"], d["version"]) == ({"ring": "canary"}, "2.0")
+    assert ok_json("device", "retag", "--filter", 'tag.region == "eu"', "--tag", "site=a") == {"matched": 1}
+    assert ok_json("device", "show", "n2")["tags"] == {"region": "eu", "site": "a"}
+    assert "nothing to change" in one_error("device", "update", "n1")
+    assert "in service" in one_error("device", "delete", "n2")
+    assert ok_json("device", "decommission", "n2")["withdrawn"] == 0
+    code, out, err = run("device", "delete", "n2")
+    assert code == 0 and "deleted" in out, err
+    code, out, err = run("device", "delete", "n3", "--force")
+    assert code == 0, err
+    assert [x["name"] for x in ok_json("device", "list")["items"]] == ["n1"]
+    assert ok_json("device", "events", "n1") == []
+    assert "--failed" in one_error("campaign", "retry", "1")

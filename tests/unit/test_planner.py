@@ -152,3 +152,20 @@ def test_the_first_look_seeds_the_rate_window_from_recent_notifications() -> Non
     assert step.decision.notify <= 1
     fresh = planner.plan(policy, campaign.snapshot(), PolicyState(), 1060.0)
     assert fresh.decision.notify > step.decision.notify
+
+
+def test_a_stopped_campaign_resumed_after_review_does_not_stop_again_for_the_same_failures() -> None:
+    from fwcm.rollout.planner import review
+
+    policy = Policy.from_dict({"error_threshold": "10%", "on_error": "stop"})
+    rows = [(0, "failed", 3), (0, "succeeded", 5), (0, "pending", 12)]
+    view = CampaignView.from_rows("running", 0, rows)
+    assert planner.decide(policy, view, PolicyState(), 0.0).transition is not None  # as before
+    memory = PolicyState()
+    memory.accept_review(review(rows, 0))
+    assert planner.decide(policy, view, memory, 0.0).transition is None
+    worse = CampaignView.from_rows("running", 0, [(0, "failed", 4), (0, "succeeded", 5), (0, "pending", 11)])
+    assert planner.decide(policy, worse, memory, 0.0).transition == (
+        CampaignState.STOPPED,
+        "error threshold of phase 1 crossed: 4 of 9 devices failed (44.4% >= 10%)",
+    )

@@ -31,6 +31,10 @@ class Hooks(Protocol):
         """Devices were added, removed or renamed: call after any such change is committed (the
         broker accounts follow)."""
 
+    def devices_withdrawn(self, tenant: str, names: list[str]) -> None:
+        """Devices were decommissioned or deleted (committed): their notices, cached keys and
+        broker accounts go."""
+
 
 class Notify:
     """Tells the server (``Hooks``) what a request changed, after it committed.
@@ -55,6 +59,13 @@ class Notify:
                 self.hooks.devices_changed()
             except Exception:
                 log.exception("devices_changed hook failed")
+
+    def devices_withdrawn(self, tenant: str, names: list[str]) -> None:
+        if self.hooks is not None:
+            try:
+                self.hooks.devices_withdrawn(tenant, names)
+            except Exception:
+                log.exception("devices_withdrawn hook failed for %d devices of %s", len(names), tenant)
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,9 @@ class DeviceOut(BaseModel):
     last_seen: datetime | None
     created_at: datetime | None
     firmware_name: str | None = Field(None, description="What the device said it runs (its hello).")
+    decommissioned_at: datetime | None = Field(
+        None, description="When it was taken out of service (None: in service)."
+    )
     attestation_key: bool = Field(False, description="An attestation key is registered.")
     secret: str | None = Field(None, description="Only in the answer to the request that created it.")
     mqtt_username: str | None = Field(None, description="MQTT username, with the password.")
@@ -187,10 +190,41 @@ class DeviceOut(BaseModel):
             last_seen=d.last_seen,
             created_at=d.created_at,
             firmware_name=d.firmware_name,
+            decommissioned_at=d.decommissioned_at,
             attestation_key=d.attest_key_pem is not None,
             secret=secret.hex() if secret is not None else None,
             **mqtt,
         )
+
+
+TagPatch = dict[str, StrictStr | BodyInt | None]
+"""A JSON merge patch of tags: a value sets the tag, null removes it."""
+
+
+class DeviceUpdate(BaseModel):
+    """What ``PATCH /devices/{name}`` changes; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+    tags: TagPatch | None = Field(
+        None, description='Merged: {"ring": "canary", "old": null} sets ring and removes old.'
+    )
+    version: str | None = Field(None, description="Installed firmware version label; null clears it.")
+    hardware_id: str | None = Field(None, description="Null clears it.")
+
+
+class RetagIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str = Field(description='The devices to change, e.g. tag.region == "eu"; "" is every device.')
+    tags: TagPatch = Field(description="Merged into each device's tags; null removes a tag.")
+
+
+class RetagOut(BaseModel):
+    matched: int = Field(description="Devices the filter selected (each got the change).")
+
+
+class DecommissionOut(BaseModel):
+    device: DeviceOut
+    withdrawn: int = Field(description="Deployments in live campaigns withdrawn (now cancelled).")
 
 
 def credentials(secret: bytes, tenant: str, device: str) -> dict[str, str]:
@@ -251,6 +285,11 @@ class CampaignIn(BaseModel):
     consent: dict[str, Any] | None = Field(
         None, description="Consent campaign: deadline, quorum, options, variants, group, limits, peers."
     )
+
+
+class CloneIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description='The clone\'s name; default "<name> (copy)".')
 
 
 class CampaignOut(BaseModel):
@@ -370,3 +409,8 @@ class CampaignEventOut(BaseModel):
     @classmethod
     def of(cls, e: CampaignEvent) -> CampaignEventOut:
         return cls(at=e.at, state=e.state, reason=e.reason)
+
+
+class RetryOut(BaseModel):
+    campaign: CampaignOut
+    retried: int = Field(description="Failed and timed-out devices given a new attempt.")

@@ -160,7 +160,55 @@ campaign_start = campaign_app.command("start")(
 campaign_pause = campaign_app.command("pause")(
     _action("pause", "Stop new notices; devices in progress finish.")
 )
-campaign_resume = campaign_app.command("resume")(_action("resume", "Continue a paused campaign."))
+campaign_resume = campaign_app.command("resume")(
+    _action(
+        "resume",
+        "Continue a paused campaign, or a stopped one after review (the failures that stopped it "
+        "are accepted; later ones count again).",
+    )
+)
+
+
+@campaign_app.command("clone")
+def campaign_clone(
+    campaign_id: Annotated[int, typer.Argument(metavar="ID")],
+    name: Annotated[str | None, typer.Option(help='Name of the new draft (default "<name> (copy)")')] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new draft with the same manifest, filter and policy."""
+    with api() as client:
+        c = client.post(f"/campaigns/{campaign_id}/clone", {"name": name} if name else {})
+    if as_json:
+        print_json(c)
+    else:
+        typer.echo(f"campaign {c['id']} ({c['name']}) created as a draft from campaign {campaign_id}")
+
+
+@campaign_app.command("retry")
+def campaign_retry(
+    campaign_id: Annotated[int, typer.Argument(metavar="ID")],
+    failed: Annotated[bool, typer.Option("--failed", help="The failed and timed-out devices")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new attempt for the failed and timed-out devices (--failed) of a running or ended campaign."""
+    if not failed:
+        raise fail("say which devices to retry: --failed (failed and timed-out devices)")
+    with api() as client:
+        out = client.post(f"/campaigns/{campaign_id}/retry")
+    if as_json:
+        print_json(out)
+    else:
+        typer.echo(f"campaign {campaign_id} {out['campaign']['state']}: {out['retried']} devices retried")
+
+
+@campaign_app.command("delete")
+def campaign_delete(campaign_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+    """Delete a draft or an ended campaign with its deployments and events."""
+    with api() as client:
+        client.delete(f"/campaigns/{campaign_id}")
+    typer.echo(f"campaign {campaign_id} deleted")
+
+
 campaign_cancel = campaign_app.command("cancel")(
     _action("cancel", "Withdraw the update from devices that have not started installing.")
 )

@@ -148,6 +148,12 @@ class ApiClient:
             kwargs["json"] = json_body
         return self.request("POST", path, **kwargs).json()
 
+    def patch(self, path: str, json_body: Any) -> Any:
+        return self.request("PATCH", path, json=json_body).json()
+
+    def delete(self, path: str, **params: Any) -> None:
+        self.request("DELETE", path, params={k: v for k, v in params.items() if v is not None})
+
     def upload(self, path: str, file: Path, content_type: str, **params: Any) -> Any:
         """POST a file as the raw body, streamed in chunks."""
         try:

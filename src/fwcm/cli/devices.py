@@ -1,4 +1,5 @@
-"""``fwcm device add|import|list|show|dead-letters``: devices registered directly with a tenant.
+"""``fwcm device add|import|list|show|update|retag|decommission|delete|events|dead-letters``:
+devices registered directly with a tenant.
 
 Claimed devices (``claim``, ``release``, ``transfer``, ``outdated``) are in ``fwcm.cli.inventory``,
 added to ``device_app`` by ``fwcm.cli.main``.
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fwcm.cli.common import JsonOpt, api, parse_tags, print_fields, print_json, print_table, short
+from fwcm.cli.common import JsonOpt, api, fail, parse_tags, print_fields, print_json, print_table, short
 
 device_app = typer.Typer(help="Devices of the tenant.", no_args_is_help=True)
 
@@ -160,4 +161,112 @@ def device_dead_letters(
         f"{page['total']} dead letters",
         ["at", "device", "transport", "reason", "error"],
         [[short(d["at"]), d["device"], d["transport"], d["reason"], d["error"]] for d in page["items"]],
+    )
+
+
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Set KEY=VALUE (repeatable)")]
+UntagOpt = Annotated[list[str] | None, typer.Option("--untag", help="Remove tag KEY (repeatable)")]
+
+
+def _tag_patch(tag: list[str] | None, untag: list[str] | None) -> dict[str, str | None]:
+    """``--tag k=v`` and ``--untag k`` as the JSON merge patch the API takes."""
+    patch: dict[str, str | None] = dict(parse_tags(tag or []))
+    for key in untag or []:
+        if key in patch:
+            raise fail(f"tag {key!r} is both set and removed")
+        patch[key] = None
+    return patch
+
+
+@device_app.command("update")
+def device_update(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    tag: TagOpt = None,
+    untag: UntagOpt = None,
+    version: Annotated[str | None, typer.Option(help="Installed firmware version label")] = None,
+    hardware_id: Annotated[str | None, typer.Option("--hardware-id")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a device's tags (--tag k=v sets, --untag k removes), version or hardware id."""
+    body: dict[str, object] = {}
+    patch = _tag_patch(tag, untag)
+    if patch:
+        body["tags"] = patch
+    if version is not None:
+        body["version"] = version
+    if hardware_id is not None:
+        body["hardware_id"] = hardware_id
+    if not body:
+        raise fail("nothing to change: give --tag, --untag, --version or --hardware-id")
+    with api() as client:
+        d = client.patch(f"/devices/{name}", body)
+    if as_json:
+        print_json(d)
+    else:
+        tags = ";".join(f"{k}={v}" for k, v in sorted(d["tags"].items())) or "no tags"
+        typer.echo(f"device {d['name']} updated: {tags}")
+
+
+@device_app.command("retag")
+def device_retag(
+    filter: Annotated[
+        str, typer.Option("--filter", "-f", help='Devices to change, e.g. tag.region == "eu" ("" = all)')
+    ],
+    tag: TagOpt = None,
+    untag: UntagOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set or remove tags on every device a filter selects (preview with device list --filter)."""
+    patch = _tag_patch(tag, untag)
+    if not patch:
+        raise fail("nothing to change: give --tag or --untag")
+    with api() as client:
+        out = client.post("/devices/retag", {"filter": filter, "tags": patch})
+    if as_json:
+        print_json(out)
+    else:
+        typer.echo(f"retagged {out['matched']} devices")
+
+
+@device_app.command("decommission")
+def device_decommission(
+    name: Annotated[str, typer.Argument(metavar="NAME")], as_json: JsonOpt = False
+) -> None:
+    """Take a device out of service: no broker account or payload access, its notices withdrawn,
+    its reports refused, no campaign takes it in.  It stays listed until deleted."""
+    with api() as client:
+        out = client.post(f"/devices/{name}/decommission")
+    if as_json:
+        print_json(out)
+    else:
+        typer.echo(f"device {name} decommissioned; {out['withdrawn']} deployments withdrawn")
+
+
+@device_app.command("delete")
+def device_delete(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    force: Annotated[bool, typer.Option("--force", help="Also a device in service")] = False,
+) -> None:
+    """Delete a decommissioned device with its history (--force: one in service, too)."""
+    with api() as client:
+        client.delete(f"/devices/{name}", force="true" if force else None)
+    typer.echo(f"device {name} deleted")
+
+
+@device_app.command("events")
+def device_events(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """A device's history: its deployment state changes, newest first."""
+    with api() as client:
+        rows = client.get(f"/devices/{name}/events", limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        f"device {name}: {len(rows)} events",
+        ["at", "campaign", "state", "result", "detail"],
+        [[short(e["at"]), e["campaign_id"], e["state"], e["result"], e["detail"] or ""] for e in rows],
     )

@@ -55,6 +55,21 @@ def payload_show(sha256: Annotated[str, typer.Argument(metavar="SHA256")], as_js
         print_fields(f"payload {p['sha256'][:12]}…", p, ["sha256", "size", "name", "url", "created_at"])
 
 
+@payload_app.command("delete")
+def payload_delete(sha256: Annotated[str, typer.Argument(metavar="SHA256")]) -> None:
+    """Delete a payload no manifest of the tenant describes."""
+    with api() as client:
+        client.delete(f"/payloads/{sha256}")
+    typer.echo(f"payload {sha256} deleted")
+
+
+def manifest_delete(manifest_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+    """Delete a manifest no campaign uses."""
+    with api() as client:
+        client.delete(f"/manifests/{manifest_id}")
+    typer.echo(f"manifest {manifest_id} deleted")
+
+
 def manifest_upload(
     file: Annotated[
         Path, typer.Argument(help="Signed SUIT envelope (from `fwcm manifest create`)", metavar="FILE")

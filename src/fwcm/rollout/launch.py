@@ -54,6 +54,15 @@ PhaseNamer = Callable[[Mapping[str, Any] | None], list[str]]
 """``phase_names``'s signature: stored policy → a label per phase."""
 
 
+def clone_name(name: Any, original: str) -> str:
+    """The name of a campaign's clone: the one given, checked, or the original's with " (copy)"."""
+    if name is None:
+        return (original[: MAX_NAME_CHARS - 7] + " (copy)").strip()
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+        raise Invalid(f"campaign name must be 1-{MAX_NAME_CHARS} characters")
+    return name.strip()
+
+
 def draft(
     name: Any,
     filter_text: str | None = None,

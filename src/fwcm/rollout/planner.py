@@ -62,6 +62,18 @@ class PolicyState:
     error_ack: dict[int, int] = field(default_factory=dict)
     success_override: set[int] = field(default_factory=set)
 
+    def accept_review(self, reviewed: Mapping[str, object] | None) -> None:
+        """Take in what an operator accepted when resuming a stopped campaign (:func:`review`)."""
+        if not reviewed:
+            return
+        errors = reviewed.get("errors")
+        if isinstance(errors, Mapping):
+            for p, n in errors.items():
+                self.error_ack[int(p)] = max(self.error_ack.get(int(p), -1), int(n))
+        success = reviewed.get("success")
+        if isinstance(success, list):
+            self.success_override.update(int(p) for p in success)
+
     def observe(self, now: float) -> float:
         """The policy's clock never runs backwards: a wall clock stepped back reads as standing still."""
         self.clock = max(self.clock, now)
@@ -301,6 +313,17 @@ def _acknowledge(state: PolicyState, counts: Mapping[int, Mapping[str, int]], cu
     if state.paused_for is not None and state.paused_for[0] == "success":
         state.success_override.add(state.paused_for[1])
     state.paused_for = None
+
+
+def review(rows: Iterable[tuple[int, str, int]], phase: int) -> dict[str, object]:
+    """What resuming a stopped campaign accepts, as stored with it (JSON) so that every replica
+    honours it: the failures of each phase so far, and the shortfall of the current phase's success
+    threshold (as a resume after a pause does). Later failures count against the thresholds again."""
+    errors: Counter[int] = Counter()
+    for p, st, n in rows:
+        if st in (DeviceState.FAILED.value, DeviceState.TIMED_OUT.value):
+            errors[int(p)] += int(n)
+    return {"errors": {str(p): n for p, n in sorted(errors.items())}, "success": [phase]}
 
 
 # -- one engine step ------------------------------------------------------------------------------

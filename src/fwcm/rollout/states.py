@@ -32,9 +32,11 @@ CAMPAIGN_TRANSITIONS: dict[CampaignState, frozenset[CampaignState]] = {
     CampaignState.PAUSED: frozenset(
         {CampaignState.RUNNING, CampaignState.CANCELLED, CampaignState.STOPPED, CampaignState.COMPLETED}
     ),
-    CampaignState.COMPLETED: frozenset(),
+    # an ended campaign runs again when its failed devices are retried; a stopped one also when an
+    # operator resumes it after review
+    CampaignState.COMPLETED: frozenset({CampaignState.RUNNING}),
     CampaignState.CANCELLED: frozenset(),
-    CampaignState.STOPPED: frozenset(),
+    CampaignState.STOPPED: frozenset({CampaignState.RUNNING}),
 }
 
 
@@ -44,8 +46,13 @@ ACTIONS: dict[str, CampaignState] = {
     "cancel": CampaignState.CANCELLED,
 }
 """What an operator's action asks a campaign to become."""
-RESUMABLE = frozenset({CampaignState.PAUSED})
-"""Resume continues a campaign that paused; a draft or scheduled one is started instead."""
+RESUMABLE = frozenset({CampaignState.PAUSED, CampaignState.STOPPED})
+"""Resume continues a campaign that paused, or one that stopped, after review; a draft or
+scheduled one is started instead, a completed one has its failed devices retried."""
+RETRYABLE = frozenset(
+    {CampaignState.RUNNING, CampaignState.PAUSED, CampaignState.STOPPED, CampaignState.COMPLETED}
+)
+"""Campaigns whose failed and timed-out devices may get a new attempt."""
 
 
 class InvalidTransition(ValueError):
@@ -63,6 +70,19 @@ def action_transition(current: str, action: str) -> CampaignState:
         needs = " or ".join(st.value for st in sorted(allowed, key=lambda st: st != CampaignState.RUNNING))
         raise InvalidTransition(f"campaign is {cur.value}; {action} needs a campaign that is {needs}")
     return target
+
+
+def retry_transition(current: str) -> CampaignState:
+    """The state a campaign takes when its failed devices are retried: an ended one runs again,
+    a running or paused one stays as it is; InvalidTransition otherwise."""
+    cur = CampaignState(current)
+    if cur not in RETRYABLE:
+        needs = ", ".join(st.value for st in CampaignState if st in RETRYABLE)
+        raise InvalidTransition(f"campaign is {cur.value}; retry needs a campaign that is {needs}")
+    if cur in CAMPAIGN_TERMINAL:
+        assert CampaignState.RUNNING in CAMPAIGN_TRANSITIONS[cur]
+        return CampaignState.RUNNING
+    return cur
 
 
 class DeviceState(enum.StrEnum):
@@ -101,3 +121,5 @@ IN_PROGRESS = frozenset(
 NOT_STARTED_INSTALL = frozenset(
     {DeviceState.PENDING, DeviceState.NOTIFIED, DeviceState.DOWNLOADING, DeviceState.DOWNLOADED}
 )
+RETRIED = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT})
+"""Deployment states a retry gives a new attempt."""

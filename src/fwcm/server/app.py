@@ -23,6 +23,7 @@ from fwcm.server.engine import Engine
 from fwcm.server.gateway import Gateway, PayloadCache, storage_guard
 from fwcm.server.http import uvicorn_config
 from fwcm.server.ingest import Credentials, Ingest
+from fwcm.server.keys import KeyCache
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY
 from fwcm.server.notices import Notifier
 from fwcm.store import attestations as aq
@@ -44,6 +45,8 @@ class Hooks:
 
     engine: Engine | None = None
     accounts: AccountSync | None = None
+    keys: KeyCache | None = None
+    notifier: Notifier | None = None
 
     def campaign_changed(self, campaign_id: int) -> None:
         if self.engine is not None:
@@ -52,6 +55,16 @@ class Hooks:
     def devices_changed(self) -> None:
         if self.accounts is not None:
             self.accounts.changed()
+
+    def devices_withdrawn(self, tenant: str, names: list[str]) -> None:
+        """Decommissioned or deleted: this replica refuses their messages at once (others when
+        their key cache expires), their notices are withdrawn and their broker accounts go."""
+        if self.keys is not None:
+            self.keys.forget([(tenant, n) for n in names])
+        if self.notifier is not None:
+            for n in names:
+                self.notifier.withdraw(tenant, n)
+        self.devices_changed()
 
 
 @dataclass
@@ -75,7 +88,7 @@ class Server:
         self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
         self.engine.on_notified = self.ingest.keys.prime
         self.gateway = Gateway(self.db, self.notifier, self.ingest.keys, self.payload_cache)
-        self.hooks = Hooks(self.engine)
+        self.hooks = Hooks(self.engine, keys=self.ingest.keys, notifier=self.notifier)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
         self._http: uvicorn.Server | None = None

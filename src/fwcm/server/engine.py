@@ -245,6 +245,8 @@ class Engine:
         now = time.time()
         first_look = c.id not in self._policy_state
         memory = self._policy_state.setdefault(c.id, PolicyState())
+        if first_look:
+            memory.accept_review(c.reviewed)
         join_due = policy.dynamic and now - self._joined.get(c.id, 0.0) >= JOIN_EVERY_S
         expire_due = now - self._expired_at.get(c.id, 0.0) >= EXPIRE_EVERY_S
         cutoffs = deployment.timeout_cutoffs(policy, now) if expire_due else {}

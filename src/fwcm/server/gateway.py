@@ -260,8 +260,10 @@ class Gateway:
         key = self.keys.peek(name)
         if key is None:
             key = (await asyncio.to_thread(self.keys.lookup, {name})).get(name)
-        return key is not None and hmac.compare_digest(
-            protocol.device_password(key.secret, tenant, device), credential
+        return (
+            key is not None
+            and not key.retired
+            and hmac.compare_digest(protocol.device_password(key.secret, tenant, device), credential)
         )
 
     def coap_observed(self, tenant: str, device: str, address: str) -> None:
@@ -308,6 +310,9 @@ class Gateway:
         if sha256 not in protected:
             return None
         tenant, _, device = query.get("d", "").partition("/")
+        if device and await self._retired(tenant, device):
+            TOKENS_REFUSED.labels(transport, "decommissioned").inc()
+            return f"decommissioned: device {tenant}/{device} is decommissioned"
         seen = (sha256, query.get("d", ""), query.get("t", ""))
         if self._tokens_ok.get(seen, 0.0) > time.time():
             return None  # CoAP asks once per block: verify a token once
@@ -334,6 +339,14 @@ class Gateway:
             self._tokens_ok.clear()
         self._tokens_ok[seen] = float(grant.expires)
         return None
+
+    async def _retired(self, tenant: str, device: str) -> bool:
+        """Whether the device was decommissioned: its install tokens open nothing any more."""
+        name = (tenant, device)
+        key = self.keys.peek(name)
+        if key is None:
+            key = (await asyncio.to_thread(self.keys.lookup, {name})).get(name)
+        return key is not None and key.retired
 
     async def coap_payload(self, sha256: str, offset: int, size: int) -> tuple[bytes, int] | None:
         """One Block2 block of a payload and the payload's size: from memory when cached (every

@@ -380,6 +380,8 @@ class Ingest:
             try:
                 if key is None:
                     raise ProtocolError("unknown_device", f"unknown device {m.tenant}/{m.device}")
+                if key.retired:
+                    raise ProtocolError("decommissioned", f"device {m.tenant}/{m.device} is decommissioned")
                 report = protocol.Report.from_map(frame.open(key.secret))
                 if report.device != m.device:
                     raise ProtocolError("forbidden", f"report names {report.device!r}, sent as {m.device!r}")
@@ -394,7 +396,7 @@ class Ingest:
             m = item.inbound
             if m.kind == "presence":
                 key = keys.get((m.tenant, m.device))
-                if key is not None and m.payload in (b"0", b"1"):
+                if key is not None and not key.retired and m.payload in (b"0", b"1"):
                     checked.presence.append((i, key, m.payload == b"1"))
         return checked
 

@@ -32,6 +32,11 @@ class KeyCache:
         for t in targets:
             self._entries[(t.tenant, t.name)] = (until, ds.DeviceKey(t.device_pk, tenant_id, t.secret))
 
+    def forget(self, names: list[tuple[str, str]]) -> None:
+        """Drop these devices' keys (decommissioned or deleted here): the next lookup reads them."""
+        for n in names:
+            self._entries.pop(n, None)
+
     def peek(self, name: tuple[str, str]) -> ds.DeviceKey | None:
         """The cached key of a device, without touching the database (None: not cached)."""
         hit = self._entries.get(name)

@@ -141,6 +141,12 @@ class Notifier:
         )
         return encode_notice(target.secret, notice)
 
+    def withdraw(self, tenant: str, device: str) -> None:
+        """A decommissioned device: every transport withdraws what it keeps for it (MQTT clears
+        its retained notice)."""
+        for sender in self.senders.values():
+            sender.clear_notice(tenant, device)
+
     def send(
         self,
         target: Target,

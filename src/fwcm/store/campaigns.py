@@ -1,5 +1,5 @@
-"""Campaigns of a tenant: create, start (freeze the matching devices), pause, resume, cancel,
-status, and the devices that join a dynamic campaign later.
+"""Campaigns of a tenant: create, clone, start (freeze the matching devices), pause, resume,
+cancel, retry the failed devices, delete, status, and the devices that join a dynamic campaign later.
 
 The rules come from the caller: a campaign is created from a checked draft and started by a plan
 (``fwcm.rollout.launch``); this module stores them.  Every function takes the caller's
@@ -10,21 +10,57 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, and_, case, func, insert, literal, or_, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
-from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState, InvalidTransition, action_transition
+from fwcm.rollout.states import (
+    CAMPAIGN_TERMINAL,
+    DEVICE_TERMINAL,
+    RETRIED,
+    CampaignState,
+    DeviceState,
+    InvalidTransition,
+    action_transition,
+    retry_transition,
+)
+from fwcm.store.devices import IN_SERVICE
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
-from fwcm.store.models import Campaign, CampaignEvent, Deployment, Device, Manifest, Signer, utcnow
+from fwcm.store.models import (
+    AccountingRecord,
+    Campaign,
+    CampaignEvent,
+    Deployment,
+    Device,
+    Manifest,
+    Signer,
+    utcnow,
+)
+
+Reviewer = Callable[[Iterable[tuple[int, str, int]], int], dict[str, Any]]
+"""What resuming a stopped campaign accepts, from its (phase, state, count) rows and current phase
+(``rollout.planner.review``)."""
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +133,7 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
         raise Conflict(
             f"campaign {campaign_id} is {campaign.state}; only a draft or scheduled campaign can start"
         )
-    cond = and_(Device.tenant_id == tenant_id, filter_clause(filters.parse(campaign.filter)))
+    cond = and_(Device.tenant_id == tenant_id, IN_SERVICE, filter_clause(filters.parse(campaign.filter)))
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())
@@ -175,9 +211,19 @@ def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool
 
 
 def change_campaign(
-    s: Session, tenant_id: int, campaign_id: int, action: str, reason: str | None = None
+    s: Session,
+    tenant_id: int,
+    campaign_id: int,
+    action: str,
+    reason: str | None = None,
+    *,
+    review: Reviewer | None = None,
 ) -> Campaign:
-    """Pause, resume or cancel; the engine notices the new state and acts on the devices."""
+    """Pause, resume or cancel; the engine notices the new state and acts on the devices.
+
+    Resuming a stopped campaign stores what ``review`` says the operator accepted, so the engine
+    does not stop it again for the same failures.
+    """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     try:
         target = action_transition(campaign.state, action).value
@@ -185,12 +231,108 @@ def change_campaign(
         raise Conflict(f"campaign {campaign_id} {str(exc).removeprefix('campaign ')}") from None
     if action == "resume" and campaign.started_at is None:
         raise Conflict(f"campaign {campaign_id} was never started; use start")
+    if campaign.state == CampaignState.STOPPED.value:
+        rows = _phase_counts(s, campaign.id)
+        campaign.reviewed = review(rows, campaign.phase) if review is not None else None
+        _run_again(campaign)
     campaign.state = target
     if reason:
         campaign.stop_reason = reason
     _campaign_event(s, campaign, target, reason or f"{action} requested")
     s.flush()
     return campaign
+
+
+def _phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
+    rows = s.execute(
+        select(Deployment.phase, Deployment.state, func.count().label("n"))
+        .where(Deployment.campaign_id == campaign_id)
+        .group_by(Deployment.phase, Deployment.state)
+    )
+    return [(r.phase, r.state, r.n) for r in rows]
+
+
+def _run_again(campaign: Campaign) -> None:
+    """An ended campaign runs again: not finished, no stop reason (its events keep the old one)."""
+    campaign.finished_at = None
+    campaign.stop_reason = None
+    campaign.note = None
+
+
+def retry_failed(s: Session, tenant_id: int, campaign_id: int) -> tuple[Campaign, int]:
+    """Give the failed and timed-out devices of a campaign a new attempt: they are pending again
+    and their next notice carries the next attempt number, so reports of the old one are ignored.
+    An ended campaign runs again; the campaign and the number of devices retried."""
+    campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
+    try:
+        target = retry_transition(campaign.state)
+    except InvalidTransition as exc:
+        raise Conflict(f"campaign {campaign_id} {str(exc).removeprefix('campaign ')}") from None
+    retried = s.execute(
+        update(Deployment)
+        .where(Deployment.campaign_id == campaign.id, Deployment.state.in_([st.value for st in RETRIED]))
+        .values(
+            state=DeviceState.PENDING.value,
+            result=0,
+            detail=None,
+            progress=None,
+            retry_at=None,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if not retried:
+        raise Conflict(f"campaign {campaign_id} has no failed or timed-out devices to retry")
+    if target.value != campaign.state:
+        _run_again(campaign)
+        campaign.state = target.value
+    campaign.reviewed = None  # the failures it accepted are being retried
+    why = f"retry: {retried} failed and timed-out devices get a new attempt"
+    _campaign_event(s, campaign, campaign.state, why)
+    s.flush()
+    log.info("campaign %d: %d failed devices retried", campaign.id, retried)
+    return campaign, int(retried)
+
+
+def clone_campaign(s: Session, tenant_id: int, campaign_id: int, name: str) -> Campaign:
+    """A new draft with the same manifest, filter, policy, attestation and consent rules."""
+    source = get_campaign(s, tenant_id, campaign_id)
+    clone = Campaign(
+        tenant_id=tenant_id,
+        name=name,
+        manifest_id=source.manifest_id,
+        filter=source.filter,
+        policy=dict(source.policy or {}),
+        attestation=source.attestation,
+        consent=dict(source.consent) if source.consent is not None else None,
+        state=CampaignState.DRAFT.value,
+        phase=0,
+        total=0,
+    )
+    s.add(clone)
+    s.flush()
+    _campaign_event(s, clone, CampaignState.DRAFT.value, f"cloned from campaign {source.id}")
+    return clone
+
+
+def delete_campaign(s: Session, tenant_id: int, campaign_id: int) -> None:
+    """Delete a draft or an ended campaign with its deployments, events and usage records (device
+    histories keep their lines); a live one is refused."""
+    campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
+    state = CampaignState(campaign.state)
+    if state not in CAMPAIGN_TERMINAL and state != CampaignState.DRAFT:
+        raise Conflict(
+            f"campaign {campaign_id} is {state.value}; only a draft or an ended campaign can be "
+            "deleted (cancel it first)"
+        )
+    if state == CampaignState.CANCELLED and campaign.finished_at is None:
+        raise Conflict(f"campaign {campaign_id} is still withdrawing its notices; try again shortly")
+    s.execute(delete(Deployment).where(Deployment.campaign_id == campaign.id))
+    s.execute(delete(CampaignEvent).where(CampaignEvent.campaign_id == campaign.id))
+    s.execute(delete(AccountingRecord).where(AccountingRecord.campaign_id == campaign.id))
+    s.delete(campaign)
+    s.flush()
+    log.info("tenant %d deleted campaign %d", tenant_id, campaign_id)
 
 
 def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer) -> dict[str, Any]:
@@ -335,6 +477,7 @@ def join_new_devices(s: Session, campaign_id: int, tenant_id: int, phase: int) -
     campaign = get_campaign(s, tenant_id, campaign_id)
     cond = and_(
         Device.tenant_id == tenant_id,
+        IN_SERVICE,
         filter_clause(filters.parse(campaign.filter)),
         ~select(Deployment.device_id)
         .where(Deployment.campaign_id == campaign_id, Deployment.device_id == Device.id)

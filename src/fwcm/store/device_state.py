@@ -45,6 +45,8 @@ class DeviceKey:
     device_pk: int
     tenant_id: int
     secret: bytes
+    retired: bool = False
+    """Decommissioned: its messages are refused."""
 
 
 def device_keys(s: Session, names: Iterable[tuple[str, str]]) -> dict[tuple[str, str], DeviceKey]:
@@ -53,11 +55,21 @@ def device_keys(s: Session, names: Iterable[tuple[str, str]]) -> dict[tuple[str,
     if not wanted:
         return {}
     rows = s.execute(
-        select(Tenant.slug, Device.name, Device.id, Device.tenant_id, Device.secret)
+        select(
+            Tenant.slug,
+            Device.name,
+            Device.id,
+            Device.tenant_id,
+            Device.secret,
+            Device.decommissioned_at,
+        )
         .join(Tenant, Tenant.id == Device.tenant_id)
         .where(tuple_(Tenant.slug, Device.name).in_(wanted))
     ).all()
-    return {(r.slug, r.name): DeviceKey(r.id, r.tenant_id, r.secret) for r in rows}
+    return {
+        (r.slug, r.name): DeviceKey(r.id, r.tenant_id, r.secret, retired=r.decommissioned_at is not None)
+        for r in rows
+    }
 
 
 class Verified(NamedTuple):

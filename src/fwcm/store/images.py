@@ -12,13 +12,13 @@ import logging
 from collections.abc import Sequence
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fwcm import manifest, pki
-from fwcm.errors import Invalid, NotFound, TooLarge
-from fwcm.store.models import BIGINT_MAX, Manifest, Payload, Signer, Tenant
+from fwcm.errors import Conflict, Invalid, NotFound, TooLarge
+from fwcm.store.models import BIGINT_MAX, Campaign, Deployment, Manifest, Payload, Signer, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,63 @@ def get_manifest(s: Session, tenant_id: int, manifest_id: int) -> Manifest:
     if row is None:
         raise NotFound(f"manifest {manifest_id} not found")
     return row
+
+
+def _listed(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:10])
+    return shown + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def delete_payload(s: Session, tenant_id: int, sha256: str) -> bool:
+    """Forget the tenant's payload; refused while a manifest of the tenant describes it.  True when
+    no tenant holds the image any more (its file may go)."""
+    payload = get_payload(s, tenant_id, sha256)
+    users = s.scalars(
+        select(Manifest.id)
+        .where(Manifest.tenant_id == tenant_id, Manifest.image_digest == sha256)
+        .order_by(Manifest.id)
+    ).all()
+    if users:
+        raise Conflict(f"payload {sha256} is used by manifest {_listed(users)}; delete those first")
+    s.delete(payload)
+    s.flush()
+    log.info("tenant %d deleted payload %s", tenant_id, sha256)
+    return not payload_is_published(s, sha256)
+
+
+def delete_manifest(s: Session, tenant_id: int, manifest_id: int) -> None:
+    """Delete a manifest; refused while a campaign of the tenant uses it (as its manifest or as
+    the variant some of its devices get)."""
+    manifest_row = get_manifest(s, tenant_id, manifest_id)
+    variant_of = select(Deployment.campaign_id).where(
+        Deployment.tenant_id == tenant_id, Deployment.manifest_id == manifest_id
+    )
+    users = s.scalars(
+        select(Campaign.id)
+        .where(
+            Campaign.tenant_id == tenant_id,
+            or_(Campaign.manifest_id == manifest_id, Campaign.id.in_(variant_of)),
+        )
+        .order_by(Campaign.id)
+    ).all()
+    users = sorted(set(users) | _consent_variant_users(s, tenant_id, manifest_id))
+    if users:
+        raise Conflict(f"manifest {manifest_id} is used by campaign {_listed(users)}; delete those first")
+    s.delete(manifest_row)
+    s.flush()
+    log.info("tenant %d deleted manifest %d", tenant_id, manifest_id)
+
+
+def _consent_variant_users(s: Session, tenant_id: int, manifest_id: int) -> set[int]:
+    """Campaigns whose consent rules name the manifest as a variant (stored JSON, read by name)."""
+    rows = s.execute(
+        select(Campaign.id, Campaign.consent).where(
+            Campaign.tenant_id == tenant_id, Campaign.consent.is_not(None)
+        )
+    )
+    out = set()
+    for r in rows:
+        variants = (r.consent or {}).get("variants") or {}
+        if isinstance(variants, dict) and manifest_id in {v for v in variants.values() if isinstance(v, int)}:
+            out.add(r.id)
+    return out

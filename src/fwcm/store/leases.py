@@ -42,6 +42,8 @@ class LeasedCampaign:
     granted_at: datetime | None = None
     group_decision: str | None = None
     name: str = ""
+    reviewed: dict[str, object] | None = None
+    """What an operator accepted when resuming it after a stop (``rollout.planner.review``)."""
 
 
 _LEASE_COLUMNS = (
@@ -58,6 +60,7 @@ _LEASE_COLUMNS = (
     Campaign.granted_at,
     Campaign.group_decision,
     Campaign.name,
+    Campaign.reviewed,
 )
 
 
@@ -112,6 +115,7 @@ def _leased(r: Row[Any]) -> LeasedCampaign:
         granted_at=_maybe_aware(r.granted_at),
         group_decision=r.group_decision,
         name=r.name,
+        reviewed=r.reviewed,
     )
 
 

@@ -148,6 +148,9 @@ class Device(Base):
     hello_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Sequence number of the newest hello applied: an older one delivered late changes nothing."""
     """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
+    decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """Set when the device was taken out of service: no broker account, no campaigns, its messages
+    refused; kept (with its history) until it is deleted."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -174,6 +177,9 @@ class Campaign(Base):
     """Devices must attest (fresh nonce, attestation key) before they get an install token."""
     phase: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
+    reviewed: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """What an operator accepted when resuming a stopped campaign (``rollout.planner.Review``): the
+    engine does not stop it again for those failures."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -67,6 +67,10 @@ class PayloadStore:
     def exists(self, sha256: str) -> bool:
         return is_sha256(sha256) and self.path_for(sha256).is_file()
 
+    def remove(self, sha256: str) -> None:
+        """Delete the file (no error when it is already gone)."""
+        self.path_for(sha256).unlink(missing_ok=True)
+
     def open(self, sha256: str) -> BinaryIO:
         return self.path_for(sha256).open("rb")
 

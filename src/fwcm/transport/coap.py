@@ -293,6 +293,11 @@ class CoapTransport(NoticeSender):
             self.addresses[(tenant, device)] = address
             self._observed(tenant, device, address)
 
+    def clear_notice(self, tenant: str, device: str) -> None:
+        """Push nothing more to where the device observed from (its notice resource answers from
+        the database, which withdrew its deployments)."""
+        self.addresses.pop((tenant, device), None)
+
     def send_notice(self, tenant: str, device: str, render: Render) -> bool:
         """Tell a device its notice changed: through its observation (the device reads the notice
         resource again), else by pushing the notice (``render()``) to the endpoint it last

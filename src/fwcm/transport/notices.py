@@ -27,3 +27,8 @@ class NoticeSender(abc.ABC):
         observes). Returns False when the device cannot be reached now: it reads its notice when
         it comes back.
         """
+
+    def clear_notice(self, tenant: str, device: str) -> None:  # noqa: B027 (optional to implement)
+        """Withdraw whatever notice ``tenant/device`` could still read (it was decommissioned).
+
+        Senders that keep nothing for a device have nothing to do."""

@@ -1,21 +1,23 @@
-"""Campaigns of a tenant: create a draft, start, pause, resume, cancel, and follow its progress."""
+"""Campaigns of a tenant: create a draft (or clone one), start, pause, resume, cancel, retry its
+failed devices, delete it once ended, and follow its progress."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, Notify, Tenant, router
-from fwcm.rollout import launch
+from fwcm.rollout import launch, planner
 from fwcm.store import campaigns
 from fwcm.store import consent as cq
 from fwcm.store.db import Database
 
 CHANGES = {
     "pause": "Stop sending new notices; devices already updating finish.",
-    "resume": "Continue a paused campaign.",
+    "resume": "Continue a paused campaign, or a stopped one after review: the failures that "
+    "stopped it (and the current phase's success shortfall) are accepted, later ones count again.",
     "cancel": "Withdraw the update from devices that have not started installing.",
 }
 """The operator's transitions of a running campaign, each ``POST /campaigns/{id}/<action>``."""
@@ -74,7 +76,8 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
     def _change(action: str) -> Any:
         def change(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
             with db.session() as s:
-                out = sc.CampaignOut.of(campaigns.change_campaign(s, t.id, campaign_id, action))
+                c = campaigns.change_campaign(s, t.id, campaign_id, action, review=planner.review)
+                out = sc.CampaignOut.of(c)
             notify.campaign_changed(campaign_id)
             return out
 
@@ -90,6 +93,35 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
             response_model=sc.CampaignOut,
             tags=["campaigns"],
         )
+
+    @api.post(
+        "/campaigns/{campaign_id}/clone", response_model=sc.CampaignOut, status_code=201, tags=["campaigns"]
+    )
+    def clone_campaign(campaign_id: sc.RowId, t: Tenant, body: sc.CloneIn | None = None) -> sc.CampaignOut:
+        """A new draft with the same manifest, filter, policy and rules (named "… (copy)" unless
+        a name is given)."""
+        with db.session() as s:
+            source = campaigns.get_campaign(s, t.id, campaign_id)
+            name = launch.clone_name(body.name if body else None, source.name)
+            return sc.CampaignOut.of(campaigns.clone_campaign(s, t.id, campaign_id, name))
+
+    @api.post("/campaigns/{campaign_id}/retry", response_model=sc.RetryOut, tags=["campaigns"])
+    def retry_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.RetryOut:
+        """A new attempt for the failed and timed-out devices of a running, paused, stopped or
+        completed campaign (an ended one runs again); reports of their old attempt are ignored."""
+        with db.session() as s:
+            c, retried = campaigns.retry_failed(s, t.id, campaign_id)
+            out = sc.RetryOut(campaign=sc.CampaignOut.of(c), retried=retried)
+        notify.campaign_changed(campaign_id)
+        return out
+
+    @api.delete("/campaigns/{campaign_id}", status_code=204, response_class=Response, tags=["campaigns"])
+    def delete_campaign(campaign_id: sc.RowId, t: Tenant) -> Response:
+        """Delete a draft or an ended campaign with its deployments and events; a scheduled,
+        running or paused one is refused (409: cancel it first)."""
+        with db.session() as s:
+            campaigns.delete_campaign(s, t.id, campaign_id)
+        return Response(status_code=204)
 
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
     def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:

@@ -1,4 +1,4 @@
-"""Signed SUIT manifests of a tenant: upload (checked against its signers), list, read."""
+"""Signed SUIT manifests of a tenant: upload (checked against its signers), list, read, delete."""
 
 from __future__ import annotations
 
@@ -68,6 +68,13 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         with db.read() as s:
             m = images.get_manifest(s, t.id, manifest_id)
             return sc.ManifestOut.of(m, trust.signer_name(s, t.id, m.signer_id))
+
+    @api.delete("/manifests/{manifest_id}", status_code=204, response_class=Response, tags=["manifests"])
+    def delete_manifest(manifest_id: sc.RowId, t: Tenant) -> Response:
+        """Delete a manifest; refused (409, naming them) while campaigns of the tenant use it."""
+        with db.session() as s:
+            images.delete_manifest(s, t.id, manifest_id)
+        return Response(status_code=204)
 
     @api.get(
         "/manifests/{manifest_id}/envelope",

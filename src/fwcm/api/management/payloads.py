@@ -1,4 +1,5 @@
-"""Firmware payloads of a tenant: upload (content-addressed by SHA-256), list, read, download.
+"""Firmware payloads of a tenant: upload (content-addressed by SHA-256), list, read, download,
+delete.
 
 Devices do not use these routes: they fetch published payloads from ``fwcm.api.devices``.
 """
@@ -91,6 +92,20 @@ def create_router(db: Database, settings: Settings, store: PayloadStore) -> APIR
         if not store.exists(sha):
             raise ApiError(404, f"payload {sha} is recorded but its file is missing")
         return file_response(request.headers, store.path_for(sha), sha, head=request.method == "HEAD")
+
+    @api.delete("/payloads/{sha256}", status_code=204, response_class=Response, tags=["payloads"])
+    def delete_payload(sha256: str, t: Tenant) -> Response:
+        """Delete a payload; refused (409) while a manifest of the tenant describes it.  The file
+        goes once no tenant holds the image."""
+        sha = payload_sha(sha256)
+        with db.session() as s:
+            unheld = images.delete_payload(s, t.id, sha)
+        if unheld:
+            with db.read() as s:  # an upload of the same image may have come in meanwhile
+                unheld = not images.payload_is_published(s, sha)
+            if unheld:
+                store.remove(sha)
+        return Response(status_code=204)
 
     get_and_head(
         api,
