@@ -1,4 +1,11 @@
-"""``python -m device_sim fleet ...``: register simulated devices through the API and run them."""
+"""``python -m device_sim fleet ...``: run simulated devices against an fwcm server.
+
+The devices are either registered here through the API (``--devices N``), or the devices of an
+earlier ``fwcm device import --secrets-out FILE`` (``--secrets FILE``).  Where to connect defaults
+to what the ``fwcm`` client and server use: ``FWCM_URL``/``FWCM_API_KEY`` or ``fwcm login``'s config
+file, the broker of ``FWCM_MQTT_URL`` (without the server's own credentials), and the CoAP address
+of ``FWCM_PUBLIC_COAP_URL`` or ``FWCM_COAP_BIND``.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +13,96 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fwcm.cli.client import ApiError, load_config
 from fwcm.runtime import setup_logging, tune_gc
 
 from .faults import PROFILES, get_profile
-from .fleet import FleetReport, FleetSpec, all_finished, build_configs, register_devices, run_fleet
+from .fleet import (
+    FleetReport,
+    FleetSpec,
+    all_finished,
+    build_configs,
+    imported_devices,
+    read_secrets,
+    register_devices,
+    run_fleet,
+)
 
 log = logging.getLogger("device_sim")
+
+
+def device_mqtt_url() -> str:
+    """The broker of ``FWCM_MQTT_URL`` without the server's credentials (devices log in with their
+    own accounts), or Mosquitto's default address."""
+    parts = urlsplit(os.environ.get("FWCM_MQTT_URL") or "mqtt://127.0.0.1:1883")
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def device_coap_url() -> str:
+    """``FWCM_PUBLIC_COAP_URL``, or the address of ``FWCM_COAP_BIND``, or the server's default."""
+    public = os.environ.get("FWCM_PUBLIC_COAP_URL")
+    if public:
+        return public
+    return f"coap://{os.environ.get('FWCM_COAP_BIND') or '127.0.0.1:5683'}"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m device_sim", description="Simulated firmware-update devices.")
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fleet", help="register N devices through the fwcm API and run them")
-    f.add_argument("--devices", type=int, default=100, help="number of devices (default 100)")
+    f = sub.add_parser(
+        "fleet",
+        help="run simulated devices: registered here, or imported earlier (--secrets)",
+        description="Run simulated devices against an fwcm server: N devices registered here through "
+        "the API (--devices), or the devices of an earlier `fwcm device import --secrets-out FILE` "
+        "(--secrets FILE).",
+    )
+    f.add_argument(
+        "--secrets",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run the devices of this secrets file (from `fwcm device import --secrets-out`) instead of "
+        "registering new ones; their class, transport and sequence are read from the server",
+    )
+    f.add_argument("--devices", type=int, default=100, help="number of devices to register (default 100)")
     f.add_argument("--transport", choices=["mqtt", "coap", "mixed"], default="mixed")
     f.add_argument("--faults", default="none", choices=sorted(PROFILES), help="fault profile")
-    f.add_argument("--url", default="http://127.0.0.1:8080", help="fwcm server base URL")
-    f.add_argument("--api-key", default="", help="tenant API key (to register the devices)")
-    f.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", help="broker URL (mqtt:// or mqtts://)")
+    f.add_argument("--url", default=None, help="fwcm server base URL (default: $FWCM_URL or fwcm login's)")
+    f.add_argument("--api-key", default=None, help="tenant API key (default: $FWCM_API_KEY or fwcm login's)")
+    f.add_argument(
+        "--mqtt",
+        default=None,
+        help="broker URL, mqtt:// or mqtts:// (default: the broker of $FWCM_MQTT_URL, else mqtt://127.0.0.1:1883)",
+    )
     f.add_argument("--mqtt-ca", type=Path, default=None, help="CA file for mqtts://")
-    f.add_argument("--coap", default="coap://127.0.0.1:5683", help="CoAP server URL")
+    f.add_argument(
+        "--coap",
+        default=None,
+        help="CoAP server URL (default: $FWCM_PUBLIC_COAP_URL, else coap://$FWCM_COAP_BIND, else port 5683)",
+    )
     f.add_argument(
         "--trust", type=Path, action="append", required=True, help="trusted signer public key (PEM)"
     )
-    f.add_argument("--vendor-id", type=uuid.UUID, required=True)
-    f.add_argument("--class-id", type=uuid.UUID, required=True)
-    f.add_argument("--state-dir", type=Path, required=True, help="where device flash and state live")
-    f.add_argument("--prefix", default="sim", help="device name prefix (default sim)")
+    f.add_argument("--vendor-id", type=uuid.UUID, default=None, help="vendor of registered devices")
+    f.add_argument("--class-id", type=uuid.UUID, default=None, help="class of registered devices")
+    f.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("fleet-state"),
+        help="where device flash and state live (default ./fleet-state)",
+    )
+    f.add_argument("--prefix", default="sim", help="name prefix of registered devices (default sim)")
     f.add_argument("--sequence", type=int, default=1, help="installed sequence number at start (default 1)")
     f.add_argument("--campaign", type=int, default=None, help="stop when every device finished this campaign")
     f.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -62,30 +124,48 @@ def _table(report: FleetReport, title: str) -> Table:
     return table
 
 
-async def _fleet(args: argparse.Namespace, console: Console) -> int:
-    profile = get_profile(args.faults)
+async def _registered(args: argparse.Namespace, url: str, api_key: str | None) -> FleetSpec:
+    """The fleet registered in an earlier run with this state dir, or ``--devices`` new devices."""
     spec_path: Path = args.state_dir / "fleet.json"
-    spec: FleetSpec | None = None
     if spec_path.exists():
         spec = FleetSpec.load(spec_path)
         if len(spec.devices) != args.devices or not spec.devices[0]["name"].startswith(args.prefix + "-"):
             raise SystemExit(f"{spec_path} describes a different fleet; use another --state-dir")
         log.info("reusing %d registered devices from %s", len(spec.devices), spec_path)
+        return spec
+    if not api_key:
+        raise SystemExit("an API key is required to register devices (--api-key, FWCM_API_KEY or fwcm login)")
+    if args.vendor_id is None or args.class_id is None:
+        raise SystemExit("--vendor-id and --class-id are required to register devices")
+    spec = await register_devices(
+        url,
+        api_key,
+        count=args.devices,
+        transport=args.transport,
+        vendor_id=args.vendor_id,
+        class_id=args.class_id,
+        prefix=args.prefix,
+        sequence=args.sequence,
+    )
+    spec.save(spec_path)
+    log.info("registered %d devices for tenant %s", len(spec.devices), spec.tenant)
+    return spec
+
+
+async def _fleet(args: argparse.Namespace, console: Console) -> int:
+    profile = get_profile(args.faults)
+    client = load_config()
+    url = args.url or client.url
+    api_key = args.api_key or client.api_key
+    if args.secrets is not None:
+        if not api_key:
+            raise SystemExit(
+                "an API key is required to look up the devices (--api-key, FWCM_API_KEY or fwcm login)"
+            )
+        spec = await imported_devices(url, api_key, read_secrets(args.secrets))
+        log.info("running %d imported devices of tenant %s", len(spec.devices), spec.tenant)
     else:
-        if not args.api_key:
-            raise SystemExit("--api-key is required to register devices")
-        spec = await register_devices(
-            args.url,
-            args.api_key,
-            count=args.devices,
-            transport=args.transport,
-            vendor_id=args.vendor_id,
-            class_id=args.class_id,
-            prefix=args.prefix,
-            sequence=args.sequence,
-        )
-        spec.save(spec_path)
-        log.info("registered %d devices for tenant %s", len(spec.devices), spec.tenant)
+        spec = await _registered(args, url, api_key)
     trust = [p.read_bytes() for p in args.trust]
     configs = build_configs(
         spec,
@@ -93,12 +173,13 @@ async def _fleet(args: argparse.Namespace, console: Console) -> int:
         class_id=args.class_id,
         trust_anchors=trust,
         state_dir=args.state_dir,
-        mqtt_url=args.mqtt,
-        coap_url=args.coap,
+        mqtt_url=args.mqtt or device_mqtt_url(),
+        coap_url=args.coap or device_coap_url(),
         mqtt_ca_file=args.mqtt_ca,
     )
     until = None if args.keep_running else all_finished(args.campaign)
-    title = f"{len(configs)} devices · {args.transport} · faults: {profile.name}"
+    transports = "imported" if args.secrets is not None else args.transport
+    title = f"{len(configs)} devices · {transports} · faults: {profile.name}"
     if args.no_progress or args.json:
         report = await run_fleet(configs, profile, until=until, timeout=args.duration)
     else:
@@ -137,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_fleet(args, console))
     except KeyboardInterrupt:
         return 130
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, ApiError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 

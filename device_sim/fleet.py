@@ -3,7 +3,8 @@
 ``run_fleet`` starts one agent task per device (sharing one CoAP context and one HTTP client),
 applies a fault profile by device index, and returns a ``FleetReport`` that says how every device
 ended and whether that is what the profile predicts.  ``register_devices`` creates the devices
-through the management API's CSV import.
+through the management API's CSV import; ``imported_devices`` runs devices someone imported
+already, from the secrets file ``fwcm device import --secrets-out`` wrote.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ class FleetSpec:
 
     tenant: str
     devices: list[dict[str, Any]]
-    """name, secret (hex), mqtt_username, mqtt_password, transport, index, sequence"""
+    """name, secret (hex), mqtt_username, mqtt_password, transport, index, sequence; and, for
+    imported devices, vendor_id, class_id and hardware_id as the server has them"""
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +288,80 @@ async def register_devices(
     )
 
 
+SECRETS_COLUMNS = ("name", "secret", "mqtt_username", "mqtt_password")
+"""The header of the file ``fwcm device import --secrets-out`` writes."""
+LIST_PAGE = 1000
+
+
+def read_secrets(path: Path) -> list[dict[str, str]]:
+    """The rows of a secrets file, checked: every column present, secrets in hex, names unique."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in SECRETS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(missing)} (header: {','.join(SECRETS_COLUMNS)})")
+        rows: list[dict[str, str]] = []
+        seen: set[str] = set()
+        for row in reader:
+            line = reader.line_num
+            name, secret = (row["name"] or "").strip(), (row["secret"] or "").strip()
+            if not name:
+                continue
+            try:
+                bytes.fromhex(secret)
+            except ValueError:
+                raise ValueError(f"{path} line {line}: the secret of {name} is not hex") from None
+            if name in seen:
+                raise ValueError(f"{path} line {line}: {name} appears twice")
+            seen.add(name)
+            rows.append({c: (row[c] or "").strip() for c in SECRETS_COLUMNS})
+    if not rows:
+        raise ValueError(f"{path} names no device")
+    return rows
+
+
+async def imported_devices(api_url: str, api_key: str, secrets: list[dict[str, str]]) -> FleetSpec:
+    """The devices of an earlier import: secrets and broker accounts from its secrets file, the rest
+    (vendor, class, transport, sequence, hardware id) as the server has them now."""
+    wanted = {row["name"] for row in secrets}
+    found: dict[str, dict[str, Any]] = {}
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=120) as client:
+        r = await client.get("/api/v1/tenant")
+        _raise_for(r, "reading the tenant")
+        tenant = str(r.json()["slug"])
+        offset = 0
+        while len(found) < len(wanted):
+            r = await client.get("/api/v1/devices", params={"limit": LIST_PAGE, "offset": offset})
+            _raise_for(r, "listing devices")
+            items = r.json()["items"]
+            found.update((d["name"], d) for d in items if d["name"] in wanted)
+            offset += len(items)
+            if len(items) < LIST_PAGE:
+                break
+    missing = [row["name"] for row in secrets if row["name"] not in found]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} devices of the secrets file are not devices of tenant {tenant} "
+            f"(e.g. {missing[0]})"
+        )
+    return FleetSpec(
+        tenant,
+        [
+            {
+                **row,
+                "transport": found[row["name"]]["transport"],
+                "index": i,
+                "sequence": found[row["name"]]["sequence"],
+                "vendor_id": found[row["name"]]["vendor_id"],
+                "class_id": found[row["name"]]["class_id"],
+                "hardware_id": found[row["name"]]["hardware_id"],
+            }
+            for i, row in enumerate(secrets)
+        ],
+    )
+
+
 def _raise_for(r: httpx.Response, what: str) -> None:
     if r.status_code >= 400:
         try:
@@ -298,35 +374,42 @@ def _raise_for(r: httpx.Response, what: str) -> None:
 def build_configs(
     spec: FleetSpec,
     *,
-    vendor_id: uuid.UUID,
-    class_id: uuid.UUID,
+    vendor_id: uuid.UUID | None,
+    class_id: uuid.UUID | None,
     trust_anchors: list[bytes],
     state_dir: Path,
     mqtt_url: str,
     coap_url: str,
     mqtt_ca_file: Path | None = None,
 ) -> list[DeviceConfig]:
-    return [
-        DeviceConfig(
-            name=d["name"],
-            tenant=spec.tenant,
-            secret=bytes.fromhex(d["secret"]),
-            vendor_id=vendor_id,
-            class_id=class_id,
-            transport="coap" if d["transport"] == "coap" else "mqtt",
-            trust_anchors=trust_anchors,
-            state_dir=state_dir,
-            mqtt_url=mqtt_url,
-            mqtt_ca_file=mqtt_ca_file,
-            mqtt_username=d.get("mqtt_username"),
-            mqtt_password=d.get("mqtt_password"),
-            coap_url=coap_url,
-            installed_sequence=int(d.get("sequence", 0)),
-            hardware_id=f"hw-{d['name']}",
-            index=int(d["index"]),
+    """One config per device; a device's own vendor, class and hardware id win over the defaults."""
+    configs = []
+    for d in spec.devices:
+        vendor = uuid.UUID(d["vendor_id"]) if d.get("vendor_id") else vendor_id
+        klass = uuid.UUID(d["class_id"]) if d.get("class_id") else class_id
+        if vendor is None or klass is None:
+            raise ValueError(f"no vendor or class id for device {d['name']}: give --vendor-id and --class-id")
+        configs.append(
+            DeviceConfig(
+                name=d["name"],
+                tenant=spec.tenant,
+                secret=bytes.fromhex(d["secret"]),
+                vendor_id=vendor,
+                class_id=klass,
+                transport="coap" if d["transport"] == "coap" else "mqtt",
+                trust_anchors=trust_anchors,
+                state_dir=state_dir,
+                mqtt_url=mqtt_url,
+                mqtt_ca_file=mqtt_ca_file,
+                mqtt_username=d.get("mqtt_username") or None,
+                mqtt_password=d.get("mqtt_password") or None,
+                coap_url=coap_url,
+                installed_sequence=int(d.get("sequence", 0)),
+                hardware_id=d["hardware_id"] if "hardware_id" in d else f"hw-{d['name']}",
+                index=int(d["index"]),
+            )
         )
-        for d in spec.devices
-    ]
+    return configs
 
 
 def state_label(status: AgentStatus) -> str:
