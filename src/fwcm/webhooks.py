@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -155,8 +156,8 @@ class FailureRow:
 
 @dataclass(frozen=True)
 class Event:
-    """An event to deliver: its type, when it happened and its ``data``. ``key`` (the stored row it
-    came from) makes its id unique per webhook."""
+    """An event to deliver: its type, when it happened and its ``data``; ``key`` names the stored
+    rows it came from (``c<id>`` a campaign event, ``d<first>-<last>`` device history)."""
 
     type: str
     at: datetime
@@ -216,9 +217,9 @@ def body(event_id: str, tenant: str, event: Event) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
-def event_id(webhook_id: int, event: Event) -> str:
-    """Stable per webhook and source row: a delivery retried by another replica keeps its id."""
-    return f"wh{webhook_id}-{event.key}"
+def event_id() -> str:
+    """A new event id: stored with the delivery, so every retry (by any replica) keeps it."""
+    return str(uuid.uuid4())
 
 
 def short_error(text: str) -> str:

@@ -223,5 +223,5 @@ def _record(s: Session, *, hook_id: int, owner: str, due: wq.Due, o: Outcome) ->
 
 
 def _delivery(hook: wq.HeldWebhook, event: rules.Event) -> dict[str, Any]:
-    eid = rules.event_id(hook.id, event)
+    eid = rules.event_id()
     return {"event_id": eid, "type": event.type, "body": rules.body(eid, hook.tenant, event)}

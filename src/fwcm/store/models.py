@@ -318,6 +318,7 @@ class Webhook(Base):
     its lease tails campaign and device events from its cursors into deliveries."""
 
     __tablename__ = "webhooks"
+    __table_args__ = {"sqlite_autoincrement": True}  # a removed webhook's id is never reused
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     url: Mapped[str] = mapped_column(String(2048))

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('id'),
+        sqlite_autoincrement=True,
     )
     op.create_index('ix_webhooks_tenant_id', 'webhooks', ['tenant_id'], unique=False)
     op.create_table(
