@@ -200,3 +200,35 @@ async def test_removing_a_webhook_deletes_its_log_and_sends_nothing_more(db: Dat
             await until(lambda: len(_done(db, second)) == 1)
         assert _deliveries(db, hook) == []
         assert [json.loads(b)["data"]["state"] for _h, b in live.got] == ["draft", "paused"]
+
+
+def test_waiting_deliveries_and_the_log_stay_bounded(db: Database, monkeypatch: Any) -> None:
+    monkeypatch.setattr(wq, "MAX_PENDING", 3)
+    with db.session() as s:
+        acme = tenants.create_tenant(s, "acme")[0].id
+    hook_id, _ = _hook(db, acme, "http://127.0.0.1:9/")
+    rows = [{"event_id": f"e{i}", "type": rules.CAMPAIGN_STATE, "body": b"{}"} for i in range(5)]
+    with db.session() as s:
+        [hook] = wq.lease(s, "r1", 30)
+        assert not wq.enqueue(s, hook, "r2", rows, 0, 0, flushed=True)  # not its lease: nothing
+        assert wq.enqueue(s, hook, "r1", rows, hook.campaign_cursor, hook.device_cursor, flushed=True)
+    found = _deliveries(db, hook_id)
+    assert [(d.event_id, d.state) for d in found] == [
+        ("e0", "failed"),
+        ("e1", "failed"),
+        ("e2", "pending"),
+        ("e3", "pending"),
+        ("e4", "pending"),
+    ]
+    assert found[0].last_error == "dropped: more than 3 deliveries waiting"
+    with db.session() as s:
+        for d in found[2:]:
+            wq.record_attempt(s, hook_id, "r2", d.id, "delivered", 204, None, None)  # not r2's
+        assert wq.pending_counts(s, [hook_id]) == {hook_id: 3}
+        for d in found[2:]:
+            wq.record_attempt(s, hook_id, "r1", d.id, "delivered", 204, None, None)
+        assert wq.trim(s, keep=2) == 3
+        log = wq.deliveries(s, acme, hook_id, 10)
+        assert [d.event_id for d in log] == ["e4", "e3"]
+        tries = wq.attempts_of(s, [d.id for d in log])
+        assert [(a.attempt, a.status) for a in tries[log[0].id]] == [(1, 204)]

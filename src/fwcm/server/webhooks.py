@@ -145,11 +145,11 @@ class WebhookWorker:
     async def _serve(self, hook_id: int) -> None:
         """One pass over one webhook: new events into deliveries, then what is due, in order."""
         try:
-            hook = await self._db(lambda s: self._enqueue(s, hook_id, self._horizon))
+            hook = await asyncio.to_thread(self._enqueue, hook_id, self._horizon)
             if hook is None:
                 return
             while True:
-                due = await self._db(lambda s: wq.head(s, hook_id))
+                due = await asyncio.to_thread(self._head, hook_id)
                 if due is None or due.next_at > utcnow():
                     return
                 outcome = await self._post(hook, due)
@@ -164,31 +164,46 @@ class WebhookWorker:
         except Exception:
             log.exception("webhook %d: pass failed", hook_id)
 
-    def _enqueue(self, s: Session, hook_id: int, horizon: tuple[int, int]) -> wq.HeldWebhook | None:
-        """Turn what happened past the cursors into deliveries (same transaction as the cursors)."""
-        found = wq.held(s, self.owner, hook_id)
-        if not found:
-            return None
-        hook = found[0]
+    def _enqueue(self, hook_id: int, horizon: tuple[int, int]) -> wq.HeldWebhook | None:
+        """Turn what happened past the cursors into deliveries, written in one transaction with
+        the cursor move. Read first: most passes find nothing and take no write lock."""
+        with self.db.read() as s:
+            found = wq.held(s, self.owner, hook_id)
+            if not found:
+                return None
+            hook = found[0]
+            batch = self._collect(s, hook, horizon)
+        if batch is None:
+            return hook
+        with self.db.session() as s:  # refused if the lease or the cursors changed meanwhile
+            return hook if wq.enqueue(s, hook, self.owner, *batch, flushed=True) else None
+
+    def _collect(
+        self, s: Session, hook: wq.HeldWebhook, horizon: tuple[int, int]
+    ) -> tuple[list[dict[str, Any]], int, int] | None:
+        """The deliveries and new cursors of one pass, or None when there is nothing to write.
+
+        Device failures are batched (read once per ``batch_s``), and read whenever a campaign event
+        is sent too, so failures always go out before a campaign event that follows them."""
         upto_c, upto_d = horizon
         camp = wq.campaign_events_after(s, hook.tenant_id, hook.campaign_cursor, upto_c, EVENTS_PER_PASS)
-        c_cur = camp[-1].id if len(camp) == EVENTS_PER_PASS else max(hook.campaign_cursor, upto_c)
         events = [e for e in map(rules.campaign_event, camp) if e is not None]
-        now = utcnow()
-        # failures are batched per interval, and always go out before a campaign event after them
-        since = None if hook.flushed_at is None else (now - hook.flushed_at).total_seconds()
-        flush = bool(events) or since is None or since >= self.batch_s
-        d_cur = hook.device_cursor
-        if flush:
-            rows = wq.failures_after(s, hook.tenant_id, d_cur, upto_d, EVENTS_PER_PASS)
-            d_cur = rows[-1].id if len(rows) == EVENTS_PER_PASS else max(d_cur, upto_d)
-            events += rules.failure_events(r for r in rows if rules.is_failure(r.state, r.detail))
+        since = None if hook.flushed_at is None else (utcnow() - hook.flushed_at).total_seconds()
+        if not events and since is not None and since < self.batch_s:
+            return None  # the notes among campaign events are read again at the next batch
+        c_cur = camp[-1].id if len(camp) == EVENTS_PER_PASS else max(hook.campaign_cursor, upto_c)
+        rows = wq.failures_after(s, hook.tenant_id, hook.device_cursor, upto_d, EVENTS_PER_PASS)
+        d_cur = rows[-1].id if len(rows) == EVENTS_PER_PASS else max(hook.device_cursor, upto_d)
+        events += rules.failure_events(r for r in rows if rules.is_failure(r.state, r.detail))
         events.sort(key=lambda e: e.at)
         deliveries = [_delivery(hook, e) for e in events if rules.wants(hook.events, e.type)]
-        moved = c_cur != hook.campaign_cursor or d_cur != hook.device_cursor
-        if (deliveries or moved) and not wq.enqueue(s, hook, self.owner, deliveries, c_cur, d_cur, flush):
+        if not deliveries and (c_cur, d_cur) == (hook.campaign_cursor, hook.device_cursor):
             return None
-        return hook
+        return deliveries, c_cur, d_cur
+
+    def _head(self, hook_id: int) -> wq.Due | None:
+        with self.db.read() as s:
+            return wq.head(s, hook_id)
 
     async def _post(self, hook: wq.HeldWebhook, due: wq.Due) -> Outcome:
         assert self._client is not None

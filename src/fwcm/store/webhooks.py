@@ -242,6 +242,7 @@ def enqueue(
     rows: Sequence[dict[str, Any]],
     campaign_cursor: int,
     device_cursor: int,
+    *,
     flushed: bool,
 ) -> bool:
     """Add deliveries and move the cursors in one go, if ``owner`` still holds the lease (False:
