@@ -25,6 +25,19 @@ def _int_env(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise ValueError(f"{name} must be between 0 and 3600 seconds, got {raw!r}")
+    return value
+
+
 def _path_env(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw) if raw else None
@@ -62,6 +75,10 @@ class Settings:
     broker's accounts are managed elsewhere."""
     broker_pid_file: Path | None = None
     """The broker's pid file: SIGHUP makes it re-read the accounts.  None: it notices by itself."""
+    webhook_retry_s: float = 10.0
+    """Wait before the first retry of a failed webhook delivery; doubled after each failure."""
+    webhook_batch_s: float = 10.0
+    """Device failures are batched into one ``device.failed`` event per campaign this often."""
     _root: x509.Certificate | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +144,8 @@ class Settings:
             "pki_root": Path(os.environ["FWCM_PKI_ROOT"]) if os.environ.get("FWCM_PKI_ROOT") else None,
             "broker_accounts": _path_env("FWCM_BROKER_ACCOUNTS"),
             "broker_pid_file": _path_env("FWCM_BROKER_PID_FILE"),
+            "webhook_retry_s": _float_env("FWCM_WEBHOOK_RETRY_S", 10.0),
+            "webhook_batch_s": _float_env("FWCM_WEBHOOK_BATCH_S", 10.0),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

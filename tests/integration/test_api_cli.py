@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from fwcm import manifest, protocol
 from fwcm.cli import account, campaigns, devices, images, signers
+from fwcm.cli.webhooks import webhook_app
 from fwcm.store import deadletters, tenants
 
 VENDOR = manifest.vendor_id_for_domain("example.com")
@@ -35,6 +36,7 @@ manifest_app.command("list")(images.manifest_list)
 cli.add_typer(manifest_app, name="manifest")
 cli.command("login")(account.login)
 cli.command("whoami")(account.whoami)
+cli.add_typer(webhook_app, name="webhook")
 runner = CliRunner()
 
 
@@ -274,3 +276,30 @@ def test_day_two_commands(env: dict[str, str]) -> None:
     assert [x["name"] for x in ok_json("device", "list")["items"]] == ["n1"]
     assert ok_json("device", "events", "n1") == []
     assert "--failed" in one_error("campaign", "retry", "1")
+
+
+def test_webhooks_through_the_cli(env: dict[str, str]) -> None:
+    code, out, err = run("webhook", "add", "https://hooks.example.com/fwcm", "--events", "device.failed")
+    assert code == 0, err
+    assert "webhook 1 added for https://hooks.example.com/fwcm (device.failed)" in out
+    secret = out.split("secret: ")[1].split()[0]
+    assert len(secret) == 64
+    hook = ok_json(
+        "webhook", "add", "http://127.0.0.1:9/h", "--events", "campaign.state_changed,campaign.phase_advanced"
+    )
+    assert (
+        hook["events"] == ["campaign.state_changed", "campaign.phase_advanced"] and hook["secret"] != secret
+    )
+    listed = ok_json("webhook", "list")
+    assert [h["id"] for h in listed["items"]] == [1, hook["id"]]
+    assert all("secret" not in h for h in listed["items"])
+    code, out, _ = run("webhook", "list")
+    assert code == 0 and "webhooks" in out and "https://" in out
+    assert ok_json("webhook", "deliveries", hook["id"])["items"] == []
+    assert "only http and https" in one_error("webhook", "add", "ftp://example.com/")
+    assert "unknown nope" in one_error("webhook", "add", "https://example.com/", "--events", "nope")
+    code, out, _ = run("webhook", "remove", "1")
+    assert code == 0 and "webhook 1 removed" in out
+    assert "webhook 1 not found" in one_error("webhook", "remove", "1")
+    assert "not found" in one_error("webhook", "deliveries", "1")
+    assert [h["id"] for h in ok_json("webhook", "list")["items"]] == [hook["id"]]

@@ -13,6 +13,7 @@ import typer
 
 from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
 from fwcm.cli.demo import demo
+from fwcm.cli.webhooks import webhook_app
 from fwcm.runtime import setup_logging, tune_gc
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.add_typer(inventory.factory_app, name="factory", help="Manufacturers: device
 campaigns.campaign_app.command("watch")(watch.watch)
 app.add_typer(campaigns.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
 app.add_typer(campaigns.accounting_app, name="accounting", help="Usage reported by installed software.")
+app.add_typer(webhook_app, name="webhook", help="URLs that receive the tenant's signed events.")
 app.command("login", help="Store the server URL and API key in the config file.")(account.login)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 

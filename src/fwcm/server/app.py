@@ -26,6 +26,7 @@ from fwcm.server.ingest import Credentials, Ingest
 from fwcm.server.keys import KeyCache
 from fwcm.server.metrics import CAMPAIGNS, REGISTRY
 from fwcm.server.notices import Notifier
+from fwcm.server.webhooks import WebhookWorker
 from fwcm.store import attestations as aq
 from fwcm.store import deadletters as dl
 from fwcm.store import device_state as ds
@@ -47,10 +48,13 @@ class Hooks:
     accounts: AccountSync | None = None
     keys: KeyCache | None = None
     notifier: Notifier | None = None
+    webhooks: WebhookWorker | None = None
 
     def campaign_changed(self, campaign_id: int) -> None:
         if self.engine is not None:
             self.engine.wake()
+        if self.webhooks is not None:
+            self.webhooks.wake()
 
     def devices_changed(self) -> None:
         if self.accounts is not None:
@@ -88,7 +92,11 @@ class Server:
         self.ingest = Ingest(self.db, on_attested=self._deliver_attested)
         self.engine.on_notified = self.ingest.keys.prime
         self.gateway = Gateway(self.db, self.notifier, self.ingest.keys, self.payload_cache)
-        self.hooks = Hooks(self.engine, keys=self.ingest.keys, notifier=self.notifier)
+        st = self.settings
+        self.webhooks = WebhookWorker(
+            self.db, self.replica, retry_s=st.webhook_retry_s, batch_s=st.webhook_batch_s
+        )
+        self.hooks = Hooks(self.engine, keys=self.ingest.keys, notifier=self.notifier, webhooks=self.webhooks)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
         self._http: uvicorn.Server | None = None
@@ -166,6 +174,7 @@ class Server:
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
         self._tasks.append(asyncio.create_task(self.engine.run(), name="engine"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         if self.coap is not None:
             self._tasks.append(asyncio.create_task(self.gateway.save_coap_addresses(), name="coap-addresses"))
         log.info("server %s running", self.replica)
@@ -211,6 +220,9 @@ class Server:
         if any(t.get_name() == "engine" for t in self._tasks):  # never a live replica's leases
             with contextlib.suppress(Exception):
                 await self.engine.release()
+        if any(t.get_name() == "webhooks" for t in self._tasks):
+            with contextlib.suppress(Exception):
+                await self.webhooks.release()
         if self.hooks.accounts is not None:
             await self.hooks.accounts.stop()
         if self.mqtt is not None:

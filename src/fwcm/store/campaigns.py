@@ -114,10 +114,17 @@ def get_campaign(s: Session, tenant_id: int, campaign_id: int, *, lock: bool = F
     return campaign
 
 
-def _campaign_event(s: Session, campaign: Campaign, state: str, reason: str | None) -> None:
+def _campaign_event(
+    s: Session, campaign: Campaign, state: str, reason: str | None, kind: str | None = None
+) -> None:
     s.add(
         CampaignEvent(
-            tenant_id=campaign.tenant_id, campaign_id=campaign.id, at=utcnow(), state=state, reason=reason
+            tenant_id=campaign.tenant_id,
+            campaign_id=campaign.id,
+            at=utcnow(),
+            state=state,
+            reason=reason,
+            kind=kind,
         )
     )
 
@@ -487,6 +494,6 @@ def join_new_devices(s: Session, campaign_id: int, tenant_id: int, phase: int) -
     added = len(s.execute(stmt).all())
     if added:
         campaign.total += added
-        _campaign_event(s, campaign, campaign.state, f"{added} newly registered devices joined")
+        _campaign_event(s, campaign, campaign.state, f"{added} newly registered devices joined", "note")
         log.info("campaign %d: %d newly registered devices joined", campaign_id, added)
     return added

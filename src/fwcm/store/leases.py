@@ -152,6 +152,7 @@ def set_phase(s: Session, campaign_id: int, tenant_id: int, phase: int, label: s
             at=utcnow(),
             state="running",
             reason=f"{label} begins",
+            kind="phase",
         )
     )
 
@@ -168,7 +169,12 @@ def set_campaign_state(
 
 
 def add_campaign_event(s: Session, campaign: int, tenant_id: int, state: str, reason: str) -> None:
-    s.add(CampaignEvent(tenant_id=tenant_id, campaign_id=campaign, at=utcnow(), state=state, reason=reason))
+    """Something happened to a campaign without changing its state (a ``note``)."""
+    s.add(
+        CampaignEvent(
+            tenant_id=tenant_id, campaign_id=campaign, at=utcnow(), state=state, reason=reason, kind="note"
+        )
+    )
 
 
 def manifest_envelope(s: Session, manifest_id: int) -> bytes:

@@ -295,6 +295,9 @@ class CampaignEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """``phase`` (a phase began), ``note`` (something happened, the state did not change) or None (a
+    state change); webhooks tell them apart by it."""
 
 
 class DeadLetter(Base):
@@ -314,3 +317,60 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(16))
     error: Mapped[str] = mapped_column(String(200))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Webhook(Base):
+    """A URL of a tenant that receives signed events; the delivery worker of the replica holding
+    its lease tails campaign and device events from its cursors into deliveries."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = {"sqlite_autoincrement": True}  # a removed webhook's id is never reused
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(64))
+    """HMAC key of the signatures; shown once at creation (the server needs it to sign)."""
+    events: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    """Event types subscribed to; None: all."""
+    campaign_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Newest ``campaign_events.id`` already turned into deliveries."""
+    device_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Newest ``device_events.id`` already turned into deliveries."""
+    flushed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """When device failures were last batched into an event."""
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the exact body sent, and its last attempt (the delivery log)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_hook", "webhook_id", "state", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(40))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    """``pending`` (to try at ``next_at``), ``delivered`` or ``failed`` (given up)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: when, the HTTP status (None: no answer) and the error."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "attempt"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -15,6 +15,7 @@ from fwcm.api.management import (
     payloads,
     signers,
     tenant,
+    webhooks,
 )
 from fwcm.config import Settings
 from fwcm.store.db import Database
@@ -33,4 +34,5 @@ def routers(db: Database, settings: Settings, store: PayloadStore, notify: Notif
         manifests.create_router(db, settings),
         devices.create_router(db, settings, notify),
         campaigns.create_router(db, notify),
+        webhooks.create_router(db),
     ]

@@ -1,6 +1,6 @@
 """device lifecycle: decommissioned devices, the review a stopped campaign was resumed with
 
-Revision ID: 0011
+Revision ID: 0009
 Revises: 0008
 Create Date: 2027-01-10 10:00:00
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0011'
+revision: str = '0009'
 down_revision: Union[str, Sequence[str], None] = '0008'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
