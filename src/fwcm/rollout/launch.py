@@ -9,12 +9,13 @@ devices split into phases, and whether it runs at once or waits for its ``start_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwcm import filters
 from fwcm.errors import Invalid
+from fwcm.rollout.groups import Member, assign, seed_of
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.definition import MAX_NAME_CHARS
 from fwcm.rollout.policy import Policy
@@ -42,10 +43,26 @@ class StartPlan:
     """What a start writes: the phase of each frozen device and the campaign's state."""
 
     bounds: tuple[int, ...]
-    """Cumulative phase ends: the device ranked ``r`` (0-based, by id) joins the first phase with
-    ``r < bound``."""
+    """Cumulative phase ends without rollout groups: the device ranked ``r`` (0-based, in the
+    policy's order) joins the first phase with ``r < bound``."""
     state: str
     """``running``, or ``scheduled`` until the policy's ``start_at``."""
+    policy: Policy = field(default_factory=Policy, compare=False, repr=False)
+
+    @property
+    def groups(self) -> dict[int, str]:
+        """Canonical filter of each rollout group (filter phase), by phase index."""
+        return self.policy.groups
+
+    def assign(self, members: Sequence[Member], campaign_id: int) -> dict[int, int]:
+        """Phase of each member (by device id); ``fwcm.rollout.groups`` holds the rules."""
+        return assign(self.policy, members, seed_of(self.policy, campaign_id))
+
+    def describe_order(self, campaign_id: int) -> str:
+        """How the count and share phases were filled, for the start event."""
+        if self.policy.order == "registration":
+            return "in registration order"
+        return f"in a shuffle seeded {seed_of(self.policy, campaign_id)}"
 
 
 StartPlanner = Callable[[Mapping[str, Any] | None, int, float], StartPlan]
@@ -127,7 +144,9 @@ def start_plan(stored: Mapping[str, Any] | None, matching: int, now: float) -> S
         policy = Policy.from_stored(stored or {})
     except PolicyError as exc:
         raise Invalid(f"invalid rollout policy: {exc}") from None
-    return StartPlan(bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value)
+    return StartPlan(
+        bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value, policy=policy
+    )
 
 
 def phase_names(stored: Mapping[str, Any] | None) -> list[str]:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
+from fwcm.rollout.groups import Member
 from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
 from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState, InvalidTransition, action_transition
 from fwcm.store.filtersql import filter_clause
@@ -87,10 +88,11 @@ def _campaign_event(s: Session, campaign: Campaign, state: str, reason: str | No
 
 
 def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner) -> Campaign:
-    """Freeze the matching devices into deployments with one INSERT … SELECT and start running.
+    """Freeze the matching devices into deployments, each in its phase, and start running.
 
-    ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device by
-    its rank, and the state the campaign enters.
+    ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device
+    (``rollout.groups``: rollout groups by filter, the rest in the policy's order) and the state
+    the campaign enters.
     """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     if campaign.state not in ("draft", "scheduled"):
@@ -101,15 +103,28 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())
-    bounds = planned.bounds
-    # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
-    rank = func.row_number().over(order_by=Device.id) - 1
-    whens = [(rank < b, i) for i, b in enumerate(bounds[:-1])]
-    phase = case(*whens, else_=len(bounds) - 1) if whens else literal(0)
-    result = s.execute(_deployments_of(campaign.id, tenant_id, phase, cond))
-    total = result.rowcount  # type: ignore[attr-defined]
-    if total is None or total < 0:
-        total = s.scalar(select(func.count()).where(Deployment.campaign_id == campaign.id)) or 0
+    group = _first_group(planned.groups)
+    members = [
+        Member(row.id, row.grp)
+        for row in s.execute(select(Device.id, group.label("grp")).where(cond).order_by(Device.id))
+    ]
+    phases = planned.assign(members, campaign.id)
+    rows = [
+        {
+            "campaign_id": campaign.id,
+            "device_id": m.device_id,
+            "tenant_id": tenant_id,
+            "state": "pending",
+            "result": 0,
+            "phase": phases[m.device_id],
+            "attempt": 0,
+            "last_seq": -1,
+        }
+        for m in members
+    ]
+    if rows:
+        s.execute(insert(Deployment), rows)
+    total = len(rows)
     campaign.total = total
     if s.get_bind().dialect.name == "postgresql":
         # fresh rows: without statistics the planner scans pending rows once per notice batch
@@ -117,10 +132,21 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     campaign.state = planned.state
     campaign.phase = 0
     campaign.started_at = utcnow()
-    _campaign_event(s, campaign, campaign.state, f"started with {total} devices")
+    _campaign_event(
+        s,
+        campaign,
+        campaign.state,
+        f"started with {total} devices; phases filled {planned.describe_order(campaign.id)}",
+    )
     s.flush()
     log.info("campaign %d started over %d devices", campaign.id, total)
     return campaign
+
+
+def _first_group(groups: dict[int, str]) -> ColumnElement[Any]:
+    """SQL: the index of the first rollout group (filter phase) a device matches, else NULL."""
+    whens = [(filter_clause(filters.parse(text)), i) for i, text in sorted(groups.items())]
+    return case(*whens, else_=literal(None)) if whens else literal(None)
 
 
 def _deployments_of(
