@@ -302,7 +302,7 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
             ("d2", "pending", tid, -1),
             ("d4", "pending", tid, -1),
         ]
-        stats = campaigns.campaign_stats(s, tid, cid, launch.phase_names)
+        stats = campaigns.campaign_stats(s, tid, cid, launch.phase_names, launch.pace)
         assert stats["total"] == 3 and stats["counts"]["pending"] == 3 and stats["counts"]["failed"] == 0
         total, devs = campaigns.campaign_devices(s, tid, cid, state="pending")
         assert total == 3 and [d["device"] for d in devs] == ["d1", "d2", "d4"]

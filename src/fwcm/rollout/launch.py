@@ -15,9 +15,10 @@ from typing import Any
 
 from fwcm import filters
 from fwcm.errors import Invalid
-from fwcm.rollout.groups import Member, assign, seed_of
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.definition import MAX_NAME_CHARS
+from fwcm.rollout.groups import Member, assign, seed_of
+from fwcm.rollout.pace import Estimate, Progress, estimate
 from fwcm.rollout.policy import Policy
 from fwcm.rollout.values import PolicyError
 
@@ -69,6 +70,8 @@ StartPlanner = Callable[[Mapping[str, Any] | None, int, float], StartPlan]
 """``start_plan``'s signature: (stored policy, number of matching devices, now) → plan."""
 PhaseNamer = Callable[[Mapping[str, Any] | None], list[str]]
 """``phase_names``'s signature: stored policy → a label per phase."""
+Pacer = Callable[[Mapping[str, Any] | None, Progress, float], Estimate]
+"""``pace``'s signature: (stored policy, progress, now) → pace and ETA."""
 
 
 def draft(
@@ -157,3 +160,12 @@ def phase_names(stored: Mapping[str, Any] | None) -> list[str]:
     except PolicyError:
         return []
     return [policy.label(i) for i in range(len(policy.phases))]
+
+
+def pace(stored: Mapping[str, Any] | None, progress: Progress, now: float) -> Estimate:
+    """Pace and ETA of a campaign (``fwcm.rollout.pace``); none when its policy cannot be read."""
+    try:
+        policy = Policy.from_stored(stored or {})
+    except PolicyError:
+        return Estimate(why="its rollout policy cannot be read")
+    return estimate(policy, progress, now)

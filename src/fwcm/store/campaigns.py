@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Insert, and_, case, func, insert, literal, or_, select, text
@@ -21,8 +21,15 @@ from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout.groups import Member
-from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
-from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState, InvalidTransition, action_transition
+from fwcm.rollout.launch import CampaignDraft, Pacer, PhaseNamer, StartPlanner
+from fwcm.rollout.pace import PACE_WINDOW_S, Completion, Progress
+from fwcm.rollout.states import (
+    DEVICE_TERMINAL,
+    IN_PROGRESS,
+    DeviceState,
+    InvalidTransition,
+    action_transition,
+)
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
 from fwcm.store.models import Campaign, CampaignEvent, Deployment, Device, Manifest, Signer, utcnow
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_STATES = tuple(state.value for state in DeviceState)
 TERMINAL_STATES = sorted(state.value for state in DEVICE_TERMINAL)
+COMPLETED_STATES = ("succeeded", "failed", "timed_out", "skipped")
+"""Final states that count towards the pace (a cancelled device did not complete)."""
+MAX_PACE_ROWS = 5000
 
 
 def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: CampaignDraft) -> Campaign:
@@ -219,9 +229,14 @@ def change_campaign(
     return campaign
 
 
-def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer) -> dict[str, Any]:
-    """Counts per deployment state and the most common failure results; ``phase_names``
-    (``rollout.launch.phase_names``) labels the phases of the stored policy."""
+def campaign_stats(
+    s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer, pace: Pacer
+) -> dict[str, Any]:
+    """Counts per deployment state, the most common failure results, pace and ETA.
+
+    ``phase_names`` (``rollout.launch.phase_names``) labels the phases of the stored policy;
+    ``pace`` (``rollout.launch.pace``) estimates from the recent completions read here.
+    """
     campaign = get_campaign(s, tenant_id, campaign_id)
     counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
     for by_state in s.execute(
@@ -251,18 +266,17 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         failures.append(
             {"result": by_result.result, "name": _result_name(by_result.result), "count": by_result.n}
         )
-    # Throughput: devices that reached a terminal state in the last minute; ETA from that pace.
-    recent = (
-        s.scalar(
-            select(func.count()).where(
-                Deployment.campaign_id == campaign_id,
-                Deployment.state.in_(TERMINAL_STATES),
-                Deployment.updated_at >= utcnow() - timedelta(seconds=60),
-            )
-        )
-        or 0
+    progress = Progress(
+        state=campaign.state,
+        phase=campaign.phase,
+        pending={p: c.get("pending", 0) for p, c in phases.items()},
+        in_flight=sum(counts.get(st.value, 0) for st in IN_PROGRESS),
+        succeeded=counts.get("succeeded", 0),
+        completions=_completions(s, campaign_id),
+        consent_stage=campaign.consent_stage if campaign.consent is not None else None,
     )
-    remaining = sum(n for st, n in counts.items() if st not in TERMINAL_STATES)
+    est = pace(campaign.policy, progress, time.time())
+    names = phase_names(campaign.policy)
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -270,17 +284,46 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         "stop_reason": campaign.stop_reason,
         "note": campaign.note,
         "phase": campaign.phase,
+        "phase_label": names[campaign.phase]
+        if campaign.phase < len(names)
+        else f"phase {campaign.phase + 1}",
         "total": campaign.total,
         "counts": counts,
         "phases": {str(k): v for k, v in sorted(phases.items())},
-        "phase_names": phase_names(campaign.policy),
-        "per_minute": recent,
-        "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
+        "phase_names": names,
+        "per_minute": est.per_minute,
+        "eta_s": est.eta_s,
+        "eta_scope": est.scope,
+        "eta_note": "; ".join(n for n in (*est.notes, est.why) if n) or None,
         "failures": failures,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
     }
+
+
+def _completions(s: Session, campaign_id: int) -> list[Completion]:
+    """Devices of the campaign that completed within the pace window, newest first (bounded)."""
+    since = utcnow() - timedelta(seconds=PACE_WINDOW_S)
+    rows = s.execute(
+        select(Deployment.notified_at, Deployment.updated_at)
+        .where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(COMPLETED_STATES),
+            Deployment.updated_at >= since,
+        )
+        .order_by(Deployment.updated_at.desc())
+        .limit(MAX_PACE_ROWS)
+    ).all()
+    return [
+        Completion(done_at=_epoch(r.updated_at), notified_at=_epoch(r.notified_at) if r.notified_at else None)
+        for r in rows
+        if r.updated_at is not None
+    ]
+
+
+def _epoch(t: datetime) -> float:
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:
