@@ -7,6 +7,7 @@ exactly what a device reports and when."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from rich.console import Console
 
 from fwcm import protocol
+from fwcm.cli import watch
 from fwcm.protocol import LwState, Notice, Report, Result
 
 from .conftest import Env, firmware
@@ -208,7 +211,7 @@ async def _count(env: Env, cid: int, state: str, at_least: int) -> dict[str, Any
 
 
 async def test_approval_phase_pauses_until_resumed(env: Env, coap: aiocoap.Context) -> None:
-    policy = {"phases": [{"size": 1, "advance": "approval"}, {"until": "100%"}]}
+    policy = {"order": "registration", "phases": [{"size": 1, "advance": "approval"}, {"until": "100%"}]}
     cid, devs = await setup(env, coap, 3, policy)
     await env.call("POST", f"/campaigns/{cid}/start")
     first = await until(devs[0].notice)
@@ -222,3 +225,57 @@ async def test_approval_phase_pauses_until_resumed(env: Env, coap: aiocoap.Conte
         await d.succeed(await until(d.notice))
     done = await until(lambda: _state(env, cid, "completed"))
     assert done["counts"]["succeeded"] == 3 and done["phase"] == 1
+
+
+async def _notified(env: Env, cid: int, devs: list[ScriptedDevice], n: int) -> list[ScriptedDevice] | None:
+    page = await env.call("GET", f"/campaigns/{cid}/devices", params={"state": "notified"})
+    names = {d["device"] for d in page["items"]}
+    return [d for d in devs if d.name in names] if len(names) >= n else None
+
+
+def _screen(s: dict[str, Any]) -> list[str]:
+    console = Console(width=80, record=True, color_system=None, file=io.StringIO())
+    console.print(watch.render(s))
+    return console.export_text().splitlines()
+
+
+async def test_watch_of_a_phased_rate_limited_campaign(env: Env, coap: aiocoap.Context) -> None:
+    """Phases drawn by the seeded shuffle, a rate limit and an approval gate: the stats' pace
+    and ETA follow them, and the watch screen fits 80 columns with the same phase as status."""
+    policy = {
+        "rate_per_minute": 30,
+        "phases": [{"name": "canary", "size": 2, "advance": "approval"}, {"name": "rest"}],
+    }
+    cid, devs = await setup(env, coap, 12, policy)
+    await env.call("POST", f"/campaigns/{cid}/start")
+    first = (await until(lambda: _notified(env, cid, devs, 1)))[0]
+    await first.succeed(await until(first.notice))
+    s = await until(lambda: _count(env, cid, "succeeded", 1))
+    assert s["phase_label"] == "phase 1 (canary)" and s["per_minute"] > 0
+    assert s["eta_scope"] == "end of phase 1 (canary)"
+    assert s["eta_note"] == "then waiting for approval of phase 2 (rest)"
+    # one canary device left at 30/min: its notice within 2 s, then one install of this pace
+    assert s["eta_s"] is not None and 0 <= s["eta_s"] <= 2 + 10
+    lines = _screen(s)
+    assert max(len(line) for line in lines) <= 80
+    assert any("RUNNING   phase 1/2 (canary)" in line for line in lines)
+    assert any(" pending  notified  downloading  downloaded  installing" in line for line in lines)
+    assert not any("invited" in line for line in lines)
+
+    second = next(d for d in (await until(lambda: _notified(env, cid, devs, 1))) if d is not first)
+    await second.succeed(await until(second.notice))
+    paused = await until(lambda: _state(env, cid, "paused"))
+    assert paused["eta_s"] is None and paused["eta_note"] == "waiting for approval of phase 2 (rest)"
+    assert paused["phase_label"] == "phase 2 (rest)"
+    assert any("ETA —" in line for line in _screen(paused))
+
+    await env.call("POST", f"/campaigns/{cid}/resume")
+    running = await until(lambda: _state(env, cid, "running"))
+    # ten devices at 30 per minute: about 20 s of notices, then one install
+    assert running["eta_s"] is not None and 18 <= running["eta_s"] <= 20 + 10
+    assert running["eta_scope"] is None
+    await env.call("POST", f"/campaigns/{cid}/cancel")
+    await until(lambda: _state(env, cid, "cancelled"))
+    await until(lambda: _count(env, cid, "cancelled", 1))
+    lines = _screen(await stats(env, cid))
+    assert any("2/12 done, " in line and " cancelled" in line for line in lines)

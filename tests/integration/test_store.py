@@ -16,6 +16,7 @@ from fwcm import filters, manifest
 from fwcm.devices import parse_devices_csv, validate_device
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound
 from fwcm.rollout import launch
+from fwcm.rollout.groups import Member
 from fwcm.store import campaigns, images, tenants, trust
 from fwcm.store import devices as device_store
 from fwcm.store.db import Database
@@ -301,7 +302,7 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
             ("d2", "pending", tid, -1),
             ("d4", "pending", tid, -1),
         ]
-        stats = campaigns.campaign_stats(s, tid, cid, launch.phase_names)
+        stats = campaigns.campaign_stats(s, tid, cid, launch.phase_names, launch.pace)
         assert stats["total"] == 3 and stats["counts"]["pending"] == 3 and stats["counts"]["failed"] == 0
         total, devs = campaigns.campaign_devices(s, tid, cid, state="pending")
         assert total == 3 and [d["device"] for d in devs] == ["d1", "d2", "d4"]
@@ -421,7 +422,7 @@ def test_start_assigns_phases_in_device_order(db: Database) -> None:
         for i in range(20):
             device_store.register_device(s, tid, validate_device(f"d{i:02d}", VENDOR, CLASS_A, {}))
     mid = _manifest(db, tid)
-    policy = {"phases": [{"until": "10%"}, {"until": "50%"}, {"until": "100%"}]}
+    policy = {"order": "registration", "phases": [{"until": "10%"}, {"until": "50%"}, {"until": "100%"}]}
     with db.session() as s:
         cid = campaigns.create_campaign(s, tid, mid, launch.draft("staged", "", policy)).id
         campaigns.start_campaign(s, tid, cid, launch.start_plan)
@@ -433,6 +434,48 @@ def test_start_assigns_phases_in_device_order(db: Database) -> None:
             .order_by(Device.id)
         ).all()
     assert [p for _n, p in rows] == [0] * 2 + [1] * 8 + [2] * 10
+
+
+def test_start_fills_rollout_groups_then_a_seeded_shuffle(db: Database) -> None:
+    with db.session() as s:
+        tid = tenants.create_tenant(s, "gr", "Gr")[0].id
+        for i in range(40):
+            ring = {0: "canary", 1: "beta"}.get(i % 10, "main")
+            device_store.register_device(
+                s, tid, validate_device(f"d{i:02d}", VENDOR, CLASS_A, {"ring": ring})
+            )
+    mid = _manifest(db, tid)
+    policy = {
+        "phases": [
+            {"name": "canary", "filter": 'tag.ring == "canary"'},
+            {"filter": 'tag.ring in ["canary", "beta"]'},
+            {"size": 5},
+            {},
+        ]
+    }
+    with db.session() as s:
+        cid = campaigns.create_campaign(s, tid, mid, launch.draft("groups", "", policy)).id
+        campaigns.start_campaign(s, tid, cid, launch.start_plan)
+    with db.session() as s:
+        rows = s.execute(
+            select(Device.id, Device.tags, Deployment.phase)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.campaign_id == cid)
+            .order_by(Device.id)
+        ).all()
+        reason = s.scalars(select(CampaignEvent.reason).where(CampaignEvent.campaign_id == cid)).all()[-1]
+    by_phase: dict[int, list[str]] = {}
+    for r in rows:
+        by_phase.setdefault(r.phase, []).append(r.tags["ring"])
+    assert by_phase[0] == ["canary"] * 4 and by_phase[1] == ["beta"] * 4  # first matching group wins
+    assert len(by_phase[2]) == 5 and len(by_phase[3]) == 27 and "canary" not in by_phase[2] + by_phase[3]
+    # the count phase is a seeded shuffle of the rest: the one the rules draw for this campaign
+    members = [Member(r.id, {"canary": 0, "beta": 1}.get(r.tags["ring"])) for r in rows]
+    expected = launch.start_plan(launch.stored_policy(policy), len(rows), 0.0).assign(members, cid)
+    assert {r.id: r.phase for r in rows} == expected
+    rest = [r.id for r in rows if r.tags["ring"] == "main"]
+    assert sorted(i for i, p in expected.items() if p == 2) != rest[:5]
+    assert reason == f"started with 40 devices; phases filled in a shuffle seeded {cid}"
 
 
 def test_device_history_is_trimmed_to_a_bound(db: Database) -> None:

@@ -346,13 +346,27 @@ class CampaignStats(BaseModel):
     note: str | None = Field(
         None, description="Why the campaign is not moving right now (window, rate, schedule)."
     )
-    phase: int
+    phase: int = Field(description="Current phase: a 0-based index into phase_names.")
+    phase_label: str = Field(
+        "phase 1", description='The current phase as people read it: "phase 1 (canary)".'
+    )
     total: int
     counts: dict[str, int] = Field(description="Deployments per state (every state present).")
     phases: dict[str, dict[str, int]] = Field(description="Per phase: deployments per state.")
     phase_names: list[str] = Field(description="Name of each rollout phase, in order.")
-    per_minute: int = Field(description="Devices that reached a final state in the last 60 s.")
-    eta_s: float | None = Field(description="Seconds until every device is done at the current pace.")
+    per_minute: float | None = Field(
+        description="Devices completed per minute over the last 5 minutes (cancelled ones excluded)."
+    )
+    eta_s: float | None = Field(
+        description="Seconds until the devices are done (or those up to eta_scope), bounded by the rate "
+        "limit and maintenance window; null when it cannot be estimated (eta_note says why)."
+    )
+    eta_scope: str | None = Field(
+        None, description='What the ETA reaches when not the end: "end of phase 1".'
+    )
+    eta_note: str | None = Field(
+        None, description='Why there is no ETA, or what follows it: "waiting for approval of phase 2".'
+    )
     failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
     started_at: datetime | None
     finished_at: datetime | None

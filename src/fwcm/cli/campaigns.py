@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from fwcm.cli.common import JsonOpt, api, fail, print_fields, print_json, print_table, rich_console, short
 from fwcm.rollout.definition import DefinitionError, load_definition
@@ -120,7 +119,7 @@ def campaign_show(
     else:
         print_fields(
             f"campaign {c['id']}",
-            c,
+            {**c, "phase": c["phase"] + 1},  # 1-based, as status and watch say it
             [
                 "id",
                 "name",
@@ -215,21 +214,24 @@ campaign_cancel = campaign_app.command("cancel")(
 
 
 def print_status(stats: dict[str, Any]) -> None:
-    """Human summary of ``GET /campaigns/{id}/stats``."""
-    counts = stats["counts"]
-    total = stats["total"]
-    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "skipped", "timed_out", "cancelled"))
-    head = f"campaign {stats['id']} ({stats['name']}): {stats['state']}, phase {stats['phase']}, "
-    head += f"{done}/{total} finished"
+    """Human summary of ``GET /campaigns/{id}/stats``: the same phase, pace and counts as ``watch``."""
+    from fwcm.cli.watch import count_tables, pace_line
+
+    label = stats.get("phase_label") or f"phase {stats['phase'] + 1}"
+    finished = sum(
+        stats["counts"].get(s, 0) for s in ("succeeded", "failed", "skipped", "timed_out", "cancelled")
+    )
+    head = f"campaign {stats['id']} ({stats['name']}): {stats['state']}, {label}, "
+    head += f"{finished}/{stats['total']} finished"
     if stats.get("stop_reason"):
         head += f"; reason: {stats['stop_reason']}"
     console = rich_console()
-    console.print(head)
-    table = Table(show_header=True)
-    for s in counts:
-        table.add_column(s, justify="right")
-    table.add_row(*[str(n) for n in counts.values()])
-    console.print(table)
+    console.print(head, highlight=False)
+    console.print(pace_line(stats))
+    if stats.get("eta_note"):
+        console.print(stats["eta_note"], highlight=False)
+    for table in count_tables(stats):
+        console.print(table)
     if stats["failures"]:
         print_table(
             "failure reasons",
@@ -304,7 +306,7 @@ def campaign_devices(
                 d["state"],
                 d["result_name"],
                 d["detail"],
-                d["phase"],
+                d["phase"] + 1,
                 d["attempt"],
                 short(d["updated_at"]),
             ]

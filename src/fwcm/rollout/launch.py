@@ -9,7 +9,7 @@ devices split into phases, and whether it runs at once or waits for its ``start_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +17,8 @@ from fwcm import filters
 from fwcm.errors import Invalid
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.definition import MAX_NAME_CHARS
+from fwcm.rollout.groups import Member, assign, seed_of
+from fwcm.rollout.pace import Estimate, Progress, estimate
 from fwcm.rollout.policy import Policy
 from fwcm.rollout.values import PolicyError
 
@@ -42,16 +44,34 @@ class StartPlan:
     """What a start writes: the phase of each frozen device and the campaign's state."""
 
     bounds: tuple[int, ...]
-    """Cumulative phase ends: the device ranked ``r`` (0-based, by id) joins the first phase with
-    ``r < bound``."""
+    """Cumulative phase ends without rollout groups: the device ranked ``r`` (0-based, in the
+    policy's order) joins the first phase with ``r < bound``."""
     state: str
     """``running``, or ``scheduled`` until the policy's ``start_at``."""
+    policy: Policy = field(default_factory=Policy, compare=False, repr=False)
+
+    @property
+    def groups(self) -> dict[int, str]:
+        """Canonical filter of each rollout group (filter phase), by phase index."""
+        return self.policy.groups
+
+    def assign(self, members: Sequence[Member], campaign_id: int) -> dict[int, int]:
+        """Phase of each member (by device id); ``fwcm.rollout.groups`` holds the rules."""
+        return assign(self.policy, members, seed_of(self.policy, campaign_id))
+
+    def describe_order(self, campaign_id: int) -> str:
+        """How the count and share phases were filled, for the start event."""
+        if self.policy.order == "registration":
+            return "in registration order"
+        return f"in a shuffle seeded {seed_of(self.policy, campaign_id)}"
 
 
 StartPlanner = Callable[[Mapping[str, Any] | None, int, float], StartPlan]
 """``start_plan``'s signature: (stored policy, number of matching devices, now) → plan."""
 PhaseNamer = Callable[[Mapping[str, Any] | None], list[str]]
 """``phase_names``'s signature: stored policy → a label per phase."""
+Pacer = Callable[[Mapping[str, Any] | None, Progress, float], Estimate]
+"""``pace``'s signature: (stored policy, progress, now) → pace and ETA."""
 
 
 def clone_name(name: Any, original: str) -> str:
@@ -136,7 +156,9 @@ def start_plan(stored: Mapping[str, Any] | None, matching: int, now: float) -> S
         policy = Policy.from_stored(stored or {})
     except PolicyError as exc:
         raise Invalid(f"invalid rollout policy: {exc}") from None
-    return StartPlan(bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value)
+    return StartPlan(
+        bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value, policy=policy
+    )
 
 
 def phase_names(stored: Mapping[str, Any] | None) -> list[str]:
@@ -147,3 +169,12 @@ def phase_names(stored: Mapping[str, Any] | None) -> list[str]:
     except PolicyError:
         return []
     return [policy.label(i) for i in range(len(policy.phases))]
+
+
+def pace(stored: Mapping[str, Any] | None, progress: Progress, now: float) -> Estimate:
+    """Pace and ETA of a campaign (``fwcm.rollout.pace``); none when its policy cannot be read."""
+    try:
+        policy = Policy.from_stored(stored or {})
+    except PolicyError:
+        return Estimate(why="its rollout policy cannot be read")
+    return estimate(policy, progress, now)

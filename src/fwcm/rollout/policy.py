@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from fwcm import filters
 from fwcm.rollout.states import IN_PROGRESS, CampaignState, DeviceState
 from fwcm.rollout.values import (
     BATCH_RANGE,
@@ -29,6 +30,7 @@ from fwcm.rollout.values import (
     Amount,
     PolicyError,
     Ramp,
+    Range,
     Retries,
     Window,
     bounded_duration,
@@ -58,6 +60,10 @@ PACE_BURST_S = 2.0
 Mode = Literal["notify", "install"]
 OnError = Literal["stop", "pause"]
 Advance = Literal["auto", "approval"]
+Order = Literal["shuffle", "registration"]
+"""How devices fill the count and share phases: a seeded shuffle (default) or registration order."""
+ORDERS: tuple[Order, ...] = ("shuffle", "registration")
+SEED_RANGE = Range(0, 2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,11 +75,14 @@ class Phase:
     """One wave of the rollout.
 
     ``size`` is this phase's own share of the subset, ``until`` a cumulative target ("extend the
-    rollout until 25 % of the subset"); exactly one is given, except on the last phase, which
+    rollout until 25 % of the subset"), ``filter`` a rollout group: every device of the subset that
+    matches it (and no earlier filter phase). Exactly one is given, except on the last phase, which
     always takes every device not in an earlier phase.
     """
 
     size: Amount | None = None
+    filter: str | None = None
+    """Canonical filter text of a rollout group."""
     until: Amount | None = None
     success_threshold: float = 100.0
     error_threshold: float | None = None
@@ -89,6 +98,8 @@ class Phase:
             d["size"] = self.size.to_json()
         if self.until is not None:
             d["until"] = self.until.to_json()
+        if self.filter is not None:
+            d["filter"] = self.filter
         d["success_threshold"] = f"{self.success_threshold:g}%"
         if self.error_threshold is not None:
             d["error_threshold"] = f"{self.error_threshold:g}%"
@@ -97,7 +108,16 @@ class Phase:
         return d
 
 
-PHASE_KEYS = ("name", "size", "until", "success_threshold", "error_threshold", "error_min_devices", "advance")
+PHASE_KEYS = (
+    "name",
+    "size",
+    "until",
+    "filter",
+    "success_threshold",
+    "error_threshold",
+    "error_min_devices",
+    "advance",
+)
 THRESHOLD_KEYS = ("success_threshold", "error_threshold", "error_min_devices")
 
 
@@ -111,15 +131,22 @@ def _parse_phase(v: Any, path: str, defaults: Mapping[str, Any], last: bool, str
         raise PolicyError(f"{join_key(path, 'name')}: at most {MAX_NAME_CHARS} characters, not {len(name):,}")
     size = parse_amount(d["size"], join_key(path, "size"), strict) if "size" in d else None
     until = parse_amount(d["until"], join_key(path, "until"), strict) if "until" in d else None
-    if size is not None and until is not None:
-        raise PolicyError(f"{path}: give size (this phase's share) or until (a cumulative target), not both")
+    group = _parse_group(d["filter"], join_key(path, "filter")) if "filter" in d else None
+    if sum(x is not None for x in (size, until, group)) > 1:
+        raise PolicyError(
+            f"{path}: give size (this phase's share), until (a cumulative target) or filter "
+            "(a rollout group), only one of them"
+        )
     if last:
-        if size is not None or (until is not None and until != Amount(percent=100.0)):
+        if size is not None or group is not None or (until is not None and until != Amount(percent=100.0)):
             raise PolicyError(
                 f'{path}: the last phase takes every remaining device; omit its size or write until = "100%"'
             )
-    elif size is None and until is None:
-        raise PolicyError(f'{path}: needs size (e.g. size = "5%" or 10) or until (e.g. until = "25%")')
+    elif size is None and until is None and group is None:
+        raise PolicyError(
+            f'{path}: needs size (e.g. size = "5%" or 10), until (e.g. until = "25%") or filter '
+            "(e.g. filter = 'tag.ring == \"canary\"')"
+        )
 
     def pick(key: str) -> tuple[Any, str]:
         if key in d:
@@ -132,12 +159,26 @@ def _parse_phase(v: Any, path: str, defaults: Mapping[str, Any], last: bool, str
     return Phase(
         size=size,
         until=until,
+        filter=group,
         success_threshold=parse_percent(success_v, success_p),
         error_threshold=parse_percent(error_v, error_p) if error_v is not None else None,
         error_min_devices=read_int(min_v, min_p, COUNT_RANGE, strict),
         advance=read_choice(d.get("advance", "auto"), join_key(path, "advance"), ("auto", "approval")),
         name=name,
     )
+
+
+def _parse_group(v: Any, path: str) -> str:
+    """A rollout group's filter in its canonical form (what the start evaluates)."""
+    if not isinstance(v, str):
+        raise PolicyError(f"{path}: must be a device filter such as 'tag.ring == \"canary\"'")
+    try:
+        canonical = filters.validate(v)
+    except filters.FilterError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    if len(canonical) > filters.MAX_FILTER_CHARS:
+        raise PolicyError(f"{path}: at most {filters.MAX_FILTER_CHARS:,} characters in its canonical form")
+    return canonical
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +193,8 @@ ROLLOUT_KEYS = (
     "window",
     "on_error",
     "batch_max",
+    "order",
+    "seed",
     *THRESHOLD_KEYS,
 )
 
@@ -168,6 +211,9 @@ class Policy:
     on_error: OnError = "stop"
     dynamic: bool = False
     batch_max: int = DEFAULT_BATCH
+    order: Order = "shuffle"
+    seed: int | None = None
+    """Seed of the shuffle; None: the campaign's id (``fwcm.rollout.groups``)."""
 
     # -- construction --------------------------------------------------------------------
 
@@ -252,6 +298,8 @@ class Policy:
             on_error=read_choice(r.get("on_error", "stop"), name("on_error"), ("stop", "pause")),
             dynamic=read_bool(dynamic, dynamic_key),
             batch_max=read_int(r.get("batch_max", DEFAULT_BATCH), name("batch_max"), BATCH_RANGE, strict),
+            order=read_choice(r.get("order", "shuffle"), name("order"), ORDERS),
+            seed=read_int(r["seed"], name("seed"), SEED_RANGE, strict) if r.get("seed") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,32 +331,49 @@ class Policy:
             d["window"] = {"start": w.start.isoformat(), "end": w.end.isoformat(), "tz": w.tz, "mode": w.mode}
         d["on_error"] = self.on_error
         d["batch_max"] = self.batch_max
+        d["order"] = self.order
+        if self.seed is not None:
+            d["seed"] = self.seed
         d["dynamic"] = self.dynamic
         d["phases"] = [p.to_dict() for p in self.phases]
         return d
 
     # -- phases ----------------------------------------------------------------------------
 
-    def phase_sizes(self, total: int) -> list[int]:
-        """Devices per phase for a frozen subset of ``total``; they always add up to ``total``."""
+    def phase_sizes(self, total: int, grouped: Mapping[int, int] | None = None) -> list[int]:
+        """Devices per phase for a frozen subset of ``total``; they always add up to ``total``.
+
+        ``grouped``: devices each filter phase (rollout group) took; the count and share phases
+        share out the rest. Shares are of the whole subset, and ``until`` counts every device of
+        the phases before it, groups included.
+        """
+        grouped = grouped or {}
+        pool = total - sum(grouped.get(i, 0) for i, ph in enumerate(self.phases) if ph.filter is not None)
         sizes: list[int] = []
-        assigned = 0
+        assigned = used = 0
         last = len(self.phases) - 1
         for i, ph in enumerate(self.phases):
-            remaining = total - assigned
+            remaining = pool - used
+            if ph.filter is not None:
+                n = grouped.get(i, 0)
+                assigned += n
+                sizes.append(n)
+                continue
             if i == last:
                 n = remaining
             elif ph.size is not None:
                 n = min(ph.size.resolve(total), remaining)
             else:
                 assert ph.until is not None
-                n = max(0, min(ph.until.resolve(total), total) - assigned)
+                n = min(max(0, min(ph.until.resolve(total), total) - assigned), remaining)
             sizes.append(n)
             assigned += n
+            used += n
         return sizes
 
     def phase_bounds(self, total: int) -> list[int]:
-        """Cumulative ends: the device ranked ``r`` (0-based) joins the first phase with ``r < bound``."""
+        """Cumulative ends: the device ranked ``r`` (0-based) joins the first phase with ``r < bound``
+        (without rollout groups)."""
         out, acc = [], 0
         for n in self.phase_sizes(total):
             acc += n
@@ -319,6 +384,11 @@ class Policy:
     def late_phase(self) -> int:
         """Phase that devices joining a dynamic campaign after its start are assigned to: the last."""
         return len(self.phases) - 1
+
+    @property
+    def groups(self) -> dict[int, str]:
+        """The filter of each rollout group, by phase index."""
+        return {i: ph.filter for i, ph in enumerate(self.phases) if ph.filter is not None}
 
     def label(self, index: int) -> str:
         name = self.phases[index].name if index < len(self.phases) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -33,10 +33,13 @@ from sqlalchemy.orm import Session
 from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
-from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
+from fwcm.rollout.groups import Member
+from fwcm.rollout.launch import CampaignDraft, Pacer, PhaseNamer, StartPlanner
+from fwcm.rollout.pace import PACE_WINDOW_S, Completion, Progress
 from fwcm.rollout.states import (
     CAMPAIGN_TERMINAL,
     DEVICE_TERMINAL,
+    IN_PROGRESS,
     RETRIED,
     CampaignState,
     DeviceState,
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_STATES = tuple(state.value for state in DeviceState)
 TERMINAL_STATES = sorted(state.value for state in DEVICE_TERMINAL)
+COMPLETED_STATES = ("succeeded", "failed", "timed_out", "skipped")
+"""Final states that count towards the pace (a cancelled device did not complete)."""
+MAX_PACE_ROWS = 5000
 
 
 def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: CampaignDraft) -> Campaign:
@@ -130,10 +136,11 @@ def _campaign_event(
 
 
 def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner) -> Campaign:
-    """Freeze the matching devices into deployments with one INSERT … SELECT and start running.
+    """Freeze the matching devices into deployments, each in its phase, and start running.
 
-    ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device by
-    its rank, and the state the campaign enters.
+    ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device
+    (``rollout.groups``: rollout groups by filter, the rest in the policy's order) and the state
+    the campaign enters.
     """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     if campaign.state not in ("draft", "scheduled"):
@@ -144,15 +151,28 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())
-    bounds = planned.bounds
-    # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
-    rank = func.row_number().over(order_by=Device.id) - 1
-    whens = [(rank < b, i) for i, b in enumerate(bounds[:-1])]
-    phase = case(*whens, else_=len(bounds) - 1) if whens else literal(0)
-    result = s.execute(_deployments_of(campaign.id, tenant_id, phase, cond))
-    total = result.rowcount  # type: ignore[attr-defined]
-    if total is None or total < 0:
-        total = s.scalar(select(func.count()).where(Deployment.campaign_id == campaign.id)) or 0
+    group = _first_group(planned.groups)
+    members = [
+        Member(row.id, row.grp)
+        for row in s.execute(select(Device.id, group.label("grp")).where(cond).order_by(Device.id))
+    ]
+    phases = planned.assign(members, campaign.id)
+    rows = [
+        {
+            "campaign_id": campaign.id,
+            "device_id": m.device_id,
+            "tenant_id": tenant_id,
+            "state": "pending",
+            "result": 0,
+            "phase": phases[m.device_id],
+            "attempt": 0,
+            "last_seq": -1,
+        }
+        for m in members
+    ]
+    if rows:
+        s.execute(insert(Deployment), rows)
+    total = len(rows)
     campaign.total = total
     if s.get_bind().dialect.name == "postgresql":
         # fresh rows: without statistics the planner scans pending rows once per notice batch
@@ -160,10 +180,21 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     campaign.state = planned.state
     campaign.phase = 0
     campaign.started_at = utcnow()
-    _campaign_event(s, campaign, campaign.state, f"started with {total} devices")
+    _campaign_event(
+        s,
+        campaign,
+        campaign.state,
+        f"started with {total} devices; phases filled {planned.describe_order(campaign.id)}",
+    )
     s.flush()
     log.info("campaign %d started over %d devices", campaign.id, total)
     return campaign
+
+
+def _first_group(groups: dict[int, str]) -> ColumnElement[Any]:
+    """SQL: the index of the first rollout group (filter phase) a device matches, else NULL."""
+    whens = [(filter_clause(filters.parse(text)), i) for i, text in sorted(groups.items())]
+    return case(*whens, else_=literal(None)) if whens else literal(None)
 
 
 def _deployments_of(
@@ -342,9 +373,14 @@ def delete_campaign(s: Session, tenant_id: int, campaign_id: int) -> None:
     log.info("tenant %d deleted campaign %d", tenant_id, campaign_id)
 
 
-def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer) -> dict[str, Any]:
-    """Counts per deployment state and the most common failure results; ``phase_names``
-    (``rollout.launch.phase_names``) labels the phases of the stored policy."""
+def campaign_stats(
+    s: Session, tenant_id: int, campaign_id: int, phase_names: PhaseNamer, pace: Pacer
+) -> dict[str, Any]:
+    """Counts per deployment state, the most common failure results, pace and ETA.
+
+    ``phase_names`` (``rollout.launch.phase_names``) labels the phases of the stored policy;
+    ``pace`` (``rollout.launch.pace``) estimates from the recent completions read here.
+    """
     campaign = get_campaign(s, tenant_id, campaign_id)
     counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
     for by_state in s.execute(
@@ -374,18 +410,17 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         failures.append(
             {"result": by_result.result, "name": _result_name(by_result.result), "count": by_result.n}
         )
-    # Throughput: devices that reached a terminal state in the last minute; ETA from that pace.
-    recent = (
-        s.scalar(
-            select(func.count()).where(
-                Deployment.campaign_id == campaign_id,
-                Deployment.state.in_(TERMINAL_STATES),
-                Deployment.updated_at >= utcnow() - timedelta(seconds=60),
-            )
-        )
-        or 0
+    progress = Progress(
+        state=campaign.state,
+        phase=campaign.phase,
+        pending={p: c.get("pending", 0) for p, c in phases.items()},
+        in_flight=sum(counts.get(st.value, 0) for st in IN_PROGRESS),
+        succeeded=counts.get("succeeded", 0),
+        completions=_completions(s, campaign_id),
+        consent_stage=campaign.consent_stage if campaign.consent is not None else None,
     )
-    remaining = sum(n for st, n in counts.items() if st not in TERMINAL_STATES)
+    est = pace(campaign.policy, progress, time.time())
+    names = phase_names(campaign.policy)
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -393,17 +428,46 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         "stop_reason": campaign.stop_reason,
         "note": campaign.note,
         "phase": campaign.phase,
+        "phase_label": names[campaign.phase]
+        if campaign.phase < len(names)
+        else f"phase {campaign.phase + 1}",
         "total": campaign.total,
         "counts": counts,
         "phases": {str(k): v for k, v in sorted(phases.items())},
-        "phase_names": phase_names(campaign.policy),
-        "per_minute": recent,
-        "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
+        "phase_names": names,
+        "per_minute": est.per_minute,
+        "eta_s": est.eta_s,
+        "eta_scope": est.scope,
+        "eta_note": "; ".join(n for n in (*est.notes, est.why) if n) or None,
         "failures": failures,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
     }
+
+
+def _completions(s: Session, campaign_id: int) -> list[Completion]:
+    """Devices of the campaign that completed within the pace window, newest first (bounded)."""
+    since = utcnow() - timedelta(seconds=PACE_WINDOW_S)
+    rows = s.execute(
+        select(Deployment.notified_at, Deployment.updated_at)
+        .where(
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(COMPLETED_STATES),
+            Deployment.updated_at >= since,
+        )
+        .order_by(Deployment.updated_at.desc())
+        .limit(MAX_PACE_ROWS)
+    ).all()
+    return [
+        Completion(done_at=_epoch(r.updated_at), notified_at=_epoch(r.notified_at) if r.notified_at else None)
+        for r in rows
+        if r.updated_at is not None
+    ]
+
+
+def _epoch(t: datetime) -> float:
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:

@@ -126,7 +126,9 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
     @api.get("/campaigns/{campaign_id}/stats", response_model=sc.CampaignStats, tags=["campaigns"])
     def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:
         with db.read() as s:
-            return sc.CampaignStats(**campaigns.campaign_stats(s, t.id, campaign_id, launch.phase_names))
+            return sc.CampaignStats(
+                **campaigns.campaign_stats(s, t.id, campaign_id, launch.phase_names, launch.pace)
+            )
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
     def campaign_devices(
