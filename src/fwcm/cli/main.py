@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
+from fwcm.cli.apikeys import audit, key_app
 from fwcm.cli.demo import demo
 from fwcm.runtime import setup_logging, tune_gc
 
@@ -21,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(keys.app, name="keys", help="Signing keys.")
+app.add_typer(keys.app, name="keys", help="Manifest signing keys (local files; API keys: `fwcm key`).")
 app.add_typer(pki.app, name="pki", help="Certificates: operator root, tenant CAs, signers.")
 manifest.app.command("upload", help="Upload a signed manifest to the server.")(images.manifest_upload)
 manifest.app.command("list", help="List the tenant's manifests.")(images.manifest_list)
@@ -38,6 +39,8 @@ campaigns.campaign_app.command("watch")(watch.watch)
 app.add_typer(campaigns.campaign_app, name="campaign", help="Campaigns: create, start, watch.")
 app.add_typer(campaigns.accounting_app, name="accounting", help="Usage reported by installed software.")
 app.command("login", help="Store the server URL and API key in the config file.")(account.login)
+app.add_typer(key_app, name="key", help="API keys of the tenant: create, list, revoke.")
+app.command("audit", help="Who did what: the tenant's audit log.")(audit)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 
 admin_app = typer.Typer(help="Server-side administration (runs against the database directly).")
