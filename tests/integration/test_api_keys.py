@@ -366,3 +366,23 @@ def test_the_tenants_existing_key_becomes_an_admin_key_named_initial(database_ur
         ("b", "key-", "admin", None),
     ]
     assert rows[0].name == "initial"
+
+
+def test_an_operator_makes_a_new_admin_key_when_every_admin_key_expired(
+    api: Any, http: Clients, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from fwcm.cli.main import app as fwcm
+
+    with api.db.session() as s:
+        s.execute(text("UPDATE api_keys SET expires_at = :t"), {"t": utcnow() - timedelta(minutes=1)})
+    assert http(api.key).get("/keys").status_code == 401
+    monkeypatch.setenv("FWCM_DATABASE_URL", api.settings.database_url)
+    monkeypatch.setenv("FWCM_DATA_DIR", str(tmp_path / "data"))
+    result = runner.invoke(fwcm, ["admin", "tenant-key", "acme", "rescue", "--json"])
+    assert result.exit_code == 0, result.stderr
+    made = json.loads(result.stdout)
+    assert (made["tenant"], made["name"], made["role"]) == ("acme", "rescue", "admin")
+    keys = http(made["api_key"]).get("/keys").json()["items"]
+    assert [(k["name"], k["role"]) for k in keys] == [("initial", "admin"), ("rescue", "admin")]
+    result = runner.invoke(fwcm, ["admin", "tenant-key", "nobody", "rescue"])
+    assert (result.exit_code, result.stderr.strip()) == (1, "error: no tenant 'nobody'")

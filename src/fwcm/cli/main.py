@@ -120,6 +120,42 @@ def tenant_create(
         typer.echo(f"tenant {tenant_slug} created; API key (store it now, it is not shown again):\n{key}")
 
 
+@admin_app.command("tenant-key")
+def tenant_key(
+    slug: Annotated[str, typer.Argument(help="Tenant slug")],
+    name: Annotated[str, typer.Argument(help="Key name, unique among the tenant's keys")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin")] = "admin",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Make an API key for an existing tenant and print it once: the way back in when its admin
+    keys have expired or are lost."""
+    from fwcm.config import Settings
+    from fwcm.roles import Role
+    from fwcm.store import tenants
+    from fwcm.store.db import Database
+
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
+    db.migrate()
+    try:
+        with db.session() as s:
+            tenant = tenants.tenant_by_slug(s, slug)
+            if tenant is None:
+                raise ValueError(f"no tenant {slug!r}")
+            _row, key = tenants.create_key(s, tenant.id, name, Role.parse(role).label)
+    except Exception as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps({"tenant": slug, "name": name, "role": role, "api_key": key}))
+    else:
+        typer.echo(
+            f"key {name} ({role}) of tenant {slug} created; store it now, it is not shown again:\n{key}"
+        )
+
+
 @admin_app.command("migrate")
 def migrate() -> None:
     """Bring the database schema to the newest revision."""
