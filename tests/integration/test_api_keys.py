@@ -283,6 +283,21 @@ def test_the_audit_log_stays_bounded(api: Any) -> None:
         assert audit_store.page(s, other.id)[0] == 3
 
 
+def test_revoked_keys_stay_bounded(api: Any) -> None:
+    with api.db.session() as s:
+        other, _key = tenants.create_tenant(s, "globex")
+        for tenant_id in (api.tenant_id, other.id):
+            for i in range(4):
+                tenants.create_key(s, tenant_id, f"k{i}", "viewer")
+                tenants.revoke_key(s, tenant_id, f"k{i}")
+    with api.db.session() as s:
+        assert tenants.trim_revoked(s, keep=1) == 6
+    with api.db.read() as s:
+        for tenant_id in (api.tenant_id, other.id):
+            left = tenants.list_keys(s, tenant_id, include_revoked=True)
+            assert [(k.name, k.revoked_at is None) for k in left] == [("initial", True), ("k3", False)]
+
+
 def test_the_key_and_audit_commands(
     api: Any, server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:

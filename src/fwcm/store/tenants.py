@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fwcm.errors import Conflict, NotFound
@@ -29,6 +29,8 @@ INITIAL_KEY = "initial"
 """The name of the admin key a tenant is created with."""
 MAX_ACTIVE_KEYS = 50
 """Keys not revoked per tenant: rotation needs two at a time, automation a few more."""
+REVOKED_KEPT = 100
+"""Revoked keys kept per tenant (newest first), so a refusal can say "revoked"; older ones go."""
 TOUCH_EVERY = timedelta(minutes=1)
 """``last_used_at`` is written at most this often per key, so reads do not all take the write lock."""
 
@@ -117,6 +119,17 @@ def revoke_key(s: Session, tenant_id: int, name: str) -> ApiKey:
     row.revoked_at = now
     s.flush()
     return row
+
+
+def trim_revoked(s: Session, keep: int = REVOKED_KEPT) -> int:
+    """Delete revoked keys beyond the newest ``keep`` of each tenant (a key deleted here is refused
+    as unknown)."""
+    newest = func.row_number().over(
+        partition_by=ApiKey.tenant_id, order_by=(ApiKey.revoked_at.desc(), ApiKey.id.desc())
+    )
+    ranked = select(ApiKey.id, newest.label("rn")).where(ApiKey.revoked_at.is_not(None)).subquery()
+    res = s.execute(delete(ApiKey).where(ApiKey.id.in_(select(ranked.c.id).where(ranked.c.rn > keep))))
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
