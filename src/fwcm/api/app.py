@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fwcm import filters, pki
 from fwcm.api import devices, management
+from fwcm.api.audit_trail import AuditTrail
 from fwcm.api.deps import PREFIX, ApiError, Hooks, Notify
 from fwcm.config import Settings
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound, TooLarge
@@ -164,6 +165,7 @@ def create_app(db: Database, settings: Settings, hooks: Hooks | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     _install_error_handlers(app)
+    app.add_middleware(AuditTrail, db=db)  # outside UnexpectedErrors: it sees every status sent
     for router in management.routers(db, settings, store, Notify(hooks)):
         app.include_router(router)
     app.include_router(devices.create_router(db, store))

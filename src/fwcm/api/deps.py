@@ -1,7 +1,9 @@
 """What every API router shares: the calling tenant, API errors, bounded bodies and change hooks.
 
-Every ``/api/v1`` route authenticates with ``Authorization: Bearer <key>`` (``current_tenant``);
-``Tenant`` further requires a fleet tenant and ``Maker`` a manufacturer (403 otherwise).  A route
+Every ``/api/v1`` route authenticates with ``Authorization: Bearer <key>`` (``current_tenant``),
+which also checks that the key's role allows the request's method on its route (``fwcm.roles``,
+403 naming the role needed); ``Tenant`` further requires a fleet tenant and ``Maker`` a
+manufacturer (403 otherwise).  A route
 refuses a request by raising ``ApiError`` (or a ``fwcm.errors`` type), which ``create_app`` turns
 into JSON ``{"detail": ...}``.
 """
@@ -11,13 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
+from fwcm import roles
 from fwcm.api import schemas as sc
+from fwcm.server.metrics import AUTH_FAILURES
 from fwcm.store import tenants
-from fwcm.store.db import Database
+from fwcm.store.db import Database, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,8 @@ class TenantCtx:
     name: str
     kind: str = "fleet"
     """``fleet`` or ``manufacturer``: a manufacturer only registers devices for others to claim."""
+    key_name: str = tenants.INITIAL_KEY
+    role: roles.Role = roles.Role.ADMIN
 
 
 class ApiError(Exception):
@@ -85,20 +92,70 @@ class ApiError(Exception):
         self.extra = extra
 
 
+CALLER = "fwcm.caller"
+"""Where ``current_tenant`` leaves the authenticated caller in the ASGI scope, for the audit log."""
+BEARER = {"WWW-Authenticate": "Bearer"}
+REFUSED_KEY = {
+    "expired": "API key expired",
+    "revoked": "API key revoked",
+}
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _refuse_key(request: Request, reason: str, found: tenants.KeyCheck | None) -> HTTPException:
+    """Count and log a refused key (the log is rate-limited by template, see ``fwcm.logs``)."""
+    AUTH_FAILURES.labels(reason).inc()
+    if found is None:
+        log.warning("API key refused (unknown) from %s", client_address(request))
+    else:
+        log.warning(
+            "API key refused (%s): key %s of tenant %s from %s",
+            reason,
+            found.key.name,
+            found.tenant.slug,
+            client_address(request),
+        )
+    return HTTPException(401, REFUSED_KEY.get(reason, "invalid API key"), BEARER)
+
+
 def current_tenant(request: Request) -> TenantCtx:
-    """Resolve ``Authorization: Bearer <key>`` to the calling tenant, or answer 401."""
+    """Resolve ``Authorization: Bearer <key>`` to the calling tenant, or answer 401; answer 403
+    when the key's role does not allow this method on this route."""
     auth = request.headers.get("authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise HTTPException(
-            401, "missing API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
-        )
+        raise HTTPException(401, "missing API key: send Authorization: Bearer <key>", BEARER)
     db: Database = request.app.state.db
-    with db.session() as s:
-        t = tenants.tenant_for_key(s, key.strip())
-        if t is None:
-            raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-        return TenantCtx(t.id, t.slug, t.name, t.kind)
+    now = utcnow()
+    with db.read() as s:
+        found = tenants.check_key(s, key.strip(), now)
+        if found is None:
+            raise _refuse_key(request, "unknown", None)
+        if found.refused is not None:
+            raise _refuse_key(request, found.refused, found)
+        t, k = found.tenant, found.key
+        ctx = TenantCtx(t.id, t.slug, t.name, t.kind, k.name, roles.Role.parse(k.role))
+        key_id, stale = k.id, tenants.needs_touch(k, now)
+    if stale:
+        _touch(db, key_id, now)
+    request.scope[CALLER] = ctx
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    refused = roles.refusal(ctx.role, roles.required_role(request.method, route), request.method, route)
+    if refused is not None:
+        raise ApiError(403, refused, role_needed=roles.required_role(request.method, route).label)
+    return ctx
+
+
+def _touch(db: Database, key_id: int, now: datetime) -> None:
+    """Record the key's use; a failure (a locked database) only loses this one timestamp."""
+    try:
+        with db.session() as s:
+            tenants.touch_key(s, key_id, now)
+    except Exception as exc:
+        log.warning("could not record the use of an API key: %s", exc)
 
 
 FLEET_ONLY = "manufacturer tenants can only use the /factory endpoints; claiming needs a fleet tenant"

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
+from fwcm.cli.apikeys import audit, key_app
 from fwcm.cli.demo import demo
 from fwcm.cli.webhooks import webhook_app
 from fwcm.runtime import setup_logging, tune_gc
@@ -22,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(keys.app, name="keys", help="Signing keys.")
+app.add_typer(keys.app, name="keys", help="Manifest signing keys (local files; API keys: `fwcm key`).")
 app.add_typer(pki.app, name="pki", help="Certificates: operator root, tenant CAs, signers.")
 manifest.app.command("upload", help="Upload a signed manifest to the server.")(images.manifest_upload)
 manifest.app.command("list", help="List the tenant's manifests.")(images.manifest_list)
@@ -41,6 +42,8 @@ app.add_typer(campaigns.campaign_app, name="campaign", help="Campaigns: create, 
 app.add_typer(campaigns.accounting_app, name="accounting", help="Usage reported by installed software.")
 app.add_typer(webhook_app, name="webhook", help="URLs that receive the tenant's signed events.")
 app.command("login", help="Store the server URL and API key in the config file.")(account.login)
+app.add_typer(key_app, name="key", help="API keys of the tenant: create, list, revoke.")
+app.command("audit", help="Who did what: the tenant's audit log.")(audit)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 
 admin_app = typer.Typer(help="Server-side administration (runs against the database directly).")
@@ -118,6 +121,42 @@ def tenant_create(
         typer.echo(json.dumps({"tenant": tenant_slug, "kind": kind, "api_key": key}))
     else:
         typer.echo(f"tenant {tenant_slug} created; API key (store it now, it is not shown again):\n{key}")
+
+
+@admin_app.command("tenant-key")
+def tenant_key(
+    slug: Annotated[str, typer.Argument(help="Tenant slug")],
+    name: Annotated[str, typer.Argument(help="Key name, unique among the tenant's keys")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin")] = "admin",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Make an API key for an existing tenant and print it once: the way back in when its admin
+    keys have expired or are lost."""
+    from fwcm.config import Settings
+    from fwcm.roles import Role
+    from fwcm.store import tenants
+    from fwcm.store.db import Database
+
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
+    db.migrate()
+    try:
+        with db.session() as s:
+            tenant = tenants.tenant_by_slug(s, slug)
+            if tenant is None:
+                raise ValueError(f"no tenant {slug!r}")
+            _row, key = tenants.create_key(s, tenant.id, name, Role.parse(role).label)
+    except Exception as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps({"tenant": slug, "name": name, "role": role, "api_key": key}))
+    else:
+        typer.echo(
+            f"key {name} ({role}) of tenant {slug} created; store it now, it is not shown again:\n{key}"
+        )
 
 
 @admin_app.command("migrate")

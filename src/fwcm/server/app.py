@@ -28,6 +28,7 @@ from fwcm.server.metrics import CAMPAIGNS, REGISTRY
 from fwcm.server.notices import Notifier
 from fwcm.server.webhooks import WebhookWorker
 from fwcm.store import attestations as aq
+from fwcm.store import audit, tenants
 from fwcm.store import deadletters as dl
 from fwcm.store import device_state as ds
 from fwcm.store.db import Database
@@ -242,19 +243,23 @@ class Server:
             await self.stop()
 
     async def _housekeeping(self) -> None:
-        """Trim device history and dead letters now and then so they stay bounded."""
+        """Trim device history, dead letters, the audit log and revoked API keys now and then so
+        they stay bounded."""
         while True:
             await asyncio.sleep(60)
             try:
-                events, letters = await asyncio.to_thread(self._trim)
-                if events or letters:
-                    log.info("trimmed %d old device events and %d old dead letters", events, letters)
+                trimmed = await asyncio.to_thread(self._trim)
+                if any(trimmed):
+                    log.info(
+                        "trimmed %d old device events, %d dead letters, %d audit entries, %d revoked keys",
+                        *trimmed,
+                    )
             except Exception:
                 log.exception("history trim failed")
 
-    def _trim(self) -> tuple[int, int]:
+    def _trim(self) -> tuple[int, int, int, int]:
         with self.db.session() as s:
-            return ds.trim_history(s), dl.trim(s)
+            return ds.trim_history(s), dl.trim(s), audit.trim(s), tenants.trim_revoked(s)
 
     def _deliver_attested(self, results: list[aq.AttestationResult], credentials: Credentials) -> None:
         """After ingest committed: install tokens (or refusals) and credentials go to the devices."""

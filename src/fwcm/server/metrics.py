@@ -66,3 +66,14 @@ QUARANTINED = Counter(
     ["transport", "reason"],
     registry=REGISTRY,
 )
+AUTH_FAILURES = Counter(
+    "fwcm_api_auth_failures",
+    "API requests refused for their key: unknown, expired or revoked",
+    ["reason"],
+    registry=REGISTRY,
+)
+AUDIT_FAILURES = Counter(
+    "fwcm_audit_write_failures",
+    "Mutating API requests whose audit entry could not be written (the request itself was answered)",
+    registry=REGISTRY,
+)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -53,14 +54,34 @@ class Tenant(Base):
 
 
 class ApiKey(Base):
-    """API keys are stored as SHA-256 of the key: they are random, so a slow hash adds nothing."""
+    """API keys are stored as SHA-256 of the key: they are random, so a slow hash adds nothing.
+
+    A key is named (unique among the tenant's keys not revoked) and has a role (``fwcm.roles``).
+    Revoked keys stay, so a refused attempt can be told apart from a made-up key.
+    """
 
     __tablename__ = "api_keys"
+    __table_args__ = (
+        Index(
+            "ux_api_keys_active_name",
+            "tenant_id",
+            "name",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    label: Mapped[str] = mapped_column(String(100), default="default")
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(8), default="admin")
+    """``viewer``, ``operator`` or ``admin``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Written at most once a minute per key, so reads do not all write."""
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Signer(Base):
@@ -374,3 +395,23 @@ class WebhookAttempt(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AuditEntry(Base):
+    """One mutating API request made with a valid key: who (key, role), what (method, route
+    template, path parameters), the answer's status, when and from where.  Bounded per tenant."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant", "tenant_id", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    key_name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(200))
+    """The route template, e.g. ``/api/v1/campaigns/{campaign_id}/cancel``."""
+    object: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The path parameters, e.g. ``{"campaign_id": "7"}``."""
+    status: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(64))

@@ -7,10 +7,12 @@ from fastapi import APIRouter
 
 from fwcm.api.deps import Notify
 from fwcm.api.management import (
+    audit,
     campaigns,
     deadletters,
     devices,
     inventory,
+    keys,
     manifests,
     payloads,
     signers,
@@ -35,4 +37,6 @@ def routers(db: Database, settings: Settings, store: PayloadStore, notify: Notif
         devices.create_router(db, settings, notify),
         campaigns.create_router(db, notify),
         webhooks.create_router(db),
+        keys.create_router(db),
+        audit.create_router(db),
     ]
