@@ -199,7 +199,7 @@ def test_campaign_files_out_of_range_are_refused_before_sending(
     path = tmp_path / "bad.toml"
     path.write_text(f'[campaign]\nname = "x"\nmanifest = 1\n\n[rollout]\n{rollout}\n')
     assert one_error("campaign", "create", "--file", path).startswith(f"error: {path}: {message}, not ")
-    assert api.client.get("/api/v1/campaigns").json() == []
+    assert api.client.get("/api/v1/campaigns").json()["items"] == []
 
 
 def test_missing_key_and_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -331,7 +331,8 @@ def test_campaign_state_changes(db: Database) -> None:
     with pytest.raises(Conflict), db.session() as s:
         campaigns.change_campaign(s, tid, cid, "resume")
     with db.session() as s:
-        assert [e.state for e in campaigns.campaign_events(s, tid, cid)] == [
+        _total, events = campaigns.campaign_events(s, tid, cid)
+        assert [e.state for e in events] == [
             "draft",
             "running",
             "paused",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fwcm.api import schemas as sc
 from fwcm.store import tenants
@@ -74,7 +75,18 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def current_tenant(request: Request) -> TenantCtx:
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="A tenant's API key (`fwcm admin tenant-create` prints it): `Authorization: Bearer <key>`.",
+)
+"""Declares the bearer scheme in the OpenAPI document (Swagger's "Authorize" sends the key); the
+check itself stays in ``current_tenant``, so a refusal reads the same with or without it."""
+
+
+def current_tenant(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> TenantCtx:
     """Resolve ``Authorization: Bearer <key>`` to the calling tenant, or answer 401."""
     auth = request.headers.get("authorization", "")
     scheme, _, key = auth.partition(" ")

@@ -101,7 +101,7 @@ def campaign_list(
 ) -> None:
     """List campaigns."""
     with api() as client:
-        rows = client.get("/campaigns", state=state)
+        rows = client.items("/campaigns", state=state)
     if as_json:
         print_json(rows)
     else:
@@ -271,7 +271,7 @@ def campaign_events(
 ) -> None:
     """Every state change of a campaign with its time and reason."""
     with api() as client:
-        rows = client.get(f"/campaigns/{campaign_id}/events")
+        rows = client.items(f"/campaigns/{campaign_id}/events")
     if as_json:
         print_json(rows)
     else:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8080"
 API_PREFIX = "/api/v1"
 UPLOAD_CHUNK = 1 << 20
+PAGE = 1000
+"""Items the CLI asks for per page when it reads a whole list."""
 
 
 class ApiError(Exception):
@@ -142,6 +144,15 @@ class ApiClient:
     def get(self, path: str, **params: Any) -> Any:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean).json()
+
+    def items(self, path: str, **params: Any) -> list[Any]:
+        """Every item of a list, page after page (the API's ``{items, total, limit, offset}``)."""
+        out: list[Any] = []
+        while True:
+            page = self.get(path, **params, limit=PAGE, offset=len(out))
+            out.extend(page["items"])
+            if not page["items"] or len(out) >= page["total"]:
+                return out
 
     def post(self, path: str, json_body: Any = None, **kwargs: Any) -> Any:
         if json_body is not None:

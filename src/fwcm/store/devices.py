@@ -19,6 +19,7 @@ from fwcm.devices import NewDevice
 from fwcm.errors import Conflict, NotFound
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.models import Device, DeviceEvent, Tenant
+from fwcm.store.paging import page
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,17 @@ def list_devices(
     return total, rows
 
 
-def device_history(s: Session, tenant_id: int, name: str, limit: int = 100) -> Sequence[DeviceEvent]:
+def device_history(
+    s: Session, tenant_id: int, name: str, limit: int = 100, offset: int = 0
+) -> tuple[int, Sequence[DeviceEvent]]:
+    """A page of one device's deployment state changes, newest first, and how many it has."""
     device = get_device(s, tenant_id, name)
-    return s.scalars(
+    query = (
         select(DeviceEvent)
         .where(DeviceEvent.tenant_id == tenant_id, DeviceEvent.device_id == device.id)
         .order_by(DeviceEvent.id.desc())
-        .limit(limit)
-    ).all()
+    )
+    return page(s, query, limit, offset)
 
 
 # -- broker accounts --------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""One page of a query's rows and how many rows it has in all: what every list of the API answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def page(s: Session, query: Select[tuple[T]], limit: int, offset: int) -> tuple[int, Sequence[T]]:
+    """``limit`` rows of ``query`` after the first ``offset``, and the total it would give unpaged.
+
+    ``query`` must have a total order (its ``order_by``) so that pages neither overlap nor skip.
+    """
+    counted: Select[Any] = select(func.count()).select_from(query.order_by(None).subquery())
+    total = s.scalar(counted) or 0
+    return total, s.scalars(query.limit(limit).offset(offset)).all()
