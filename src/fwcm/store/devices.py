@@ -20,6 +20,7 @@ from fwcm.errors import Conflict, NotFound
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.models import Device, DeviceEvent, Tenant
 from fwcm.store.paging import page
+from fwcm.versions import version_key
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def _device_row(tenant_id: int, dev: NewDevice) -> dict[str, Any]:
         "tags": dev.tags,
         "sequence": dev.sequence,
         "version": dev.version,
+        "version_key": version_key(dev.version),
         "transport": dev.transport,
         "hardware_id": dev.hardware_id,
         "secret": dev.secret,
