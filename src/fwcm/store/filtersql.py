@@ -62,7 +62,7 @@ def filter_clause(node: filters.Node) -> ColumnElement[bool]:
         expr = col.in_(list(node.values))
         return and_(col.is_not(None), expr) if nullable else expr
     assert isinstance(node, filters.Compare)
-    value = node.value
+    value: object = node.value
     if node.field == filters.VERSION_FIELD and node.op not in ("==", "!="):
         col, value = Device.version_key, version_key(str(value))  # semantic order (fwcm.versions)
     ops: dict[str, Any] = {

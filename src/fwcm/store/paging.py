@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-T = TypeVar("T")
 
-
-def page(s: Session, query: Select[tuple[T]], limit: int, offset: int) -> tuple[int, Sequence[T]]:
+def page(s: Session, query: Select[Any], limit: int, offset: int) -> tuple[int, Sequence[Any]]:
     """``limit`` rows of ``query`` after the first ``offset``, and the total it would give unpaged.
 
     ``query`` must have a total order (its ``order_by``) so that pages neither overlap nor skip.
