@@ -253,3 +253,33 @@ def test_dead_letters_through_the_cli(env: dict[str, str], api: Any) -> None:
     assert [d["device"] for d in ok_json("device", "dead-letters", "--device", "d1")["items"]] == ["d1"]
     code, out, err = run("device", "dead-letters")
     assert code == 0 and "2 dead letters" in out and "DataError: too long" in out, err
+
+
+def test_every_problem_of_a_csv_import_is_listed(env: dict[str, str], api: Any, tmp_path: Path) -> None:
+    rows = [f"ok,{VENDOR},{CLASS_A}", f"bad!,{VENDOR},{CLASS_A}", f"x,{VENDOR},not-a-uuid", "short,row"]
+    (tmp_path / "bad.csv").write_text("name,vendor_id,class_id\n" + "\n".join(rows) + "\n")
+    code, _out, err = run("device", "import", tmp_path / "bad.csv")
+    lines = err.splitlines()
+    assert code == 1 and lines[0].startswith("error: CSV import refused, nothing imported"), err
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["line 3", "line 4", "line 5"], err
+    assert api.client.get("/api/v1/devices").json()["total"] == 0
+
+
+def test_every_problem_of_a_campaign_file_is_listed(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[campaign]\nname = "x"\nmanifest = 1\nfilter = 5\n\n[rollout]\nrate_per_minute = 0\n')
+    code, _out, err = run("campaign", "create", "--file", path)
+    assert code == 1 and err.splitlines() == [
+        f"error: {path}: 2 problems",
+        "  line 4: campaign.filter: must be text, such as 'tag.region == \"eu\"'",
+        "  line 7: rollout.rate_per_minute: must be at least 1 and at most 1,000,000, not 0",
+    ]
+
+
+def test_version_comes_from_the_installed_package() -> None:
+    from importlib import metadata
+
+    from fwcm.cli.main import app
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"fwcm {metadata.version('fwcm')}\n"

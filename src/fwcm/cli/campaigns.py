@@ -26,7 +26,13 @@ def read_campaign_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror or exc}") from None
     except DefinitionError as exc:
-        raise fail(f"{path}: {exc}") from None
+        if len(exc.errors) > 1:
+            more = [f"... and {exc.more} more"] if exc.more else []
+            raise fail(f"{path}: {len(exc.errors) + exc.more} problems", exc.errors + more) from None
+        where, _, message = exc.errors[0].partition(": ")
+        if not where.startswith("line "):
+            raise fail(f"{path}: {exc}") from None
+        raise fail(f"{path}: {message} ({where})") from None
     spec: dict[str, Any] = {
         "name": d.name,
         "filter": d.filter,

@@ -30,9 +30,11 @@ PAGE = 1000
 class ApiError(Exception):
     """A failed request; ``str()`` is the one line shown to the user."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.errors = errors or []
+        """Every problem the server listed (``errors`` beside ``detail``: a refused import)."""
 
 
 def config_path() -> Path:
@@ -92,6 +94,15 @@ def _detail(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {text}"
 
 
+def _errors(response: httpx.Response) -> list[str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return [str(e) for e in errors] if isinstance(errors, list) else []
+
+
 class ApiClient:
     """Thin wrapper over httpx that turns every failure into an ``ApiError``."""
 
@@ -138,7 +149,7 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from None
         if response.status_code >= 400:
-            raise ApiError(_detail(response), response.status_code)
+            raise ApiError(_detail(response), response.status_code, _errors(response))
         return response
 
     def get(self, path: str, **params: Any) -> Any:
