@@ -19,9 +19,12 @@ Grammar (keywords are case-insensitive)::
 ``sequence`` is an integer; every other field is text and takes a quoted string (``vendor`` and
 ``class`` values are UUIDs, compared in canonical lower-case form).  Tag values are text, so a
 tag compared with an integer literal matches its decimal spelling and ordering a tag against an
-integer is refused.  A missing tag or unset attribute equals no value: ``==``, ``in`` and
-orderings are false for it, ``!=`` and ``not in`` are true.  The empty filter selects every
-device.
+integer is refused.  ``version`` orderings (``<``, ``<=``, ``>``, ``>=``) compare semantic
+versions (``version >= "1.0.10"`` does not match 1.0.4; see ``fwcm.versions``) and take only a
+version literal; a device whose version is not a semantic version matches no ordering, as if it
+had none (``==``, ``!=`` and ``in`` compare the text as it is).  A missing tag or unset attribute
+equals no value: ``==``, ``in`` and orderings are false for it, ``!=`` and ``not in`` are true.
+The empty filter selects every device.
 
 Example: ``class == "7c0e…" and tag.region == "eu" and sequence < 8``.
 """
@@ -33,6 +36,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Union
 
+from fwcm.versions import is_version
+
 MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 32
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -41,6 +46,8 @@ TEXT_FIELDS = ("vendor", "class", "name", "version", "transport", "hardware_id")
 INT_FIELDS = ("sequence",)
 FIELDS = TEXT_FIELDS + INT_FIELDS
 UUID_FIELDS = ("vendor", "class")
+VERSION_FIELD = "version"
+"""Ordered by semantic version precedence (``fwcm.versions``), not as text."""
 TAG_PREFIX = "tag."
 TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 COMPARE_OPS = ("==", "!=", "<", "<=", ">", ">=")
@@ -340,6 +347,10 @@ def _check_literal(field: str, value: str | int, pos: int, *, ordering: bool = F
         return value
     if not isinstance(value, str):
         raise FilterError(f'{field} is text; quote the value: "{value}"', pos)
+    if field == VERSION_FIELD and ordering and not is_version(value):
+        raise FilterError(
+            f"version orderings compare semantic versions (1.4.2, 2.0.0-rc.1); got {value!r}", pos
+        )
     if field in UUID_FIELDS and not ordering:
         try:
             return str(uuid.UUID(value))

@@ -81,7 +81,7 @@ async def test_mixed_campaign_completes_on_both_databases(env: Env, tmp_path: Pa
     assert all(s.installed_sequence == 2 for s in report.devices.values())
     devices = await env.call("GET", "/devices", params={"limit": 100})
     assert {d["sequence"] for d in devices["items"]} == {2}  # the hello after reboot recorded it
-    events = await env.call("GET", f"/campaigns/{cid}/events")
+    events = (await env.call("GET", f"/campaigns/{cid}/events"))["items"]
     assert [e["state"] for e in events][-1] == "completed"
     # `fwcm campaign watch` on the finished campaign renders the final screen and exits 0
     proc = await asyncio.create_subprocess_exec(

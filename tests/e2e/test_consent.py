@@ -277,7 +277,7 @@ async def test_group_commits_when_every_member_prepared(env: Env, tmp_path: Path
         stats = await until_ended(env, cid)
         assert stats["counts"]["succeeded"] == 4 and stats["consent"]["group_decision"] == "commit"
         assert all(o.image(n) == image for n in answers)
-        events = await env.call("GET", f"/campaigns/{cid}/events")
+        events = (await env.call("GET", f"/campaigns/{cid}/events"))["items"]
         assert any("all 4 members prepared" in (e["reason"] or "") for e in events)
 
 

@@ -126,7 +126,7 @@ async def test_bad_stored_policies_do_not_stop_another_tenants_campaign(
             return d if d["state"] == "pending" and d["result_name"] == "connection_lost" else None
 
         await until(retry_scheduled)
-        events = (await evil.get("/devices/e1/events")).json()
+        events = (await evil.get("/devices/e1/events")).json()["items"]
         assert events[0]["state"] == "failed" and events[0]["detail"].startswith("retry at")
 
         # Meanwhile another tenant's campaign goes through engine and ingest to the end.

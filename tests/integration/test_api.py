@@ -107,7 +107,7 @@ def test_payload_upload_dedupe_and_list(api: Any) -> None:
     )
     r = api.client.post("/api/v1/payloads", content=data)
     assert r.status_code == 200 and r.json()["created"] is False
-    assert [p["sha256"] for p in api.client.get("/api/v1/payloads").json()] == [sha]
+    assert [p["sha256"] for p in api.client.get("/api/v1/payloads").json()["items"]] == [sha]
     assert api.client.get(f"/api/v1/payloads/{sha}").json()["size"] == len(data)
     assert api.client.get(f"/api/v1/payloads/{sha.upper()}").status_code == 200
     assert api.client.get("/api/v1/payloads/" + "0" * 64).status_code == 404
@@ -186,7 +186,7 @@ def test_public_route_serves_only_recorded_payloads(api: Any) -> None:
 
 def test_signer_add_list_and_bad_key(api: Any) -> None:
     key = add_signer(api.client, "release", "eddsa")
-    signers = api.client.get("/api/v1/signers").json()
+    signers = api.client.get("/api/v1/signers").json()["items"]
     assert [(s["name"], s["alg"], s["key_id"]) for s in signers] == [
         ("release", "eddsa", manifest.key_id(key).hex())
     ]
@@ -215,7 +215,7 @@ def test_manifest_upload_decoded_and_envelope_exact(api: Any) -> None:
     assert r.status_code == 200 and r.json()["id"] == m["id"] and r.json()["created"] is False
     r = api.client.get(f"/api/v1/manifests/{m['id']}/envelope")
     assert r.content == env and r.headers["content-type"] == "application/cbor"
-    assert [x["id"] for x in api.client.get("/api/v1/manifests").json()] == [m["id"]]
+    assert [x["id"] for x in api.client.get("/api/v1/manifests").json()["items"]] == [m["id"]]
     assert api.client.get(f"/api/v1/manifests/{m['id']}").json()["uris"] == m["uris"]
 
 
@@ -403,10 +403,10 @@ def test_campaign_lifecycle_freezes_subset(api: Any) -> None:
     assert client.post(f"/api/v1/campaigns/{cid}/cancel").json()["state"] == "cancelled"
     assert client.post(f"/api/v1/campaigns/{cid}/resume").status_code == 409
     assert hooks.calls == [cid] * 4
-    events = client.get(f"/api/v1/campaigns/{cid}/events").json()
+    events = client.get(f"/api/v1/campaigns/{cid}/events").json()["items"]
     assert [e["state"] for e in events] == ["draft", "running", "paused", "running", "cancelled"]
-    assert [x["id"] for x in client.get("/api/v1/campaigns").json()] == [cid]
-    assert client.get("/api/v1/campaigns", params={"state": "cancelled"}).json()[0]["id"] == cid
+    assert [x["id"] for x in client.get("/api/v1/campaigns").json()["items"]] == [cid]
+    assert client.get("/api/v1/campaigns", params={"state": "cancelled"}).json()["items"][0]["id"] == cid
     with api.db.session() as s:
         assert s.scalar(select(func.count()).select_from(Deployment)) == 6
     client.close()
@@ -425,5 +425,5 @@ def test_campaign_bad_input(api: Any) -> None:
     assert r.status_code == 422 and "name" in r.json()["detail"]
     r = api.client.post("/api/v1/campaigns", json={"name": "x", "manifest_id": mid, "policy": [1]})
     assert r.status_code == 422
-    assert api.client.get("/api/v1/campaigns").json() == []
+    assert api.client.get("/api/v1/campaigns").json()["items"] == []
     assert api.client.post("/api/v1/campaigns/12345/start").status_code == 404

@@ -146,7 +146,7 @@ def test_policy_values_outside_their_range_are_refused(
     mid = _populate(api.client)["mid"]
     r = api.client.post("/api/v1/campaigns", json={"name": "c", "manifest_id": mid, "policy": policy})
     assert r.status_code == 422 and r.json()["detail"].startswith(f"invalid rollout policy: {message}")
-    assert api.client.get("/api/v1/campaigns").json() == []
+    assert api.client.get("/api/v1/campaigns").json()["items"] == []
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_a_consent_campaign_naming_too_many_peers_is_refused_at_create(api: Any)
         json={"name": "c", "manifest_id": mid, "consent": {"deadline": "1h", "peers": long_names}},
     )
     assert r.status_code == 422 and r.json()["detail"].startswith("consent.peers: the 100 device names make")
-    assert api.client.get("/api/v1/campaigns").json() == []
+    assert api.client.get("/api/v1/campaigns").json()["items"] == []
 
 
 # -- manifests ----------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_manifest_numbers_beyond_the_store_are_refused(api: Any, field: str, val
     assert r.json()["detail"] == (
         f"manifest refused: its {what} {value} exceeds the largest storable, {2**63 - 1}"
     )
-    assert api.client.get("/api/v1/manifests").json() == []
+    assert api.client.get("/api/v1/manifests").json()["items"] == []
     ok = upload_manifest(api.client, envelope(key, image, sequence=2**63 - 1))
     assert ok.status_code == 201 and ok.json()["sequence"] == 2**63 - 1
 

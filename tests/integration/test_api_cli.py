@@ -201,7 +201,7 @@ def test_campaign_files_out_of_range_are_refused_before_sending(
     path = tmp_path / "bad.toml"
     path.write_text(f'[campaign]\nname = "x"\nmanifest = 1\n\n[rollout]\n{rollout}\n')
     assert one_error("campaign", "create", "--file", path).startswith(f"error: {path}: {message}, not ")
-    assert api.client.get("/api/v1/campaigns").json() == []
+    assert api.client.get("/api/v1/campaigns").json()["items"] == []
 
 
 def test_missing_key_and_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -303,3 +303,33 @@ def test_webhooks_through_the_cli(env: dict[str, str]) -> None:
     assert "webhook 1 not found" in one_error("webhook", "remove", "1")
     assert "not found" in one_error("webhook", "deliveries", "1")
     assert [h["id"] for h in ok_json("webhook", "list")["items"]] == [hook["id"]]
+
+
+def test_every_problem_of_a_csv_import_is_listed(env: dict[str, str], api: Any, tmp_path: Path) -> None:
+    rows = [f"ok,{VENDOR},{CLASS_A}", f"bad!,{VENDOR},{CLASS_A}", f"x,{VENDOR},not-a-uuid", "short,row"]
+    (tmp_path / "bad.csv").write_text("name,vendor_id,class_id\n" + "\n".join(rows) + "\n")
+    code, _out, err = run("device", "import", tmp_path / "bad.csv")
+    lines = err.splitlines()
+    assert code == 1 and lines[0].startswith("error: CSV import refused, nothing imported"), err
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["line 3", "line 4", "line 5"], err
+    assert api.client.get("/api/v1/devices").json()["total"] == 0
+
+
+def test_every_problem_of_a_campaign_file_is_listed(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[campaign]\nname = "x"\nmanifest = 1\nfilter = 5\n\n[rollout]\nrate_per_minute = 0\n')
+    code, _out, err = run("campaign", "create", "--file", path)
+    assert code == 1 and err.splitlines() == [
+        f"error: {path}: 2 problems",
+        "  line 4: campaign.filter: must be text, such as 'tag.region == \"eu\"'",
+        "  line 7: rollout.rate_per_minute: must be at least 1 and at most 1,000,000, not 0",
+    ]
+
+
+def test_version_comes_from_the_installed_package() -> None:
+    from importlib import metadata
+
+    from fwcm.cli.main import app
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"fwcm {metadata.version('fwcm')}\n"

@@ -34,12 +34,12 @@ def test_every_resource_is_invisible_to_another_tenant(api: Any) -> None:
 
     assert b.get("/api/v1/tenant").json()["slug"] == "globex"
     # Lists are empty.
-    assert b.get("/api/v1/payloads").json() == []
-    assert b.get("/api/v1/signers").json() == []
-    assert b.get("/api/v1/manifests").json() == []
+    assert b.get("/api/v1/payloads").json()["items"] == []
+    assert b.get("/api/v1/signers").json()["items"] == []
+    assert b.get("/api/v1/manifests").json()["items"] == []
     assert b.get("/api/v1/devices").json()["total"] == 0
     assert b.get("/api/v1/devices", params={"filter": "tag.region == 'eu'"}).json()["items"] == []
-    assert b.get("/api/v1/campaigns").json() == []
+    assert b.get("/api/v1/campaigns").json()["items"] == []
 
     # Direct reads, actions and sub-resources answer 404 with the same message as a missing object.
     not_found = {
@@ -85,7 +85,7 @@ def test_every_resource_is_invisible_to_another_tenant(api: Any) -> None:
     assert api.client.get(f"/api/v1/campaigns/{cid_b}").status_code == 404
     assert api.client.get(f"/api/v1/campaigns/{running}/stats").json()["total"] == 1
     assert api.client.get(f"/api/v1/campaigns/{draft}").json()["state"] == "draft"
-    assert [s["name"] for s in api.client.get("/api/v1/signers").json()] == ["acme-release"]
+    assert [s["name"] for s in api.client.get("/api/v1/signers").json()["items"]] == ["acme-release"]
     assert len(api.client.get("/api/v1/devices").json()["items"]) == 1
 
     # Anyone may fetch a published image by digest (devices have no API key).

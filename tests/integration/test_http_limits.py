@@ -214,7 +214,7 @@ async def test_transfers_that_stop_are_dropped_after_the_idle_timeout(tmp_path: 
         assert closed("body_timeout") - stopped == 1
         async with listener.client() as http:  # nothing was stored, the server serves on
             r = await http.get("/api/v1/payloads", headers={"Authorization": f"Bearer {listener.key}"})
-            assert r.status_code == 200 and [p["sha256"] for p in r.json()] == [SHA]
+            assert r.status_code == 200 and [p["sha256"] for p in r.json()["items"]] == [SHA]
 
 
 async def test_an_application_slow_to_read_a_body_does_not_cut_off_the_client(tmp_path: Path) -> None:

@@ -159,3 +159,52 @@ def test_documented_example_loads() -> None:
     block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
     p = load_definition(block).to_policy()
     assert p.phase_sizes(100) == [5, 95] and p.retries.max_backoff_s == 600
+
+
+EVERY_MISTAKE = """\
+[campaign]
+name = "x"
+colour = "red"
+filter = 5
+
+[rollout]
+rate_per_minute = -5
+retries = { max_attempts = "a", backoff = "1m" }
+
+[[phase]]
+size = "x"
+succes_threshold = "90%"
+
+[[phase]]
+"""
+
+
+def test_every_problem_is_reported_at_once_with_its_line() -> None:
+    with pytest.raises(DefinitionError) as exc:
+        load_definition(EVERY_MISTAKE)
+    assert [e.split(": ", 2)[:2] for e in exc.value.errors] == [
+        ["line 3", "campaign"],
+        ["line 4", "campaign.filter"],
+        ["line 7", "rollout.rate_per_minute"],
+        ["line 8", "rollout.retries.max_attempts"],
+        ["line 11", "phase 1.size"],
+        ["line 12", "phase 1"],
+    ]
+    assert "unknown key 'colour'" in exc.value.errors[0]
+    assert "unknown key 'succes_threshold'" in exc.value.errors[5]
+    assert str(exc.value).endswith("(and 5 more problems)") and "\n" not in str(exc.value)
+
+
+def test_a_problem_that_follows_from_another_is_not_reported() -> None:
+    # without its bad size the first phase also lacks a size: that is the same mistake
+    with pytest.raises(DefinitionError) as exc:
+        load_definition(MINIMAL + '[[phase]]\nsize = "x"\n[[phase]]\n')
+    assert exc.value.errors == ["line 4: phase 1.size: must be a percentage such as \"95%\", not 'x'"]
+
+
+def test_the_listed_problems_are_bounded() -> None:
+    text = MINIMAL + "".join(f"bogus{i} = 1\n" for i in range(80))
+    with pytest.raises(DefinitionError) as exc:
+        load_definition(text, max_errors=10)
+    assert len(exc.value.errors) == 10 and exc.value.more == 70
+    assert exc.value.errors[0].startswith("line 3: campaign: unknown key 'bogus0'")

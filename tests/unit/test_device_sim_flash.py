@@ -156,3 +156,24 @@ def test_state_json_matches_the_dataclass_and_round_trips(tmp_path: Path) -> Non
     flash.state = st
     flash.save()
     assert Flash(tmp_path / "dev").state == st
+
+
+def test_a_trial_boot_is_kept_by_confirm_or_undone_by_the_bootloader(tmp_path: Path) -> None:
+    flash = Flash(tmp_path / "dev")
+    flash.provision(b"old image", 1)
+    image = b"new image"
+    flash.begin_download(hashlib.sha256(image).hexdigest(), len(image))
+    flash.write_chunk(0, image)
+    flash.mark_downloaded(hashlib.sha256(image).hexdigest(), len(image), 2)
+    flash.activate()
+    flash.save()
+    trial = Flash(tmp_path / "dev")  # the trial survives a power cycle as state
+    assert trial.state.trial and trial.state.installed_sequence == 2
+    assert trial.active_digest() == hashlib.sha256(image).digest()
+    trial.revert()  # reset unconfirmed: the previous slot boots again
+    assert (trial.state.active, trial.state.installed_sequence, trial.state.trial) == ("a", 1, False)
+    assert trial.active_image() == b"old image"
+    assert trial.active_digest() == hashlib.sha256(b"old image").digest()
+    trial.activate()
+    trial.confirm()
+    assert not trial.state.trial and trial.state.installed_sequence == 2

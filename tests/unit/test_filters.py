@@ -160,6 +160,8 @@ def _field_value(field: str, ordering: bool) -> st.SearchStrategy[filters.Litera
         return st.integers(min_value=filters.INT_MIN, max_value=filters.INT_MAX)
     if field in filters.UUID_FIELDS and not ordering:
         return st.uuids().map(str)
+    if field == filters.VERSION_FIELD and ordering:  # orderings take a semantic version
+        return st.tuples(st.integers(0, 10**6), st.integers(0, 99)).map(lambda v: f"{v[0]}.{v[1]}.0-rc.1")
     return _text_values
 
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fwcm import roles
 from fwcm.api import schemas as sc
@@ -94,7 +95,7 @@ class ApiError(Exception):
 
 CALLER = "fwcm.caller"
 """Where ``current_tenant`` leaves the authenticated caller in the ASGI scope, for the audit log."""
-BEARER = {"WWW-Authenticate": "Bearer"}
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 REFUSED_KEY = {
     "expired": "API key expired",
     "revoked": "API key revoked",
@@ -118,16 +119,27 @@ def _refuse_key(request: Request, reason: str, found: tenants.KeyCheck | None) -
             found.tenant.slug,
             client_address(request),
         )
-    return HTTPException(401, REFUSED_KEY.get(reason, "invalid API key"), BEARER)
+    return HTTPException(401, REFUSED_KEY.get(reason, "invalid API key"), CHALLENGE)
 
 
-def current_tenant(request: Request) -> TenantCtx:
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="A tenant's API key (`fwcm admin tenant-create` prints it): `Authorization: Bearer <key>`.",
+)
+"""Declares the bearer scheme in the OpenAPI document (Swagger's "Authorize" sends the key); the
+check itself stays in ``current_tenant``, so a refusal reads the same with or without it."""
+
+
+def current_tenant(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> TenantCtx:
     """Resolve ``Authorization: Bearer <key>`` to the calling tenant, or answer 401; answer 403
     when the key's role does not allow this method on this route."""
     auth = request.headers.get("authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise HTTPException(401, "missing API key: send Authorization: Bearer <key>", BEARER)
+        raise HTTPException(401, "missing API key: send Authorization: Bearer <key>", CHALLENGE)
     db: Database = request.app.state.db
     now = utcnow()
     with db.read() as s:

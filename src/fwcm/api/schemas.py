@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Self, TypeVar
 
 from annotated_types import Interval
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 from fwcm import protocol
 from fwcm.store.models import (
@@ -31,6 +32,36 @@ BodyInt = Annotated[int, Strict(), Interval(ge=-BIGINT_MAX - 1, le=BIGINT_MAX)]
 """A whole number in a JSON body (never a boolean), within a BIGINT column's range."""
 
 
+MAX_PAGE = 10000
+"""The most items one page of a list may hold."""
+Limit = Annotated[int, Interval(ge=1, le=MAX_PAGE)]
+"""How many items a list answers at most (``?limit=``)."""
+
+
+def as_utc(value: datetime) -> datetime:
+    """Stored times are UTC; SQLite hands them back without a zone, so one is attached here."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(as_utc)]
+"""Every time in an answer: RFC 3339 in UTC, e.g. ``2026-12-01T18:00:00Z``."""
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """The one shape of every list: a page of ``items`` and where it sits in the whole."""
+
+    items: list[T]
+    total: int = Field(description="How many items the list holds in all (every page).")
+    limit: int = Field(description="The most items this page could hold (``?limit=``).")
+    offset: int = Field(description="How many items come before this page (``?offset=``).")
+
+    @classmethod
+    def of(cls, total: int, limit: int, offset: int, items: Sequence[Any]) -> Self:
+        return cls(items=list(items), total=total, limit=limit, offset=offset)
+
+
 class ErrorOut(BaseModel):
     detail: str = Field(description="One sentence naming the problem.")
 
@@ -39,14 +70,14 @@ class TenantOut(BaseModel):
     id: int
     slug: str
     name: str
-    created_at: datetime | None
+    created_at: Timestamp | None
 
 
 class PayloadOut(BaseModel):
     sha256: str
     size: int
     name: str | None
-    created_at: datetime | None
+    created_at: Timestamp | None
     created: bool | None = Field(None, description="On upload: false when the image was already stored.")
     url: str = Field(description="Path devices fetch the image from (HTTP Range, CoAP Block2).")
 
@@ -60,6 +91,10 @@ class PayloadOut(BaseModel):
             created=created,
             url=f"/p/{p.sha256}",
         )
+
+
+class PayloadPage(Page[PayloadOut]):
+    pass
 
 
 class SignerIn(BaseModel):
@@ -81,8 +116,8 @@ class SignerOut(BaseModel):
     hardware_ids: list[str] | None = Field(
         None, description="Developer signer: hardware its builds may target."
     )
-    revoked_at: datetime | None
-    created_at: datetime | None
+    revoked_at: Timestamp | None
+    created_at: Timestamp | None
 
     @classmethod
     def of(cls, sg: Signer) -> SignerOut:
@@ -98,6 +133,10 @@ class SignerOut(BaseModel):
         )
 
 
+class SignerPage(Page[SignerOut]):
+    pass
+
+
 class ManifestOut(BaseModel):
     id: int
     digest: str = Field(description="SUIT digest (SHA-256) of the bstr-wrapped manifest: what was signed.")
@@ -110,7 +149,7 @@ class ManifestOut(BaseModel):
     signer: str | None
     name: str | None
     size: int = Field(description="Envelope size in bytes.")
-    created_at: datetime | None
+    created_at: Timestamp | None
     created: bool | None = None
 
     @classmethod
@@ -130,6 +169,10 @@ class ManifestOut(BaseModel):
             created_at=m.created_at,
             created=created,
         )
+
+
+class ManifestPage(Page[ManifestOut]):
+    pass
 
 
 class DeviceIn(BaseModel):
@@ -158,10 +201,10 @@ class DeviceOut(BaseModel):
     transport: str
     hardware_id: str | None
     online: bool
-    last_seen: datetime | None
-    created_at: datetime | None
+    last_seen: Timestamp | None
+    created_at: Timestamp | None
     firmware_name: str | None = Field(None, description="What the device said it runs (its hello).")
-    decommissioned_at: datetime | None = Field(
+    decommissioned_at: Timestamp | None = Field(
         None, description="When it was taken out of service (None: in service)."
     )
     attestation_key: bool = Field(False, description="An attestation key is registered.")
@@ -235,11 +278,8 @@ def credentials(secret: bytes, tenant: str, device: str) -> dict[str, str]:
     }
 
 
-class DevicePage(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[DeviceOut]
+class DevicePage(Page[DeviceOut]):
+    pass
 
 
 class ImportedDevice(BaseModel):
@@ -264,7 +304,7 @@ class ImportErrorOut(BaseModel):
 
 
 class DeviceEventOut(BaseModel):
-    at: datetime
+    at: Timestamp
     campaign_id: int
     state: str
     result: int
@@ -273,6 +313,10 @@ class DeviceEventOut(BaseModel):
     @classmethod
     def of(cls, e: DeviceEvent) -> DeviceEventOut:
         return cls(at=e.at, campaign_id=e.campaign_id, state=e.state, result=e.result, detail=e.detail)
+
+
+class DeviceEventPage(Page[DeviceEventOut]):
+    pass
 
 
 class CampaignIn(BaseModel):
@@ -306,9 +350,9 @@ class CampaignOut(BaseModel):
     group_decision: str | None = None
     phase: int
     total: int
-    created_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Timestamp | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
 
     @classmethod
     def of(cls, c: Campaign) -> CampaignOut:
@@ -330,6 +374,10 @@ class CampaignOut(BaseModel):
             started_at=c.started_at,
             finished_at=c.finished_at,
         )
+
+
+class CampaignPage(Page[CampaignOut]):
+    pass
 
 
 class FailureCount(BaseModel):
@@ -368,8 +416,8 @@ class CampaignStats(BaseModel):
         None, description='Why there is no ETA, or what follows it: "waiting for approval of phase 2".'
     )
     failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
     consent: dict[str, Any] | None = Field(
         None, description="Consent campaigns: stage, invited/accepted/declined/no_answer, group decision."
     )
@@ -379,7 +427,7 @@ class AccountingRow(BaseModel):
     device: str
     uses: int
     seconds: int
-    last_report_at: datetime | None
+    last_report_at: Timestamp | None
     last_kind: str
     ended: bool = Field(description="A final or removal record arrived: the software's use ended.")
     removed: bool = Field(description="The software was removed again (use or time limit reached).")
@@ -404,19 +452,16 @@ class DeploymentOut(BaseModel):
     phase: int
     attempt: int
     progress: int | None
-    notified_at: datetime | None
-    updated_at: datetime | None
+    notified_at: Timestamp | None
+    updated_at: Timestamp | None
 
 
-class DeploymentPage(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[DeploymentOut]
+class DeploymentPage(Page[DeploymentOut]):
+    pass
 
 
 class CampaignEventOut(BaseModel):
-    at: datetime
+    at: Timestamp
     state: str
     reason: str | None
 
@@ -428,3 +473,7 @@ class CampaignEventOut(BaseModel):
 class RetryOut(BaseModel):
     campaign: CampaignOut
     retried: int = Field(description="Failed and timed-out devices given a new attempt.")
+
+
+class CampaignEventPage(Page[CampaignEventOut]):
+    pass

@@ -25,7 +25,13 @@ def read_campaign_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror or exc}") from None
     except DefinitionError as exc:
-        raise fail(f"{path}: {exc}") from None
+        if len(exc.errors) > 1:
+            more = [f"... and {exc.more} more"] if exc.more else []
+            raise fail(f"{path}: {len(exc.errors) + exc.more} problems", exc.errors + more) from None
+        where, _, message = exc.errors[0].partition(": ")
+        if not where.startswith("line "):
+            raise fail(f"{path}: {exc}") from None
+        raise fail(f"{path}: {message} ({where})") from None
     spec: dict[str, Any] = {
         "name": d.name,
         "filter": d.filter,
@@ -100,7 +106,7 @@ def campaign_list(
 ) -> None:
     """List campaigns."""
     with api() as client:
-        rows = client.get("/campaigns", state=state)
+        rows = client.items("/campaigns", state=state)
     if as_json:
         print_json(rows)
     else:
@@ -321,7 +327,7 @@ def campaign_events(
 ) -> None:
     """Every state change of a campaign with its time and reason."""
     with api() as client:
-        rows = client.get(f"/campaigns/{campaign_id}/events")
+        rows = client.items(f"/campaigns/{campaign_id}/events")
     if as_json:
         print_json(rows)
     else:

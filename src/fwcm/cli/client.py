@@ -23,14 +23,18 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8080"
 API_PREFIX = "/api/v1"
 UPLOAD_CHUNK = 1 << 20
+PAGE = 1000
+"""Items the CLI asks for per page when it reads a whole list."""
 
 
 class ApiError(Exception):
     """A failed request; ``str()`` is the one line shown to the user."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.errors = errors or []
+        """Every problem the server listed (``errors`` beside ``detail``: a refused import)."""
 
 
 def config_path() -> Path:
@@ -90,6 +94,15 @@ def _detail(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {text}"
 
 
+def _errors(response: httpx.Response) -> list[str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return [str(e) for e in errors] if isinstance(errors, list) else []
+
+
 class ApiClient:
     """Thin wrapper over httpx that turns every failure into an ``ApiError``."""
 
@@ -136,12 +149,21 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from None
         if response.status_code >= 400:
-            raise ApiError(_detail(response), response.status_code)
+            raise ApiError(_detail(response), response.status_code, _errors(response))
         return response
 
     def get(self, path: str, **params: Any) -> Any:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean).json()
+
+    def items(self, path: str, **params: Any) -> list[Any]:
+        """Every item of a list, page after page (the API's ``{items, total, limit, offset}``)."""
+        out: list[Any] = []
+        while True:
+            page = self.get(path, **params, limit=PAGE, offset=len(out))
+            out.extend(page["items"])
+            if not page["items"] or len(out) >= page["total"]:
+                return out
 
     def post(self, path: str, json_body: Any = None, **kwargs: Any) -> Any:
         if json_body is not None:

@@ -23,9 +23,12 @@ make_client: Callable[[], ApiClient] = ApiClient.from_env
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def fail(message: str) -> typer.Exit:
-    """Print one ``error:`` line; the caller raises the returned exit (code 1)."""
+def fail(message: str, problems: list[str] | None = None) -> typer.Exit:
+    """Print one ``error:`` line, then each of ``problems`` indented below it; the caller raises
+    the returned exit (code 1)."""
     typer.echo(f"error: {message}", err=True)
+    for problem in problems or []:
+        typer.echo(f"  {problem}", err=True)
     return typer.Exit(1)
 
 
@@ -37,7 +40,7 @@ def api() -> Iterator[ApiClient]:
         with client:
             yield client
     except ApiError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.errors if len(exc.errors) > 1 else None) from None
 
 
 def rich_console() -> Console:

@@ -33,7 +33,7 @@ def payload_upload(
 def payload_list(as_json: JsonOpt = False) -> None:
     """List the tenant's payloads."""
     with api() as client:
-        rows = client.get("/payloads")
+        rows = client.items("/payloads")
     if as_json:
         print_json(rows)
         return
@@ -90,7 +90,7 @@ def manifest_upload(
 def manifest_list(as_json: JsonOpt = False) -> None:
     """List the tenant's manifests."""
     with api() as client:
-        rows = client.get("/manifests")
+        rows = client.items("/manifests")
     if as_json:
         print_json(rows)
         return

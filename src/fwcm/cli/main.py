@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+from importlib import metadata
 from typing import Annotated
 
 import typer
@@ -45,6 +46,24 @@ app.command("login", help="Store the server URL and API key in the config file."
 app.add_typer(key_app, name="key", help="API keys of the tenant: create, list, revoke.")
 app.command("audit", help="Who did what: the tenant's audit log.")(audit)
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
+
+
+def _print_version(value: bool) -> None:
+    """``fwcm --version``: the installed package's version (its metadata, not a copy in the code)."""
+    if value:
+        typer.echo(f"fwcm {metadata.version('fwcm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """fwcm: firmware campaign manager for IoT fleets."""
+
 
 admin_app = typer.Typer(help="Server-side administration (runs against the database directly).")
 app.add_typer(admin_app, name="admin")

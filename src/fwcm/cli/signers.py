@@ -49,7 +49,7 @@ def signer_add(
 def signer_list(as_json: JsonOpt = False) -> None:
     """List trusted signers."""
     with api() as client:
-        rows = client.get("/signers")
+        rows = client.items("/signers")
     if as_json:
         print_json(rows)
         return

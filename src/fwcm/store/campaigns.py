@@ -60,6 +60,7 @@ from fwcm.store.models import (
     Signer,
     utcnow,
 )
+from fwcm.store.paging import page
 
 Reviewer = Callable[[Iterable[tuple[int, str, int]], int], dict[str, Any]]
 """What resuming a stopped campaign accepts, from its (phase, state, count) rows and current phase
@@ -103,11 +104,14 @@ def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: Campaig
     return campaign
 
 
-def list_campaigns(s: Session, tenant_id: int, state: str | None = None) -> Sequence[Campaign]:
+def list_campaigns(
+    s: Session, tenant_id: int, state: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[int, Sequence[Campaign]]:
+    """A page of the tenant's campaigns (optionally in one state), oldest first, and how many."""
     q = select(Campaign).where(Campaign.tenant_id == tenant_id)
     if state:
         q = q.where(Campaign.state == state)
-    return s.scalars(q.order_by(Campaign.id)).all()
+    return page(s, q.order_by(Campaign.id), limit, offset)
 
 
 def get_campaign(s: Session, tenant_id: int, campaign_id: int, *, lock: bool = False) -> Campaign:
@@ -534,13 +538,17 @@ def _deployment_out(d: Deployment, device: str) -> dict[str, Any]:
     }
 
 
-def campaign_events(s: Session, tenant_id: int, campaign_id: int) -> Sequence[CampaignEvent]:
+def campaign_events(
+    s: Session, tenant_id: int, campaign_id: int, limit: int = 1000, offset: int = 0
+) -> tuple[int, Sequence[CampaignEvent]]:
+    """A page of a campaign's state changes, oldest first, and how many it has."""
     get_campaign(s, tenant_id, campaign_id)
-    return s.scalars(
+    query = (
         select(CampaignEvent)
         .where(CampaignEvent.tenant_id == tenant_id, CampaignEvent.campaign_id == campaign_id)
         .order_by(CampaignEvent.id)
-    ).all()
+    )
+    return page(s, query, limit, offset)
 
 
 def join_new_devices(s: Session, campaign_id: int, tenant_id: int, phase: int) -> int:

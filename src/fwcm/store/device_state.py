@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from sqlalchemy import (
+    Boolean,
+    String,
     Table,
     bindparam,
+    case,
     delete,
     func,
     or_,
@@ -30,6 +33,7 @@ from fwcm.store.models import (
     DeviceEvent,
     Tenant,
 )
+from fwcm.versions import version_key
 
 _DEVICES = cast(Table, Device.__table__)
 
@@ -89,6 +93,11 @@ _HELLO = (
         sequence=bindparam("sq"),
         firmware_name=func.coalesce(bindparam("fn"), _DEVICES.c.firmware_name),
         version=func.coalesce(bindparam("fv"), _DEVICES.c.version),
+        # the key follows a reported version (None when it is not a semantic version)
+        version_key=case(
+            (bindparam("vk_set", type_=Boolean()), bindparam("vk", type_=String())),
+            else_=_DEVICES.c.version_key,
+        ),
         last_seen=bindparam("u"),
         online=bindparam("on"),
     )
@@ -104,7 +113,7 @@ def apply_hellos(s: Session, hellos: Sequence[Verified]) -> None:
             "q": v.report.seq,
             "sq": v.report.installed_sequence,
             "fn": _short_text(v.report.extra.get(REPORT_FIRMWARE_NAME), 200),
-            "fv": _short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64),
+            **_version(_short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64)),
             "u": now,
             "on": True,
         }
@@ -117,6 +126,11 @@ def apply_hellos(s: Session, hellos: Sequence[Verified]) -> None:
 
 def _short_text(v: object, limit: int) -> str | None:
     return v[:limit] if isinstance(v, str) else None
+
+
+def _version(reported: str | None) -> dict[str, object]:
+    """The ``_HELLO`` parameters of a reported version: the version, whether it was reported, its key."""
+    return {"fv": reported, "vk_set": reported is not None, "vk": version_key(reported)}
 
 
 def set_presence(s: Session, device_pks: dict[int, bool]) -> None:

@@ -21,6 +21,8 @@ from fwcm.rollout.states import DEVICE_TERMINAL, CampaignState, DeviceState
 from fwcm.store.db import utcnow
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.models import Campaign, Deployment, Device, DeviceEvent, Tenant
+from fwcm.store.paging import page
+from fwcm.versions import version_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def _device_row(tenant_id: int, dev: NewDevice) -> dict[str, Any]:
         "tags": dev.tags,
         "sequence": dev.sequence,
         "version": dev.version,
+        "version_key": version_key(dev.version),
         "transport": dev.transport,
         "hardware_id": dev.hardware_id,
         "secret": dev.secret,
@@ -93,14 +96,17 @@ def list_devices(
     return total, rows
 
 
-def device_history(s: Session, tenant_id: int, name: str, limit: int = 100) -> Sequence[DeviceEvent]:
+def device_history(
+    s: Session, tenant_id: int, name: str, limit: int = 100, offset: int = 0
+) -> tuple[int, Sequence[DeviceEvent]]:
+    """A page of one device's deployment state changes, newest first, and how many it has."""
     device = get_device(s, tenant_id, name)
-    return s.scalars(
+    query = (
         select(DeviceEvent)
         .where(DeviceEvent.tenant_id == tenant_id, DeviceEvent.device_id == device.id)
         .order_by(DeviceEvent.id.desc())
-        .limit(limit)
-    ).all()
+    )
+    return page(s, query, limit, offset)
 
 
 # -- changes ------------------------------------------------------------------------------------
@@ -122,6 +128,8 @@ def update_device(
         device.tags = tags.apply(device.tags)
     for field, value in attributes.items():
         setattr(device, field, value)
+    if "version" in attributes:
+        device.version_key = version_key(device.version)
     s.flush()
     return device
 

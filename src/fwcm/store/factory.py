@@ -36,6 +36,7 @@ from fwcm.store.models import (
     Tenant,
     utcnow,
 )
+from fwcm.versions import version_key
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def _insert_device(
         "online": False,
     }
     values.update(fields)
+    values["version_key"] = version_key(values["version"])
     device = Device(**values)
     try:
         with s.begin_nested():

@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, and_, false, not_, or_, true
 
 from fwcm import filters
 from fwcm.store.models import Device
+from fwcm.versions import version_key
 
 _ATTR_COLUMNS: dict[str, Any] = {
     "vendor": Device.vendor_id,
@@ -61,7 +62,9 @@ def filter_clause(node: filters.Node) -> ColumnElement[bool]:
         expr = col.in_(list(node.values))
         return and_(col.is_not(None), expr) if nullable else expr
     assert isinstance(node, filters.Compare)
-    value = node.value
+    value: object = node.value
+    if node.field == filters.VERSION_FIELD and node.op not in ("==", "!="):
+        col, value = Device.version_key, version_key(str(value))  # semantic order (fwcm.versions)
     ops: dict[str, Any] = {
         "==": col.__eq__,
         "!=": col.__ne__,

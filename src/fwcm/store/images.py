@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from fwcm import manifest, pki
 from fwcm.errors import Conflict, Invalid, NotFound, TooLarge
 from fwcm.store.models import BIGINT_MAX, Campaign, Deployment, Manifest, Payload, Signer, Tenant
+from fwcm.store.paging import page
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ def record_payload(
     return payload, True
 
 
-def list_payloads(s: Session, tenant_id: int) -> Sequence[Payload]:
-    return s.scalars(select(Payload).where(Payload.tenant_id == tenant_id).order_by(Payload.id)).all()
+def list_payloads(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[Payload]]:
+    """A page of the tenant's payloads, oldest first, and how many it has."""
+    return page(s, select(Payload).where(Payload.tenant_id == tenant_id).order_by(Payload.id), limit, offset)
 
 
 def get_payload(s: Session, tenant_id: int, sha256: str) -> Payload:
@@ -124,8 +126,10 @@ def upload_manifest(
     return row, True
 
 
-def list_manifests(s: Session, tenant_id: int) -> Sequence[Manifest]:
-    return s.scalars(select(Manifest).where(Manifest.tenant_id == tenant_id).order_by(Manifest.id)).all()
+def list_manifests(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[Manifest]]:
+    """A page of the tenant's manifests, oldest first, and how many it has."""
+    query = select(Manifest).where(Manifest.tenant_id == tenant_id).order_by(Manifest.id)
+    return page(s, query, limit, offset)
 
 
 def get_manifest(s: Session, tenant_id: int, manifest_id: int) -> Manifest:

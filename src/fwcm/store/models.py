@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from fwcm.versions import KEY_CHARS
+
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a bigint.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 BIGINT_MAX = 2**63 - 1
@@ -35,6 +37,10 @@ BIGINT_MAX = 2**63 - 1
 def utcnow() -> datetime:
     """The time rows are stamped with: timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+VersionKey = String(KEY_CHARS).with_variant(String(KEY_CHARS, collation="C"), "postgresql")
+"""A version sort key: compared byte by byte (SQLite's default; PostgreSQL's ``C`` collation)."""
 
 
 class Base(DeclarativeBase):
@@ -153,6 +159,8 @@ class Device(Base):
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     sequence: Mapped[int] = mapped_column(BigInteger, default=0)
     version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version_key: Mapped[str | None] = mapped_column(VersionKey, nullable=True)
+    """``fwcm.versions.version_key(version)``, set with it: filters order versions by it."""
     transport: Mapped[str] = mapped_column(String(8), default="mqtt")
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     hardware_id: Mapped[str | None] = mapped_column(String(128), nullable=True)

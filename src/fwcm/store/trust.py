@@ -7,7 +7,7 @@ indistinguishable from a missing one (``NotFound``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from sqlalchemy import select
@@ -18,6 +18,7 @@ from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.names import check_name
 from fwcm.store.campaigns import change_campaign
 from fwcm.store.models import Campaign, Manifest, Signer, Tenant, utcnow
+from fwcm.store.paging import page
 from fwcm.store.tenants import tenant_by_slug
 
 
@@ -102,8 +103,20 @@ def set_tenant_ca(s: Session, slug: str, ca_pem: str | bytes, root: x509.Certifi
     return tenant
 
 
-def list_signers(s: Session, tenant_id: int) -> Sequence[Signer]:
-    return s.scalars(select(Signer).where(Signer.tenant_id == tenant_id).order_by(Signer.id)).all()
+def list_signers(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[Signer]]:
+    """A page of the tenant's signers, oldest first, and how many it has."""
+    return page(s, select(Signer).where(Signer.tenant_id == tenant_id).order_by(Signer.id), limit, offset)
+
+
+def signer_names(s: Session, tenant_id: int, ids: Iterable[int | None]) -> dict[int, str]:
+    """The names of these signers of the tenant, by id."""
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    rows = s.execute(
+        select(Signer.id, Signer.name).where(Signer.tenant_id == tenant_id, Signer.id.in_(wanted))
+    )
+    return {r.id: r.name for r in rows}
 
 
 def get_signer(s: Session, tenant_id: int, name: str) -> Signer:

@@ -3,9 +3,9 @@ failed devices, delete it once ended, and follow its progress."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, Notify, Tenant, router
@@ -55,10 +55,14 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
             removed=sum(1 for r in rows if r.removed),
         )
 
-    @api.get("/campaigns", response_model=list[sc.CampaignOut], tags=["campaigns"])
-    def list_campaigns(t: Tenant, state: str | None = None) -> list[sc.CampaignOut]:
+    @api.get("/campaigns", response_model=sc.CampaignPage, tags=["campaigns"])
+    def list_campaigns(
+        t: Tenant, state: str | None = None, limit: sc.Limit = 100, offset: sc.Offset = 0
+    ) -> sc.CampaignPage:
+        """The tenant's campaigns, oldest first."""
         with db.read() as s:
-            return [sc.CampaignOut.of(c) for c in campaigns.list_campaigns(s, t.id, state)]
+            total, rows = campaigns.list_campaigns(s, t.id, state, limit, offset)
+            return sc.CampaignPage.of(total, limit, offset, [sc.CampaignOut.of(c) for c in rows])
 
     @api.get("/campaigns/{campaign_id}", response_model=sc.CampaignOut, tags=["campaigns"])
     def get_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
@@ -135,19 +139,20 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
         campaign_id: sc.RowId,
         t: Tenant,
         state: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        limit: sc.Limit = 100,
         offset: sc.Offset = 0,
     ) -> sc.DeploymentPage:
         with db.session() as s:
             total, rows = campaigns.campaign_devices(s, t.id, campaign_id, state, limit, offset)
-            return sc.DeploymentPage(
-                total=total, limit=limit, offset=offset, items=[sc.DeploymentOut(**r) for r in rows]
-            )
+            return sc.DeploymentPage.of(total, limit, offset, [sc.DeploymentOut(**r) for r in rows])
 
-    @api.get("/campaigns/{campaign_id}/events", response_model=list[sc.CampaignEventOut], tags=["campaigns"])
-    def campaign_events(campaign_id: sc.RowId, t: Tenant) -> list[sc.CampaignEventOut]:
-        """Every state change of the campaign with its time and reason."""
+    @api.get("/campaigns/{campaign_id}/events", response_model=sc.CampaignEventPage, tags=["campaigns"])
+    def campaign_events(
+        campaign_id: sc.RowId, t: Tenant, limit: sc.Limit = 1000, offset: sc.Offset = 0
+    ) -> sc.CampaignEventPage:
+        """Every state change of the campaign with its time and reason, oldest first."""
         with db.read() as s:
-            return [sc.CampaignEventOut.of(e) for e in campaigns.campaign_events(s, t.id, campaign_id)]
+            total, rows = campaigns.campaign_events(s, t.id, campaign_id, limit, offset)
+            return sc.CampaignEventPage.of(total, limit, offset, [sc.CampaignEventOut.of(e) for e in rows])
 
     return api

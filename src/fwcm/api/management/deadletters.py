@@ -7,13 +7,13 @@ Included by ``create_app``; a tenant sees only its own.
 from __future__ import annotations
 
 import base64
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from fwcm.api.deps import Tenant, router
+from fwcm.api.schemas import Page, Timestamp
 from fwcm.store import deadletters as dl
 from fwcm.store.db import Database
 from fwcm.store.models import DeadLetter
@@ -25,7 +25,7 @@ class DeadLetterOut(BaseModel):
     transport: str
     reason: str = Field(description="integrity, data, database or internal")
     error: str = Field(description="The database's (or the server's) one-line explanation.")
-    at: datetime
+    at: Timestamp
     payload: str = Field(description="The message exactly as it arrived, base64.")
 
     @classmethod
@@ -41,11 +41,8 @@ class DeadLetterOut(BaseModel):
         )
 
 
-class DeadLetterPage(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[DeadLetterOut]
+class DeadLetterPage(Page[DeadLetterOut]):
+    pass
 
 
 def create_router(db: Database) -> APIRouter:
@@ -61,8 +58,6 @@ def create_router(db: Database) -> APIRouter:
         """The tenant's dead letters, newest first (at most the newest 1000 are kept)."""
         with db.read() as s:
             total, rows = dl.page(s, t.id, limit, offset, device)
-            return DeadLetterPage(
-                total=total, limit=limit, offset=offset, items=[DeadLetterOut.of(d) for d in rows]
-            )
+            return DeadLetterPage.of(total, limit, offset, [DeadLetterOut.of(d) for d in rows])
 
     return api

@@ -72,14 +72,12 @@ def create_router(db: Database, settings: Settings, notify: Notify) -> APIRouter
     def list_devices(
         t: Tenant,
         filter: Annotated[str, Query(description='Filter expression, e.g. tag.region == "eu"')] = "",
-        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        limit: sc.Limit = 100,
         offset: sc.Offset = 0,
     ) -> sc.DevicePage:
         with db.read() as s:
             total, rows = device_store.list_devices(s, t.id, filter, limit, offset)
-            return sc.DevicePage(
-                total=total, limit=limit, offset=offset, items=[sc.DeviceOut.of(d) for d in rows]
-            )
+            return sc.DevicePage.of(total, limit, offset, [sc.DeviceOut.of(d) for d in rows])
 
     @api.get("/devices/{name}", response_model=sc.DeviceOut, tags=["devices"])
     def get_device(name: str, t: Tenant) -> sc.DeviceOut:
@@ -127,12 +125,13 @@ def create_router(db: Database, settings: Settings, notify: Notify) -> APIRouter
         notify.devices_withdrawn(t.slug, [name])
         return Response(status_code=204)
 
-    @api.get("/devices/{name}/events", response_model=list[sc.DeviceEventOut], tags=["devices"])
+    @api.get("/devices/{name}/events", response_model=sc.DeviceEventPage, tags=["devices"])
     def device_events(
-        name: str, t: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-    ) -> list[sc.DeviceEventOut]:
+        name: str, t: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: sc.Offset = 0
+    ) -> sc.DeviceEventPage:
         """Recent deployment state changes of one device, newest first."""
         with db.read() as s:
-            return [sc.DeviceEventOut.of(e) for e in device_store.device_history(s, t.id, name, limit)]
+            total, rows = device_store.device_history(s, t.id, name, limit, offset)
+            return sc.DeviceEventPage.of(total, limit, offset, [sc.DeviceEventOut.of(e) for e in rows])
 
     return api

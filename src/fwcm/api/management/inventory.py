@@ -10,7 +10,6 @@ factory routes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -55,8 +54,8 @@ class FactoryDeviceOut(BaseModel):
     sequence: int
     attest_key: bool = Field(description="Whether a public attestation key was registered.")
     claimed: bool
-    claimed_at: datetime | None
-    created_at: datetime | None
+    claimed_at: sc.Timestamp | None
+    created_at: sc.Timestamp | None
 
     @classmethod
     def of(cls, f: FactoryDevice) -> FactoryDeviceOut:
@@ -74,11 +73,8 @@ class FactoryDeviceOut(BaseModel):
         )
 
 
-class FactoryPage(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[FactoryDeviceOut]
+class FactoryPage(sc.Page[FactoryDeviceOut]):
+    pass
 
 
 class ClaimIn(BaseModel):
@@ -134,11 +130,8 @@ class OutdatedOut(BaseModel):
     newest_name: str | None
 
 
-class OutdatedPage(BaseModel):
-    total: int
-    limit: int
-    offset: int
-    items: list[OutdatedOut]
+class OutdatedPage(sc.Page[OutdatedOut]):
+    pass
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -189,15 +182,13 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
     def list_factory_devices(
         t: Maker,
         claimed: Annotated[bool | None, Query(description="Only claimed (true) or unclaimed (false)")] = None,
-        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        limit: sc.Limit = 100,
         offset: sc.Offset = 0,
     ) -> FactoryPage:
         """The manufacturer's own devices and whether each is claimed (never secrets or owners)."""
         with db.read() as s:
             total, rows = factory.list_factory_devices(s, t.id, claimed, limit, offset)
-            return FactoryPage(
-                total=total, limit=limit, offset=offset, items=[FactoryDeviceOut.of(f) for f in rows]
-            )
+            return FactoryPage.of(total, limit, offset, [FactoryDeviceOut.of(f) for f in rows])
 
     @api.post("/devices/claim", response_model=OwnedDeviceOut, status_code=201, tags=["devices"])
     def claim_device(body: ClaimIn, t: Tenant) -> OwnedDeviceOut:
@@ -218,15 +209,13 @@ def create_router(db: Database, settings: Settings, devices_changed: Callable[[]
     def outdated_devices(
         t: Tenant,
         filter: Annotated[str, Query(description="Device filter, as for GET /devices")] = "",
-        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+        limit: sc.Limit = 1000,
         offset: sc.Offset = 0,
     ) -> OutdatedPage:
         """Devices whose reported sequence is below the newest manifest of their vendor and class."""
         with db.read() as s:
             total, rows = factory.outdated_devices(s, t.id, filter, limit, offset)
-            return OutdatedPage(
-                total=total, limit=limit, offset=offset, items=[OutdatedOut(**r) for r in rows]
-            )
+            return OutdatedPage.of(total, limit, offset, [OutdatedOut(**r) for r in rows])
 
     @api.post("/devices/{name}/release", response_model=ReleaseOut, tags=["devices"])
     def release_device(name: str, t: Tenant) -> ReleaseOut:

@@ -54,14 +54,14 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
 
         return await run_in_threadpool(store_manifest)
 
-    @api.get("/manifests", response_model=list[sc.ManifestOut], tags=["manifests"])
-    def list_manifests(t: Tenant) -> list[sc.ManifestOut]:
+    @api.get("/manifests", response_model=sc.ManifestPage, tags=["manifests"])
+    def list_manifests(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> sc.ManifestPage:
+        """The tenant's manifests, oldest first."""
         with db.read() as s:
-            names = {x.id: x.name for x in trust.list_signers(s, t.id)}
-            return [
-                sc.ManifestOut.of(m, names.get(m.signer_id) if m.signer_id else None)
-                for m in images.list_manifests(s, t.id)
-            ]
+            total, rows = images.list_manifests(s, t.id, limit, offset)
+            names = trust.signer_names(s, t.id, (m.signer_id for m in rows))
+            items = [sc.ManifestOut.of(m, names.get(m.signer_id) if m.signer_id else None) for m in rows]
+            return sc.ManifestPage.of(total, limit, offset, items)
 
     @api.get("/manifests/{manifest_id}", response_model=sc.ManifestOut, tags=["manifests"])
     def get_manifest(manifest_id: sc.RowId, t: Tenant) -> sc.ManifestOut:

@@ -74,10 +74,12 @@ def create_router(db: Database, settings: Settings, store: PayloadStore) -> APIR
 
         return await run_in_threadpool(record)
 
-    @api.get("/payloads", response_model=list[sc.PayloadOut], tags=["payloads"])
-    def list_payloads(t: Tenant) -> list[sc.PayloadOut]:
+    @api.get("/payloads", response_model=sc.PayloadPage, tags=["payloads"])
+    def list_payloads(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> sc.PayloadPage:
+        """The tenant's payloads, oldest first."""
         with db.read() as s:
-            return [sc.PayloadOut.of(p) for p in images.list_payloads(s, t.id)]
+            total, rows = images.list_payloads(s, t.id, limit, offset)
+            return sc.PayloadPage.of(total, limit, offset, [sc.PayloadOut.of(p) for p in rows])
 
     @api.get("/payloads/{sha256}", response_model=sc.PayloadOut, tags=["payloads"])
     def get_payload(sha256: str, t: Tenant) -> sc.PayloadOut:

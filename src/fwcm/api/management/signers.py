@@ -27,10 +27,12 @@ def create_router(db: Database, settings: Settings, notify: Notify) -> APIRouter
         except ManifestError as exc:
             raise ApiError(422, f"public key refused: {exc}") from None
 
-    @api.get("/signers", response_model=list[sc.SignerOut], tags=["signers"])
-    def list_signers(t: Tenant) -> list[sc.SignerOut]:
+    @api.get("/signers", response_model=sc.SignerPage, tags=["signers"])
+    def list_signers(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> sc.SignerPage:
+        """The signers the tenant trusts (and revoked), oldest first."""
         with db.read() as s:
-            return [sc.SignerOut.of(x) for x in trust.list_signers(s, t.id)]
+            total, rows = trust.list_signers(s, t.id, limit, offset)
+            return sc.SignerPage.of(total, limit, offset, [sc.SignerOut.of(x) for x in rows])
 
     @api.get("/signers/{name}", response_model=sc.SignerOut, tags=["signers"])
     def get_signer(name: str, t: Tenant) -> sc.SignerOut:
