@@ -294,6 +294,9 @@ class CampaignOut(BaseModel):
 
 
 class FailureCount(BaseModel):
+    state: str = Field(
+        description="The final state: failed, timed_out, reverted; or skipped, declined, no_answer."
+    )
     result: int
     name: str
     count: int
@@ -314,7 +317,13 @@ class CampaignStats(BaseModel):
     phase_names: list[str] = Field(description="Name of each rollout phase, in order.")
     per_minute: int = Field(description="Devices that reached a final state in the last 60 s.")
     eta_s: float | None = Field(description="Seconds until every device is done at the current pace.")
-    failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
+    failures: list[FailureCount] = Field(
+        description="Failed, timed-out and reverted devices by state and result code, most common first."
+    )
+    skips: list[FailureCount] = Field(
+        default_factory=list,
+        description="Devices the update was not for (skipped, declined, no answer), by state and result.",
+    )
     started_at: datetime | None
     finished_at: datetime | None
     consent: dict[str, Any] | None = Field(

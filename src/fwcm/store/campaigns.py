@@ -21,7 +21,14 @@ from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
-from fwcm.rollout.states import DEVICE_TERMINAL, DeviceState, InvalidTransition, action_transition
+from fwcm.rollout.states import (
+    AGAINST_ERRORS,
+    DEVICE_TERMINAL,
+    NOT_FOR_ME,
+    DeviceState,
+    InvalidTransition,
+    action_transition,
+)
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
 from fwcm.store.models import Campaign, CampaignEvent, Deployment, Device, Manifest, Signer, utcnow
@@ -211,20 +218,8 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         .group_by(Deployment.phase, Deployment.state)
     ):
         phases.setdefault(by_phase.phase, {})[by_phase.state] = by_phase.n
-    failures = []
-    for by_result in s.execute(
-        select(Deployment.result, func.count().label("n"))
-        .where(
-            Deployment.tenant_id == tenant_id,
-            Deployment.campaign_id == campaign_id,
-            Deployment.state.in_(("failed", "timed_out", "skipped")),
-        )
-        .group_by(Deployment.result)
-        .order_by(func.count().desc())
-    ):
-        failures.append(
-            {"result": by_result.result, "name": _result_name(by_result.result), "count": by_result.n}
-        )
+    failures = _by_result(s, tenant_id, campaign_id, AGAINST_ERRORS)
+    skips = _by_result(s, tenant_id, campaign_id, NOT_FOR_ME)
     # Throughput: devices that reached a terminal state in the last minute; ETA from that pace.
     recent = (
         s.scalar(
@@ -251,10 +246,37 @@ def campaign_stats(s: Session, tenant_id: int, campaign_id: int, phase_names: Ph
         "per_minute": recent,
         "eta_s": round(60.0 * remaining / recent, 1) if recent and campaign.state == "running" else None,
         "failures": failures,
+        "skips": skips,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
     }
+
+
+def _by_result(
+    s: Session, tenant_id: int, campaign_id: int, states: frozenset[DeviceState]
+) -> list[dict[str, Any]]:
+    """Devices in ``states`` counted by (state, result), most common first: failures apart from
+    skips, each end apart from the others."""
+    rows = s.execute(
+        select(Deployment.state, Deployment.result, func.count().label("n"))
+        .where(
+            Deployment.tenant_id == tenant_id,
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(sorted(st.value for st in states)),
+        )
+        .group_by(Deployment.state, Deployment.result)
+        .order_by(func.count().desc(), Deployment.state, Deployment.result)
+    )
+    return [
+        {"state": r.state, "result": r.result, "name": _end_name(r.state, r.result), "count": r.n}
+        for r in rows
+    ]
+
+
+def _end_name(state: str, result: int) -> str:
+    """A timeout has no result code of its own: it is named by its state."""
+    return state if state == DeviceState.TIMED_OUT.value and result == 0 else _result_name(result)
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:
