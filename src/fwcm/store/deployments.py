@@ -17,6 +17,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    null,
     or_,
     select,
     true,
@@ -337,7 +338,7 @@ _CLAIM = (
 _UNCLAIM = (
     update(_DEVICES)
     .where(_DEVICES.c.id == bindparam("d"), _DEVICES.c.claim_campaign == bindparam("c"))
-    .values(claim_campaign=None, claim_sequence=None, claim_digest=None)
+    .values(claim_campaign=null(), claim_sequence=null(), claim_digest=null())
 )
 
 
