@@ -253,6 +253,13 @@ class CampaignIn(BaseModel):
     )
 
 
+class CampaignStartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_empty: bool = Field(
+        False, description="Start even if the filter matches no device (refused with 409 otherwise)."
+    )
+
+
 class CampaignOut(BaseModel):
     id: int
     name: str
@@ -270,6 +277,10 @@ class CampaignOut(BaseModel):
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Create and start: what may be a mistake, e.g. a filter naming a tag no device has.",
+    )
 
     @classmethod
     def of(cls, c: Campaign) -> CampaignOut:

@@ -62,16 +62,14 @@ class Change(NamedTuple):
 def apply_report(current: DeploymentView, report: Report) -> Change | None:
     """The change a report makes to a deployment, or None when it must be ignored.
 
-    A final state is final, but for one step: a device that reported success and then fell back
-    to its previous image (a bootloader that reverts later) says ``reverted`` for the same attempt.
+    A final state is final: a fallback after a success is seen in the device's next hello
+    (:func:`judge_hellos`), not from a report of the finished attempt.
     """
     if report.attempt != current.attempt or report.seq <= current.last_seq:
         return None
-    new = state_for_report(report.state, report.result)
     if current.state in DEVICE_TERMINAL:
-        if current.state == DeviceState.SUCCEEDED and new == DeviceState.REVERTED:
-            return Change(new, int(report.result), report.seq)
         return None
+    new = state_for_report(report.state, report.result)
     if new == DeviceState.NOTIFIED and current.state != DeviceState.PENDING:
         return Change(current.state, int(report.result), report.seq)
     return Change(new, int(report.result), report.seq)

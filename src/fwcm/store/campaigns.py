@@ -20,7 +20,13 @@ from sqlalchemy.orm import Session
 from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
-from fwcm.rollout.launch import CampaignDraft, PhaseNamer, StartPlanner
+from fwcm.rollout.launch import (
+    CampaignDraft,
+    PhaseNamer,
+    StartPlanner,
+    empty_refusal,
+    unknown_tag_warnings,
+)
 from fwcm.rollout.states import (
     AGAINST_ERRORS,
     DEVICE_TERMINAL,
@@ -93,11 +99,14 @@ def _campaign_event(s: Session, campaign: Campaign, state: str, reason: str | No
     )
 
 
-def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner) -> Campaign:
+def start_campaign(
+    s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner, *, allow_empty: bool = False
+) -> Campaign:
     """Freeze the matching devices into deployments with one INSERT … SELECT and start running.
 
     ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device by
-    its rank, and the state the campaign enters.
+    its rank, and the state the campaign enters. A start over no device is refused (409) unless
+    the campaign is dynamic or ``allow_empty`` says so.
     """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     if campaign.state not in ("draft", "scheduled"):
@@ -108,6 +117,9 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())
+    refused = empty_refusal(campaign.filter, matching, planned, allow_empty)
+    if refused is not None:
+        raise Conflict(f"campaign {campaign_id} not started: {refused}")
     bounds = planned.bounds
     # Phases by device order: rank < bounds[0] -> phase 0, < bounds[1] -> phase 1, ...
     rank = func.row_number().over(order_by=Device.id) - 1
@@ -179,6 +191,47 @@ def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool
             f"hardware IDs; {len(unlisted)} targeted devices are not listed ({shown}); "
             'narrow the filter, e.g. hardware_id in ["…", "…"]'
         )
+
+
+TAG_KEYS_SHOWN = 50
+"""At most this many of a tenant's tag keys are listed in a warning."""
+
+
+def filter_warnings(s: Session, tenant_id: int, filter_text: str) -> list[str]:
+    """Warnings about a campaign's filter: tag keys it names that no device of the tenant has."""
+    named = filters.tag_keys(filters.parse(filter_text))
+    if not named:
+        return []
+    existing = tenant_tag_keys(s, tenant_id, TAG_KEYS_SHOWN + 1)
+    missing = {k for k in named if k not in existing and not _has_tag(s, tenant_id, k)}
+    if not missing:
+        return []
+    return unknown_tag_warnings(missing, set(existing[:TAG_KEYS_SHOWN]), len(existing) > TAG_KEYS_SHOWN)
+
+
+def _has_tag(s: Session, tenant_id: int, key: str) -> bool:
+    """Whether any device of the tenant has tag ``key`` (the listed keys may be cut short)."""
+    found = s.scalar(
+        select(Device.id)
+        .where(Device.tenant_id == tenant_id, Device.tags[key].as_string().is_not(None))
+        .limit(1)
+    )
+    return found is not None
+
+
+def tenant_tag_keys(s: Session, tenant_id: int, limit: int) -> list[str]:
+    """The distinct tag keys of a tenant's devices, in order, at most ``limit``."""
+    if s.get_bind().dialect.name == "postgresql":
+        q = text(
+            "SELECT DISTINCT k FROM devices CROSS JOIN LATERAL jsonb_object_keys(CAST(tags AS jsonb)) AS k "
+            "WHERE tenant_id = :t AND jsonb_typeof(CAST(tags AS jsonb)) = 'object' ORDER BY k LIMIT :n"
+        )
+    else:
+        q = text(
+            "SELECT DISTINCT j.key FROM devices, json_each(devices.tags) AS j "
+            "WHERE devices.tenant_id = :t AND json_type(devices.tags) = 'object' ORDER BY j.key LIMIT :n"
+        )
+    return [str(k) for k in s.scalars(q, {"t": tenant_id, "n": limit})]
 
 
 def change_campaign(
