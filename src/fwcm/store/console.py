@@ -1,0 +1,176 @@
+"""What the operator console reads beyond the API's queries: the signed-in key by id, a cheap
+fingerprint of a campaign for its live page, failure breakdowns, completions over time and a
+device's deployments across campaigns.  SQL only; every function filters on the tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, cast, func, select
+from sqlalchemy.orm import Session
+
+from fwcm.errors import NotFound
+from fwcm.store.models import (
+    ApiKey,
+    Campaign,
+    CampaignEvent,
+    Deployment,
+    Device,
+    DeviceEvent,
+    Signer,
+    Tenant,
+)
+
+
+def key_by_id(s: Session, key_id: int) -> tuple[ApiKey, Tenant] | None:
+    """A signed-in session's key and tenant (usable or not: the caller checks)."""
+    row = s.execute(
+        select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id).where(ApiKey.id == key_id)
+    ).first()
+    return None if row is None else (row.ApiKey, row.Tenant)
+
+
+def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]:
+    """Changes whenever the campaign's page would: its row and its newest device event.
+
+    Two index lookups, whatever the campaign's size: the live page compares this every second
+    and only then reads the counts again.
+    """
+    row = s.execute(
+        select(
+            Campaign.state,
+            Campaign.phase,
+            Campaign.note,
+            Campaign.total,
+            Campaign.stop_reason,
+            Campaign.finished_at,
+        ).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    last_event = s.scalar(select(func.max(DeviceEvent.id)).where(DeviceEvent.campaign_id == campaign_id))
+    last_change = s.scalar(select(func.max(CampaignEvent.id)).where(CampaignEvent.campaign_id == campaign_id))
+    return (*tuple(row), last_event, last_change)
+
+
+def failures_by(
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], column: str
+) -> list[dict[str, Any]]:
+    """Devices of the campaign in ``states`` counted by one device attribute (``class_id``,
+    ``version`` or ``hardware_id``), most common first; one GROUP BY."""
+    attr: ColumnElement[Any] = getattr(Device, column)
+    rows = s.execute(
+        select(attr.label("value"), func.count().label("n"))
+        .select_from(Deployment)
+        .join(Device, Device.id == Deployment.device_id)
+        .where(
+            Deployment.tenant_id == tenant_id,
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(sorted(states)),
+        )
+        .group_by(attr)
+        .order_by(func.count().desc())
+        .limit(20)
+    )
+    return [{"value": r.value, "count": r.n} for r in rows]
+
+
+def _epoch_seconds(s: Session, column: Any) -> ColumnElement[float]:
+    if s.get_bind().dialect.name == "postgresql":
+        return cast(func.extract("epoch", column), Float)
+    return cast(func.strftime("%s", column), Float)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: float
+    """POSIX seconds at which the bucket starts."""
+    state: str
+    count: int
+
+
+def completions_over_time(
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], since: datetime, bucket_s: int
+) -> list[Bucket]:
+    """Devices that reached one of ``states`` since ``since``, per ``bucket_s`` and state: one
+    GROUP BY over the campaign's deployments, bucketed in the database."""
+    epoch = _epoch_seconds(s, Deployment.updated_at)
+    slot = func.floor(epoch / bucket_s).label("slot")
+    rows = s.execute(
+        select(slot, Deployment.state, func.count().label("n"))
+        .where(
+            Deployment.tenant_id == tenant_id,
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(sorted(states)),
+            Deployment.updated_at >= since,
+        )
+        .group_by(slot, Deployment.state)
+    )
+    return [Bucket(float(r.slot) * bucket_s, r.state, int(r.n)) for r in rows if r.slot is not None]
+
+
+def deployments(
+    s: Session,
+    tenant_id: int,
+    campaign_id: int,
+    *,
+    states: Iterable[str] | None = None,
+    result: int | None = None,
+    where: dict[str, str | None] | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """A page of the campaign's deployments with their devices, by state, result code and device
+    attributes (``class_id``, ``version``, ``hardware_id``), and how many match."""
+    cond: list[ColumnElement[bool]] = [
+        Deployment.tenant_id == tenant_id,
+        Deployment.campaign_id == campaign_id,
+    ]
+    if states:
+        cond.append(Deployment.state.in_(sorted(states)))
+    if result is not None:
+        cond.append(Deployment.result == result)
+    for column, value in (where or {}).items():
+        attr = getattr(Device, column)
+        cond.append(attr.is_(None) if value is None else attr == value)
+    base = select(Deployment, Device).join(Device, Device.id == Deployment.device_id).where(*cond)
+    total = s.scalar(select(func.count()).select_from(base.subquery())) or 0
+    rows = s.execute(base.order_by(Device.name).limit(limit).offset(offset)).all()
+    return total, [{"deployment": r.Deployment, "device": r.Device} for r in rows]
+
+
+def device_deployments(s: Session, tenant_id: int, device_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    """A device's deployments across campaigns, newest campaign first."""
+    rows = s.execute(
+        select(Deployment, Campaign.name, Campaign.state.label("campaign_state"))
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .where(Deployment.tenant_id == tenant_id, Deployment.device_id == device_id)
+        .order_by(Deployment.campaign_id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        {"deployment": r.Deployment, "campaign": r.name, "campaign_state": r.campaign_state} for r in rows
+    ]
+
+
+def signer_of(s: Session, tenant_id: int, signer_id: int | None) -> Signer | None:
+    """The signer a manifest was verified against (None for an unsigned or foreign id)."""
+    if signer_id is None:
+        return None
+    return s.scalar(select(Signer).where(Signer.id == signer_id, Signer.tenant_id == tenant_id))
+
+
+def last_events(s: Session, tenant_id: int, campaign_id: int, limit: int = 50) -> list[CampaignEvent]:
+    """The campaign's newest state changes, newest first."""
+    return list(
+        s.scalars(
+            select(CampaignEvent)
+            .where(CampaignEvent.tenant_id == tenant_id, CampaignEvent.campaign_id == campaign_id)
+            .order_by(CampaignEvent.id.desc())
+            .limit(limit)
+        )
+    )
