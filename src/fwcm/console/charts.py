@@ -1,6 +1,6 @@
 """What the console draws, computed from counts the store already returned (pure, no I/O):
-phase gauges against their thresholds, the stacked bar of device states and the completions
-chart as inline SVG geometry."""
+phase gauges against their thresholds (counted as ``rollout.planner`` counts them), the stacked
+bar of device states and the completions chart as inline SVG geometry."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ class PhaseGauge:
     error_pct: float
     """Failed, timed out or reverted of the notified devices, as the error threshold counts."""
     error_threshold: float | None
+    error_min_devices: int
     advance: str
     segments: list[Segment]
 
@@ -88,6 +89,7 @@ def phase_gauges(
                 success_threshold=ph.success_threshold if ph is not None else 100.0,
                 error_pct=_pct(sum(n for st, n in c.items() if st in FAILED), notified),
                 error_threshold=ph.error_threshold if ph is not None else None,
+                error_min_devices=ph.error_min_devices if ph is not None else 1,
                 advance=ph.advance if ph is not None else "auto",
                 segments=stacked_bar(c),
             )
@@ -96,17 +98,26 @@ def phase_gauges(
 
 
 @dataclass(frozen=True)
+class Column:
+    """One bucket of the chart: its x and width, and the heights of its done and failed parts."""
+
+    x: float
+    width: float
+    done: int
+    failed: int
+    done_h: float
+    failed_h: float
+
+
+@dataclass(frozen=True)
 class Chart:
-    """Done and failed per bucket as SVG polylines in a ``width`` x ``height`` box."""
+    """Done and failed devices per bucket as stacked columns in a ``width`` x ``height`` box."""
 
     width: int
     height: int
     bucket_s: int
     peak: int
-    done: str
-    failed: str
-    first: float | None
-    last: float | None
+    columns: list[Column]
     total_done: int
     total_failed: int
 
@@ -119,34 +130,25 @@ def bucket_size(span_s: float, max_buckets: int = 120) -> int:
 
 def completions_chart(
     buckets: Sequence[Bucket], start: float, end: float, bucket_s: int, width: int = 600, height: int = 120
-) -> Chart:
-    """Polylines of succeeded (and not-for-me) and failed devices per bucket from ``start`` to ``end``."""
+) -> Chart | None:
+    """Devices done (succeeded, or not for them) and failed per bucket from ``start`` to ``end``;
+    None before anything completed."""
+    if not buckets:
+        return None
     first = int(start // bucket_s)
     slots = max(1, int(end // bucket_s) - first + 1)
     done = [0] * slots
     failed = [0] * slots
     for b in buckets:
-        i = int(b.start // bucket_s) - first
-        if 0 <= i < slots:
-            if b.state in FAILED:
-                failed[i] += b.count
-            else:
-                done[i] += b.count
-    peak = max([*done, *failed, 1])
-    step = width / max(slots - 1, 1)
-
-    def line(values: list[int]) -> str:
-        return " ".join(f"{i * step:.1f},{height - height * v / peak:.1f}" for i, v in enumerate(values))
-
-    return Chart(
-        width=width,
-        height=height,
-        bucket_s=bucket_s,
-        peak=peak,
-        done=line(done),
-        failed=line(failed),
-        first=first * bucket_s if buckets else None,
-        last=(first + slots - 1) * bucket_s if buckets else None,
-        total_done=sum(done),
-        total_failed=sum(failed),
-    )
+        i = min(max(int(b.start // bucket_s) - first, 0), slots - 1)
+        if b.state in FAILED:
+            failed[i] += b.count
+        else:
+            done[i] += b.count
+    peak = max(d + f for d, f in zip(done, failed, strict=True)) or 1
+    step = width / max(slots, 8)  # a young campaign's few columns stay narrow
+    columns = [
+        Column(i * step, max(step - 2, 1), d, f, height * d / peak, height * f / peak)
+        for i, (d, f) in enumerate(zip(done, failed, strict=True))
+    ]
+    return Chart(width, height, bucket_s, peak, columns, sum(done), sum(failed))

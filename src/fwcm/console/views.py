@@ -27,6 +27,7 @@ from fwcm.api.deps import Notify
 from fwcm.console import charts
 from fwcm.console.session import Sessions, Viewer, csrf_ok
 from fwcm.errors import Conflict, Invalid, NotFound
+from fwcm.protocol import Result
 from fwcm.rollout import launch, planner
 from fwcm.rollout.policy import Policy, PolicyError
 from fwcm.store import campaigns, images, tenants
@@ -64,6 +65,7 @@ def environment() -> Environment:
     )
     env.filters["when"] = _when
     env.filters["duration"] = _duration
+    env.filters["result"] = _result
     env.globals["urlencode"] = urlencode
     return env
 
@@ -73,6 +75,14 @@ def _when(t: datetime | None) -> str:
         return "—"
     t = t if t.tzinfo else t.replace(tzinfo=UTC)
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _result(code: int) -> str:
+    """A result code as its name, as the API's ``result_name`` reads (``update_failed (8)``)."""
+    try:
+        return f"{Result(code).name.lower()} ({code})"
+    except ValueError:
+        return str(code)
 
 
 def _duration(seconds: float | None) -> str:
