@@ -196,7 +196,7 @@ async def test_live_fragment_renders_again_only_on_a_change(console: Any) -> Non
                 .render(**views.campaign_live(s, tenant_id, campaign_id))
             )
 
-    live = views.LiveCache(console.db, render, every_s=0.0)
+    live = views.LiveCache(console.db, render, every_s=0.0, budget=1e9)
     first, html = await live.latest(console.tenant_id, cid)
     assert 'id="campaign-state">running' in html and "pending 3" in html
     assert (await live.latest(console.tenant_id, cid))[0] == first
@@ -208,3 +208,8 @@ async def test_live_fragment_renders_again_only_on_a_change(console: Any) -> Non
     assert rendered == [cid, cid]
     with pytest.raises(NotFound):
         await live.latest(console.tenant_id + 1, cid)
+
+    thrifty = views.LiveCache(console.db, render, every_s=0.0, budget=1e-9)  # a render is never cheap enough
+    before, _html = await thrifty.latest(console.tenant_id, cid)
+    assert console.client.post(f"/api/v1/campaigns/{cid}/resume").status_code == 200
+    assert (await thrifty.latest(console.tenant_id, cid))[0] == before  # held back by the budget

@@ -68,8 +68,7 @@ def failures_by(
         .select_from(Deployment)
         .join(Device, Device.id == Deployment.device_id)
         .where(
-            Deployment.tenant_id == tenant_id,
-            Deployment.campaign_id == campaign_id,
+            _owned(tenant_id, campaign_id),
             Deployment.state.in_(sorted(states)),
         )
         .group_by(attr)
@@ -79,10 +78,17 @@ def failures_by(
     return [{"value": r.value, "count": r.n} for r in rows]
 
 
+def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
+    """Deployments of the campaign if it is the tenant's: a constant subquery, so the count keeps
+    to the (campaign_id, state, updated_at) index rather than reading every row for tenant_id."""
+    owned = select(Campaign.id).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id)
+    return Deployment.campaign_id == owned.scalar_subquery()
+
+
 def _epoch_seconds(s: Session, column: Any) -> ColumnElement[float]:
     if s.get_bind().dialect.name == "postgresql":
         return cast(func.extract("epoch", column), Float)
-    return cast(func.strftime("%s", column), Float)
+    return (func.julianday(column) - 2440587.5) * 86400.0  # several times cheaper than strftime('%s')
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,7 @@ def completions_over_time(
     rows = s.execute(
         select(slot, Deployment.state, func.count().label("n"))
         .where(
-            Deployment.tenant_id == tenant_id,
-            Deployment.campaign_id == campaign_id,
+            _owned(tenant_id, campaign_id),
             Deployment.state.in_(sorted(states)),
             Deployment.updated_at >= since,
         )
