@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from fwcm.console import mount, views
 from fwcm.errors import NotFound
 from fwcm.store import tenants
-from fwcm.store.models import AuditEntry, CampaignEvent
+from fwcm.store.models import AuditEntry, Campaign, CampaignEvent, Deployment
 from tests.integration.test_api import add_signer, device_json, envelope, upload_manifest
 
 
@@ -213,3 +213,32 @@ async def test_live_fragment_renders_again_only_on_a_change(console: Any) -> Non
     before, _html = await thrifty.latest(console.tenant_id, cid)
     assert console.client.post(f"/api/v1/campaigns/{cid}/resume").status_code == 200
     assert (await thrifty.latest(console.tenant_id, cid))[0] == before  # held back by the budget
+
+
+def test_approve_resumes_at_an_approval_gate_only(console: Any) -> None:
+    key = add_signer(console.client)
+    assert upload_manifest(console.client, envelope(key)).status_code == 201
+    for i in range(3):
+        assert console.client.post("/api/v1/devices", json=device_json(f"dev-{i}")).status_code == 201
+    policy = {"phases": [{"name": "canary", "size": 1, "advance": "approval"}, {"name": "rest"}]}
+    body = {"name": "gated", "manifest_id": 1, "filter": "", "policy": policy}
+    cid = int(console.client.post("/api/v1/campaigns", json=body).json()["id"])
+    assert console.client.post(f"/api/v1/campaigns/{cid}/start").status_code == 200
+    c = browser(console)
+    csrf = sign_in(c, console.key)
+    assert 'id="action-approve"' not in c.get(f"/ui/campaigns/{cid}").text
+    with console.db.session() as s:  # what the planner does when the canary is done: the gate
+        s.execute(
+            update(Deployment)
+            .where(Deployment.campaign_id == cid, Deployment.phase == 0)
+            .values(state="succeeded")
+        )
+        s.execute(update(Campaign).where(Campaign.id == cid).values(state="paused", phase=1))
+    page = c.get(f"/ui/campaigns/{cid}").text
+    assert "waiting for approval of phase 2 (rest)" in page
+    assert 'id="action-approve"' in page and 'id="action-resume"' not in page
+    assert c.post(f"/ui/campaigns/{cid}/approve", data={"csrf": csrf, "confirmed": "yes"}).status_code == 303
+    assert console.client.get(f"/api/v1/campaigns/{cid}").json()["state"] == "running"
+    with console.db.read() as s:
+        routes = s.execute(select(AuditEntry.object).where(AuditEntry.route.like("/ui/campaigns/%"))).all()
+    assert [r.object["action"] for r in routes] == ["approve"]
