@@ -260,8 +260,12 @@ def live_cpu(
             "updates_per_page_per_s": round(updates / pages / wall, 2),
         }
     finally:
-        child.terminate()
-        child.wait(10)
+        child.terminate()  # open streams may hold uvicorn's graceful shutdown: then kill it
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def main() -> int:

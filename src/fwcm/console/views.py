@@ -373,14 +373,21 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
                 now = time.monotonic()
-                if now - checked >= RECHECK_SESSION_S:
-                    checked = now
-                    if await run_in_threadpool(sessions.current, request) is None:
-                        yield _sse("signedout", "")
-                        return
                 try:
+                    if now - checked >= RECHECK_SESSION_S:
+                        checked = now
+                        if await run_in_threadpool(sessions.current, request) is None:
+                            yield _sse("signedout", "")
+                            return
                     version, html = await live.latest(tenant_id, campaign_id)
                 except NotFound:
+                    return
+                except Exception as exc:  # the database went away: the browser reconnects later
+                    log.warning(
+                        "live page of campaign %d ended: %s",
+                        campaign_id,
+                        (str(exc).splitlines() or [type(exc).__name__])[0],
+                    )
                     return
                 if version != sent:  # the first time too: the page may be older than the stream
                     sent = version
