@@ -9,7 +9,8 @@ hours, about 330 a minute, 2 % failed, 5 % downloading, the rest pending), then
   process, signed in like a browser, and prints the median and 90th percentile;
 * serves the app from a child process (uvicorn) and holds live pages (SSE streams) open on the
   campaign for ``--seconds``, first with nothing changing, then with a writer reporting devices
-  every second, and prints the server's CPU per open page.
+  every second, and prints the server's CPU per open page (the fwcm process's: on PostgreSQL the
+  queries' own CPU is the database server's).
 
     python bench/console.py [--devices 100000] [--pages 1,10] [--seconds 20] [--database-url …]
 """
@@ -229,12 +230,15 @@ def live_cpu(
         def page(i: int) -> None:
             with httpx.Client(base_url=base, timeout=None) as c:
                 sign_in(c, key)
-                with c.stream("GET", f"/ui/campaigns/{cid}/live") as r:
-                    for line in r.iter_lines():
-                        if line.startswith("event: stats"):
-                            events[i] += 1
-                        if stop.is_set():
-                            return
+                try:
+                    with c.stream("GET", f"/ui/campaigns/{cid}/live") as r:
+                        for line in r.iter_lines():
+                            if line.startswith("event: stats"):
+                                events[i] += 1
+                            if stop.is_set():
+                                return
+                except httpx.TransportError:  # the server was stopped under it
+                    return
 
         threads = [threading.Thread(target=page, args=(i,), daemon=True) for i in range(pages)]
         for t in threads:

@@ -242,3 +242,16 @@ def test_approve_resumes_at_an_approval_gate_only(console: Any) -> None:
     with console.db.read() as s:
         routes = s.execute(select(AuditEntry.object).where(AuditEntry.route.like("/ui/campaigns/%"))).all()
     assert [r.object["action"] for r in routes] == ["approve"]
+
+
+def test_bad_input_gets_a_clear_refusal(console: Any) -> None:
+    c = browser(console)
+    csrf = sign_in(c, console.key)
+    for path in ("/ui/campaigns/99999999999999999999", "/ui/campaigns?offset=-1", "/ui/devices?offset=1e99"):
+        assert c.get(path).status_code == 422, path
+    assert c.get("/ui/campaigns/1/devices?result=999").status_code == 422
+    assert c.get("/ui/campaigns/424242").status_code == 404
+    huge = {"csrf": csrf, "confirmed": "yes", "pad": "x" * 10_000}
+    assert c.post("/ui/campaigns/1/pause", data=huge).status_code == 403  # the form is not read
+    assert c.post("/ui/signin", content=b"key=x", headers={"content-type": "text/plain"}).status_code == 400
+    assert c.get("/ui/campaigns").status_code == 200  # the session still works

@@ -108,11 +108,15 @@ class Sessions:
     def end(response: Response) -> None:
         response.delete_cookie(COOKIE, path="/ui")
 
-    def signin_token(self, request: Request, response: Response) -> str:
-        """A token for the sign-in form, bound to a cookie (so another site cannot sign you in)."""
+    def signin_token(self) -> tuple[str, str]:
+        """A token for the sign-in form and its signed copy for a cookie (``bind_signin``): another
+        site's form, without the cookie, cannot sign a browser in."""
         nonce = secrets.token_urlsafe(16)
-        _set(response, request, SIGNIN_COOKIE, self.signin_signer.dumps(nonce), SIGNIN_S)
-        return nonce
+        return nonce, self.signin_signer.dumps(nonce)
+
+    @staticmethod
+    def bind_signin(response: Response, request: Request, signed: str) -> None:
+        _set(response, request, SIGNIN_COOKIE, signed, SIGNIN_S)
 
     def signin_ok(self, request: Request, token: str) -> bool:
         raw = request.cookies.get(SIGNIN_COOKIE, "")

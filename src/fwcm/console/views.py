@@ -13,10 +13,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from fwcm import filters
+from fwcm.api import schemas as sc
 from fwcm.api.deps import Notify
 from fwcm.console import charts
 from fwcm.console.session import Sessions, Viewer, csrf_ok
@@ -273,12 +274,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
 
     @api.get("/signin")
     def signin_form(request: Request) -> Response:
-        response = HTMLResponse("")
-        token = sessions.signin_token(request, response)
-        body = env.get_template("signin.html").render(viewer=None, token=token, error=None)
-        response.body = response.render(body)
-        response.headers["content-length"] = str(len(response.body))
-        return response
+        return signin_page(request, None, 200)
 
     @api.post("/signin")
     async def signin(request: Request) -> Response:
@@ -287,25 +283,24 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
 
     def signin_with(request: Request, key: str, csrf: str) -> Response:
         if not sessions.signin_ok(request, csrf):
-            return _refused(request, "the sign-in form expired; try again", 400)
+            return signin_page(request, "the sign-in form expired; try again", 400)
         with db.read() as s:
             found = tenants.check_key(s, key.strip()[:300])
             usable = found is not None and found.refused is None and found.tenant.kind != "manufacturer"
             key_id = found.key.id if found is not None else 0
         if not usable:
             log.warning("console sign-in refused from %s", request.client.host if request.client else "?")
-            return _refused(request, "that key is not a usable fleet API key", 401)
+            return signin_page(request, "that key is not a usable fleet API key", 401)
         response = RedirectResponse("/ui/campaigns", status_code=303)
         sessions.start(response, request, key_id)
         sessions.identify(request, key_id)  # the audit log records the sign-in as the key's
         return response
 
-    def _refused(request: Request, message: str, status: int) -> Response:
-        response = HTMLResponse("", status_code=status)
-        token = sessions.signin_token(request, response)
-        body = env.get_template("signin.html").render(viewer=None, token=token, error=message)
-        response.body = response.render(body)
-        response.headers["content-length"] = str(len(response.body))
+    def signin_page(request: Request, error: str | None, code: int) -> Response:
+        nonce, signed = sessions.signin_token()
+        body = env.get_template("signin.html").render(viewer=None, token=nonce, error=error)
+        response = HTMLResponse(body, status_code=code)
+        sessions.bind_signin(response, request, signed)
         return response
 
     @api.post("/signout")
@@ -319,7 +314,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
         return response
 
     @api.get("/campaigns")
-    def campaign_list(request: Request, offset: int = 0) -> Response:
+    def campaign_list(request: Request, offset: sc.Offset = 0) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return to_signin()
@@ -340,7 +335,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             return page("campaigns.html", viewer, items=items, total=total, offset=offset, page_size=PAGE)
 
     @api.get("/campaigns/{campaign_id}")
-    def campaign_page(request: Request, campaign_id: int) -> Response:
+    def campaign_page(request: Request, campaign_id: sc.RowId) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return to_signin()
@@ -360,7 +355,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             )
 
     @api.get("/campaigns/{campaign_id}/live")
-    async def campaign_stream(request: Request, campaign_id: int) -> Response:
+    async def campaign_stream(request: Request, campaign_id: sc.RowId) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return Response("sign in first", status_code=401)
@@ -402,7 +397,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     @api.post("/campaigns/{campaign_id}/{action}")
-    async def campaign_action(request: Request, campaign_id: int, action: str) -> Response:
+    async def campaign_action(request: Request, campaign_id: sc.RowId, action: str) -> Response:
         fields = await form_fields(request)
         csrf, confirmed = fields.get("csrf", ""), fields.get("confirmed", "")
         return await run_in_threadpool(act, request, campaign_id, action, csrf, confirmed)
@@ -430,12 +425,12 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
     @api.get("/campaigns/{campaign_id}/devices")
     def campaign_devices(
         request: Request,
-        campaign_id: int,
-        state: str = "",
-        result: int | None = None,
+        campaign_id: sc.RowId,
+        state: Annotated[str, Query(max_length=200)] = "",
+        result: Annotated[int | None, Query(ge=0, le=255)] = None,
         attr: str = "",
         value: str | None = None,
-        offset: int = 0,
+        offset: sc.Offset = 0,
     ) -> Response:
         viewer = signed_in(request)
         if viewer is None:
@@ -460,7 +455,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             )  # fmt: skip
 
     @api.get("/devices")
-    def device_list(request: Request, filter: str = "", offset: int = 0) -> Response:
+    def device_list(request: Request, filter: str = "", offset: sc.Offset = 0) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return to_signin()
@@ -490,7 +485,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             return page("device.html", viewer, d=device, deployments=deployments, history=history)
 
     @api.get("/manifests")
-    def manifest_list(request: Request, offset: int = 0) -> Response:
+    def manifest_list(request: Request, offset: sc.Offset = 0) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return to_signin()
@@ -500,7 +495,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             return page("manifests.html", viewer, rows=rows, signers=signers, total=total, offset=offset)
 
     @api.get("/payloads")
-    def payload_list(request: Request, offset: int = 0) -> Response:
+    def payload_list(request: Request, offset: sc.Offset = 0) -> Response:
         viewer = signed_in(request)
         if viewer is None:
             return to_signin()

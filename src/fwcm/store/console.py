@@ -14,13 +14,13 @@ from sqlalchemy import ColumnElement, Float, cast, func, select
 from sqlalchemy.orm import Session
 
 from fwcm.errors import NotFound
+from fwcm.rollout.states import DeviceState
 from fwcm.store.models import (
     ApiKey,
     Campaign,
     CampaignEvent,
     Deployment,
     Device,
-    DeviceEvent,
     Signer,
     Tenant,
 )
@@ -35,10 +35,11 @@ def key_by_id(s: Session, key_id: int) -> tuple[ApiKey, Tenant] | None:
 
 
 def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]:
-    """Changes whenever the campaign's page would: its row and its newest device event.
+    """Changes whenever the campaign's page would: its row, its newest campaign event and, per
+    device state, the newest change of a deployment in it.
 
-    Two index lookups, whatever the campaign's size: the live page compares this every second
-    and only then reads the counts again.
+    Index lookups only (one per state on the (campaign_id, state, updated_at) index), whatever
+    the campaign's size: the live page compares this every second and only then reads the counts.
     """
     row = s.execute(
         select(
@@ -52,9 +53,15 @@ def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]
     ).first()
     if row is None:
         raise NotFound(f"campaign {campaign_id} not found")
-    last_event = s.scalar(select(func.max(DeviceEvent.id)).where(DeviceEvent.campaign_id == campaign_id))
-    last_change = s.scalar(select(func.max(CampaignEvent.id)).where(CampaignEvent.campaign_id == campaign_id))
-    return (*tuple(row), last_event, last_change)
+    newest = [
+        select(func.max(Deployment.updated_at))
+        .where(Deployment.campaign_id == campaign_id, Deployment.state == state.value)
+        .scalar_subquery()
+        for state in DeviceState
+    ]
+    last_change = select(func.max(CampaignEvent.id)).where(CampaignEvent.campaign_id == campaign_id)
+    changes = s.execute(select(last_change.scalar_subquery(), *newest)).one()
+    return (*tuple(row), *tuple(changes))
 
 
 def failures_by(
