@@ -228,7 +228,7 @@ def test_waiting_deliveries_and_the_log_stay_bounded(db: Database, monkeypatch: 
         for d in found[2:]:
             wq.record_attempt(s, hook_id, "r1", d.id, "delivered", 204, None, None)
         assert wq.trim(s, keep=2) == 3
-        log = wq.deliveries(s, acme, hook_id, 10)
-        assert [d.event_id for d in log] == ["e4", "e3"]
+        total, log = wq.deliveries(s, acme, hook_id, 10)
+        assert total == 2 and [d.event_id for d in log] == ["e4", "e3"]
         tries = wq.attempts_of(s, [d.id for d in log])
         assert [(a.attempt, a.status) for a in tries[log[0].id]] == [(1, 204)]
