@@ -133,8 +133,9 @@ class DeviceAgent:
     async def run(self) -> None:
         """Connect, serve notices and reconnect until stopped."""
         job = self.flash.state.job
-        if job is not None and job.phase == "installing":
-            # Power was lost during the reboot: the bootloader boots the new slot.
+        if job is not None and job.phase in ("installing", "booted"):
+            # Power was lost during the reboot: the bootloader boots the new slot on trial; or
+            # during a trial boot, before the image was confirmed: the bootloader falls back.
             self.updates.switch_slot()
         if self.faults.online_delay or self.start_delay:
             await self._sleep(self.faults.online_delay + self.start_delay)
@@ -251,6 +252,7 @@ class DeviceAgent:
             extra={
                 protocol.REPORT_FIRMWARE_NAME: self.config.firmware_name,
                 protocol.REPORT_FIRMWARE_VERSION: f"1.0.{st.installed_sequence}",
+                **self._running_digest(),
             },
         )
         self.flash.save()
@@ -275,6 +277,9 @@ class DeviceAgent:
     ) -> Report:
         """Queue a report: its seq is taken and the outbox persisted before anything is sent."""
         st = self.flash.state
+        said = dict(extra or {})
+        if result in (Result.SUCCESS, Result.REVERTED):  # what the device runs now, confirmed
+            said = self._running_digest() | said
         report = Report(
             self.name,
             campaign,
@@ -285,7 +290,7 @@ class DeviceAgent:
             progress=progress,
             detail=detail,
             installed_sequence=st.installed_sequence,
-            extra=dict(extra or {}),
+            extra=said,
         )
         st.outbox.append(protocol.encode_report(self.config.secret, report).hex())
         self.status.pending_reports = len(st.outbox)
@@ -303,6 +308,11 @@ class DeviceAgent:
         if self.listener is not None:
             self.listener(self, report)
         return report
+
+    def _running_digest(self) -> dict[int, object]:
+        """Report key 15: the SHA-256 of the image running now, when the slot's record has it."""
+        digest = self.flash.active_digest()
+        return {} if digest is None else {protocol.REPORT_IMAGE_DIGEST: digest}
 
     async def _sender(self) -> None:
         """Deliver the hello and the persisted outbox in order, each until acknowledged."""

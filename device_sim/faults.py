@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fwcm.protocol import Result
 
-Outcome = Literal["succeeded", "failed"]
+Outcome = Literal["succeeded", "failed", "reverted"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class DeviceFaults:
     """Payload bytes are altered in transit: the digest check must fail."""
     install_fail: bool = False
     """The install step fails after UPDATING: UPDATE_FAILED, old image kept."""
+    boot_fail: bool = False
+    """The new image fails its health check on its trial boot: the device resets unconfirmed,
+    the bootloader falls back and the device runs (and reports) its previous image."""
     throttle_bps: int | None = None
     """Download rate limit in bytes per second."""
     step_delay: float = 0.0
@@ -73,6 +76,8 @@ class FaultProfile:
                 return DeviceFaults(corrupt=True)
             case "install-fail":
                 return DeviceFaults(install_fail=True)
+            case "boot-fail":
+                return DeviceFaults(boot_fail=True)
             case "offline":
                 return DeviceFaults(online_delay=2.0 + 0.5 * spread)
             case "slow":
@@ -92,7 +97,10 @@ class FaultProfile:
         return Result.SUCCESS
 
     def expected_outcome(self, index: int) -> Outcome:
-        return "succeeded" if self.expected_result(index) == Result.SUCCESS else "failed"
+        result = self.expected_result(index)
+        if result == Result.SUCCESS:
+            return "succeeded"
+        return "reverted" if result == Result.REVERTED else "failed"
 
     def count_affected(self, devices: int) -> int:
         return sum(1 for i in range(devices) if self.affected(i))
@@ -107,6 +115,13 @@ PROFILES: dict[str, FaultProfile] = {
             "corrupt", "every 10th device receives altered payload bytes", 10, 3, Result.INTEGRITY_FAILURE
         ),
         FaultProfile("install-fail", "every 10th device fails to install", 10, 5, Result.UPDATE_FAILED),
+        FaultProfile(
+            "boot-fail",
+            "every 10th device boots the new image, fails its health check, and its bootloader reverts",
+            10,
+            6,
+            Result.REVERTED,
+        ),
         FaultProfile("offline", "every 5th device comes online only after a few seconds", 5, 2),
         FaultProfile("slow", "every 3rd device downloads throttled and pauses between steps", 3, 0),
         FaultProfile(

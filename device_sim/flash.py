@@ -45,8 +45,9 @@ class SlotInfo:
 class Job:
     """The update attempt in progress.
 
-    ``phase`` moves verifying → downloading → downloaded → installing → booted; "booted" means the
-    slot switch is done and only the SUCCESS report remains (it survives a crash right there).
+    ``phase`` moves verifying → downloading → downloaded → installing → booted → (confirmed and
+    reported: the job ends). "booted" is the trial boot: the new slot runs but is not confirmed, so
+    a reset now makes the bootloader fall back ("reverted": only the REVERTED report remains).
     """
 
     campaign: int
@@ -88,6 +89,9 @@ class PersistedState:
     outbox: list[str] = field(default_factory=list)
     """Sealed reports (hex) not yet acknowledged by the server, oldest first."""
     boots: int = 0
+    trial: bool = False
+    """The active slot runs on trial (MCUboot test, RAUC not yet marked good): booted once and not
+    confirmed, so the next reset boots the previous slot again."""
     credentials: dict[str, str] = field(default_factory=dict)
     """Installation credentials (hex COSE_Sign1) by campaign: proof of what was installed."""
     evidence: str | None = None
@@ -145,6 +149,7 @@ class PersistedState:
             download=Download(**download) if download else None,
             outbox=[str(x) for x in data.get("outbox", [])],
             boots=int(data.get("boots", 0)),
+            trial=bool(data.get("trial", False)),
             credentials={str(k): str(v) for k, v in data.get("credentials", {}).items()},
             evidence=data.get("evidence"),
             usage={str(k): dict(v) for k, v in data.get("usage", {}).items()},
@@ -266,11 +271,29 @@ class Flash:
         self.state.download = None
 
     def activate(self) -> None:
-        """Boot into the inactive slot (in memory; the caller saves)."""
-        new = self.state.inactive
-        info = self.state.slots[new]
+        """Boot into the inactive slot on trial (in memory; the caller saves)."""
+        self._boot(self.state.inactive)
+        self.state.trial = True
+
+    def confirm(self) -> None:
+        """The running image passed its health check: keep it (MCUboot confirm, RAUC mark-good)."""
+        self.state.trial = False
+
+    def revert(self) -> None:
+        """The bootloader's fallback after a trial boot that was never confirmed: boot the
+        previous slot again (in memory; the caller saves)."""
+        self._boot(self.state.inactive)
+        self.state.trial = False
+
+    def _boot(self, slot: SlotName) -> None:
+        info = self.state.slots[slot]
         if info.digest is None or info.sequence is None:
-            raise RuntimeError("inactive slot holds no verified image")
-        self.state.active = new
+            raise RuntimeError(f"slot {slot} holds no verified image")
+        self.state.active = slot
         self.state.installed_sequence = info.sequence
         self.state.boots += 1
+
+    def active_digest(self) -> bytes | None:
+        """SHA-256 of the image running now, as the slot's record says."""
+        digest = self.state.slots[self.state.active].digest
+        return bytes.fromhex(digest) if digest is not None else None

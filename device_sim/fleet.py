@@ -85,6 +85,8 @@ class FleetReport:
             result = self.result(name, campaign)
             if result == Result.SUCCESS:
                 counts["succeeded"] += 1
+            elif result == Result.REVERTED:
+                counts["reverted"] += 1
             elif result is not None:
                 counts[f"failed:{result.name}"] += 1
             elif not st.connected and st.connects == 0:
@@ -107,12 +109,14 @@ class FleetReport:
     def as_dict(self, campaign: int | None = None) -> dict[str, Any]:
         finished = self.finished(campaign)
         succeeded = self.succeeded(campaign)
+        reverted = sum(1 for n in self.devices if self.result(n, campaign) == Result.REVERTED)
         return {
             "devices": len(self.devices),
             "profile": self.profile.name,
             "finished": finished,
             "succeeded": succeeded,
-            "failed": finished - succeeded,
+            "failed": finished - succeeded - reverted,
+            "reverted": reverted,
             "by_state": self.by_state(campaign),
             "unexpected": self.unexpected(campaign),
             "reports": self.reports,
@@ -416,7 +420,7 @@ def state_label(status: AgentStatus) -> str:
     """Short label of what a device is doing right now, for displays."""
     if status.results:
         r = status.results[max(status.results)]
-        return "succeeded" if r == Result.SUCCESS else "failed"
+        return "succeeded" if r == Result.SUCCESS else "reverted" if r == Result.REVERTED else "failed"
     if status.state == LwState.IDLE:
         return "online" if status.connected else "offline"
     return status.state.name.lower()

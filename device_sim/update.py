@@ -3,9 +3,10 @@
 Verify the SUIT manifest (signature or certificate chain, revocations, vendor/class, anti-rollback,
 size), attest when the notice asks, fetch the payload into the inactive slot with resume, check
 size and digest, wait for a group's commit or the install window, report each state change,
-"reboot" into the new slot and report the result. Every step is persisted, so an agent started
-again on the same state carries on where it stopped. Cancel notices stop a job that has not begun
-to install; a newer notice supersedes one that has not.
+"reboot" into the new slot on trial, run the health check and confirm the image (or reset
+unconfirmed, so the bootloader falls back) and only then report the result. Every step is
+persisted, so an agent started again on the same state carries on where it stopped. Cancel
+notices stop a job that has not begun to install; a newer notice supersedes one that has not.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class UpdateJob:
                 return
             await self._cancel("superseded")
         job = st.job
-        if job is not None and job.phase == "booted":
+        if job is not None and job.phase in ("booted", "reverted"):
             self.complete_boot()
             if st.is_finished(n.campaign, n.attempt):
                 return
@@ -126,7 +127,7 @@ class UpdateJob:
             return
         job = st.job
         if job is not None and job.campaign == n.campaign:
-            if job.phase in ("installing", "booted"):
+            if job.phase in ("installing", "booted", "reverted"):
                 return
             self.device.flash.discard_inactive()
             self.device.report(job.campaign, job.attempt, LwState.IDLE, Result.CANCELLED, finish=True)
@@ -334,25 +335,58 @@ class UpdateJob:
     # -- boot -------------------------------------------------------------------------------
 
     def switch_slot(self) -> None:
-        """The "reboot": boot the inactive slot, which holds the verified new image."""
+        """The "reboot": the bootloader boots the inactive slot on trial (it holds the verified
+        new image), or, after a trial boot that was never confirmed, falls back to the previous."""
         flash = self.device.flash
         job = flash.state.job
-        if job is None or job.phase != "installing":
+        if job is None:
             return
-        flash.activate()
-        job.phase = "booted"
+        if job.phase == "installing":
+            flash.activate()
+            job.phase = "booted"
+            log.info("%s: booted slot %s on trial (sequence %d)", self.name, flash.state.active, job.sequence)
+        elif job.phase == "booted" and flash.state.trial:
+            flash.revert()
+            job.phase = "reverted"
+            log.info(
+                "%s: trial image not confirmed; bootloader reverted to slot %s", self.name, flash.state.active
+            )
+        else:
+            return
         flash.save()
         self.device.status.installed_sequence = flash.state.installed_sequence
-        log.info("%s: booted slot %s (sequence %d)", self.name, flash.state.active, job.sequence)
 
     def complete_boot(self) -> None:
-        """After booting a new image: report SUCCESS for the attempt that installed it."""
-        job = self.device.flash.state.job
-        if job is None or job.phase != "booted":
+        """Once connected after a reboot: on a trial boot run the health check, then confirm the
+        image and report SUCCESS, or reset unconfirmed; after a fallback report REVERTED."""
+        flash = self.device.flash
+        job = flash.state.job
+        if job is None:
             return
+        if job.phase == "reverted":
+            detail = f"trial boot of sequence {job.sequence} failed; running {flash.state.installed_sequence}"
+            self.device.report(
+                job.campaign, job.attempt, LwState.IDLE, Result.REVERTED, detail=detail, finish=True
+            )
+            self._booted.set()
+            return
+        if job.phase != "booted":
+            return
+        if flash.state.trial and not self._healthy():
+            log.info(
+                "%s: sequence %d failed its health check; resetting unconfirmed", self.name, job.sequence
+            )
+            self.device.request_reboot()
+            return
+        flash.confirm()
         self.consent.begin_usage(job)
         self.device.report(job.campaign, job.attempt, LwState.IDLE, Result.SUCCESS, finish=True)
         self._booted.set()
+
+    def _healthy(self) -> bool:
+        """The new image's health check: it booted and reached the server; the ``boot-fail``
+        fault makes it fail."""
+        return not self.device.faults.boot_fail
 
     # -- download ---------------------------------------------------------------------------
 

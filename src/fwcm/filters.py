@@ -118,6 +118,17 @@ def tag_key(field: str) -> str:
     return field[len(TAG_PREFIX) :]
 
 
+def tag_keys(node: Node) -> set[str]:
+    """The tag keys a filter names (``tag.region == "eu"`` names ``region``)."""
+    if isinstance(node, Not):
+        return tag_keys(node.item)
+    if isinstance(node, And | Or):
+        return set().union(*(tag_keys(i) for i in node.items))
+    if isinstance(node, Compare | In | Exists) and is_tag(node.field):
+        return {tag_key(node.field)}
+    return set()
+
+
 # -- lexer ------------------------------------------------------------------------------------
 
 _TOKEN_RE = re.compile(

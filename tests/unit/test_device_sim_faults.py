@@ -33,6 +33,15 @@ def test_failing_profiles_predict_their_result(name: str, failure: Result) -> No
         assert p.for_device(i).any == (i in affected)
 
 
+def test_boot_fail_devices_are_expected_to_revert() -> None:
+    p = get_profile("boot-fail")
+    affected = [i for i in range(100) if p.affected(i)]
+    assert len(affected) == 10
+    for i in range(100):
+        assert p.expected_outcome(i) == ("reverted" if i in affected else "succeeded")
+        assert p.for_device(i).boot_fail == (i in affected)
+
+
 @pytest.mark.parametrize("name", ["flaky", "offline", "slow"])
 def test_recoverable_profiles_affect_some_devices_but_all_succeed(name: str) -> None:
     p = get_profile(name)

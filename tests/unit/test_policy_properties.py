@@ -15,7 +15,8 @@ from fwcm.rollout.policy import Policy
 from fwcm.rollout.states import CampaignState, DeviceState
 
 STATES = [s.value for s in DeviceState]
-TERMINAL_FAIL = (DeviceState.FAILED.value, DeviceState.TIMED_OUT.value)
+TERMINAL_FAIL = (DeviceState.FAILED.value, DeviceState.TIMED_OUT.value, DeviceState.REVERTED.value)
+"""Ends that count against an error threshold (a revert after a failed trial boot too)."""
 
 
 GAPS = st.one_of(st.sampled_from([0.0, 0.2, 1.0, 59.999, 60.0, 60.001]), st.floats(0, 90, allow_nan=False))

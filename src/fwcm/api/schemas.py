@@ -336,6 +336,13 @@ class CloneIn(BaseModel):
     name: str | None = Field(None, description='The clone\'s name; default "<name> (copy)".')
 
 
+class CampaignStartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_empty: bool = Field(
+        False, description="Start even if the filter matches no device (refused with 409 otherwise)."
+    )
+
+
 class CampaignOut(BaseModel):
     id: int
     name: str
@@ -353,6 +360,10 @@ class CampaignOut(BaseModel):
     created_at: Timestamp | None
     started_at: Timestamp | None
     finished_at: Timestamp | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Create and start: what may be a mistake, e.g. a filter naming a tag no device has.",
+    )
 
     @classmethod
     def of(cls, c: Campaign) -> CampaignOut:
@@ -381,6 +392,9 @@ class CampaignPage(Page[CampaignOut]):
 
 
 class FailureCount(BaseModel):
+    state: str = Field(
+        description="The final state: failed, timed_out, reverted; or skipped, declined, no_answer."
+    )
     result: int
     name: str
     count: int
@@ -415,7 +429,13 @@ class CampaignStats(BaseModel):
     eta_note: str | None = Field(
         None, description='Why there is no ETA, or what follows it: "waiting for approval of phase 2".'
     )
-    failures: list[FailureCount] = Field(description="Result codes of failed/timed-out/skipped devices.")
+    failures: list[FailureCount] = Field(
+        description="Failed, timed-out and reverted devices by state and result code, most common first."
+    )
+    skips: list[FailureCount] = Field(
+        default_factory=list,
+        description="Devices the update was not for (skipped, declined, no answer), by state and result.",
+    )
     started_at: Timestamp | None
     finished_at: Timestamp | None
     consent: dict[str, Any] | None = Field(

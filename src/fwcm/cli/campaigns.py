@@ -3,6 +3,7 @@ definition to their progress (``fwcm campaign watch`` is in ``fwcm.cli.watch``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,7 +11,9 @@ from typing import Annotated, Any
 import typer
 
 from fwcm.cli.common import JsonOpt, api, fail, print_fields, print_json, print_table, rich_console, short
+from fwcm.rollout import outcome
 from fwcm.rollout.definition import DefinitionError, load_definition
+from fwcm.rollout.states import DEVICE_TERMINAL
 
 accounting_app = typer.Typer(help="Usage reported by installed software.", no_args_is_help=True)
 campaign_app = typer.Typer(
@@ -96,7 +99,14 @@ def campaign_create(
     if as_json:
         print_json(c)
     else:
+        _warn(c)
         typer.echo(f"campaign {c['id']} created (draft); start it with `fwcm campaign start {c['id']}`")
+
+
+def _warn(c: dict[str, Any]) -> None:
+    """Print the server's warnings about a campaign (a filter naming a tag no device has)."""
+    for w in c.get("warnings") or ():
+        typer.echo(f"warning: {w}", err=True)
 
 
 @campaign_app.command("list")
@@ -149,8 +159,6 @@ def _action(action: str, doc: str) -> Callable[..., None]:
             c = client.post(f"/campaigns/{campaign_id}/{action}")
         if as_json:
             print_json(c)
-        elif action == "start":
-            typer.echo(f"campaign {c['id']} running over {c['total']} devices")
         else:
             typer.echo(f"campaign {c['id']} {c['state']}")
 
@@ -159,9 +167,27 @@ def _action(action: str, doc: str) -> Callable[..., None]:
     return command
 
 
-campaign_start = campaign_app.command("start")(
-    _action("start", "Freeze the matching devices and start the rollout.")
-)
+@campaign_app.command("start")
+def campaign_start(
+    campaign_id: Annotated[int, typer.Argument(metavar="ID")],
+    allow_empty: Annotated[
+        bool,
+        typer.Option("--allow-empty", help="Start even if the filter matches no device (refused otherwise)"),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze the matching devices and start the rollout."""
+    with api() as client:
+        c = client.post(
+            f"/campaigns/{campaign_id}/start", {"allow_empty": allow_empty} if allow_empty else None
+        )
+    if as_json:
+        print_json(c)
+        return
+    _warn(c)
+    typer.echo(f"campaign {c['id']} {c['state']} over {c['total']} devices")
+
+
 campaign_pause = campaign_app.command("pause")(
     _action("pause", "Stop new notices; devices in progress finish.")
 )
@@ -224,9 +250,7 @@ def print_status(stats: dict[str, Any]) -> None:
     from fwcm.cli.watch import count_tables, pace_line
 
     label = stats.get("phase_label") or f"phase {stats['phase'] + 1}"
-    finished = sum(
-        stats["counts"].get(s, 0) for s in ("succeeded", "failed", "skipped", "timed_out", "cancelled")
-    )
+    finished = sum(stats["counts"].get(s.value, 0) for s in DEVICE_TERMINAL)
     head = f"campaign {stats['id']} ({stats['name']}): {stats['state']}, {label}, "
     head += f"{finished}/{stats['total']} finished"
     if stats.get("stop_reason"):
@@ -241,22 +265,52 @@ def print_status(stats: dict[str, Any]) -> None:
     if stats["failures"]:
         print_table(
             "failure reasons",
-            ["result", "name", "devices"],
-            [[f["result"], f["name"], f["count"]] for f in stats["failures"]],
+            ["state", "result", "name", "devices"],
+            [[f["state"], f["result"], f["name"], f["count"]] for f in stats["failures"]],
+        )
+    if stats.get("skips"):
+        print_table(
+            "not for them (no failure)",
+            ["state", "result", "name", "devices"],
+            [[f["state"], f["result"], f["name"], f["count"]] for f in stats["skips"]],
         )
 
 
 @campaign_app.command("status")
 def campaign_status(
-    campaign_id: Annotated[int, typer.Argument(metavar="ID")], as_json: JsonOpt = False
+    campaign_id: Annotated[int, typer.Argument(metavar="ID")],
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait until the campaign has ended; exit 0 only if it completed with no failed, "
+            "timed-out or reverted device (1 stopped, 2 --timeout passed, 3 cancelled, 4 failed or "
+            "timed-out devices, 5 reverted devices)",
+        ),
+    ] = False,
+    interval: Annotated[float, typer.Option(help="With --wait: seconds between polls")] = 2.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds")
+    ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Counts of devices per state and the most common failure reasons."""
+    """Counts of devices per state, failure reasons apart from skips; --wait for the end."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     with api() as client:
         stats = client.get(f"/campaigns/{campaign_id}/stats")
+        while wait and not outcome.ended(stats["state"], stats["counts"]):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(interval)
+            stats = client.get(f"/campaigns/{campaign_id}/stats")
     if as_json:
         print_json(stats)
     else:
         print_status(stats)
+    if wait:
+        ended = outcome.ended(stats["state"], stats["counts"])
+        code = outcome.exit_code(stats["state"], stats["counts"]) if ended else outcome.CampaignExit.GAVE_UP
+        raise typer.Exit(int(code))
 
 
 @accounting_app.command("report")

@@ -36,6 +36,9 @@ from fwcm.runtime import setup_logging, tune_gc
 log = logging.getLogger("fwcm.demo")
 
 STATES = tuple(st.value for st in DeviceState)
+ENDS = ("succeeded", "reverted", "failed", "timed_out", "skipped", "cancelled")
+"""How devices ended, each counted apart in the result (a revert is neither a success nor hidden
+among failures)."""
 
 
 @dataclass
@@ -453,8 +456,8 @@ def _summarize(
 ) -> dict[str, Any]:
     """Compare every device's end with what its fault profile calls for.
 
-    A succeeded device must run the new firmware (sequence 2); a failed one must still run the
-    old one (sequence 1), as the devices themselves say.
+    A succeeded device must run the new firmware (sequence 2); a failed or reverted one must still
+    run the old one (sequence 1), as the devices themselves say.
     """
     by_state = Counter(d["state"] for d in devices)
     ended_early = stats["state"] in ("stopped", "cancelled")
@@ -474,7 +477,7 @@ def _summarize(
         running = installed.get(d["device"])
         if (
             ok
-            and d["state"] in ("succeeded", "failed")
+            and d["state"] in ("succeeded", "failed", "reverted")
             and running != (2 if d["state"] == "succeeded" else 1)
         ):
             ok = False
@@ -489,20 +492,21 @@ def _summarize(
                 }
             )
     failures = Counter(d["result_name"] for d in devices if d["state"] == "failed")
+    skips = Counter(d["result_name"] for d in devices if d["state"] == "skipped")
     return {
         "devices": opts.devices,
         "transport": opts.transport,
         "faults": opts.faults,
         "campaign_state": stats.get("state"),
         "stop_reason": stats.get("stop_reason"),
-        "succeeded": by_state.get("succeeded", 0),
-        "failed": by_state.get("failed", 0),
         "notified": sum(1 for d in devices if d["attempt"] > 0),
+        **{st: by_state.get(st, 0) for st in ENDS},
         "kept_old_firmware": sum(
-            1 for d in devices if d["state"] == "failed" and installed.get(d["device"]) == 1
+            1 for d in devices if d["state"] in ("failed", "reverted") and installed.get(d["device"]) == 1
         ),
         "by_state": dict(sorted(by_state.items())),
         "failure_reasons": dict(failures),
+        "skip_reasons": dict(skips),
         "unexpected": unexpected[:20],
         "unexpected_count": len(unexpected),
         "ok": not unexpected and stats.get("state") in ("completed", "stopped", "cancelled"),
@@ -522,8 +526,7 @@ def _summary_table(result: dict[str, Any]) -> Table:
         "campaign_state",
         "stop_reason",
         "notified",
-        "succeeded",
-        "failed",
+        *ENDS,
         "kept_old_firmware",
         "duration_s",
     ):
@@ -532,6 +535,8 @@ def _summary_table(result: dict[str, Any]) -> Table:
         t.add_row(f"state {st}", str(n))
     for reason, n in result["failure_reasons"].items():
         t.add_row(f"failure {reason}", str(n))
+    for reason, n in result["skip_reasons"].items():
+        t.add_row(f"skipped {reason}", str(n))
     t.add_row("as expected", "yes" if result["ok"] else f"NO ({result['unexpected_count']} devices)")
     return t
 
@@ -542,7 +547,8 @@ def demo(
     faults: Annotated[
         str,
         typer.Option(
-            help="none | flaky | corrupt | install-fail | offline | slow | rogue | revoked | dev-build"
+            help="Fault profile: none | flaky | corrupt | install-fail | boot-fail | offline | slow | "
+            "rogue | revoked | dev-build"
         ),
     ] = "none",
     campaign: Annotated[

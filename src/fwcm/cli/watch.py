@@ -14,9 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from fwcm.cli.common import api
+from fwcm.rollout import outcome
 
 FINAL = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
-DONE = ("succeeded", "failed", "skipped", "timed_out")
+DONE = ("succeeded", "failed", "skipped", "timed_out", "reverted")
 """Devices that completed: a cancelled device is counted apart, never as done."""
 IN_FLIGHT = ("notified", "downloading", "downloaded", "installing")
 WAITING = ("pending", *IN_FLIGHT)
@@ -57,8 +58,7 @@ def _short(text: str, n: int) -> str:
 
 def ended(stats: dict[str, Any]) -> bool:
     """A campaign has ended for the watcher once it is final and no device is still working."""
-    busy = sum(stats["counts"].get(s, 0) for s in IN_FLIGHT)
-    return stats["state"] in ("completed", "cancelled", "stopped") and busy == 0
+    return outcome.ended(stats["state"], stats["counts"])
 
 
 def pace_line(stats: dict[str, Any]) -> Text:
@@ -159,7 +159,9 @@ def watch(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 1.0,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds")] = None,
 ) -> None:
-    """Live progress until the campaign ends; exit 0 if it completed, 1 if it stopped or was cancelled.
+    """Live progress until the campaign ends. Exit 0 only if it completed with no failed, timed-out
+    or reverted device; 1 stopped by a threshold, 2 --timeout passed, 3 cancelled, 4 completed with
+    failed or timed-out devices, 5 completed with reverted devices.
 
     The pace counts devices that completed in the last 5 minutes (cancelled ones are not done);
     the ETA follows the rate limit, the maintenance window and phases that wait for approval,
@@ -171,8 +173,8 @@ def watch(
         with Live(render(stats), refresh_per_second=4) as live:
             while not ended(stats):
                 if deadline is not None and time.monotonic() > deadline:
-                    raise typer.Exit(2)
+                    raise typer.Exit(outcome.CampaignExit.GAVE_UP)
                 time.sleep(interval)
                 stats = client.get(f"/campaigns/{campaign_id}/stats")
                 live.update(render(stats))
-    raise typer.Exit(0 if stats["state"] == "completed" else 1)
+    raise typer.Exit(outcome.exit_code(stats["state"], stats["counts"]))

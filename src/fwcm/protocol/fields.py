@@ -32,6 +32,9 @@ MAX_OPTION_VALUES = 16
 NONCE_BYTES = 16
 KEY_ID_BYTES = 32
 """Revoked signer key ids: SHA-256 of the key."""
+IMAGE_DIGEST_BYTES = 32
+"""The SHA-256 of the image a device runs (success reports and hellos)."""
+"""Revoked signer key ids: SHA-256 of the key."""
 SIGNED_OBJECT_BYTES = 1024
 """Attestation evidence and credentials (COSE_Sign1), install tokens."""
 NOTICE_TEXT_BYTES = 800

@@ -18,6 +18,7 @@ from fwcm.protocol.fields import (
     DETAIL_BYTES,
     FIRMWARE_NAME_BYTES,
     FIRMWARE_VERSION_BYTES,
+    IMAGE_DIGEST_BYTES,
     KEY_ID_BYTES,
     NAME_RE,
     NONCE_BYTES,
@@ -70,6 +71,9 @@ class Result(enum.IntEnum):
     CHAIN_INVALID = 18
     ATTESTATION_REFUSED = 19
     DECLINED = 20
+    REVERTED = 21
+    """The new image failed its trial boot (health check, or never confirmed): the bootloader
+    fell back and the device runs its previous image."""
 
 
 TRANSIENT_RESULTS = frozenset({Result.CONNECTION_LOST, Result.OUT_OF_RAM})
@@ -111,6 +115,9 @@ REPORT_ANSWER = 13
 """The :class:`Answer` to an invitation."""
 REPORT_ACCOUNTING = 14
 """Usage of installed software: an :class:`Accounting` record."""
+REPORT_IMAGE_DIGEST = 15
+"""Hello, success and reverted reports: the SHA-256 (32 bytes) of the image the device now runs,
+after its trial boot confirmed it (or the bootloader fell back to it)."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,12 @@ class Report:
         found = self.extra.get(REPORT_ACCOUNTING)
         return None if found is None else Accounting.from_map(found)
 
+    @property
+    def image_digest(self) -> bytes | None:
+        """The SHA-256 of the image the device runs (key 15), if the report says."""
+        found = self.extra.get(REPORT_IMAGE_DIGEST)
+        return found if isinstance(found, bytes) else None
+
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Report:
         """Decode a report, refusing (``shape``) every field outside its documented range."""
@@ -340,6 +353,11 @@ def _check_firmware_version(v: Any, what: str) -> None:
     check_text(v, FIRMWARE_VERSION_BYTES, what)
 
 
+def _check_image_digest(v: Any, what: str) -> None:
+    if not (isinstance(v, bytes) and len(v) == IMAGE_DIGEST_BYTES):
+        raise ProtocolError("shape", f"{what} must be {IMAGE_DIGEST_BYTES} bytes")
+
+
 def _check_reason(v: Any, what: str) -> None:
     check_text(v, NOTICE_TEXT_BYTES, what)
 
@@ -356,6 +374,7 @@ _REPORT_EXTENSIONS: dict[int, _Check] = {
     REPORT_FIRMWARE_VERSION: (_check_firmware_version, "report key 12 (firmware version)"),
     REPORT_ANSWER: (Answer.from_map, "report key 13 (answer)"),
     REPORT_ACCOUNTING: (Accounting.from_map, "report key 14 (accounting)"),
+    REPORT_IMAGE_DIGEST: (_check_image_digest, "report key 15 (image digest)"),
 }
 _NOTICE_EXTENSIONS: dict[int, _Check] = {
     NOTICE_TOKEN: (_check_signed, "notice key 10 (install token)"),

@@ -6,7 +6,9 @@ a report changes a deployment at all: reports of an old attempt, duplicates (seq
 last applied one) and reports after a terminal state are ignored, which is what makes
 at-least-once delivery harmless. :func:`judge_reports` adds the campaign's retry rule to a batch,
 :func:`expire` judges deployments that went silent, and :func:`notice_kind` says which notice a
-deployment's device should see now. The store reads the rows these take and writes what they
+deployment's device should see now. :func:`judge_hellos` holds a device's hello against the image
+its last success claimed, so a bootloader fallback the device never reported is still seen. The
+store reads the rows these take and writes what they
 return; nothing here reads a clock, a database or a socket.
 """
 
@@ -34,6 +36,8 @@ def state_for_report(state: LwState, result: Result) -> DeviceState:
         return DeviceState.CANCELLED
     if result == Result.DECLINED:
         return DeviceState.DECLINED
+    if result == Result.REVERTED:
+        return DeviceState.REVERTED
     if result in SKIP_RESULTS:
         return DeviceState.SKIPPED
     if result == Result.INITIAL:
@@ -56,7 +60,11 @@ class Change(NamedTuple):
 
 
 def apply_report(current: DeploymentView, report: Report) -> Change | None:
-    """The change a report makes to a deployment, or None when it must be ignored."""
+    """The change a report makes to a deployment, or None when it must be ignored.
+
+    A final state is final: a fallback after a success is seen in the device's next hello
+    (:func:`judge_hellos`), not from a report of the finished attempt.
+    """
     if report.attempt != current.attempt or report.seq <= current.last_seq:
         return None
     if current.state in DEVICE_TERMINAL:
@@ -96,7 +104,9 @@ class Applied(NamedTuple):
     progress: int | None
     detail: str | None
     installed: int | None
-    """The sequence a device that succeeded now runs."""
+    """The sequence a device that succeeded (or reverted) now runs."""
+    digest: bytes | None = None
+    """The image digest a device that succeeded now runs (its claim), as its report says."""
 
 
 def judge_reports(
@@ -128,6 +138,7 @@ def judge_reports(
         stored = DeviceState.PENDING if retry_at is not None else change.state
         current[key] = DeploymentView(stored, view.attempt, change.seq)
         succeeded = change.state == DeviceState.SUCCEEDED
+        runs = succeeded or change.state == DeviceState.REVERTED
         out.append(
             Applied(
                 tenant_id=r.tenant_id,
@@ -141,10 +152,79 @@ def judge_reports(
                 retry_at=retry_at,
                 progress=report.progress,
                 detail=report.detail,
-                installed=report.installed_sequence if succeeded else None,
+                installed=report.installed_sequence if runs else None,
+                digest=report.image_digest if succeeded else None,
             )
         )
     return out
+
+
+# -- hellos against the image a success claimed ----------------------------------------------
+
+
+class Claim(NamedTuple):
+    """What a device's last success said it runs: the campaign, the sequence, the image digest."""
+
+    campaign: int
+    sequence: int | None
+    digest: bytes | None
+
+
+class DeviceRecord(NamedTuple):
+    """A device as a hello is judged against it: the newest hello applied, and its claim."""
+
+    hello_seq: int | None
+    claim: Claim | None
+
+
+class Reverted(NamedTuple):
+    """A succeeded deployment whose device, by its own hello, no longer runs what it claimed."""
+
+    tenant_id: int
+    device_pk: int
+    campaign: int
+    detail: str
+
+
+def runs_other_image(claim: Claim, sequence: int | None, digest: bytes | None) -> bool:
+    """True when a hello's image is not the one the claim names: an older sequence, or the same
+    sequence with another digest. A newer sequence is an image installed since, not a fallback."""
+    if sequence is not None and claim.sequence is not None:
+        if sequence < claim.sequence:
+            return True
+        if sequence > claim.sequence:
+            return False
+    return digest is not None and claim.digest is not None and digest != claim.digest
+
+
+def judge_hellos(devices: Mapping[int, DeviceRecord], hellos: Iterable[Reported]) -> list[Reverted]:
+    """The deployments hellos show reverted. Hellos are taken in seq order per device; one not
+    above the newest hello applied is late and says nothing; a reverting hello ends the claim."""
+    current = dict(devices)
+    out: list[Reverted] = []
+    for h in sorted(hellos, key=lambda h: h.report.seq):
+        record = current.get(h.device_pk)
+        if record is None:
+            continue
+        if record.hello_seq is not None and h.report.seq <= record.hello_seq:
+            continue
+        claim = record.claim
+        report = h.report
+        if claim is not None and runs_other_image(claim, report.installed_sequence, report.image_digest):
+            out.append(Reverted(h.tenant_id, h.device_pk, claim.campaign, _revert_detail(claim, report)))
+            claim = None
+        current[h.device_pk] = DeviceRecord(report.seq, claim)
+    return out
+
+
+def _revert_detail(claim: Claim, hello: Report) -> str:
+    def image(sequence: int | None, digest: bytes | None) -> str:
+        said = [f"sequence {sequence}"] if sequence is not None else []
+        return " ".join(said + ([f"image {digest.hex()[:12]}"] if digest is not None else [])) or "?"
+
+    running = image(hello.installed_sequence, hello.image_digest)
+    claimed = image(claim.sequence, claim.digest)
+    return f"hello reports {running} after success claimed {claimed}"
 
 
 # -- silence ------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class StartPlan:
     policy's order) joins the first phase with ``r < bound``."""
     state: str
     """``running``, or ``scheduled`` until the policy's ``start_at``."""
+    dynamic: bool = False
+    """Devices that match later join: an empty start is no mistake."""
     policy: Policy = field(default_factory=Policy, compare=False, repr=False)
 
     @property
@@ -157,8 +159,33 @@ def start_plan(stored: Mapping[str, Any] | None, matching: int, now: float) -> S
     except PolicyError as exc:
         raise Invalid(f"invalid rollout policy: {exc}") from None
     return StartPlan(
-        bounds=tuple(policy.phase_bounds(matching)), state=policy.initial_state(now).value, policy=policy
+        bounds=tuple(policy.phase_bounds(matching)),
+        state=policy.initial_state(now).value,
+        dynamic=policy.dynamic,
+        policy=policy,
     )
+
+
+def empty_refusal(filter_text: str, matching: int, plan: StartPlan, allow_empty: bool) -> str | None:
+    """Why a start over no device is refused (None: it may start). An empty subset is most often
+    a filter typo; a dynamic campaign, or a start that says ``allow_empty``, may start empty."""
+    if matching or plan.dynamic or allow_empty:
+        return None
+    shown = filter_text or "(empty: every device)"
+    return (
+        f"the filter {shown} matches no device of the tenant; fix the filter, or start with "
+        "allow_empty (fwcm campaign start --allow-empty)"
+    )
+
+
+def unknown_tag_warnings(named: set[str], existing: set[str], more: bool = False) -> list[str]:
+    """A warning per tag key the filter names that no device of the tenant has, listing the keys
+    that exist (``more``: the list is cut short)."""
+    keys = ", ".join(sorted(existing)) + (", …" if more else "") if existing else "none"
+    return [
+        f"filter names tag.{key}, a tag no device of the tenant has (tag keys in use: {keys})"
+        for key in sorted(named - existing)
+    ]
 
 
 def phase_names(stored: Mapping[str, Any] | None) -> list[str]:

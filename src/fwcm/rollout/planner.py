@@ -18,7 +18,7 @@ from fractions import Fraction
 
 from fwcm.rollout.deployment import Expired, Silent, expire
 from fwcm.rollout.policy import PACE_BURST_S, RATE_WINDOW_S, Policy
-from fwcm.rollout.states import DEVICE_TERMINAL, NOT_FOR_ME, CampaignState, DeviceState
+from fwcm.rollout.states import AGAINST_ERRORS, DEVICE_TERMINAL, NOT_FOR_ME, CampaignState, DeviceState
 
 # --------------------------------------------------------------------------------------------
 # Views, state and decisions
@@ -205,7 +205,7 @@ def decide(
         if _reaches(ok, size, ph.success_threshold) or cur in state.success_override:
             if ph.advance == "approval":
                 reason = (
-                    f"{policy.label(cur)} done ({ok} of {size} devices succeeded); waiting for approval: "
+                    f"{policy.label(cur)} done ({_ended_well(c, size)}); waiting for approval: "
                     f"resume to start {policy.label(cur + 1)}"
                 )
                 return Decision(
@@ -215,7 +215,7 @@ def decide(
             advance_to = cur + 1
         elif _settled(c):
             reason = (
-                f"success threshold of {policy.label(cur)} not reached: {ok} of {size} devices succeeded "
+                f"success threshold of {policy.label(cur)} not reached: {_ended_well(c, size)} "
                 f"({_pct(ok, size)} < {ph.success_threshold:g}%)"
             )
             target = CampaignState.STOPPED if policy.on_error == "stop" else CampaignState.PAUSED
@@ -249,16 +249,32 @@ def _error_crossed(policy: Policy, p: int, c: Mapping[str, int], state: PolicySt
     ph = policy.phases[p]
     if ph.error_threshold is None:
         return None
-    failed = _get(c, DeviceState.FAILED, DeviceState.TIMED_OUT)
+    failed = _get(c, *AGAINST_ERRORS)
     notified = sum(c.values()) - _get(c, DeviceState.PENDING)
     if failed < ph.error_min_devices or failed <= state.error_ack.get(p, -1):
         return None
     if not _reaches(failed, notified, ph.error_threshold):
         return None
+    reverted = _get(c, DeviceState.REVERTED)
+    what = "failed"
+    if reverted:
+        what = f"failed or reverted ({failed - reverted} failed, {reverted} reverted)"
     return (
-        f"error threshold of {policy.label(p)} crossed: {failed} of {notified} devices failed "
+        f"error threshold of {policy.label(p)} crossed: {failed} of {notified} devices {what} "
         f"({_pct(failed, notified)} >= {ph.error_threshold:g}%)"
     )
+
+
+def _ended_well(c: Mapping[str, int], size: int) -> str:
+    """What counts toward a success threshold, saying apart what succeeded and what was not for
+    the device: nine skipped devices are never "9 devices succeeded"."""
+    succeeded = _get(c, DeviceState.SUCCEEDED)
+    others = [(st, c.get(st.value, 0)) for st in sorted(NOT_FOR_ME) if c.get(st.value, 0)]
+    if not others:
+        return f"{succeeded} of {size} devices succeeded"
+    ok = succeeded + sum(n for _st, n in others)
+    apart = ", ".join([f"{succeeded} succeeded"] + [f"{n} {st.value}" for st, n in others])
+    return f"{ok} of {size} devices succeeded or were not for them ({apart})"
 
 
 def _budget(
@@ -309,7 +325,7 @@ def _to(state: PolicyState, target: CampaignState, reason: str, phase: int, kind
 def _acknowledge(state: PolicyState, counts: Mapping[int, Mapping[str, int]], cur: int) -> None:
     """An operator resumed: failures seen so far are accepted; a shortfall that paused is waived."""
     for p in range(cur + 1):
-        state.error_ack[p] = _get(counts.get(p, {}), DeviceState.FAILED, DeviceState.TIMED_OUT)
+        state.error_ack[p] = _get(counts.get(p, {}), *AGAINST_ERRORS)
     if state.paused_for is not None and state.paused_for[0] == "success":
         state.success_override.add(state.paused_for[1])
     state.paused_for = None

@@ -100,6 +100,9 @@ class DeviceState(enum.StrEnum):
     CANCELLED = "cancelled"
     DECLINED = "declined"
     NO_ANSWER = "no_answer"
+    REVERTED = "reverted"
+    """The new image failed its trial boot and the bootloader fell back: the device runs its
+    previous image (reported by the device, or seen by the server in a later hello)."""
 
 
 DEVICE_TERMINAL = frozenset(
@@ -111,8 +114,11 @@ DEVICE_TERMINAL = frozenset(
         DeviceState.CANCELLED,
         DeviceState.DECLINED,
         DeviceState.NO_ANSWER,
+        DeviceState.REVERTED,
     }
 )
+AGAINST_ERRORS = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT, DeviceState.REVERTED})
+"""Ends that count against a phase's error threshold (and make ``watch`` exit non-zero)."""
 NOT_FOR_ME = frozenset({DeviceState.SKIPPED, DeviceState.DECLINED, DeviceState.NO_ANSWER})
 """Ends that are no failure: the update was not for this device, or its owner said no."""
 IN_PROGRESS = frozenset(

@@ -330,6 +330,20 @@ class Ingest:
         reported = [deployment.Reported(v.key.tenant_id, v.key.device_pk, v.report) for v in reports]
         return deployment.judge_reports(views, reported, self._policies, time.time())
 
+    @staticmethod
+    def _hellos(s: Session, hellos: list[ds.Verified]) -> set[int]:
+        """Record hellos, and mark reverted the succeeded deployments whose device's hello shows
+        another image than its success claimed; returns the campaigns that changed."""
+        if not hellos:
+            return set()
+        records = ds.hello_records(s, [v.key.device_pk for v in hellos])
+        said = [deployment.Reported(v.key.tenant_id, v.key.device_pk, v.report) for v in hellos]
+        reverted = deployment.judge_hellos(records, said)
+        ds.apply_hellos(s, hellos)
+        for r in reverted:
+            log.warning("device %d of campaign %d reverted: %s", r.device_pk, r.campaign, r.detail)
+        return dq.write_reverted(s, reverted)
+
     def _answer_contexts(self, s: Session, campaigns: set[int]) -> dict[int, cq.AnswerContext]:
         """Consent rules of campaigns receiving answers (cached: they do not change once started)."""
         missing = [c for c in campaigns if c not in self._consents]
@@ -416,10 +430,10 @@ class Ingest:
         ]
         with self.db.session() as s:
             attested = self._attest(s, evidence)
-            ds.apply_hellos(s, [v for v in reports if v.report.campaign == 0])
+            reverted = self._hellos(s, [v for v in reports if v.report.campaign == 0])
             applied = self._judge(s, [v for v in reports if v.report.campaign != 0])
             dq.write_reports(s, applied)
-            changed, campaigns = len(applied), {a.campaign for a in applied}
+            changed, campaigns = len(applied), {a.campaign for a in applied} | reverted
             if answers:
                 contexts = self._answer_contexts(s, {v.report.campaign for v in answers})
                 campaigns |= cq.apply_answers(s, answers, contexts)

@@ -34,12 +34,21 @@ from fwcm import filters
 from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout.groups import Member
-from fwcm.rollout.launch import CampaignDraft, Pacer, PhaseNamer, StartPlanner
+from fwcm.rollout.launch import (
+    CampaignDraft,
+    Pacer,
+    PhaseNamer,
+    StartPlanner,
+    empty_refusal,
+    unknown_tag_warnings,
+)
 from fwcm.rollout.pace import PACE_WINDOW_S, Completion, Progress
 from fwcm.rollout.states import (
+    AGAINST_ERRORS,
     CAMPAIGN_TERMINAL,
     DEVICE_TERMINAL,
     IN_PROGRESS,
+    NOT_FOR_ME,
     RETRIED,
     CampaignState,
     DeviceState,
@@ -70,7 +79,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_STATES = tuple(state.value for state in DeviceState)
 TERMINAL_STATES = sorted(state.value for state in DEVICE_TERMINAL)
-COMPLETED_STATES = ("succeeded", "failed", "timed_out", "skipped")
+COMPLETED_STATES = ("succeeded", "failed", "timed_out", "reverted", "skipped")
 """Final states that count towards the pace (a cancelled device did not complete)."""
 MAX_PACE_ROWS = 5000
 
@@ -139,12 +148,15 @@ def _campaign_event(
     )
 
 
-def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner) -> Campaign:
+def start_campaign(
+    s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner, *, allow_empty: bool = False
+) -> Campaign:
     """Freeze the matching devices into deployments, each in its phase, and start running.
 
     ``plan`` (``rollout.launch.start_plan``) reads the stored policy: the phase of each device
     (``rollout.groups``: rollout groups by filter, the rest in the policy's order) and the state
-    the campaign enters.
+    the campaign enters. A start over no device is refused (409) unless the campaign is dynamic or
+    ``allow_empty`` says so.
     """
     campaign = get_campaign(s, tenant_id, campaign_id, lock=True)
     if campaign.state not in ("draft", "scheduled"):
@@ -155,6 +167,9 @@ def start_campaign(s: Session, tenant_id: int, campaign_id: int, plan: StartPlan
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())
+    refused = empty_refusal(campaign.filter, matching, planned, allow_empty)
+    if refused is not None:
+        raise Conflict(f"campaign {campaign_id} not started: {refused}")
     group = _first_group(planned.groups)
     members = [
         Member(row.id, row.grp)
@@ -250,6 +265,47 @@ def _check_signer_scope(s: Session, campaign: Campaign, cond: ColumnElement[bool
             f"hardware IDs; {len(unlisted)} targeted devices are not listed ({shown}); "
             'narrow the filter, e.g. hardware_id in ["…", "…"]'
         )
+
+
+TAG_KEYS_SHOWN = 50
+"""At most this many of a tenant's tag keys are listed in a warning."""
+
+
+def filter_warnings(s: Session, tenant_id: int, filter_text: str) -> list[str]:
+    """Warnings about a campaign's filter: tag keys it names that no device of the tenant has."""
+    named = filters.tag_keys(filters.parse(filter_text))
+    if not named:
+        return []
+    existing = tenant_tag_keys(s, tenant_id, TAG_KEYS_SHOWN + 1)
+    missing = {k for k in named if k not in existing and not _has_tag(s, tenant_id, k)}
+    if not missing:
+        return []
+    return unknown_tag_warnings(missing, set(existing[:TAG_KEYS_SHOWN]), len(existing) > TAG_KEYS_SHOWN)
+
+
+def _has_tag(s: Session, tenant_id: int, key: str) -> bool:
+    """Whether any device of the tenant has tag ``key`` (the listed keys may be cut short)."""
+    found = s.scalar(
+        select(Device.id)
+        .where(Device.tenant_id == tenant_id, Device.tags[key].as_string().is_not(None))
+        .limit(1)
+    )
+    return found is not None
+
+
+def tenant_tag_keys(s: Session, tenant_id: int, limit: int) -> list[str]:
+    """The distinct tag keys of a tenant's devices, in order, at most ``limit``."""
+    if s.get_bind().dialect.name == "postgresql":
+        q = text(
+            "SELECT DISTINCT k FROM devices CROSS JOIN LATERAL jsonb_object_keys(CAST(tags AS jsonb)) AS k "
+            "WHERE tenant_id = :t AND jsonb_typeof(CAST(tags AS jsonb)) = 'object' ORDER BY k LIMIT :n"
+        )
+    else:
+        q = text(
+            "SELECT DISTINCT j.key FROM devices, json_each(devices.tags) AS j "
+            "WHERE devices.tenant_id = :t AND json_type(devices.tags) = 'object' ORDER BY j.key LIMIT :n"
+        )
+    return [str(k) for k in s.scalars(q, {"t": tenant_id, "n": limit})]
 
 
 def change_campaign(
@@ -400,20 +456,8 @@ def campaign_stats(
         .group_by(Deployment.phase, Deployment.state)
     ):
         phases.setdefault(by_phase.phase, {})[by_phase.state] = by_phase.n
-    failures = []
-    for by_result in s.execute(
-        select(Deployment.result, func.count().label("n"))
-        .where(
-            Deployment.tenant_id == tenant_id,
-            Deployment.campaign_id == campaign_id,
-            Deployment.state.in_(("failed", "timed_out", "skipped")),
-        )
-        .group_by(Deployment.result)
-        .order_by(func.count().desc())
-    ):
-        failures.append(
-            {"result": by_result.result, "name": _result_name(by_result.result), "count": by_result.n}
-        )
+    failures = _by_result(s, tenant_id, campaign_id, AGAINST_ERRORS)
+    skips = _by_result(s, tenant_id, campaign_id, NOT_FOR_ME)
     progress = Progress(
         state=campaign.state,
         phase=campaign.phase,
@@ -444,6 +488,7 @@ def campaign_stats(
         "eta_scope": est.scope,
         "eta_note": "; ".join(n for n in (*est.notes, est.why) if n) or None,
         "failures": failures,
+        "skips": skips,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
@@ -472,6 +517,32 @@ def _completions(s: Session, campaign_id: int) -> list[Completion]:
 
 def _epoch(t: datetime) -> float:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def _by_result(
+    s: Session, tenant_id: int, campaign_id: int, states: frozenset[DeviceState]
+) -> list[dict[str, Any]]:
+    """Devices in ``states`` counted by (state, result), most common first: failures apart from
+    skips, each end apart from the others."""
+    rows = s.execute(
+        select(Deployment.state, Deployment.result, func.count().label("n"))
+        .where(
+            Deployment.tenant_id == tenant_id,
+            Deployment.campaign_id == campaign_id,
+            Deployment.state.in_(sorted(st.value for st in states)),
+        )
+        .group_by(Deployment.state, Deployment.result)
+        .order_by(func.count().desc(), Deployment.state, Deployment.result)
+    )
+    return [
+        {"state": r.state, "result": r.result, "name": _end_name(r.state, r.result), "count": r.n}
+        for r in rows
+    ]
+
+
+def _end_name(state: str, result: int) -> str:
+    """A timeout has no result code of its own: it is named by its state."""
+    return state if state == DeviceState.TIMED_OUT.value and result == 0 else _result_name(result)
 
 
 def _consent_stats(campaign: Campaign, counts: dict[str, int], s: Session) -> dict[str, Any]:

@@ -290,7 +290,7 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
         stmt = insert(table)
     s.execute(stmt, rows)
     removed = [
-        {"d": v.key.device_pk, "sq": v.report.installed_sequence}
+        {"d": v.key.device_pk, "sq": v.report.installed_sequence, "c": v.report.campaign}
         for v in batch
         if (acct := v.report.accounting) is not None
         and acct.kind == "removed"
@@ -298,6 +298,11 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
     ]
     for r in removed:  # the software is gone again: the device runs its previous image
         s.execute(update(Device).where(Device.id == r["d"]).values(sequence=r["sq"]))
+        s.execute(  # and its success no longer claims what it runs: no revert to see
+            update(Device)
+            .where(Device.id == r["d"], Device.claim_campaign == r["c"])
+            .values(claim_campaign=None, claim_sequence=None, claim_digest=None)
+        )
     return len(rows)
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    null,
     or_,
     select,
     true,
@@ -28,7 +29,7 @@ from fwcm.attestation import NONCE_BYTES
 from fwcm.protocol import (
     Result,
 )
-from fwcm.rollout.deployment import Applied, DeploymentView, Expired, Silent
+from fwcm.rollout.deployment import Applied, DeploymentView, Expired, Reverted, Silent
 from fwcm.rollout.states import IN_PROGRESS, DeviceState
 from fwcm.store.db import execute_many, utcnow
 from fwcm.store.models import (
@@ -329,15 +330,30 @@ _INSTALLED = (
 )
 
 
+_CLAIM = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("d"))
+    .values(claim_campaign=bindparam("c"), claim_sequence=bindparam("sq"), claim_digest=bindparam("dg"))
+)
+_UNCLAIM = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("d"), _DEVICES.c.claim_campaign == bindparam("c"))
+    .values(claim_campaign=null(), claim_sequence=null(), claim_digest=null())
+)
+
+
 def write_reports(s: Session, applied: Sequence[Applied]) -> None:
     """Persist what reports did to their deployments (judged by ``rollout.deployment``), with the
-    history of every state entered and the sequence a device that succeeded now runs."""
+    history of every state entered, the sequence a device that succeeded now runs and its claim
+    (what later hellos are held against; a revert of the claimed campaign ends it)."""
     if not applied:
         return
     now = utcnow()
     updates: list[dict[str, object]] = []
     events: list[dict[str, object]] = []
     installs: list[dict[str, object]] = []
+    claims: list[dict[str, object]] = []
+    unclaims: list[dict[str, object]] = []
     for a in applied:
         retry_at = datetime.fromtimestamp(a.retry_at, UTC) if a.retry_at is not None else None
         updates.append(
@@ -362,11 +378,53 @@ def write_reports(s: Session, applied: Sequence[Applied]) -> None:
             )
         if a.installed is not None:
             installs.append({"d": a.device_pk, "sq": a.installed, "u": now})
+        if a.entered == DeviceState.SUCCEEDED:
+            digest = a.digest.hex() if a.digest is not None else None
+            claims.append({"d": a.device_pk, "c": a.campaign, "sq": a.installed, "dg": digest})
+        elif a.entered == DeviceState.REVERTED:
+            unclaims.append({"d": a.device_pk, "c": a.campaign})
     # one row order for every replica: concurrent batches then wait on each other, not deadlock
     updates.sort(key=lambda u: (u["c"], u["d"]))
     execute_many(s.connection(), _REPORT_UPDATE, updates)
     execute_many(s.connection(), _EVENT_INSERT, events)
     execute_many(s.connection(), _INSTALLED, installs)
+    execute_many(s.connection(), _CLAIM, claims)
+    execute_many(s.connection(), _UNCLAIM, unclaims)
+
+
+def write_reverted(s: Session, reverted: Sequence[Reverted]) -> set[int]:
+    """Mark succeeded deployments ``reverted`` that hellos showed running another image, end their
+    claims and record why; returns the campaigns changed (their engines must look again)."""
+    now = utcnow()
+    changed: set[int] = set()
+    for r in reverted:
+        done = s.execute(
+            update(Deployment)
+            .where(
+                Deployment.campaign_id == r.campaign,
+                Deployment.device_id == r.device_pk,
+                Deployment.state == DeviceState.SUCCEEDED.value,
+            )
+            .values(
+                state=DeviceState.REVERTED.value, result=int(Result.REVERTED), detail=r.detail, updated_at=now
+            )
+        )
+        s.execute(_UNCLAIM, {"d": r.device_pk, "c": r.campaign})
+        if not done.rowcount:  # type: ignore[attr-defined]
+            continue
+        changed.add(r.campaign)
+        s.add(
+            DeviceEvent(
+                tenant_id=r.tenant_id,
+                campaign_id=r.campaign,
+                device_id=r.device_pk,
+                at=now,
+                state=DeviceState.REVERTED.value,
+                result=int(Result.REVERTED),
+                detail=r.detail,
+            )
+        )
+    return changed
 
 
 def silent_in_progress(s: Session, campaign_id: int, silent_s: float) -> list[tuple[Target, str]]:

@@ -27,6 +27,7 @@ from fwcm.protocol import (
     REPORT_FIRMWARE_VERSION,
     Report,
 )
+from fwcm.rollout.deployment import Claim, DeviceRecord
 from fwcm.store.db import execute_many, utcnow
 from fwcm.store.models import (
     Device,
@@ -102,6 +103,32 @@ _HELLO = (
         online=bindparam("on"),
     )
 )
+
+
+def hello_records(s: Session, device_pks: Iterable[int]) -> dict[int, DeviceRecord]:
+    """What hellos of these devices are judged against: the newest hello applied and the claim
+    of the last confirmed success (``rollout.deployment.judge_hellos``)."""
+    ids = sorted(set(device_pks))
+    if not ids:
+        return {}
+    rows = s.execute(
+        select(
+            Device.id, Device.hello_seq, Device.claim_campaign, Device.claim_sequence, Device.claim_digest
+        ).where(Device.id.in_(ids))
+    ).all()
+    return {
+        r.id: DeviceRecord(
+            r.hello_seq,
+            None
+            if r.claim_campaign is None
+            else Claim(
+                r.claim_campaign,
+                r.claim_sequence,
+                bytes.fromhex(r.claim_digest) if r.claim_digest else None,
+            ),
+        )
+        for r in rows
+    }
 
 
 def apply_hellos(s: Session, hellos: Sequence[Verified]) -> None:

@@ -176,6 +176,12 @@ class Device(Base):
     coap_address: Mapped[str | None] = mapped_column(String(80), nullable=True)
     hello_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Sequence number of the newest hello applied: an older one delivered late changes nothing."""
+    claim_campaign: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The campaign whose confirmed success is what the device last said it runs (its claim);
+    a later hello reporting another image marks that deployment ``reverted``."""
+    claim_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    claim_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 (hex) of the image the claim names, when the success report carried it."""
     """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
     decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     """Set when the device was taken out of service: no broker account, no campaigns, its messages

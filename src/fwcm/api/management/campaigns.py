@@ -39,7 +39,8 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
         )
         with db.session() as s:
             c = campaigns.create_campaign(s, t.id, body.manifest_id, draft)
-            return sc.CampaignOut.of(c)
+            warnings = campaigns.filter_warnings(s, t.id, c.filter)
+            return sc.CampaignOut.of(c).model_copy(update={"warnings": warnings})
 
     @api.get("/campaigns/{campaign_id}/accounting", response_model=sc.AccountingOut, tags=["campaigns"])
     def campaign_accounting(campaign_id: sc.RowId, t: Tenant) -> sc.AccountingOut:
@@ -70,10 +71,16 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
             return sc.CampaignOut.of(campaigns.get_campaign(s, t.id, campaign_id))
 
     @api.post("/campaigns/{campaign_id}/start", response_model=sc.CampaignOut, tags=["campaigns"])
-    def start_campaign(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignOut:
-        """Freeze the devices matching the filter and start the rollout."""
+    def start_campaign(
+        campaign_id: sc.RowId, t: Tenant, body: sc.CampaignStartIn | None = None
+    ) -> sc.CampaignOut:
+        """Freeze the devices matching the filter and start the rollout. A filter that matches no
+        device is refused (409) unless the campaign is dynamic or the body says ``allow_empty``."""
+        allow_empty = body is not None and body.allow_empty
         with db.session() as s:
-            out = sc.CampaignOut.of(campaigns.start_campaign(s, t.id, campaign_id, launch.start_plan))
+            c = campaigns.start_campaign(s, t.id, campaign_id, launch.start_plan, allow_empty=allow_empty)
+            warnings = campaigns.filter_warnings(s, t.id, c.filter)
+            out = sc.CampaignOut.of(c).model_copy(update={"warnings": warnings})
         notify.campaign_changed(campaign_id)
         return out
 
