@@ -5,6 +5,7 @@ Bounded by count per tenant and by age, trimmed by the server's housekeeping.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,12 +15,12 @@ from sqlalchemy.orm import Session
 
 from fwcm.store.db import utcnow
 from fwcm.store.models import AuditEntry
+from fwcm.store.paging import page
 
 PER_TENANT = 10_000
 """Entries kept per tenant; older ones are trimmed (one tenant's burst evicts only its own)."""
 MAX_AGE = timedelta(days=90)
 """Entries older than this are trimmed whatever their number."""
-MAX_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,14 @@ def record(s: Session, e: Entry, at: datetime | None = None) -> None:
     )
 
 
-def page(
-    s: Session, tenant_id: int, since: datetime | None = None, limit: int = 100
-) -> tuple[int, list[AuditEntry]]:
-    """A tenant's entries at or after ``since``, newest first, and how many there are."""
-    where = [AuditEntry.tenant_id == tenant_id]
+def list_entries(
+    s: Session, tenant_id: int, limit: int, offset: int, since: datetime | None = None
+) -> tuple[int, Sequence[AuditEntry]]:
+    """A page of the tenant's entries at or after ``since``, newest first, and how many there are."""
+    q = select(AuditEntry).where(AuditEntry.tenant_id == tenant_id)
     if since is not None:
-        where.append(AuditEntry.at >= since)
-    total = s.execute(select(func.count()).select_from(AuditEntry).where(*where)).scalar_one()
-    rows = s.scalars(select(AuditEntry).where(*where).order_by(AuditEntry.id.desc()).limit(limit))
-    return int(total), list(rows)
+        q = q.where(AuditEntry.at >= since)
+    return page(s, q.order_by(AuditEntry.id.desc()), limit, offset)
 
 
 def trim(s: Session, keep: int = PER_TENANT, max_age: timedelta = MAX_AGE) -> int:
