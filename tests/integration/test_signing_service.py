@@ -5,6 +5,7 @@ signed on request after a second key's approval, and the hash-chained audit log.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -245,3 +246,77 @@ def test_a_tampered_or_removed_audit_entry_is_detected(api: Any, root: tuple[Any
     assert report["problems"] == [
         f"entry {ids[4]} does not follow the entry before it (removed or reordered)"
     ]
+
+
+def test_cli_release_flow_and_audit_verify(
+    api: Any, root: tuple[Any, Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fwcm ca create`, `fwcm signer issue`, `fwcm release create/approve/list` and
+    `fwcm audit verify` against the app, each with its own key."""
+    from typer.testing import CliRunner
+
+    from fwcm.cli import common
+    from fwcm.cli.client import ApiClient
+    from fwcm.cli.main import app
+
+    root_dir = tmp_path / "root"
+    root_dir.mkdir()
+    (root_dir / "root.key.pem").write_bytes(manifest.private_key_pem(root[0]))
+    (root_dir / "root.pem").write_bytes(pki.cert_pem(root[1]))
+    keys = {"admin": api.key}
+    for name, role in (("ci", "operator"), ("boss", "admin")):
+        keys[name] = api.client.post("/api/v1/keys", json={"name": name, "role": role}).json()["key"]
+    runner = CliRunner()
+
+    def run(who: str, *args: str) -> tuple[int, str]:
+        monkeypatch.setattr(
+            common, "make_client", lambda: ApiClient("http://testserver", keys[who], http=TestClient(api.app))
+        )
+        res = runner.invoke(app, list(args))
+        return res.exit_code, res.output
+
+    code, out = run("admin", "ca", "create", "--tenant", api.slug, "--root-dir", str(root_dir))
+    assert code == 0 and "certified by the root" in out, out
+    code, out = run("admin", "signer", "issue", "production")
+    assert code == 0 and "need 1 approval(s) by admin" in out, out
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"cli firmware" * 50)
+    code, out = run(
+        "ci",
+        "release",
+        "create",
+        str(firmware),
+        "--signer",
+        "production",
+        "--sequence",
+        "5",
+        "--uri",
+        "http://127.0.0.1/p/{sha256}",
+        "--vendor-domain",
+        "example.com",
+        "--model",
+        "sensor-a",
+        "--json",
+    )
+    assert code == 0, out
+    rid = json.loads(out)["id"]
+    code, out = run("ci", "release", "approve", str(rid))
+    assert code == 1 and "own approval does not count" in out
+    code, out = run("boss", "release", "approve", str(rid), "--json")
+    assert code == 0 and json.loads(out)["state"] == "signed"
+    code, out = run("admin", "release", "list", "--json")
+    assert [r["state"] for r in json.loads(out)] == ["signed"]
+    code, out = run("admin", "audit", "verify")
+    assert code == 0 and "audit chain intact" in out
+    with api.db.session() as s:
+        newest = s.scalar(
+            select(AuditEntry)
+            .where(AuditEntry.tenant_id == api.tenant_id)
+            .order_by(AuditEntry.id.desc())
+            .limit(1)
+            .offset(2)
+        )
+        assert newest is not None
+        newest.object = {**newest.object, "digest": "0" * 64}
+    code, out = run("admin", "audit", "verify")
+    assert code == 1 and "was altered" in out
