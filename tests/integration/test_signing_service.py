@@ -308,15 +308,18 @@ def test_cli_release_flow_and_audit_verify(
     assert [r["state"] for r in json.loads(out)] == ["signed"]
     code, out = run("admin", "audit", "verify")
     assert code == 0 and "audit chain intact" in out
+    code, out = run("admin", "audit", "--json", "--limit", "3")
+    newest = json.loads(out)["items"][0]
+    assert code == 0 and newest["action"] == "POST /api/v1/releases/{release_id}/approve"
     with api.db.session() as s:
-        newest = s.scalar(
+        entry = s.scalar(
             select(AuditEntry)
             .where(AuditEntry.tenant_id == api.tenant_id)
             .order_by(AuditEntry.id.desc())
             .limit(1)
             .offset(2)
         )
-        assert newest is not None
-        newest.object = {**newest.object, "digest": "0" * 64}
+        assert entry is not None
+        entry.object = {**entry.object, "digest": "0" * 64}
     code, out = run("admin", "audit", "verify")
     assert code == 1 and "was altered" in out
