@@ -251,12 +251,13 @@ def audit_log(
     since: Annotated[
         str | None, typer.Option("--since", help="Only entries at or after this time (RFC 3339)")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many newer entries")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Who did what: the tenant's mutating API requests and signing events, newest first."""
     if ctx.invoked_subcommand is None:
-        audit(since=since, limit=limit, as_json=as_json)
+        audit(since=since, limit=limit, offset=offset, as_json=as_json)
 
 
 @audit_app.command("verify")
