@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from fwcm.keystore import KeyStore
 
 MiB = 1024 * 1024
+_KEYSTORE_LOCK = threading.Lock()
+"""Request threads share one key store per server."""
 
 
 def _int_env(name: str, default: int) -> int:
@@ -139,12 +142,18 @@ class Settings:
     def keystore(self) -> KeyStore:
         """Where the server's signing keys live: the PKCS#11 token when one is configured, else
         key files under ``{data_dir}/keys``; opened once."""
+        with _KEYSTORE_LOCK:
+            return self._open_keystore()
+
+    def _open_keystore(self) -> KeyStore:
         if self._keystore is None:
             from fwcm import keystore
 
             if self.pkcs11_module:
                 if not self.pkcs11_token:
-                    raise ValueError("FWCM_PKCS11_MODULE needs FWCM_PKCS11_TOKEN (the token label)")
+                    raise keystore.KeyStoreError(
+                        "FWCM_PKCS11_MODULE needs FWCM_PKCS11_TOKEN (the token label)"
+                    )
                 self._keystore = keystore.Pkcs11KeyStore(
                     self.pkcs11_module, self.pkcs11_token, self.pkcs11_pin
                 )

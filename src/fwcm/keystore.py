@@ -162,8 +162,14 @@ class Pkcs11KeyStore:
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
-        with self._lock, self._token.open(rw=True, user_pin=self._pin) as s:
-            yield s
+        """A logged-in session; a wrong PIN or an unreachable token is a KeyStoreError."""
+        with self._lock:
+            try:
+                session = self._token.open(rw=True, user_pin=self._pin)
+            except self._pkcs11.PKCS11Error as exc:
+                raise KeyStoreError(f"cannot log in to token {self._token.label!r}: {exc!r}") from None
+            with session as s:
+                yield s
 
     def _private(self, s: Any, label: str) -> Any:
         from pkcs11 import Attribute, ObjectClass

@@ -323,3 +323,10 @@ def test_cli_release_flow_and_audit_verify(
         entry.object = {**entry.object, "digest": "0" * 64}
     code, out = run("admin", "audit", "verify")
     assert code == 1 and "was altered" in out
+
+
+def test_an_unusable_token_answers_503(api: Any) -> None:
+    api.settings.pkcs11_pin = "0000"  # a wrong PIN: the token refuses the login
+    r = api.client.post("/api/v1/signing/ca")
+    assert r.status_code == 503 and "cannot log in" in r.json()["detail"]
+    assert api.client.get("/api/v1/signing/ca").status_code == 404  # nothing was recorded

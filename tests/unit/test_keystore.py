@@ -124,3 +124,11 @@ def test_file_key_store(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o077 == 0
     with pytest.raises(keystore.KeyStoreError, match="already exists"):
         store.generate("acme/signer/rel")
+
+
+def test_a_wrong_pin_or_unknown_token_is_a_key_store_error(token: keystore.Pkcs11KeyStore) -> None:
+    wrong = keystore.Pkcs11KeyStore(keystore.SOFTHSM2_MODULE, token._token.label, "0000")
+    with pytest.raises(keystore.KeyStoreError, match="cannot log in"):
+        wrong.generate("acme/signer/x")
+    with pytest.raises(keystore.KeyStoreError, match="no-such-token"):
+        keystore.Pkcs11KeyStore(keystore.SOFTHSM2_MODULE, "no-such-token", PIN)

@@ -13,18 +13,20 @@ from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from fwcm import audit_chain, signing
+from fwcm import audit_chain, manifest, signing
 from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, AnyTenant, ApiError, Tenant, TenantCtx, router
 from fwcm.config import Settings
 from fwcm.keystore import KeyStoreError
 from fwcm.roles import Role
 from fwcm.server import signing as service
-from fwcm.store import audit
+from fwcm.store import audit, trust
 from fwcm.store.db import Database
 from fwcm.store.models import Release, SigningKey
+from fwcm.store.models import Tenant as TenantRow
 
 R = TypeVar("R")
 Alg = Literal["es256", "eddsa"]
@@ -139,8 +141,6 @@ def _admin(t: TenantCtx) -> None:
 
 
 def _signer_out(row: SigningKey, hardware_ids: list[str] | None, cert_pem: str | None) -> HeldSignerOut:
-    from fwcm import manifest
-
     return HeldSignerOut(
         name=row.name,
         alg=row.alg,
@@ -168,10 +168,7 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         except KeyStoreError as exc:
             raise ApiError(503, f"key store: {exc}") from None
 
-    def release_out(s: object, r: Release) -> ReleaseOut:
-        from sqlalchemy.orm import Session
-
-        assert isinstance(s, Session)
+    def release_out(s: Session, r: Release) -> ReleaseOut:
         row = s.get(SigningKey, r.signing_key_id)
         assert row is not None
         return ReleaseOut(
@@ -212,8 +209,6 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
 
     @api.get("/signing/ca", response_model=CaKeyOut, tags=["signing"])
     def get_ca(t: Tenant) -> CaKeyOut:
-        from fwcm.store.models import Tenant as TenantRow
-
         with db.read() as s:
             row = service.ca_key(s, t.id)
             tenant = s.get(TenantRow, t.id)
@@ -273,8 +268,6 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
     @api.get("/signing/signers", response_model=HeldSignerPage, tags=["signing"])
     def list_held_signers(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> HeldSignerPage:
         """The signers whose keys the server holds, with their release policy, oldest first."""
-        from fwcm.store import trust
-
         with db.read() as s:
             total, rows = service.held_signers(s, t.id, limit, offset)
             items = []
