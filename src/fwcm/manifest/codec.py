@@ -211,14 +211,21 @@ def encode_manifest(info: ManifestInfo) -> bytes:
     return _dumps(manifest)
 
 
-def build_envelope(info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] | None = None) -> bytes:
+def build_envelope(
+    info: ManifestInfo, key: PrivateKey | cose.HeldKey, *, x5chain: list[bytes] | None = None
+) -> bytes:
     """Sign ``info`` with ``key`` (ES256 or EdDSA by key type) into a tagged SUIT envelope.
 
+    ``key`` is a private key or one held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`).
     ``x5chain`` (DER certificates, leaf first) is carried in the protected header, label 33.
     """
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+    if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        public = public_of(key)
+    elif isinstance(key, cose.HeldKey):
+        public = public_of(key.public_key())
+    else:
         raise ManifestError("a private key is required to sign")
-    alg = SIGNING_ALGS[key_alg(key)]
+    alg = SIGNING_ALGS[key_alg(public)]
     manifest = encode_manifest(info)
     manifest_bstr = _dumps(manifest)
     suit_digest = _suit_digest(hashlib.sha256(manifest_bstr).digest())
@@ -229,7 +236,7 @@ def build_envelope(info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] 
         protected_map[HDR_X5CHAIN] = x5chain[0] if len(x5chain) == 1 else list(x5chain)
     protected = _dumps(protected_map)
     signature = cose.sign(key, cose.to_be_signed(protected, suit_digest))
-    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public_of(key))}, None, signature])
+    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public)}, None, signature])
     auth = [suit_digest, _dumps(sign1)]
     envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest})
     return _dumps(envelope)
