@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fwcm import manifest, pki, signing
@@ -26,14 +25,14 @@ from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.keystore import KeyHandle, KeyStore, KeyStoreError
 from fwcm.names import check_name
 from fwcm.roles import Role
-from fwcm.store import audit, images, trust
-from fwcm.store.models import Payload, Release, ReleaseApproval, Signer, SigningKey, Tenant, utcnow
-from fwcm.store.paging import page
+from fwcm.store import audit, images, tenants, trust
+from fwcm.store import signing as sq
+from fwcm.store.models import Release, Signer, SigningKey, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
 CA = "ca"
-SIGNER = "signer"
+SIGNER = sq.SIGNER
 
 
 class Refused(Exception):
@@ -61,7 +60,8 @@ def _generate(
 ) -> tuple[SigningKey, KeyHandle]:
     handle = ks.generate(_label(who.tenant_id, purpose), alg)
     pub = handle.public_key()
-    row = SigningKey(
+    row = sq.add_key(
+        s,
         tenant_id=who.tenant_id,
         purpose=purpose,
         name=name,
@@ -74,8 +74,6 @@ def _generate(
         requester_role=Role.OPERATOR.label,
         created_by=who.key_name,
     )
-    s.add(row)
-    s.flush()
     _event(
         s, who, "key.generated", purpose=purpose, name=name, store=ks.kind, key_id=manifest.key_id(pub).hex()
     )
@@ -88,28 +86,20 @@ def _held(ks: KeyStore, row: SigningKey) -> KeyHandle:
     return ks.get(row.label)
 
 
-def _key(s: Session, tenant_id: int, purpose: str, name: str) -> SigningKey | None:
-    return s.scalar(
-        select(SigningKey).where(
-            SigningKey.tenant_id == tenant_id, SigningKey.purpose == purpose, SigningKey.name == name
-        )
-    )
-
-
 # --- the tenant CA ---------------------------------------------------------------------------------
 
 
 def create_ca(s: Session, ks: KeyStore, who: Caller, alg: str = "es256") -> SigningKey:
     """Generate the tenant CA key inside the key store; the operator root then certifies its
     public key (``install_ca_cert``).  One CA key per tenant."""
-    if _key(s, who.tenant_id, CA, CA) is not None:
+    if sq.find_key(s, who.tenant_id, CA, CA) is not None:
         raise Conflict("this tenant's CA key exists already")
     row, _ = _generate(s, ks, who, CA, CA, alg)
     return row
 
 
 def ca_key(s: Session, tenant_id: int) -> SigningKey:
-    row = _key(s, tenant_id, CA, CA)
+    row = sq.find_key(s, tenant_id, CA, CA)
     if row is None:
         raise NotFound("this tenant has no CA key on the server; create one with `fwcm ca create`")
     return row
@@ -125,8 +115,7 @@ def install_ca_cert(s: Session, who: Caller, cert_pem: str, root: x509.Certifica
         manifest.load_public_key(row.public_key_pem.encode())
     ):
         raise Invalid("the certificate is not for this tenant's CA key")
-    tenant = s.get(Tenant, who.tenant_id)
-    assert tenant is not None
+    tenant = tenants.get_tenant(s, who.tenant_id)
     trust.set_tenant_ca(s, tenant.slug, cert_pem, root)
     _event(
         s,
@@ -164,13 +153,10 @@ def issue_signer(
     check_name(name, "signer name")
     if root is None:
         raise Invalid("this server has no operator root CA configured (FWCM_PKI_ROOT)")
-    tenant = s.get(Tenant, who.tenant_id)
-    assert tenant is not None
+    tenant = tenants.get_tenant(s, who.tenant_id)
     if not tenant.ca_cert_pem:
         raise Invalid("this tenant's CA has no certificate yet; install it with `fwcm ca create`")
-    if _key(s, who.tenant_id, SIGNER, name) is not None or s.scalar(
-        select(Signer.id).where(Signer.tenant_id == who.tenant_id, Signer.name == name)
-    ):
+    if sq.find_key(s, who.tenant_id, SIGNER, name) is not None or trust.find_signer(s, who.tenant_id, name):
         raise Conflict(f"signer {name!r} already exists")
     ca_cert = pki.load_cert(tenant.ca_cert_pem.encode())
     ca_handle = _held(ks, ca_key(s, who.tenant_id))
@@ -201,11 +187,6 @@ def policy_of(row: SigningKey) -> signing.Policy:
     return signing.Policy(row.approvals, Role.parse(row.approver_role), Role.parse(row.requester_role))
 
 
-def held_signers(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[SigningKey]]:
-    q = select(SigningKey).where(SigningKey.tenant_id == tenant_id, SigningKey.purpose == SIGNER)
-    return page(s, q.order_by(SigningKey.id), limit, offset)
-
-
 # --- releases --------------------------------------------------------------------------------------
 
 
@@ -226,7 +207,7 @@ def request_release(
 ) -> Release:
     """Ask a held signer to sign a manifest for an uploaded image; signed at once when its policy
     needs no approval."""
-    row = _key(s, who.tenant_id, SIGNER, req.signer)
+    row = sq.find_key(s, who.tenant_id, SIGNER, req.signer)
     if row is None:
         raise NotFound(f"signer {req.signer!r} is not held by the server")
     refused = signing.request_refusal(policy_of(row), who.role)
@@ -235,16 +216,16 @@ def request_release(
     signer = trust.get_signer(s, who.tenant_id, req.signer)
     if signer.revoked_at is not None:
         raise Conflict(f"signer {req.signer!r} is revoked")
-    payload = s.scalar(
-        select(Payload).where(Payload.tenant_id == who.tenant_id, Payload.sha256 == req.image_digest)
-    )
-    if payload is None:
-        raise Invalid(f"no uploaded image has SHA-256 {req.image_digest}; upload it first")
+    try:
+        payload = images.get_payload(s, who.tenant_id, req.image_digest)
+    except NotFound:
+        raise Invalid(f"no uploaded image has SHA-256 {req.image_digest}; upload it first") from None
     if payload.size != req.image_size:
         raise Invalid(f"the uploaded image is {payload.size} bytes, not {req.image_size}")
     info = _info(req.sequence, req.vendor_id, req.class_id, req.image_digest, req.image_size, req.uris)
     manifest.codec.encode_manifest(info)  # refuse what could never be signed, before anyone approves it
-    release = Release(
+    release = sq.add_release(
+        s,
         tenant_id=who.tenant_id,
         signing_key_id=row.id,
         state="pending",
@@ -258,28 +239,9 @@ def request_release(
         requested_by=who.key_name,
         requested_at=utcnow(),
     )
-    s.add(release)
-    s.flush()
     _event(s, who, "signature.requested", release=release.id, signer=row.name, digest=req.image_digest)
     _sign_if_ready(s, ks, who, root, release, row, max_bytes)
     return release
-
-
-def get_release(s: Session, tenant_id: int, release_id: int) -> Release:
-    release = s.scalar(select(Release).where(Release.tenant_id == tenant_id, Release.id == release_id))
-    if release is None:
-        raise NotFound(f"release {release_id} not found")
-    return release
-
-
-def approvals(s: Session, release_id: int) -> list[ReleaseApproval]:
-    return list(
-        s.scalars(
-            select(ReleaseApproval)
-            .where(ReleaseApproval.release_id == release_id)
-            .order_by(ReleaseApproval.id)
-        )
-    )
 
 
 def approve(
@@ -287,15 +249,13 @@ def approve(
 ) -> Release:
     """Record this key's approval; the signature is made once the approvals suffice."""
     release = _pending(s, who.tenant_id, release_id)
-    row = s.get(SigningKey, release.signing_key_id)
-    assert row is not None
+    row = sq.key_of(s, release)
     refused = signing.approval_refusal(policy_of(row), release.requested_by, who.key_name, who.role)
     if refused:
         raise Refused(refused)
-    if any(a.key_name == who.key_name for a in approvals(s, release.id)):
+    if any(a.key_name == who.key_name for a in sq.approvals(s, release.id)):
         raise Conflict(f"key {who.key_name!r} approved release {release.id} already")
-    s.add(ReleaseApproval(release_id=release.id, key_name=who.key_name, role=who.role.label, at=utcnow()))
-    s.flush()
+    sq.add_approval(s, release.id, who.key_name, who.role.label)
     _event(s, who, "signature.approved", release=release.id, signer=row.name, digest=release.image_digest)
     _sign_if_ready(s, ks, who, root, release, row, max_bytes)
     return release
@@ -304,8 +264,7 @@ def approve(
 def reject(s: Session, who: Caller, release_id: int, reason: str | None) -> Release:
     """Refuse a pending release: it is never signed.  Anyone who could approve it, or its requester."""
     release = _pending(s, who.tenant_id, release_id)
-    row = s.get(SigningKey, release.signing_key_id)
-    assert row is not None
+    row = sq.key_of(s, release)
     if who.key_name != release.requested_by and who.role < policy_of(row).approver_role:
         raise Refused(
             f"rejecting needs the {policy_of(row).approver_role.label} role (or the requesting key)"
@@ -316,21 +275,8 @@ def reject(s: Session, who: Caller, release_id: int, reason: str | None) -> Rele
     return release
 
 
-def list_releases(
-    s: Session, tenant_id: int, limit: int, offset: int, state: str | None = None
-) -> tuple[int, Sequence[Release]]:
-    q = select(Release).where(Release.tenant_id == tenant_id)
-    if state:
-        q = q.where(Release.state == state)
-    return page(s, q.order_by(Release.id), limit, offset)
-
-
 def _pending(s: Session, tenant_id: int, release_id: int) -> Release:
-    release = s.scalar(
-        select(Release).where(Release.tenant_id == tenant_id, Release.id == release_id).with_for_update()
-    )
-    if release is None:
-        raise NotFound(f"release {release_id} not found")
+    release = sq.get_release(s, tenant_id, release_id, lock=True)
     if release.state != "pending":
         raise Conflict(f"release {release_id} is {release.state}")
     return release
@@ -369,12 +315,11 @@ def _sign_if_ready(
 ) -> None:
     """Make the signature when the approvals suffice, and store the manifest exactly as an
     uploaded one is stored (the same checks: chain, trusted signer, bounds)."""
-    given = [(a.key_name, Role.parse(a.role)) for a in approvals(s, release.id)]
+    given = [(a.key_name, Role.parse(a.role)) for a in sq.approvals(s, release.id)]
     if not signing.ready(policy_of(row), release.requested_by, given):
         return
-    tenant = s.get(Tenant, release.tenant_id)
+    tenant = tenants.get_tenant(s, release.tenant_id)
     signer = trust.get_signer(s, release.tenant_id, row.name)
-    assert tenant is not None
     if not tenant.ca_cert_pem or not signer.cert_pem:
         raise Invalid(f"signer {row.name!r} has no certificate chain to sign with")
     chain = [

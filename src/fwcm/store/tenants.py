@@ -190,5 +190,12 @@ def tenant_for_key(s: Session, key: str) -> Tenant | None:
     return found.tenant if found is not None and found.refused is None else None
 
 
+def get_tenant(s: Session, tenant_id: int) -> Tenant:
+    tenant = s.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return tenant
+
+
 def tenant_by_slug(s: Session, slug: str) -> Tenant | None:
     return s.scalar(select(Tenant).where(Tenant.slug == slug))

@@ -24,6 +24,7 @@ from fwcm.keystore import KeyStoreError
 from fwcm.roles import Role
 from fwcm.server import signing as service
 from fwcm.store import audit, trust
+from fwcm.store import signing as signing_store
 from fwcm.store.db import Database
 from fwcm.store.models import Release, SigningKey
 from fwcm.store.models import Tenant as TenantRow
@@ -185,7 +186,9 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
             requested_by=r.requested_by,
             requested_at=r.requested_at,
             approvals_needed=row.approvals,
-            approvals=[ApprovalOut(key=a.key_name, role=a.role, at=a.at) for a in service.approvals(s, r.id)],
+            approvals=[
+                ApprovalOut(key=a.key_name, role=a.role, at=a.at) for a in signing_store.approvals(s, r.id)
+            ],
             decided_by=r.decided_by,
             decided_at=r.decided_at,
             reason=r.reason,
@@ -269,7 +272,7 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
     def list_held_signers(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> HeldSignerPage:
         """The signers whose keys the server holds, with their release policy, oldest first."""
         with db.read() as s:
-            total, rows = service.held_signers(s, t.id, limit, offset)
+            total, rows = signing_store.held_signers(s, t.id, limit, offset)
             items = []
             for row in rows:
                 sg = trust.get_signer(s, t.id, row.name)
@@ -309,13 +312,13 @@ def create_router(db: Database, settings: Settings) -> APIRouter:
         state: Annotated[Literal["pending", "signed", "rejected"] | None, Query()] = None,
     ) -> ReleasePage:
         with db.read() as s:
-            total, rows = service.list_releases(s, t.id, limit, offset, state)
+            total, rows = signing_store.list_releases(s, t.id, limit, offset, state)
             return ReleasePage.of(total, limit, offset, [release_out(s, r) for r in rows])
 
     @api.get("/releases/{release_id}", response_model=ReleaseOut, tags=["signing"])
     def get_release(release_id: sc.RowId, t: Tenant) -> ReleaseOut:
         with db.read() as s:
-            return release_out(s, service.get_release(s, t.id, release_id))
+            return release_out(s, signing_store.get_release(s, t.id, release_id))
 
     @api.post("/releases/{release_id}/approve", response_model=ReleaseOut, tags=["signing"])
     async def approve_release(release_id: sc.RowId, t: Tenant) -> ReleaseOut:
