@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fwcm import der
 from fwcm.manifest import (
     Envelope,
     ManifestError,
@@ -182,58 +183,15 @@ def hardware_ids_of(cert: x509.Certificate) -> tuple[str, ...] | None:
         return None
     if not isinstance(ext, x509.UnrecognizedExtension):  # pragma: no cover - cryptography never parses it
         raise ChainError("malformed", "unexpected hardware-ids extension type")
-    return _decode_utf8_sequence(ext.value)
+    return decode_hardware_ids(ext.value)
 
 
-# --- DER SEQUENCE OF UTF8String (the hardware-ids extension value) --------------------------------
-
-
-def _der_tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = (n.bit_length() + 7) // 8
-    return bytes([tag, 0x80 | size]) + n.to_bytes(size, "big") + content
-
-
-def _encode_utf8_sequence(items: Sequence[str]) -> bytes:
-    return _der_tlv(0x30, b"".join(_der_tlv(0x0C, s.encode()) for s in items))
-
-
-def _der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
-    """One DER TLV at ``pos``: (tag, content, end); refuses truncation and non-minimal lengths."""
-    if pos + 2 > len(data):
-        raise ChainError("malformed", "hardware-ids: truncated DER")
-    tag, first, pos = data[pos], data[pos + 1], pos + 2
-    length = first
-    if first & 0x80:
-        size = first & 0x7F
-        if not 1 <= size <= 4 or pos + size > len(data) or data[pos] == 0:
-            raise ChainError("malformed", "hardware-ids: bad DER length")
-        length = int.from_bytes(data[pos : pos + size], "big")
-        if length < 0x80:
-            raise ChainError("malformed", "hardware-ids: non-minimal DER length")
-        pos += size
-    if pos + length > len(data):
-        raise ChainError("malformed", "hardware-ids: truncated DER")
-    return tag, data[pos : pos + length], pos + length
-
-
-def _decode_utf8_sequence(data: bytes) -> tuple[str, ...]:
-    tag, content, end = _der_read(data, 0)
-    if tag != 0x30 or end != len(data):
-        raise ChainError("malformed", "hardware-ids: not a DER SEQUENCE")
-    items: list[str] = []
-    pos = 0
-    while pos < len(content):
-        tag, value, pos = _der_read(content, pos)
-        if tag != 0x0C:
-            raise ChainError("malformed", "hardware-ids: entries must be UTF8String")
-        try:
-            items.append(value.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ChainError("malformed", "hardware-ids: invalid UTF-8") from None
-    return tuple(items)
+def decode_hardware_ids(value: bytes) -> tuple[str, ...]:
+    """The hardware-ids extension value; ChainError "malformed" when it is not strict DER."""
+    try:
+        return der.decode_utf8_sequence(value)
+    except der.DerError as exc:
+        raise ChainError("malformed", f"hardware-ids: {exc}") from None
 
 
 # --- issuing ---------------------------------------------------------------------------------------
@@ -391,7 +349,7 @@ def make_signer(
         .add_extension(_aki(ca_cert), critical=False)
     )
     if hardware_ids is not None:
-        value = _encode_utf8_sequence(_check_hardware_ids(hardware_ids))
+        value = der.encode_utf8_sequence(_check_hardware_ids(hardware_ids))
         builder = builder.add_extension(x509.UnrecognizedExtension(HARDWARE_IDS_OID, value), critical=False)
     if isinstance(ca_key, HeldKey):
         cert = sign_with(builder, ca_key)
@@ -411,9 +369,9 @@ def sign_with(builder: x509.CertificateBuilder, key: HeldKey) -> x509.Certificat
     ed = isinstance(public, ed25519.Ed25519PublicKey)
     scratch: PrivateKey = generate_private_key("eddsa" if ed else "es256")
     draft = builder.sign(scratch, _sign_hash(scratch))
-    _, body, _ = _der_read(cert_der(draft), 0)  # Certificate ::= SEQUENCE { tbs, algorithm, signature }
-    _, _, alg_at = _der_read(body, 0)
-    _, _, alg_end = _der_read(body, alg_at)
+    _, body, _ = der.read_tlv(cert_der(draft), 0)  # Certificate ::= SEQUENCE { tbs, algorithm, signature }
+    _, _, alg_at = der.read_tlv(body, 0)
+    _, _, alg_end = der.read_tlv(body, alg_at)
     tbs, alg_id = body[:alg_at], body[alg_at:alg_end]
     raw = key.cose_sign(tbs)
     if ed:
@@ -422,8 +380,8 @@ def sign_with(builder: x509.CertificateBuilder, key: HeldKey) -> x509.Certificat
         half = len(raw) // 2
         r, s = int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         signature = encode_dss_signature(r, s)
-    der = _der_tlv(0x30, tbs + alg_id + _der_tlv(0x03, b"\x00" + signature))
-    return x509.load_der_x509_certificate(der)
+    signed = der.tlv(0x30, tbs + alg_id + der.tlv(0x03, b"\x00" + signature))
+    return x509.load_der_x509_certificate(signed)
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -432,9 +390,9 @@ def sign_with(builder: x509.CertificateBuilder, key: HeldKey) -> x509.Certificat
 def _parse(chain: Sequence[bytes]) -> list[x509.Certificate]:
     """DER certificates with their extensions parsed up front, so later checks never meet garbage."""
     certs = []
-    for i, der in enumerate(chain):
+    for i, item in enumerate(chain):
         try:
-            cert = x509.load_der_x509_certificate(bytes(der))
+            cert = x509.load_der_x509_certificate(bytes(item))
             _ = cert.extensions  # lazily parsed: duplicate or garbled extensions raise here
         except (ValueError, TypeError) as exc:
             raise ChainError("malformed", f"certificate {i} of the chain is not valid DER: {exc}") from None
