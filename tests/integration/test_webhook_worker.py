@@ -139,6 +139,8 @@ async def test_replicas_deliver_once_a_hanging_receiver_delays_only_itself_and_r
         async with running(db, "r1"), running(db, "r2"):
             with db.session() as s:
                 campaigns.create_campaign(s, acme, acme_m, launch.draft("a", ""))
+            await until(lambda: len(stuck.got) == 1)  # acme's receiver now holds its only request
+            with db.session() as s:
                 cid = campaigns.create_campaign(s, other, other_m, launch.draft("o", "")).id
             with db.session() as s:
                 campaigns.start_campaign(s, other, cid, launch.start_plan, allow_empty=True)
