@@ -41,6 +41,11 @@ class _Dropped(Exception):
     """Injected fault: the connection went away mid-download."""
 
 
+def part_name(component_id: tuple[bytes, ...]) -> str:
+    """A further component's name in the slot ("c" and its identifier's parts in hex): a file name part."""
+    return "c" + "-".join(p.hex() for p in component_id)
+
+
 class UpdateJob:
     """At most one update attempt at a time, and the notices that start, supersede or stop it."""
 
@@ -239,13 +244,16 @@ class UpdateJob:
             raise Refusal(
                 Result.ROLLBACK_REFUSED, f"sequence {info.sequence} is older than {st.installed_sequence}"
             )
-        if info.image_size > device.config.flash_size:
-            raise Refusal(Result.NOT_ENOUGH_FLASH, f"image of {info.image_size} bytes does not fit")
+        total = sum(c.image_size for c in info.components)
+        if total > device.config.flash_size:
+            raise Refusal(Result.NOT_ENOUGH_FLASH, f"image of {total} bytes does not fit")
         digest = info.image_digest.hex()
+        extras = {part_name(c.id): c.image_digest.hex() for c in info.extra_components}
         resume_install = (
             existing is not None
             and existing.phase in ("downloaded", "installing")
             and st.slots[st.inactive].digest == digest
+            and st.slots[st.inactive].components == extras
         )
         if existing is not None and existing.digest == digest:
             job = existing
@@ -262,12 +270,9 @@ class UpdateJob:
             if n.nonce is not None:
                 await self._attest(n, env.digest)
             self._set_phase(job, "downloading")
-            await self._download(n, job, list(info.uris))
-            got, got_size = flash.inactive_digest()
-            if got_size != info.image_size or got != digest:
-                raise Refusal(Result.INTEGRITY_FAILURE, f"image digest/size mismatch ({got_size} bytes)")
+            await self._download_all(n, job, info)
             self._set_phase(job, "downloaded")
-            flash.mark_downloaded(digest, info.image_size, info.sequence)
+            flash.mark_downloaded(digest, info.image_size, info.sequence, extras)
             device.report(n.campaign, n.attempt, LwState.DOWNLOADED, progress=100)
             await self._step_delay()
 
@@ -390,12 +395,34 @@ class UpdateJob:
 
     # -- download ---------------------------------------------------------------------------
 
-    async def _download(self, n: Notice, job: Job, uris: list[str]) -> None:
-        """Fetch the image into the inactive slot, resuming from the persisted offset."""
+    async def _download_all(self, n: Notice, job: Job, info: manifest.ManifestInfo) -> None:
+        """Fetch and check every image of the update into the inactive slot, one after the other.
+        A multi-component update skips an image the slot already holds verified (a restart after
+        it was fetched); any failure leaves the whole slot to be discarded, so the components
+        install together or not at all."""
+        flash = self.device.flash
+        several = len(info.components) > 1
+        for index, c in enumerate(info.components):
+            part = part_name(c.id) if index else ""
+            digest = c.image_digest.hex()
+            if several and flash.inactive_digest(part) == (digest, c.image_size):
+                continue
+            await self._download(n, job, list(c.uris), digest=digest, size=c.image_size, part=part)
+            got, got_size = flash.inactive_digest(part)
+            if got_size != c.image_size or got != digest:
+                which = f" of component {part_name(c.id)}" if several else ""
+                raise Refusal(
+                    Result.INTEGRITY_FAILURE, f"image digest/size mismatch{which} ({got_size} bytes)"
+                )
+
+    async def _download(
+        self, n: Notice, job: Job, uris: list[str], *, digest: str, size: int, part: str = ""
+    ) -> None:
+        """Fetch one image into the inactive slot, resuming from the persisted offset."""
         device, flash, faults = self.device, self.device.flash, self.device.faults
-        size = job.size
-        offset = flash.begin_download(job.digest, size)
-        device.report(n.campaign, n.attempt, LwState.DOWNLOADING, progress=offset * 100 // max(size, 1))
+        offset = flash.begin_download(digest, size, part)
+        if not part:
+            device.report(n.campaign, n.attempt, LwState.DOWNLOADING, progress=offset * 100 // max(size, 1))
         candidates = order_uris(uris, device.config.transport)
         if not candidates:
             raise Refusal(Result.UNSUPPORTED_PROTOCOL, f"no usable payload URI in {uris}")
