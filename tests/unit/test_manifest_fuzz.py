@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fwcm.manifest import (
     Component,
     ComponentText,
+    DeltaPatch,
     ManifestError,
     ManifestInfo,
     ManifestText,
@@ -50,6 +51,15 @@ RICH = ManifestInfo(
     texts=(ManifestText(manifest_description="d", components=(((b"radio",), ComponentText(version="1")),)),),
 )
 """Two components and a severable text section: a flipped bit in the text must fail its digest."""
+DELTA = ManifestInfo(
+    sequence=1,
+    vendor_id=uuid.UUID(int=1),
+    class_id=uuid.UUID(int=2),
+    image_digest=hashlib.sha256(b"img").digest(),
+    image_size=3,
+    uris=(),
+    delta=DeltaPatch(hashlib.sha256(b"old").digest(), 3, hashlib.sha256(b"p").digest(), 1, ("coap://h/d",)),
+)
 
 
 def decode_or_manifest_error(data: bytes) -> None:
@@ -57,7 +67,7 @@ def decode_or_manifest_error(data: bytes) -> None:
         decode_envelope(data)
 
 
-@pytest.mark.parametrize("info", [SMALL, RICH], ids=["small", "rich"])
+@pytest.mark.parametrize("info", [SMALL, RICH, DELTA], ids=["small", "rich", "delta"])
 @pytest.mark.parametrize("key", [ES_KEY, ED_KEY], ids=["es256", "eddsa"])
 def test_every_single_bit_flip_fails(key: Any, info: ManifestInfo) -> None:
     raw = build_envelope(info, key)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fwcm.manifest import (
     Component,
     ComponentText,
+    DeltaPatch,
     ManifestError,
     ManifestInfo,
     ManifestText,
@@ -40,15 +41,15 @@ def fixed_ed25519() -> ed25519.Ed25519PrivateKey:
 
 
 def single(**extra: object) -> ManifestInfo:
-    return ManifestInfo(
-        sequence=3,
-        vendor_id=VENDOR,
-        class_id=CLASS,
-        image_digest=hashlib.sha256(APP).digest(),
-        image_size=len(APP),
-        uris=("coap://h/p/app",),
-        **extra,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "sequence": 3,
+        "vendor_id": VENDOR,
+        "class_id": CLASS,
+        "image_digest": hashlib.sha256(APP).digest(),
+        "image_size": len(APP),
+        "uris": ("coap://h/p/app",),
+    }
+    return ManifestInfo(**(fields | extra))  # type: ignore[arg-type]
 
 
 def two_components(**extra: object) -> ManifestInfo:
@@ -386,3 +387,104 @@ def test_components_of_another_class_are_refused() -> None:
     common[4] = cbor2.dumps(shared)
     with pytest.raises(ManifestError, match="different vendor or class"):
         decode_envelope(_with_manifest(two_components(), {3: cbor2.dumps(common, canonical=True)}))
+
+
+# --- delta manifests --------------------------------------------------------------------------------
+
+BASE = b"application image v1\n" * 40
+PATCH = b"a patch, whatever its bytes"
+
+
+def delta_info() -> ManifestInfo:
+    return single(
+        uris=(),
+        delta=DeltaPatch(
+            base_digest=hashlib.sha256(BASE).digest(),
+            base_size=len(BASE),
+            patch_digest=hashlib.sha256(PATCH).digest(),
+            patch_size=len(PATCH),
+            uris=("coap://h/p/patch", "http://h/p/patch"),
+        ),
+    )
+
+
+def test_delta_manifest_round_trip_and_layout() -> None:
+    key = generate_private_key("eddsa")
+    info = delta_info()
+    raw = build_envelope(info, key)
+    env = decode_envelope(raw)
+    assert env.info == info and env.info.uris == ()
+    verify_envelope(env, [key.public_key()])
+    m = cbor2.loads(_envelope_map(raw)[3])  # type: ignore[arg-type]
+    common = cbor2.loads(m[3])
+    assert common[2] == [[b"fw"], [b"fwcm-patch"]]
+    shared = cbor2.loads(common[4])
+    assert shared[8:] == [12, 1, 20, {3: cbor2.dumps([-16, hashlib.sha256(PATCH).digest()]), 14: len(PATCH)}]
+    fetch = cbor2.loads(m[16])
+    assert fetch[:3] == [12, 1, 15]
+    install = cbor2.loads(m[20])
+    assert install == [
+        12, 0,
+        20, {3: cbor2.dumps([-16, hashlib.sha256(BASE).digest()]), 14: len(BASE)},
+        3, 15,  # image-match: the running image is the base
+        20, {22: 1, -1: "detools-sequential-lzma"},
+        22, 2,  # copy: apply the patch from component 1
+        20, {3: cbor2.dumps([-16, hashlib.sha256(APP).digest()]), 14: len(APP)},
+        3, 15,  # image-match: the result is the new image
+    ]  # fmt: skip
+
+
+def test_delta_vector() -> None:
+    raw = build_envelope(delta_info(), fixed_ed25519())
+    assert len(raw) == 522
+    assert (
+        hashlib.sha256(raw).hexdigest() == "e40a6f9581d22ecd44ad1da97fd54895072b21cab5ac976cf38bd1a658da5f98"
+    )
+
+
+def _delta_with_install(install: list[object]) -> bytes:
+    return _with_manifest(delta_info(), {20: cbor2.dumps(install)})
+
+
+def _install(**change: object) -> list[object]:
+    base = cbor2.dumps([-16, hashlib.sha256(BASE).digest()])
+    new = cbor2.dumps([-16, hashlib.sha256(APP).digest()])
+    fmt = change.get("fmt", "detools-sequential-lzma")
+    result = change.get("result", new)
+    steps: list[object] = [12, 0, 20, {3: base, 14: len(BASE)}]
+    if not change.get("skip_base"):
+        steps += [3, 15]
+    steps += [20, {22: 1, -1: fmt}, 22, 2, 20, {3: result, 14: len(APP)}, 3, 15]
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fmt": "bsdiff"}, "unsupported patch format 'bsdiff'"),
+        ({"skip_base": True}, "copy before image-match checked the base"),
+        ({"result": cbor2.dumps([-16, bytes(32)])}, "patched image must match"),
+    ],
+)
+def test_bad_delta_installs_are_refused_precisely(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        decode_envelope(_delta_with_install(_install(**change)))
+
+
+def test_delta_without_patch_uri_is_refused() -> None:
+    with pytest.raises(ManifestError, match="no payload URI for the patch"):
+        decode_envelope(_with_manifest(delta_info(), {16: cbor2.dumps([12, 1, 3, 15])}))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"uris": ("coap://h/full",)}, "give no image URIs"),
+        ({"extra_components": (Component((b"r",), bytes(32), 1, ("coap://h/r",)),)}, "one image"),
+        ({"component_id": (b"fwcm-patch",)}, "is the patch's"),
+    ],
+)
+def test_bad_delta_manifests_are_not_built(change: dict[str, object], message: str) -> None:
+    fields = delta_info().__dict__ | change
+    with pytest.raises(ManifestError, match=message):
+        build_envelope(ManifestInfo(**fields), fixed_ed25519())  # type: ignore[arg-type]

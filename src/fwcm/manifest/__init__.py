@@ -3,6 +3,7 @@
 from .codec import (
     Component,
     CoseSignature,
+    DeltaPatch,
     Envelope,
     ManifestInfo,
     SeverableMember,
@@ -38,6 +39,7 @@ __all__ = [
     "Component",
     "ComponentText",
     "CoseSignature",
+    "DeltaPatch",
     "Envelope",
     "ManifestError",
     "ManifestInfo",

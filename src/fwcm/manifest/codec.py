@@ -58,6 +58,11 @@ P_CLASS_ID = 2
 P_IMAGE_DIGEST = 3
 P_IMAGE_SIZE = 14
 P_URI = 21
+P_SOURCE_COMPONENT = 22
+P_PATCH_FORMAT = -1
+"""fwcm's custom parameter (suit-parameter-custom, a negative key): the format of the patch that
+suit-directive-copy applies from the source component."""
+PATCH_FORMAT = "detools-sequential-lzma"
 
 COND_VENDOR_ID = 1
 COND_CLASS_ID = 2
@@ -67,6 +72,7 @@ DIR_SET_COMPONENT_INDEX = 12
 DIR_TRY_EACH = 15
 DIR_OVERRIDE_PARAMETERS = 20
 DIR_FETCH = 21
+DIR_COPY = 22
 
 REPORT_ALL = 15
 """Reporting policy for conditions: record and sysinfo on success and failure."""
@@ -84,6 +90,8 @@ MAX_COMPONENTS = 8
 MAX_COMPONENT_ID_PARTS = 8
 MAX_COMPONENT_ID_PART_BYTES = 64
 MAX_REFERENCE_URI = 1024
+PATCH_COMPONENT: tuple[bytes, ...] = (b"fwcm-patch",)
+"""The temporary component a delta manifest fetches its patch into."""
 _UINT64_MAX = 2**64 - 1
 
 
@@ -110,6 +118,20 @@ class Component:
 
 
 @dataclass(frozen=True)
+class DeltaPatch:
+    """How a delta manifest makes its image: a patch fetched into a temporary component, applied to
+    the image the device runs now (the base, checked first) into the inactive slot."""
+
+    base_digest: bytes
+    """SHA-256 of the image the patch applies to, 32 bytes."""
+    base_size: int
+    patch_digest: bytes
+    patch_size: int
+    uris: tuple[str, ...]
+    """Where to fetch the patch, tried in order."""
+
+
+@dataclass(frozen=True)
 class ManifestInfo:
     """Everything the fwcm profile says about one update.
 
@@ -131,6 +153,8 @@ class ManifestInfo:
     texts: tuple[ManifestText, ...] = ()
     """The text section, one entry per language (written as a severable member)."""
     reference_uri: str | None = None
+    delta: DeltaPatch | None = None
+    """Set in a delta manifest: the image is made from a patch (``uris`` is then empty)."""
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -212,11 +236,15 @@ def _check_component_id(cid: Any) -> None:
         )
 
 
-def _check_component(c: Component) -> None:
+def _check_component(c: Component, *, fetched: bool = True) -> None:
     _check_component_id(c.id)
     if not isinstance(c.image_digest, bytes) or len(c.image_digest) != 32:
         raise ManifestError("image_digest must be 32 bytes (SHA-256)")
     _check_uint(c.image_size, "image_size")
+    if not fetched:
+        if c.uris:
+            raise ManifestError("a delta manifest fetches the patch, not the image: give no image URIs")
+        return
     if not c.uris:
         raise ManifestError("at least one payload URI is required")
     if len(c.uris) > MAX_URIS:
@@ -238,8 +266,18 @@ def _check_info(info: ManifestInfo) -> None:
     components = info.components
     if len(components) > MAX_COMPONENTS:
         raise ManifestError(f"at most {MAX_COMPONENTS} components")
+    if info.delta is not None and info.extra_components:
+        raise ManifestError("a delta manifest has one image")
     for c in components:
-        _check_component(c)
+        _check_component(c, fetched=info.delta is None)
+    if info.delta is not None:
+        d = info.delta
+        if info.component_id == PATCH_COMPONENT:
+            raise ManifestError(f"component id {PATCH_COMPONENT!r} is the patch's")
+        _check_component(Component(PATCH_COMPONENT, d.patch_digest, d.patch_size, d.uris))
+        if not isinstance(d.base_digest, bytes) or len(d.base_digest) != 32:
+            raise ManifestError("base_digest must be 32 bytes (SHA-256)")
+        _check_uint(d.base_size, "base_size")
     if len({c.id for c in components}) != len(components):
         raise ManifestError("component ids must be distinct")
     if info.reference_uri is not None and (
@@ -293,6 +331,38 @@ def _shared_sequence_commands(info: ManifestInfo) -> list[Any]:
     return shared
 
 
+def _patch_parameters(d: DeltaPatch) -> list[Any]:
+    return [
+        DIR_SET_COMPONENT_INDEX,
+        1,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(d.patch_digest), P_IMAGE_SIZE: d.patch_size},
+    ]
+
+
+def _delta_install(info: ManifestInfo) -> list[Any]:
+    """Check the running image is the base, apply the patch from component 1 into component 0 (the
+    inactive slot), check the result is the new image."""
+    d = info.delta
+    assert d is not None
+    return [
+        DIR_SET_COMPONENT_INDEX,
+        0,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(d.base_digest), P_IMAGE_SIZE: d.base_size},
+        COND_IMAGE_MATCH,
+        REPORT_ALL,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_SOURCE_COMPONENT: 1, P_PATCH_FORMAT: PATCH_FORMAT},
+        DIR_COPY,
+        REPORT_FAILURE,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(info.image_digest), P_IMAGE_SIZE: info.image_size},
+        COND_IMAGE_MATCH,
+        REPORT_ALL,
+    ]
+
+
 def encode_manifest(info: ManifestInfo) -> bytes:
     """The deterministic CBOR SUIT_Manifest (not yet bstr-wrapped) for ``info``, text inline."""
     return _encode(info)[0]
@@ -306,7 +376,14 @@ def _encode(info: ManifestInfo) -> tuple[bytes, dict[int, bytes]]:
         C_COMPONENTS: [list(c.id) for c in components],
         C_SHARED_SEQUENCE: _dumps(_shared_sequence_commands(info)),
     }
-    if len(components) == 1:
+    install: list[Any] | None = None
+    if info.delta is not None:
+        common[C_COMPONENTS] = [list(info.component_id), list(PATCH_COMPONENT)]
+        common[C_SHARED_SEQUENCE] = _dumps(_shared_sequence_commands(info) + _patch_parameters(info.delta))
+        fetch = [DIR_SET_COMPONENT_INDEX, 1, *_fetch_commands(info.delta.uris)]
+        check = [COND_IMAGE_MATCH, REPORT_ALL]
+        install = _delta_install(info)
+    elif len(components) == 1:
         fetch = _fetch_commands(info.uris)
         check = [COND_IMAGE_MATCH, REPORT_ALL]
     else:
@@ -320,7 +397,7 @@ def _encode(info: ManifestInfo) -> tuple[bytes, dict[int, bytes]]:
         M_COMMON: _dumps(common),
         M_VALIDATE: _dumps(check),
         M_PAYLOAD_FETCH: _dumps(fetch),
-        M_INSTALL: _dumps(check),
+        M_INSTALL: _dumps(check if install is None else install),
     }
     if info.reference_uri is not None:
         manifest[M_REFERENCE_URI] = info.reference_uri
@@ -562,6 +639,79 @@ def _fetch_sequence(data: Any, what: str, images: list[_Image], selected: list[i
             raise ManifestError(f"{what}: unsupported command {code}")
 
 
+@dataclass
+class _Delta:
+    base_digest: bytes
+    base_size: int
+    source: int
+
+
+def _read_delta_install(data: bytes, images: list[_Image]) -> _Delta:
+    """Read a delta install: image-match on the base, copy (apply the patch) from the source
+    component, image-match on the result, which must be the manifest's image."""
+    what = "install"
+    selected = 0
+    digest: bytes | None = None
+    size: int | None = None
+    base: tuple[bytes, int] | None = None
+    source: int | None = None
+    patch_format: str | None = None
+    copied = checked = False
+    for code, arg in _commands(data, what):
+        if code == DIR_SET_COMPONENT_INDEX:
+            indices = _component_index(arg, len(images), what)
+            if len(indices) != 1:
+                raise ManifestError(f"{what}: a delta install selects one component at a time")
+            selected = indices[0]
+        elif code == DIR_OVERRIDE_PARAMETERS:
+            params = _map(arg, f"{what}: override-parameters")
+            _only_keys(params, {P_IMAGE_DIGEST, P_IMAGE_SIZE, P_SOURCE_COMPONENT, P_PATCH_FORMAT}, what)
+            if P_IMAGE_DIGEST in params:
+                digest = _decode_suit_digest(_bytes(params[P_IMAGE_DIGEST], "image-digest"), "image-digest")
+            if P_IMAGE_SIZE in params:
+                size = _uint(params[P_IMAGE_SIZE], "image-size")
+            if P_SOURCE_COMPONENT in params:
+                source = _uint(params[P_SOURCE_COMPONENT], "source-component")
+            if P_PATCH_FORMAT in params:
+                patch_format = params[P_PATCH_FORMAT]
+                if patch_format != PATCH_FORMAT:
+                    raise ManifestError(
+                        f"{what}: unsupported patch format {_short(patch_format)} (need {PATCH_FORMAT})"
+                    )
+        elif code == COND_IMAGE_MATCH:
+            _uint(arg, f"{what}: reporting policy")
+            if selected != 0 or digest is None or size is None:
+                raise ManifestError(
+                    f"{what}: image-match needs the image's digest and size set on component 0"
+                )
+            if not copied:
+                base = (digest, size)
+            elif (digest, size) != (images[0].digest, images[0].size):
+                raise ManifestError(
+                    f"{what}: the patched image must match the manifest's image digest and size"
+                )
+            else:
+                checked = True
+        elif code == DIR_COPY:
+            _uint(arg, f"{what}: reporting policy")
+            if base is None:
+                raise ManifestError(f"{what}: copy before image-match checked the base image")
+            if selected != 0 or source is None or not 0 < source < len(images) or patch_format is None:
+                raise ManifestError(f"{what}: copy needs a source component and a patch format")
+            copied = True
+        else:
+            raise ManifestError(f"{what}: unsupported command {code} in a delta install")
+    if base is None or source is None or not copied or not checked:
+        raise ManifestError(
+            f"{what}: a delta install checks the base, copies the patch and checks the result"
+        )
+    return _Delta(base_digest=base[0], base_size=base[1], source=source)
+
+
+def _is_delta(install: bytes) -> bool:
+    return any(code == DIR_COPY for code, _ in _commands(install, "install"))
+
+
 def _component_ids(common: Mapping[Any, Any]) -> list[ComponentId]:
     components = _array(common.get(C_COMPONENTS), "components")
     if not 1 <= len(components) <= MAX_COMPONENTS:
@@ -664,10 +814,23 @@ def _decode_manifest(
         if key in m:
             _commands(m[key], name)
     members, held = _severable_members(m, carried or {})
-    for key in (M_PAYLOAD_FETCH, M_INSTALL):
+    delta: _Delta | None = None
+    if M_INSTALL in members and _is_delta(members[M_INSTALL]):
+        if len(images) != 2:
+            raise ManifestError("manifest: a delta manifest has the image and the patch's component")
+        delta = _read_delta_install(members[M_INSTALL], images)
+    for key in (M_PAYLOAD_FETCH, M_INSTALL) if delta is None else (M_PAYLOAD_FETCH,):
         if key in members:
             _fetch_sequence(members[key], SEVERABLE[key], images, [0])
+    if delta is not None:
+        patch = images[delta.source]
+        if images[0].uris:
+            raise ManifestError("manifest: a delta manifest fetches the patch, not the image")
+        if not patch.uris:
+            raise ManifestError("manifest: no payload URI for the patch")
     for index, img in enumerate(images):
+        if delta is not None and index == 0:
+            continue  # made by applying the patch, not fetched
         if not img.uris:
             raise ManifestError(
                 "manifest: no payload URI (payload-fetch or install must fetch)"
@@ -680,6 +843,17 @@ def _decode_manifest(
         if img.digest is not None and img.size is not None
     ]
     head = components[0]
+    delta_patch = None
+    if delta is not None:
+        patch_component = components.pop(delta.source)
+        head = Component(head.id, head.image_digest, head.image_size, ())
+        delta_patch = DeltaPatch(
+            base_digest=delta.base_digest,
+            base_size=delta.base_size,
+            patch_digest=patch_component.image_digest,
+            patch_size=patch_component.image_size,
+            uris=patch_component.uris,
+        )
     info = ManifestInfo(
         sequence=sequence,
         vendor_id=first.vendor_id,
@@ -691,6 +865,7 @@ def _decode_manifest(
         extra_components=tuple(components[1:]),
         texts=texts,
         reference_uri=reference_uri,
+        delta=delta_patch,
     )
     return info, held
 
