@@ -273,6 +273,14 @@ class Flash:
                 size += len(chunk)
         return h.hexdigest(), size
 
+    def write_inactive(self, image: bytes) -> None:
+        """Write a whole image (a patch's result) as the inactive slot's main image."""
+        self.slot_path(self.state.inactive).write_bytes(image)
+
+    def drop_part(self, part: str) -> None:
+        """Forget one further file of the inactive slot (a patch once applied)."""
+        self.slot_path(self.state.inactive, part).unlink(missing_ok=True)
+
     def mark_downloaded(
         self, digest: str, size: int, sequence: int, components: dict[str, str] | None = None
     ) -> None:

@@ -385,6 +385,27 @@ class Signer:
         )
         return manifest.build_envelope(info, self.key)
 
+    def delta_envelope(
+        self, base: bytes, new: bytes, patch: bytes, uris: list[str], *, sequence: int = 2
+    ) -> bytes:
+        """An envelope for ``new`` made by applying ``patch`` (fetched from ``uris``) to ``base``."""
+        info = manifest.ManifestInfo(
+            sequence=sequence,
+            vendor_id=VENDOR,
+            class_id=CLASS,
+            image_digest=hashlib.sha256(new).digest(),
+            image_size=len(new),
+            uris=(),
+            delta=manifest.DeltaPatch(
+                hashlib.sha256(base).digest(),
+                len(base),
+                hashlib.sha256(patch).digest(),
+                len(patch),
+                tuple(uris),
+            ),
+        )
+        return manifest.build_envelope(info, self.key)
+
     def multi_envelope(self, images: list[tuple[bytes, bytes, list[str]]], *, sequence: int = 2) -> bytes:
         """One envelope for several (component name, image, URIs), the first being the main image."""
         parts = [
