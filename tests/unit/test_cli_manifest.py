@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fwcm import delta
 from fwcm.cli import keys, manifest
 from fwcm.manifest import decode_envelope, key_id, load_private_key, load_public_key
 
@@ -372,3 +373,37 @@ def test_firmware_or_components_not_both(workdir: Path) -> None:
         "--output", workdir / "x.suit", *IDS,
     )  # fmt: skip
     assert code == 1 and "either FIRMWARE or" in one_error_line(stderr)
+
+
+def test_delta_manifest_create_inspect_verify(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    base = b"\x7fELF firmware image v1 " * 100
+    (workdir / "base.bin").write_bytes(base)
+    code, stdout, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--delta-from", workdir / "base.bin",
+        "--patch-output", workdir / "fw.patch", "--key", workdir / "signer.key",
+        "--uri", "coap://127.0.0.1/p/{sha256}", "--sequence", "6", "--output", workdir / "d.suit", *IDS,
+    )  # fmt: skip
+    assert code == 0, stderr
+    patch = (workdir / "fw.patch").read_bytes()
+    assert "delta:" in stdout and f"({len(patch)} bytes)" in stdout
+    assert delta.apply_patch(base, patch, expected_size=len(FIRMWARE)) == FIRMWARE
+    env = decode_envelope((workdir / "d.suit").read_bytes())
+    assert env.info.delta is not None and env.info.uris == ()
+    assert env.info.delta.base_digest == hashlib.sha256(base).digest()
+    assert env.info.delta.uris == (f"coap://127.0.0.1/p/{hashlib.sha256(patch).hexdigest()}",)
+    code, stdout, _ = run("manifest", "inspect", workdir / "d.suit", "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    assert data["delta"]["patch_size"] == len(patch) and data["delta"]["base_size"] == len(base)
+    assert data["image_digest"] == hashlib.sha256(FIRMWARE).hexdigest()
+    code, _, stderr = run("manifest", "verify", workdir / "d.suit", "--key", workdir / "signer.pub")
+    assert code == 0, stderr
+
+
+def test_delta_options_go_together(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, _, stderr = create_two(workdir, "--delta-from", workdir / "fw.bin")
+    assert code == 1 and "go together" in one_error_line(stderr)
+    code, _, stderr = create_two(workdir, "--delta-from", workdir / "fw.bin", "--patch-output", workdir / "p")
+    assert code == 1 and "one FIRMWARE image" in one_error_line(stderr)

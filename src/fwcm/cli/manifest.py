@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.table import Table
 
+from fwcm import delta
 from fwcm.manifest import (
     ALG_ED25519,
     ALG_EDDSA,
@@ -22,6 +24,7 @@ from fwcm.manifest import (
     ALG_ESP256,
     Component,
     ComponentText,
+    DeltaPatch,
     Envelope,
     ManifestError,
     ManifestInfo,
@@ -148,6 +151,31 @@ def build_texts(
     return (ManifestText(language="en", manifest_description=description, components=tuple(entries)),)
 
 
+def make_delta(base: Path, firmware: Path, patch_output: Path, uris: list[str]) -> DeltaPatch:
+    """Diff BASE to FIRMWARE, write the patch and describe it; ``{sha256}`` in URIs is the patch's."""
+    old, new = read_bytes(base, "base image"), read_bytes(firmware, "firmware")
+    try:
+        patch = delta.make_patch(old, new)
+    except delta.DeltaError as exc:
+        raise fail(str(exc)) from None
+    if not delta.worth_sending(len(patch), len(new)):
+        log.warning(
+            "the patch (%d bytes) is not much smaller than the image (%d bytes)", len(patch), len(new)
+        )
+    try:
+        patch_output.write_bytes(patch)
+    except OSError as exc:
+        raise fail(f"cannot write {patch_output}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(patch).digest()
+    return DeltaPatch(
+        base_digest=hashlib.sha256(old).digest(),
+        base_size=len(old),
+        patch_digest=digest,
+        patch_size=len(patch),
+        uris=tuple(expand_uri(u, digest) for u in uris),
+    )
+
+
 @app.command()
 def create(
     firmware: Path | None = typer.Argument(
@@ -189,10 +217,21 @@ def create(
     text_version: list[str] = typer.Option(
         [], "--text-version", help="Text: [COMPONENT=]VERSION, repeatable (no COMPONENT: the first)."
     ),
+    delta_from: Path | None = typer.Option(
+        None,
+        "--delta-from",
+        help="Make a delta manifest: the patch from this base image to FIRMWARE ('{sha256}' in --uri is "
+        "the patch's digest).",
+    ),
+    patch_output: Path | None = typer.Option(None, "--patch-output", help="Where to write the patch."),
 ) -> None:
     """Sign a manifest for FIRMWARE (or several --component images) and write the SUIT envelope."""
     vendor, klass = resolve_ids(vendor_id, vendor_domain, class_id, model)
     images = parse_components(firmware, component)
+    if (delta_from is None) != (patch_output is None):
+        raise fail("--delta-from and --patch-output go together")
+    if delta_from is not None and firmware is None:
+        raise fail("a delta manifest is for one FIRMWARE image")
     if len(images) > 1 and not all(SHA256_PLACEHOLDER in u for u in uri):
         raise fail(f"with several components every --uri needs {SHA256_PLACEHOLDER} (one payload per image)")
     if alg is not None and alg.lower() not in SIGNING_ALGS:
@@ -221,6 +260,8 @@ def create(
         extra_components=tuple(parts[1:]),
         texts=texts,
     )
+    if delta_from is not None and patch_output is not None and firmware is not None:
+        info = dataclasses.replace(info, uris=(), delta=make_delta(delta_from, firmware, patch_output, uri))
     try:
         envelope = build_envelope(
             info, signing_key, x5chain=chain, alg=SIGNING_ALGS[alg.lower()] if alg else None
@@ -242,9 +283,13 @@ def create(
         if len(parts) == 1
         else f"{len(parts)} components ({images_text})"
     )
+    if info.delta is not None:
+        base = info.delta.base_digest.hex()[:16]
+        what += f", delta: {patch_output} ({info.delta.patch_size} bytes) from base {base}"
+    uris_count = len(info.delta.uris) if info.delta is not None else len(info.uris)
     typer.echo(
         f"wrote {output} ({len(envelope)} bytes): sequence {sequence}, {what}, "
-        f"{len(info.uris)} URI(s), {signed_with} kid {key_id(signing_key).hex()[:16]}"
+        f"{uris_count} URI(s), {signed_with} kid {key_id(signing_key).hex()[:16]}"
     )
 
 
@@ -292,6 +337,15 @@ def envelope_dict(env: Envelope) -> dict[str, Any]:
             for m in env.severable
         ],
         "reference_uri": info.reference_uri,
+        "delta": None
+        if info.delta is None
+        else {
+            "base_digest": info.delta.base_digest.hex(),
+            "base_size": info.delta.base_size,
+            "patch_digest": info.delta.patch_digest.hex(),
+            "patch_size": info.delta.patch_size,
+            "uris": list(info.delta.uris),
+        },
         "manifest_digest": env.digest.hex(),
         "envelope_size": len(env.raw),
         "signatures": [
@@ -335,6 +389,12 @@ def inspect(
         table.add_row(f"{prefix}image size", str(c["image_size"]))
         for i, u in enumerate(c["uris"], 1):
             table.add_row(f"{prefix}uri {i}", u)
+    if data["delta"]:
+        d = data["delta"]
+        table.add_row("delta base", f"{d['base_digest']} ({d['base_size']} bytes)")
+        table.add_row("delta patch", f"{d['patch_digest']} ({d['patch_size']} bytes)")
+        for i, u in enumerate(d["uris"], 1):
+            table.add_row(f"patch uri {i}", u)
     table.add_row("manifest digest", data["manifest_digest"])
     for member in data["severable"]:
         state = "carried, digest matches" if member["present"] else "severed"
