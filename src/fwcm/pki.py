@@ -25,11 +25,21 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fwcm.manifest import Envelope, ManifestError, PrivateKey, PublicKey, key_id, verify_envelope
+from fwcm.manifest import (
+    Envelope,
+    ManifestError,
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+    key_id,
+    verify_envelope,
+)
+from fwcm.manifest.cose import HeldKey
 from fwcm.manifest.keys import public_of
 from fwcm.protocol import NAME_RE
 
@@ -236,8 +246,8 @@ def _utc(when: dt.datetime | None) -> dt.datetime:
     return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
-def _spki(key: CertificatePublicKeyTypes | PrivateKey) -> bytes:
-    pub = key.public_key() if isinstance(key, PrivateKey) else key
+def _spki(key: CertificatePublicKeyTypes | PrivateKey | HeldKey) -> bytes:
+    pub = key.public_key() if isinstance(key, PrivateKey | HeldKey) else key
     return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -291,7 +301,7 @@ def _key_usage(
     )
 
 
-def _check_issuer_key(issuer_key: PrivateKey, issuer_cert: x509.Certificate) -> None:
+def _check_issuer_key(issuer_key: PrivateKey | HeldKey, issuer_cert: x509.Certificate) -> None:
     """Refuse to issue with a key that is not the issuer certificate's: the result would never verify."""
     if _spki(issuer_key) != _spki(issuer_cert.public_key()):
         raise ValueError(f"the key does not belong to {describe(issuer_cert)}")
@@ -357,7 +367,7 @@ def _check_hardware_ids(hardware_ids: Sequence[str]) -> list[str]:
 
 
 def make_signer(
-    ca_key: PrivateKey,
+    ca_key: PrivateKey | HeldKey,
     ca_cert: x509.Certificate,
     signer_public_key: PublicKey,
     name: str,
@@ -366,7 +376,9 @@ def make_signer(
     days: int = 730,
     now: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """A manifest signer certificate; with ``hardware_ids`` a developer-build signer for those devices."""
+    """A manifest signer certificate; with ``hardware_ids`` a developer-build signer for those devices.
+
+    ``ca_key`` may be held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`)."""
     if not name:
         raise ValueError("a signer needs a name")
     _check_issuer_key(ca_key, ca_cert)
@@ -381,7 +393,37 @@ def make_signer(
     if hardware_ids is not None:
         value = _encode_utf8_sequence(_check_hardware_ids(hardware_ids))
         builder = builder.add_extension(x509.UnrecognizedExtension(HARDWARE_IDS_OID, value), critical=False)
+    if isinstance(ca_key, HeldKey):
+        cert = sign_with(builder, ca_key)
+        cert.verify_directly_issued_by(ca_cert)  # a token that signed with another key fails here
+        return cert
     return builder.sign(ca_key, _sign_hash(ca_key))
+
+
+def sign_with(builder: x509.CertificateBuilder, key: HeldKey) -> x509.Certificate:
+    """Sign a certificate with a key that cannot be read (an HSM's).
+
+    ``cryptography`` signs only with keys it holds, so the certificate is first signed with a
+    throw-away key of the same type (which fixes the signature algorithm inside the TBS part), then
+    the TBS bytes are signed by ``key`` and the certificate is reassembled around that signature.
+    """
+    public = public_of(key.public_key())
+    ed = isinstance(public, ed25519.Ed25519PublicKey)
+    scratch: PrivateKey = generate_private_key("eddsa" if ed else "es256")
+    draft = builder.sign(scratch, _sign_hash(scratch))
+    _, body, _ = _der_read(cert_der(draft), 0)  # Certificate ::= SEQUENCE { tbs, algorithm, signature }
+    _, _, alg_at = _der_read(body, 0)
+    _, _, alg_end = _der_read(body, alg_at)
+    tbs, alg_id = body[:alg_at], body[alg_at:alg_end]
+    raw = key.cose_sign(tbs)
+    if ed:
+        signature = raw
+    else:
+        half = len(raw) // 2
+        r, s = int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        signature = encode_dss_signature(r, s)
+    der = _der_tlv(0x30, tbs + alg_id + _der_tlv(0x03, b"\x00" + signature))
+    return x509.load_der_x509_certificate(der)
 
 
 # --- validation ------------------------------------------------------------------------------------

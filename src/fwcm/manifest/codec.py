@@ -409,28 +409,37 @@ def _encode(info: ManifestInfo) -> tuple[bytes, dict[int, bytes]]:
     return _dumps(manifest), members
 
 
-def _signing_alg(key: PrivateKey, alg: int | None) -> int:
+def _signing_alg(public: PublicKey, alg: int | None) -> int:
     if alg is None:
-        return cose.fully_specified_alg_for(key)
-    if alg not in cose.algs_for(key):
-        names = " or ".join(ALG_NAMES[a] for a in cose.algs_for(key))
+        return cose.fully_specified_alg_for(public)
+    if alg not in cose.algs_for(public):
+        names = " or ".join(ALG_NAMES[a] for a in cose.algs_for(public))
         raise ManifestError(f"algorithm {alg} does not fit this key (use {names})")
     return alg
 
 
 def build_envelope(
-    info: ManifestInfo, key: PrivateKey, *, x5chain: list[bytes] | None = None, alg: int | None = None
+    info: ManifestInfo,
+    key: PrivateKey | cose.HeldKey,
+    *,
+    x5chain: list[bytes] | None = None,
+    alg: int | None = None,
 ) -> bytes:
     """Sign ``info`` with ``key`` into a tagged SUIT envelope.
 
+    ``key`` is a private key or one held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`).
     The algorithm is the key's fully-specified one unless ``alg`` names another that fits the key:
     ESP256 (-9) or ES256 (-7) for P-256, Ed25519 (-19) or EdDSA (-8) for Ed25519. ``x5chain`` (DER
     certificates, leaf first) is carried in the protected header, label 33. A text section is carried
     as a severable member, its digest in the manifest.
     """
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+    if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        public = public_of(key)
+    elif isinstance(key, cose.HeldKey):
+        public = public_of(key.public_key())
+    else:
         raise ManifestError("a private key is required to sign")
-    protected_map: dict[int, Any] = {HDR_ALG: _signing_alg(key, alg)}
+    protected_map: dict[int, Any] = {HDR_ALG: _signing_alg(public, alg)}
     manifest, members = _encode(info)
     manifest_bstr = _dumps(manifest)
     suit_digest = _suit_digest(hashlib.sha256(manifest_bstr).digest())
@@ -440,7 +449,7 @@ def build_envelope(
         protected_map[HDR_X5CHAIN] = x5chain[0] if len(x5chain) == 1 else list(x5chain)
     protected = _dumps(protected_map)
     signature = cose.sign(key, cose.to_be_signed(protected, suit_digest))
-    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public_of(key))}, None, signature])
+    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public)}, None, signature])
     auth = [suit_digest, _dumps(sign1)]
     envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest, **members})
     return _dumps(envelope)

@@ -5,6 +5,8 @@ signature rules are written once.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -45,13 +47,27 @@ def algs_for(key: PrivateKey | PublicKey) -> tuple[int, ...]:
     return _EDDSA_ALGS if isinstance(public_of(key), ed25519.Ed25519PublicKey) else _ECDSA_ALGS
 
 
+@runtime_checkable
+class HeldKey(Protocol):
+    """A private key held elsewhere (an HSM, a key store) that signs but is never read: the
+    server's keys (:mod:`fwcm.keystore`) sign manifests and certificates through this."""
+
+    def public_key(self) -> PublicKey: ...
+
+    def cose_sign(self, data: bytes) -> bytes:
+        """The raw COSE signature of ``data``, as :func:`sign` makes it."""
+        ...
+
+
 def to_be_signed(protected: bytes, payload: bytes) -> bytes:
     """The Sig_structure of a COSE_Sign1 (context "Signature1", no external AAD)."""
     return cbor2.dumps(["Signature1", protected, b"", payload])
 
 
-def sign(key: PrivateKey, data: bytes) -> bytes:
+def sign(key: PrivateKey | HeldKey, data: bytes) -> bytes:
     """A raw COSE signature: Ed25519's 64 bytes, or ECDSA P-256's r || s (32 bytes each)."""
+    if isinstance(key, HeldKey):
+        return key.cose_sign(data)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(data)
     r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
