@@ -1,15 +1,20 @@
 """SUIT manifests for fwcm (sans-IO): build, decode and verify signed envelopes; manage signing keys."""
 
 from .codec import (
+    Component,
     CoseSignature,
+    DeltaPatch,
     Envelope,
     ManifestInfo,
+    SeverableMember,
     build_envelope,
     class_id_for,
     decode_envelope,
+    sever,
     vendor_id_for_domain,
     verify_envelope,
 )
+from .cose import ALG_ED25519, ALG_EDDSA, ALG_ES256, ALG_ESP256, ALG_NAMES
 from .errors import ManifestError, SignatureError
 from .keys import (
     PrivateKey,
@@ -23,14 +28,25 @@ from .keys import (
     public_key_pem,
     public_of,
 )
+from .text import ComponentText, ManifestText
 
 __all__ = [
+    "ALG_ED25519",
+    "ALG_EDDSA",
+    "ALG_ES256",
+    "ALG_ESP256",
+    "ALG_NAMES",
+    "Component",
+    "ComponentText",
     "CoseSignature",
+    "DeltaPatch",
     "Envelope",
     "ManifestError",
     "ManifestInfo",
+    "ManifestText",
     "PrivateKey",
     "PublicKey",
+    "SeverableMember",
     "SignatureError",
     "build_envelope",
     "class_id_for",
@@ -43,6 +59,7 @@ __all__ = [
     "private_key_pem",
     "public_key_pem",
     "public_of",
+    "sever",
     "vendor_id_for_domain",
     "verify_envelope",
 ]

@@ -1,13 +1,15 @@
 """SUIT envelope codec (draft-ietf-suit-manifest, numbering of -28 and later) for the fwcm profile.
 
-The profile is one component (``[h'6677']``, "fw"), one image, one or more payload URIs tried in order.
-``docs/manifest.md`` documents the structure; this module is pure (no I/O) and every malformed input
-surfaces as :class:`ManifestError` so callers handle exactly one exception type.
+The profile is one or more components (the first ``[h'6677']``, "fw", by default), each with one image
+and one or more payload URIs tried in order, an optional text section and the severable members of the
+draft. ``docs/manifest.md`` documents the structure; this module is pure (no I/O) and every malformed
+input surfaces as :class:`ManifestError` so callers handle exactly one exception type.
 
 Integrity model: the authentication wrapper's SUIT_Digest is SHA-256 over the bstr-wrapped manifest and
-each COSE_Sign1 signs that encoded SUIT_Digest (detached payload).  Everything outside the signed bytes
-is parsed strictly (canonical outer envelope, only ``kid`` allowed in the unprotected header) so that any
-change to a signed envelope makes decoding or verification fail.
+each COSE_Sign1 signs that encoded SUIT_Digest (detached payload). A severable member carried in the
+envelope is covered by the SUIT_Digest the manifest holds in its place. Everything outside the signed
+bytes is parsed strictly (canonical outer envelope, only ``kid`` allowed in the unprotected header) so
+that any change to a signed envelope makes decoding or verification fail.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from . import cose
-from .cose import ALG_EDDSA, ALG_ES256, ALG_NAMES, COSE_SIGN1_TAG, HDR_ALG, HDR_KID, HDR_X5CHAIN
+from .cose import ALG_NAMES, COSE_SIGN1_TAG, HDR_ALG, HDR_KID, HDR_X5CHAIN
 from .errors import ManifestError, SignatureError
-from .keys import PrivateKey, PublicKey, key_alg, key_id, public_of
+from .keys import PrivateKey, PublicKey, key_id, public_of
+from .text import ComponentId, ManifestText, decode_text, encode_text
 
 # --- SUIT numbering (draft-ietf-suit-manifest -28+) -----------------------------------------------
 ENVELOPE_TAG = 107
@@ -36,10 +39,16 @@ MANIFEST_VERSION = 1
 M_VERSION = 1
 M_SEQUENCE = 2
 M_COMMON = 3
+M_REFERENCE_URI = 4
 M_VALIDATE = 7
 M_INVOKE = 9
 M_PAYLOAD_FETCH = 16
 M_INSTALL = 20
+M_TEXT = 23
+
+SEVERABLE = {M_PAYLOAD_FETCH: "payload-fetch", M_INSTALL: "install", M_TEXT: "text"}
+"""The severable members: in the manifest either inline (bstr) or as a SUIT_Digest of the bstr-wrapped
+member, which the envelope then carries under the same key (or not, when it has been severed)."""
 
 C_COMPONENTS = 2
 C_SHARED_SEQUENCE = 4
@@ -49,6 +58,11 @@ P_CLASS_ID = 2
 P_IMAGE_DIGEST = 3
 P_IMAGE_SIZE = 14
 P_URI = 21
+P_SOURCE_COMPONENT = 22
+P_PATCH_FORMAT = -1
+"""fwcm's custom parameter (suit-parameter-custom, a negative key): the format of the patch that
+suit-directive-copy applies from the source component."""
+PATCH_FORMAT = "detools-sequential-lzma"
 
 COND_VENDOR_ID = 1
 COND_CLASS_ID = 2
@@ -58,6 +72,7 @@ DIR_SET_COMPONENT_INDEX = 12
 DIR_TRY_EACH = 15
 DIR_OVERRIDE_PARAMETERS = 20
 DIR_FETCH = 21
+DIR_COPY = 22
 
 REPORT_ALL = 15
 """Reporting policy for conditions: record and sysinfo on success and failure."""
@@ -66,13 +81,17 @@ REPORT_FAILURE = 2
 
 DIGEST_SHA256 = -16
 COMPONENT_FW: list[bytes] = [b"fw"]
-"""The single component identifier fwcm writes: ``[h'6677']``."""
-
-SIGNING_ALGS = {"es256": ALG_ES256, "eddsa": ALG_EDDSA}
+"""The component identifier fwcm writes for a single image: ``[h'6677']``."""
 
 MAX_ENVELOPE_BYTES = 256 * 1024
 """Envelopes above this size are refused unread (a profile envelope is a few hundred bytes plus certs)."""
 MAX_URIS = 16
+MAX_COMPONENTS = 8
+MAX_COMPONENT_ID_PARTS = 8
+MAX_COMPONENT_ID_PART_BYTES = 64
+MAX_REFERENCE_URI = 1024
+PATCH_COMPONENT: tuple[bytes, ...] = (b"fwcm-patch",)
+"""The temporary component a delta manifest fetches its patch into."""
 _UINT64_MAX = 2**64 - 1
 
 
@@ -87,8 +106,39 @@ def class_id_for(vendor_id: uuid.UUID, model: str) -> uuid.UUID:
 
 
 @dataclass(frozen=True)
+class Component:
+    """One image of a manifest: which component it goes to, its digest, size and payload URIs."""
+
+    id: ComponentId
+    image_digest: bytes
+    """SHA-256 of the image, 32 bytes."""
+    image_size: int
+    uris: tuple[str, ...]
+    """One or more payload URIs, tried in order (try-each)."""
+
+
+@dataclass(frozen=True)
+class DeltaPatch:
+    """How a delta manifest makes its image: a patch fetched into a temporary component, applied to
+    the image the device runs now (the base, checked first) into the inactive slot."""
+
+    base_digest: bytes
+    """SHA-256 of the image the patch applies to, 32 bytes."""
+    base_size: int
+    patch_digest: bytes
+    patch_size: int
+    uris: tuple[str, ...]
+    """Where to fetch the patch, tried in order."""
+
+
+@dataclass(frozen=True)
 class ManifestInfo:
-    """Everything the fwcm profile says about one update."""
+    """Everything the fwcm profile says about one update.
+
+    The first (often only) image is described by ``component_id``, ``image_digest``, ``image_size``
+    and ``uris``; a multi-component manifest lists the others in ``extra_components``. All of them
+    are installed together or not at all. :attr:`components` gives every image uniformly.
+    """
 
     sequence: int
     vendor_id: uuid.UUID
@@ -98,6 +148,30 @@ class ManifestInfo:
     image_size: int
     uris: tuple[str, ...]
     """One or more payload URIs, tried in order (try-each)."""
+    component_id: ComponentId = (b"fw",)
+    extra_components: tuple[Component, ...] = ()
+    texts: tuple[ManifestText, ...] = ()
+    """The text section, one entry per language (written as a severable member)."""
+    reference_uri: str | None = None
+    delta: DeltaPatch | None = None
+    """Set in a delta manifest: the image is made from a patch (``uris`` is then empty)."""
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        first = Component(self.component_id, self.image_digest, self.image_size, self.uris)
+        return (first, *self.extra_components)
+
+
+@dataclass(frozen=True)
+class SeverableMember:
+    """A severable member of the manifest held as a digest: whether the envelope still carries it."""
+
+    key: int
+    name: str
+    digest: bytes
+    """SHA-256 of the bstr-wrapped member, as the manifest holds it."""
+    present: bool
+    """The envelope carries the member and it matches ``digest`` (False: it has been severed)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +204,8 @@ class Envelope:
     raw: bytes
     suit_digest: bytes = field(default=b"", repr=False)
     """The encoded SUIT_Digest ``[-16, digest]`` as carried: the detached payload each signature signs."""
+    severable: tuple[SeverableMember, ...] = ()
+    """The manifest's severable members held as digests (inline members are not listed)."""
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -143,6 +219,41 @@ def _suit_digest(digest: bytes) -> bytes:
     return _dumps([DIGEST_SHA256, digest])
 
 
+def _check_uint(v: Any, what: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _UINT64_MAX:
+        raise ManifestError(f"{what} must be an integer between 0 and 2**64-1")
+
+
+def _check_component_id(cid: Any) -> None:
+    if (
+        not isinstance(cid, tuple)
+        or not 1 <= len(cid) <= MAX_COMPONENT_ID_PARTS
+        or not all(isinstance(p, bytes) and len(p) <= MAX_COMPONENT_ID_PART_BYTES for p in cid)
+    ):
+        raise ManifestError(
+            f"a component id is a tuple of 1 to {MAX_COMPONENT_ID_PARTS} byte strings "
+            f"of at most {MAX_COMPONENT_ID_PART_BYTES} bytes"
+        )
+
+
+def _check_component(c: Component, *, fetched: bool = True) -> None:
+    _check_component_id(c.id)
+    if not isinstance(c.image_digest, bytes) or len(c.image_digest) != 32:
+        raise ManifestError("image_digest must be 32 bytes (SHA-256)")
+    _check_uint(c.image_size, "image_size")
+    if not fetched:
+        if c.uris:
+            raise ManifestError("a delta manifest fetches the patch, not the image: give no image URIs")
+        return
+    if not c.uris:
+        raise ManifestError("at least one payload URI is required")
+    if len(c.uris) > MAX_URIS:
+        raise ManifestError(f"at most {MAX_URIS} payload URIs")
+    for uri in c.uris:
+        if not isinstance(uri, str) or not uri:
+            raise ManifestError("payload URIs must be non-empty strings")
+
+
 def _check_info(info: ManifestInfo) -> None:
     if not isinstance(info.sequence, int) or isinstance(info.sequence, bool):
         raise ManifestError("sequence must be an integer")
@@ -150,19 +261,29 @@ def _check_info(info: ManifestInfo) -> None:
         raise ManifestError("sequence must be between 0 and 2**64-1")
     if not isinstance(info.vendor_id, uuid.UUID) or not isinstance(info.class_id, uuid.UUID):
         raise ManifestError("vendor_id and class_id must be UUIDs")
-    if not isinstance(info.image_digest, bytes) or len(info.image_digest) != 32:
-        raise ManifestError("image_digest must be 32 bytes (SHA-256)")
     if not isinstance(info.image_size, int) or isinstance(info.image_size, bool):
         raise ManifestError("image_size must be an integer")
-    if not 0 <= info.image_size <= _UINT64_MAX:
-        raise ManifestError("image_size must be between 0 and 2**64-1")
-    if not info.uris:
-        raise ManifestError("at least one payload URI is required")
-    if len(info.uris) > MAX_URIS:
-        raise ManifestError(f"at most {MAX_URIS} payload URIs")
-    for uri in info.uris:
-        if not isinstance(uri, str) or not uri:
-            raise ManifestError("payload URIs must be non-empty strings")
+    components = info.components
+    if len(components) > MAX_COMPONENTS:
+        raise ManifestError(f"at most {MAX_COMPONENTS} components")
+    if info.delta is not None and info.extra_components:
+        raise ManifestError("a delta manifest has one image")
+    for c in components:
+        _check_component(c, fetched=info.delta is None)
+    if info.delta is not None:
+        d = info.delta
+        if info.component_id == PATCH_COMPONENT:
+            raise ManifestError(f"component id {PATCH_COMPONENT!r} is the patch's")
+        _check_component(Component(PATCH_COMPONENT, d.patch_digest, d.patch_size, d.uris))
+        if not isinstance(d.base_digest, bytes) or len(d.base_digest) != 32:
+            raise ManifestError("base_digest must be 32 bytes (SHA-256)")
+        _check_uint(d.base_size, "base_size")
+    if len({c.id for c in components}) != len(components):
+        raise ManifestError("component ids must be distinct")
+    if info.reference_uri is not None and (
+        not isinstance(info.reference_uri, str) or not 0 < len(info.reference_uri) <= MAX_REFERENCE_URI
+    ):
+        raise ManifestError(f"reference_uri must be a text string of 1 to {MAX_REFERENCE_URI} characters")
 
 
 def _fetch_option(uri: str) -> list[Any]:
@@ -176,10 +297,16 @@ def _fetch_option(uri: str) -> list[Any]:
     ]
 
 
-def encode_manifest(info: ManifestInfo) -> bytes:
-    """The deterministic CBOR SUIT_Manifest (not yet bstr-wrapped) for ``info``."""
-    _check_info(info)
-    shared = [
+def _fetch_commands(uris: tuple[str, ...]) -> list[Any]:
+    """One URI: the option itself; several: try-each over one option per URI, in order."""
+    if len(uris) == 1:
+        return _fetch_option(uris[0])
+    return [DIR_TRY_EACH, [_dumps(_fetch_option(u)) for u in uris]]
+
+
+def _shared_sequence_commands(info: ManifestInfo) -> list[Any]:
+    """Identity and image of the first component, checked; then the image of each further one."""
+    shared: list[Any] = [
         DIR_SET_COMPONENT_INDEX,
         0,
         DIR_OVERRIDE_PARAMETERS,
@@ -194,30 +321,117 @@ def encode_manifest(info: ManifestInfo) -> bytes:
         COND_CLASS_ID,
         REPORT_ALL,
     ]
-    common = {C_COMPONENTS: [COMPONENT_FW], C_SHARED_SEQUENCE: _dumps(shared)}
-    if len(info.uris) == 1:
-        fetch = _fetch_option(info.uris[0])
+    for index, c in enumerate(info.extra_components, 1):
+        shared += [
+            DIR_SET_COMPONENT_INDEX,
+            index,
+            DIR_OVERRIDE_PARAMETERS,
+            {P_IMAGE_DIGEST: _suit_digest(c.image_digest), P_IMAGE_SIZE: c.image_size},
+        ]
+    return shared
+
+
+def _patch_parameters(d: DeltaPatch) -> list[Any]:
+    return [
+        DIR_SET_COMPONENT_INDEX,
+        1,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(d.patch_digest), P_IMAGE_SIZE: d.patch_size},
+    ]
+
+
+def _delta_install(info: ManifestInfo) -> list[Any]:
+    """Check the running image is the base, apply the patch from component 1 into component 0 (the
+    inactive slot), check the result is the new image."""
+    d = info.delta
+    assert d is not None
+    return [
+        DIR_SET_COMPONENT_INDEX,
+        0,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(d.base_digest), P_IMAGE_SIZE: d.base_size},
+        COND_IMAGE_MATCH,
+        REPORT_ALL,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_SOURCE_COMPONENT: 1, P_PATCH_FORMAT: PATCH_FORMAT},
+        DIR_COPY,
+        REPORT_FAILURE,
+        DIR_OVERRIDE_PARAMETERS,
+        {P_IMAGE_DIGEST: _suit_digest(info.image_digest), P_IMAGE_SIZE: info.image_size},
+        COND_IMAGE_MATCH,
+        REPORT_ALL,
+    ]
+
+
+def encode_manifest(info: ManifestInfo) -> bytes:
+    """The deterministic CBOR SUIT_Manifest (not yet bstr-wrapped) for ``info``, text inline."""
+    return _encode(info)[0]
+
+
+def _encode(info: ManifestInfo) -> tuple[bytes, dict[int, bytes]]:
+    """The manifest and the severable members the envelope carries (the text, held as a digest)."""
+    _check_info(info)
+    components = info.components
+    common = {
+        C_COMPONENTS: [list(c.id) for c in components],
+        C_SHARED_SEQUENCE: _dumps(_shared_sequence_commands(info)),
+    }
+    install: list[Any] | None = None
+    if info.delta is not None:
+        common[C_COMPONENTS] = [list(info.component_id), list(PATCH_COMPONENT)]
+        common[C_SHARED_SEQUENCE] = _dumps(_shared_sequence_commands(info) + _patch_parameters(info.delta))
+        fetch = [DIR_SET_COMPONENT_INDEX, 1, *_fetch_commands(info.delta.uris)]
+        check = [COND_IMAGE_MATCH, REPORT_ALL]
+        install = _delta_install(info)
+    elif len(components) == 1:
+        fetch = _fetch_commands(info.uris)
+        check = [COND_IMAGE_MATCH, REPORT_ALL]
     else:
-        fetch = [DIR_TRY_EACH, [_dumps(_fetch_option(u)) for u in info.uris]]
-    check = [COND_IMAGE_MATCH, REPORT_ALL]
-    manifest = {
+        fetch = []
+        for index, c in enumerate(components):
+            fetch += [DIR_SET_COMPONENT_INDEX, index, *_fetch_commands(c.uris)]
+        check = [DIR_SET_COMPONENT_INDEX, True, COND_IMAGE_MATCH, REPORT_ALL]
+    manifest: dict[int, Any] = {
         M_VERSION: MANIFEST_VERSION,
         M_SEQUENCE: info.sequence,
         M_COMMON: _dumps(common),
         M_VALIDATE: _dumps(check),
         M_PAYLOAD_FETCH: _dumps(fetch),
-        M_INSTALL: _dumps(check),
+        M_INSTALL: _dumps(check if install is None else install),
     }
-    return _dumps(manifest)
+    if info.reference_uri is not None:
+        manifest[M_REFERENCE_URI] = info.reference_uri
+    members: dict[int, bytes] = {}
+    if info.texts:
+        text = _dumps(encode_text(info.texts, [c.id for c in components]))
+        members[M_TEXT] = text
+        manifest[M_TEXT] = [DIGEST_SHA256, hashlib.sha256(_dumps(text)).digest()]
+    return _dumps(manifest), members
+
+
+def _signing_alg(public: PublicKey, alg: int | None) -> int:
+    if alg is None:
+        return cose.fully_specified_alg_for(public)
+    if alg not in cose.algs_for(public):
+        names = " or ".join(ALG_NAMES[a] for a in cose.algs_for(public))
+        raise ManifestError(f"algorithm {alg} does not fit this key (use {names})")
+    return alg
 
 
 def build_envelope(
-    info: ManifestInfo, key: PrivateKey | cose.HeldKey, *, x5chain: list[bytes] | None = None
+    info: ManifestInfo,
+    key: PrivateKey | cose.HeldKey,
+    *,
+    x5chain: list[bytes] | None = None,
+    alg: int | None = None,
 ) -> bytes:
-    """Sign ``info`` with ``key`` (ES256 or EdDSA by key type) into a tagged SUIT envelope.
+    """Sign ``info`` with ``key`` into a tagged SUIT envelope.
 
     ``key`` is a private key or one held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`).
-    ``x5chain`` (DER certificates, leaf first) is carried in the protected header, label 33.
+    The algorithm is the key's fully-specified one unless ``alg`` names another that fits the key:
+    ESP256 (-9) or ES256 (-7) for P-256, Ed25519 (-19) or EdDSA (-8) for Ed25519. ``x5chain`` (DER
+    certificates, leaf first) is carried in the protected header, label 33. A text section is carried
+    as a severable member, its digest in the manifest.
     """
     if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         public = public_of(key)
@@ -225,11 +439,10 @@ def build_envelope(
         public = public_of(key.public_key())
     else:
         raise ManifestError("a private key is required to sign")
-    alg = SIGNING_ALGS[key_alg(public)]
-    manifest = encode_manifest(info)
+    protected_map: dict[int, Any] = {HDR_ALG: _signing_alg(public, alg)}
+    manifest, members = _encode(info)
     manifest_bstr = _dumps(manifest)
     suit_digest = _suit_digest(hashlib.sha256(manifest_bstr).digest())
-    protected_map: dict[int, Any] = {HDR_ALG: alg}
     if x5chain:
         if not all(isinstance(c, bytes) and c for c in x5chain):
             raise ManifestError("x5chain entries must be non-empty DER bytes")
@@ -238,8 +451,19 @@ def build_envelope(
     signature = cose.sign(key, cose.to_be_signed(protected, suit_digest))
     sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public)}, None, signature])
     auth = [suit_digest, _dumps(sign1)]
-    envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest})
+    envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest, **members})
     return _dumps(envelope)
+
+
+def sever(data: bytes, keys: Iterable[int] = tuple(SEVERABLE)) -> bytes:
+    """``data`` without the severable members ``keys`` (default: all); the signature still holds, as
+    the manifest keeps their digests. The envelope is decoded first, so only a valid one is cut."""
+    drop = set(keys)
+    if not drop <= SEVERABLE.keys():
+        raise ManifestError(f"only severable members can be severed ({', '.join(map(str, SEVERABLE))})")
+    decode_envelope(data)
+    top = cbor2.loads(data)
+    return _dumps(cbor2.CBORTag(ENVELOPE_TAG, {k: v for k, v in top.value.items() if k not in drop}))
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -330,7 +554,7 @@ class _Image:
     class_id: uuid.UUID | None = None
     digest: bytes | None = None
     size: int | None = None
-    conditions: set[int] = field(default_factory=set)
+    uris: list[str] = field(default_factory=list)
 
 
 def _uuid_param(v: Any, what: str) -> uuid.UUID:
@@ -340,46 +564,58 @@ def _uuid_param(v: Any, what: str) -> uuid.UUID:
     return uuid.UUID(bytes=b)
 
 
-def _shared_sequence(data: Any) -> _Image:
+def _component_index(arg: Any, count: int, what: str) -> list[int]:
+    """The components a set-component-index selects: one index, ``true`` for all, or a list."""
+    if arg is True:
+        return list(range(count))
+    indices = list(_array(arg, f"{what}: component index")) if isinstance(arg, list | tuple) else [arg]
+    if not indices or not all(_is_int(i) and 0 <= i < count for i in indices):
+        raise ManifestError(f"{what}: component index {_short(arg)} out of range (the manifest has {count})")
+    return [int(i) for i in indices]
+
+
+def _shared_sequence(data: Any, images: list[_Image]) -> set[int]:
+    """Apply the shared sequence's parameters to ``images``; return the conditions it checks."""
     what = "shared-sequence"
-    img = _Image()
+    selected = [0]
+    conditions: set[int] = set()
     for code, arg in _commands(data, what):
         if code == DIR_SET_COMPONENT_INDEX:
-            if arg is not True and (not _is_int(arg) or arg != 0):
-                raise ManifestError(f"{what}: component index must be 0 (one component)")
+            selected = _component_index(arg, len(images), what)
         elif code == DIR_OVERRIDE_PARAMETERS:
             params = _map(arg, f"{what}: override-parameters")
             _only_keys(params, {P_VENDOR_ID, P_CLASS_ID, P_IMAGE_DIGEST, P_IMAGE_SIZE, P_URI}, what)
-            if P_VENDOR_ID in params:
-                img.vendor_id = _uuid_param(params[P_VENDOR_ID], "vendor-id")
-            if P_CLASS_ID in params:
-                img.class_id = _uuid_param(params[P_CLASS_ID], "class-id")
-            if P_IMAGE_DIGEST in params:
-                raw = _bytes(params[P_IMAGE_DIGEST], "image-digest")
-                img.digest = _decode_suit_digest(raw, "image-digest")
-            if P_IMAGE_SIZE in params:
-                img.size = _uint(params[P_IMAGE_SIZE], "image-size")
             if P_URI in params:
                 raise ManifestError(f"{what}: payload URIs belong in payload-fetch or install")
+            for img in (images[i] for i in selected):
+                if P_VENDOR_ID in params:
+                    img.vendor_id = _uuid_param(params[P_VENDOR_ID], "vendor-id")
+                if P_CLASS_ID in params:
+                    img.class_id = _uuid_param(params[P_CLASS_ID], "class-id")
+                if P_IMAGE_DIGEST in params:
+                    raw = _bytes(params[P_IMAGE_DIGEST], "image-digest")
+                    img.digest = _decode_suit_digest(raw, "image-digest")
+                if P_IMAGE_SIZE in params:
+                    img.size = _uint(params[P_IMAGE_SIZE], "image-size")
         elif code in (COND_VENDOR_ID, COND_CLASS_ID, COND_IMAGE_MATCH):
             _uint(arg, f"{what}: reporting policy")
-            if code == COND_VENDOR_ID and img.vendor_id is None:
-                raise ManifestError(f"{what}: vendor-identifier condition before vendor-id is set")
-            if code == COND_CLASS_ID and img.class_id is None:
-                raise ManifestError(f"{what}: class-identifier condition before class-id is set")
-            img.conditions.add(code)
+            for img in (images[i] for i in selected):
+                if code == COND_VENDOR_ID and img.vendor_id is None:
+                    raise ManifestError(f"{what}: vendor-identifier condition before vendor-id is set")
+                if code == COND_CLASS_ID and img.class_id is None:
+                    raise ManifestError(f"{what}: class-identifier condition before class-id is set")
+            conditions.add(code)
         else:
             raise ManifestError(f"{what}: unsupported command {code}")
-    return img
+    return conditions
 
 
-def _fetch_sequence(data: Any, what: str, uris: list[str], depth: int = 0) -> None:
-    """Collect the payload URIs a fetch/install sequence fetches from, in try order."""
+def _fetch_sequence(data: Any, what: str, images: list[_Image], selected: list[int], depth: int = 0) -> None:
+    """Collect the payload URIs a fetch/install sequence fetches each component from, in try order."""
     uri: str | None = None
     for code, arg in _commands(data, what):
         if code == DIR_SET_COMPONENT_INDEX:
-            if arg is not True and (not _is_int(arg) or arg != 0):
-                raise ManifestError(f"{what}: component index must be 0 (one component)")
+            selected = _component_index(arg, len(images), what)
         elif code == DIR_OVERRIDE_PARAMETERS:
             params = _map(arg, f"{what}: override-parameters")
             _only_keys(params, {P_URI}, f"{what}: override-parameters")
@@ -391,10 +627,11 @@ def _fetch_sequence(data: Any, what: str, uris: list[str], depth: int = 0) -> No
             _uint(arg, f"{what}: reporting policy")
             if uri is None:
                 raise ManifestError(f"{what}: fetch without a uri")
-            if uri not in uris:
-                uris.append(uri)
-            if len(uris) > MAX_URIS:
-                raise ManifestError(f"{what}: more than {MAX_URIS} payload URIs")
+            for img in (images[i] for i in selected):
+                if uri not in img.uris:
+                    img.uris.append(uri)
+                if len(img.uris) > MAX_URIS:
+                    raise ManifestError(f"{what}: more than {MAX_URIS} payload URIs")
         elif code == COND_IMAGE_MATCH:
             _uint(arg, f"{what}: reporting policy")
         elif code == DIR_TRY_EACH:
@@ -406,55 +643,240 @@ def _fetch_sequence(data: Any, what: str, uris: list[str], depth: int = 0) -> No
             if len(options) < 1:
                 raise ManifestError(f"{what}: try-each needs at least one option")
             for option in options:
-                _fetch_sequence(option, f"{what}: try-each option", uris, depth + 1)
+                _fetch_sequence(option, f"{what}: try-each option", images, list(selected), depth + 1)
         else:
             raise ManifestError(f"{what}: unsupported command {code}")
 
 
-def _decode_manifest(manifest: bytes) -> ManifestInfo:
+@dataclass
+class _Delta:
+    base_digest: bytes
+    base_size: int
+    source: int
+
+
+def _read_delta_install(data: bytes, images: list[_Image]) -> _Delta:
+    """Read a delta install: image-match on the base, copy (apply the patch) from the source
+    component, image-match on the result, which must be the manifest's image."""
+    what = "install"
+    selected = 0
+    digest: bytes | None = None
+    size: int | None = None
+    base: tuple[bytes, int] | None = None
+    source: int | None = None
+    patch_format: str | None = None
+    copied = checked = False
+    for code, arg in _commands(data, what):
+        if code == DIR_SET_COMPONENT_INDEX:
+            indices = _component_index(arg, len(images), what)
+            if len(indices) != 1:
+                raise ManifestError(f"{what}: a delta install selects one component at a time")
+            selected = indices[0]
+        elif code == DIR_OVERRIDE_PARAMETERS:
+            params = _map(arg, f"{what}: override-parameters")
+            _only_keys(params, {P_IMAGE_DIGEST, P_IMAGE_SIZE, P_SOURCE_COMPONENT, P_PATCH_FORMAT}, what)
+            if P_IMAGE_DIGEST in params:
+                digest = _decode_suit_digest(_bytes(params[P_IMAGE_DIGEST], "image-digest"), "image-digest")
+            if P_IMAGE_SIZE in params:
+                size = _uint(params[P_IMAGE_SIZE], "image-size")
+            if P_SOURCE_COMPONENT in params:
+                source = _uint(params[P_SOURCE_COMPONENT], "source-component")
+            if P_PATCH_FORMAT in params:
+                patch_format = params[P_PATCH_FORMAT]
+                if patch_format != PATCH_FORMAT:
+                    raise ManifestError(
+                        f"{what}: unsupported patch format {_short(patch_format)} (need {PATCH_FORMAT})"
+                    )
+        elif code == COND_IMAGE_MATCH:
+            _uint(arg, f"{what}: reporting policy")
+            if selected != 0 or digest is None or size is None:
+                raise ManifestError(
+                    f"{what}: image-match needs the image's digest and size set on component 0"
+                )
+            if not copied:
+                base = (digest, size)
+            elif (digest, size) != (images[0].digest, images[0].size):
+                raise ManifestError(
+                    f"{what}: the patched image must match the manifest's image digest and size"
+                )
+            else:
+                checked = True
+        elif code == DIR_COPY:
+            _uint(arg, f"{what}: reporting policy")
+            if base is None:
+                raise ManifestError(f"{what}: copy before image-match checked the base image")
+            if selected != 0 or source is None or not 0 < source < len(images) or patch_format is None:
+                raise ManifestError(f"{what}: copy needs a source component and a patch format")
+            copied = True
+        else:
+            raise ManifestError(f"{what}: unsupported command {code} in a delta install")
+    if base is None or source is None or not copied or not checked:
+        raise ManifestError(
+            f"{what}: a delta install checks the base, copies the patch and checks the result"
+        )
+    return _Delta(base_digest=base[0], base_size=base[1], source=source)
+
+
+def _is_delta(install: bytes) -> bool:
+    return any(code == DIR_COPY for code, _ in _commands(install, "install"))
+
+
+def _component_ids(common: Mapping[Any, Any]) -> list[ComponentId]:
+    components = _array(common.get(C_COMPONENTS), "components")
+    if not 1 <= len(components) <= MAX_COMPONENTS:
+        raise ManifestError(f"common: the profile has 1 to {MAX_COMPONENTS} components")
+    ids: list[ComponentId] = []
+    for item in components:
+        component = tuple(_array(item, "component identifier"))
+        if not 1 <= len(component) <= MAX_COMPONENT_ID_PARTS or not all(
+            isinstance(p, bytes) and len(p) <= MAX_COMPONENT_ID_PART_BYTES for p in component
+        ):
+            raise ManifestError(
+                f"common: a component identifier is an array of 1 to {MAX_COMPONENT_ID_PARTS} byte strings "
+                f"of at most {MAX_COMPONENT_ID_PART_BYTES} bytes"
+            )
+        if component in ids:
+            raise ManifestError("common: component identifiers must be distinct")
+        ids.append(component)
+    return ids
+
+
+def _severable_members(
+    m: Mapping[Any, Any], carried: Mapping[int, bytes]
+) -> tuple[dict[int, bytes], tuple[SeverableMember, ...]]:
+    """Each severable member's bytes (inline, or carried and matching its digest; absent when
+    severed) and the members held as digests."""
+    members: dict[int, bytes] = {}
+    held: list[SeverableMember] = []
+    for key, name in SEVERABLE.items():
+        value = m.get(key)
+        if value is None:
+            if key in carried:
+                raise ManifestError(
+                    f"envelope: {name} ({key}) is carried but the manifest has no digest for it"
+                )
+            continue
+        if isinstance(value, bytes):
+            if key in carried:
+                raise ManifestError(f"envelope: {name} ({key}) is both in the manifest and in the envelope")
+            members[key] = value
+            continue
+        arr = _array(value, f"{name} digest")
+        if len(arr) != 2 or not _is_int(arr[0]) or arr[0] != DIGEST_SHA256:
+            raise ManifestError(f"{name} ({key}): a severed member's digest must be a SHA-256 SUIT_Digest")
+        digest = _bytes(arr[1], f"{name} digest")
+        if len(digest) != 32:
+            raise ManifestError(f"{name} ({key}): SHA-256 digest must be 32 bytes")
+        present = key in carried
+        if present:
+            body = _bytes(carried[key], name)
+            if hashlib.sha256(_dumps(body)).digest() != digest:
+                raise ManifestError(f"envelope: {name} ({key}) does not match its digest in the manifest")
+            members[key] = body
+        held.append(SeverableMember(key=key, name=name, digest=digest, present=present))
+    return members, tuple(held)
+
+
+def _decode_manifest(
+    manifest: bytes, carried: Mapping[int, bytes] | None = None
+) -> tuple[ManifestInfo, tuple[SeverableMember, ...]]:
     m = _map(_loads(manifest, "manifest"), "manifest")
     _only_keys(
-        m, {M_VERSION, M_SEQUENCE, M_COMMON, M_VALIDATE, M_INVOKE, M_PAYLOAD_FETCH, M_INSTALL}, "manifest"
+        m,
+        {M_VERSION, M_SEQUENCE, M_COMMON, M_REFERENCE_URI, M_VALIDATE, M_INVOKE, *SEVERABLE},
+        "manifest",
     )
     if m.get(M_VERSION) != MANIFEST_VERSION or not _is_int(m.get(M_VERSION)):
         raise ManifestError(f"manifest: unsupported manifest-version {_short(m.get(M_VERSION))} (need 1)")
     if M_SEQUENCE not in m:
         raise ManifestError("manifest: sequence-number missing")
     sequence = _uint(m[M_SEQUENCE], "sequence-number")
+    reference_uri = m.get(M_REFERENCE_URI)
+    if reference_uri is not None and (
+        not isinstance(reference_uri, str) or len(reference_uri) > MAX_REFERENCE_URI
+    ):
+        raise ManifestError(f"reference-uri must be a text string of at most {MAX_REFERENCE_URI} characters")
     if M_COMMON not in m:
         raise ManifestError("manifest: common missing")
     common = _map(_loads(_bytes(m[M_COMMON], "common"), "common"), "common")
     _only_keys(common, {C_COMPONENTS, C_SHARED_SEQUENCE}, "common")
-    components = _array(common.get(C_COMPONENTS), "components")
-    if len(components) != 1:
-        raise ManifestError("common: the profile has exactly one component")
-    component = _array(components[0], "component identifier")
-    if not component or not all(isinstance(p, bytes) for p in component):
-        raise ManifestError("common: a component identifier is a non-empty array of byte strings")
+    ids = _component_ids(common)
     if C_SHARED_SEQUENCE not in common:
         raise ManifestError("common: shared-sequence missing")
-    img = _shared_sequence(common[C_SHARED_SEQUENCE])
-    if img.vendor_id is None or img.class_id is None or img.digest is None or img.size is None:
-        raise ManifestError("shared-sequence: vendor-id, class-id, image-digest and image-size are required")
-    if not {COND_VENDOR_ID, COND_CLASS_ID} <= img.conditions:
+    images = [_Image() for _ in ids]
+    conditions = _shared_sequence(common[C_SHARED_SEQUENCE], images)
+    first = images[0]
+    if first.vendor_id is None or first.class_id is None:
+        raise ManifestError("shared-sequence: vendor-id and class-id are required")
+    if not {COND_VENDOR_ID, COND_CLASS_ID} <= conditions:
         raise ManifestError("shared-sequence: vendor-identifier and class-identifier conditions are required")
+    for index, img in enumerate(images):
+        if img.digest is None or img.size is None:
+            raise ManifestError(
+                f"shared-sequence: image-digest and image-size are required (component {index})"
+            )
+        if img.vendor_id not in (None, first.vendor_id) or img.class_id not in (None, first.class_id):
+            raise ManifestError(
+                "shared-sequence: components with different vendor or class ids are outside the profile"
+            )
     for key, name in ((M_VALIDATE, "validate"), (M_INVOKE, "invoke")):
         if key in m:
             _commands(m[key], name)
-    uris: list[str] = []
-    for key, name in ((M_PAYLOAD_FETCH, "payload-fetch"), (M_INSTALL, "install")):
-        if key in m:
-            _fetch_sequence(m[key], name, uris)
-    if not uris:
-        raise ManifestError("manifest: no payload URI (payload-fetch or install must fetch)")
-    return ManifestInfo(
+    members, held = _severable_members(m, carried or {})
+    delta: _Delta | None = None
+    if M_INSTALL in members and _is_delta(members[M_INSTALL]):
+        if len(images) != 2:
+            raise ManifestError("manifest: a delta manifest has the image and the patch's component")
+        delta = _read_delta_install(members[M_INSTALL], images)
+    for key in (M_PAYLOAD_FETCH, M_INSTALL) if delta is None else (M_PAYLOAD_FETCH,):
+        if key in members:
+            _fetch_sequence(members[key], SEVERABLE[key], images, [0])
+    if delta is not None:
+        patch = images[delta.source]
+        if images[0].uris:
+            raise ManifestError("manifest: a delta manifest fetches the patch, not the image")
+        if not patch.uris:
+            raise ManifestError("manifest: no payload URI for the patch")
+    for index, img in enumerate(images):
+        if delta is not None and index == 0:
+            continue  # made by applying the patch, not fetched
+        if not img.uris:
+            raise ManifestError(
+                "manifest: no payload URI (payload-fetch or install must fetch)"
+                + (f" for component {index}" if len(images) > 1 else "")
+            )
+    texts = decode_text(_loads(members[M_TEXT], "text"), ids) if M_TEXT in members else ()
+    components = [
+        Component(id=cid, image_digest=img.digest, image_size=img.size, uris=tuple(img.uris))
+        for cid, img in zip(ids, images, strict=True)
+        if img.digest is not None and img.size is not None
+    ]
+    head = components[0]
+    delta_patch = None
+    if delta is not None:
+        patch_component = components.pop(delta.source)
+        head = Component(head.id, head.image_digest, head.image_size, ())
+        delta_patch = DeltaPatch(
+            base_digest=delta.base_digest,
+            base_size=delta.base_size,
+            patch_digest=patch_component.image_digest,
+            patch_size=patch_component.image_size,
+            uris=patch_component.uris,
+        )
+    info = ManifestInfo(
         sequence=sequence,
-        vendor_id=img.vendor_id,
-        class_id=img.class_id,
-        image_digest=img.digest,
-        image_size=img.size,
-        uris=tuple(uris),
+        vendor_id=first.vendor_id,
+        class_id=first.class_id,
+        image_digest=head.image_digest,
+        image_size=head.image_size,
+        uris=head.uris,
+        component_id=head.id,
+        extra_components=tuple(components[1:]),
+        texts=texts,
+        reference_uri=reference_uri,
+        delta=delta_patch,
     )
+    return info, held
 
 
 def _decode_x5chain(v: Any) -> tuple[bytes, ...]:
@@ -484,7 +906,9 @@ def _decode_sign1(data: Any) -> CoseSignature:
     _only_keys(unprotected, {HDR_KID}, f"{what}: unprotected header")
     alg = protected.get(HDR_ALG)
     if not _is_int(alg) or alg not in ALG_NAMES:
-        raise ManifestError(f"{what}: unsupported algorithm {_short(alg)} (need ES256, ESP256 or EdDSA)")
+        raise ManifestError(
+            f"{what}: unsupported algorithm {_short(alg)} (need ESP256, Ed25519, ES256 or EdDSA)"
+        )
     if HDR_KID in protected and HDR_KID in unprotected:
         raise ManifestError(f"{what}: kid in both headers")
     kid_value = protected.get(HDR_KID, unprotected.get(HDR_KID))
@@ -511,14 +935,16 @@ def decode_envelope(data: bytes) -> Envelope:
     if not isinstance(top, cbor2.CBORTag) or top.tag != ENVELOPE_TAG:
         raise ManifestError("not a SUIT envelope (expected CBOR tag 107)")
     env = _map(top.value, "envelope")
-    _only_keys(env, {ENV_AUTH, ENV_MANIFEST}, "envelope")
+    _only_keys(env, {ENV_AUTH, ENV_MANIFEST, *SEVERABLE}, "envelope")
     if ENV_AUTH not in env:
         raise ManifestError("envelope: authentication-wrapper missing (unsigned manifest)")
     if ENV_MANIFEST not in env:
         raise ManifestError("envelope: manifest missing")
     auth_bytes = _bytes(env[ENV_AUTH], "authentication-wrapper")
     manifest = _bytes(env[ENV_MANIFEST], "manifest")
-    if _dumps(cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: auth_bytes, ENV_MANIFEST: manifest})) != data:
+    carried = {k: _bytes(env[k], SEVERABLE[k]) for k in SEVERABLE if k in env}
+    outer = {ENV_AUTH: auth_bytes, ENV_MANIFEST: manifest, **carried}
+    if _dumps(cbor2.CBORTag(ENVELOPE_TAG, outer)) != data:
         raise ManifestError("envelope: not deterministically encoded")
     manifest_bstr = _dumps(manifest)
 
@@ -526,12 +952,12 @@ def decode_envelope(data: bytes) -> Envelope:
     if len(auth) < 2:
         raise ManifestError("authentication-wrapper: needs a digest and at least one signature")
     suit_digest = _bytes(auth[0], "authentication digest")
-    carried = _decode_suit_digest(suit_digest, "authentication digest")
+    carried_digest = _decode_suit_digest(suit_digest, "authentication digest")
     digest = hashlib.sha256(manifest_bstr).digest()
-    if carried != digest:
+    if carried_digest != digest:
         raise ManifestError("authentication digest does not match the manifest")
     signatures = tuple(_decode_sign1(item) for item in auth[1:])
-    info = _decode_manifest(manifest)
+    info, held = _decode_manifest(manifest, carried)
     return Envelope(
         info=info,
         manifest_bstr=manifest_bstr,
@@ -539,6 +965,7 @@ def decode_envelope(data: bytes) -> Envelope:
         signatures=signatures,
         raw=data,
         suit_digest=suit_digest,
+        severable=held,
     )
 
 

@@ -22,12 +22,29 @@ HDR_X5CHAIN = 33
 ALG_ES256 = -7
 ALG_EDDSA = -8
 ALG_ESP256 = -9
-ALG_NAMES = {ALG_ES256: "ES256", ALG_EDDSA: "EdDSA", ALG_ESP256: "ESP256"}
+ALG_ED25519 = -19
+ALG_NAMES = {ALG_ES256: "ES256", ALG_EDDSA: "EdDSA", ALG_ESP256: "ESP256", ALG_ED25519: "Ed25519"}
+"""Every algorithm the codec verifies: the fully-specified ESP256 and Ed25519 (RFC 9864) and the
+polymorphic ES256 and EdDSA they replace, which older envelopes carry."""
+_EDDSA_ALGS = (ALG_EDDSA, ALG_ED25519)
+_ECDSA_ALGS = (ALG_ES256, ALG_ESP256)
 
 
 def alg_for(key: PrivateKey | PublicKey) -> int:
-    """The algorithm a key signs with: EdDSA for Ed25519, ES256 for P-256."""
+    """The polymorphic algorithm id of a key (EdDSA for Ed25519, ES256 for P-256); attestation
+    evidence keeps these ids."""
     return ALG_EDDSA if isinstance(public_of(key), ed25519.Ed25519PublicKey) else ALG_ES256
+
+
+def fully_specified_alg_for(key: PrivateKey | PublicKey) -> int:
+    """The fully-specified algorithm id of a key (RFC 9864), what the SUIT MTI profiles name:
+    Ed25519 (-19) for an Ed25519 key, ESP256 (-9) for a P-256 key."""
+    return ALG_ED25519 if isinstance(public_of(key), ed25519.Ed25519PublicKey) else ALG_ESP256
+
+
+def algs_for(key: PrivateKey | PublicKey) -> tuple[int, ...]:
+    """The algorithm ids a key may sign or verify under: its fully-specified id and the older one."""
+    return _EDDSA_ALGS if isinstance(public_of(key), ed25519.Ed25519PublicKey) else _ECDSA_ALGS
 
 
 @runtime_checkable
@@ -62,11 +79,11 @@ def verify(key: PublicKey, alg: int, signature: bytes, data: bytes) -> bool:
     the other type, or an algorithm it does not use, never verifies)."""
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
-            if alg != ALG_EDDSA:
+            if alg not in _EDDSA_ALGS:
                 return False
             key.verify(signature, data)
         else:
-            if alg not in (ALG_ES256, ALG_ESP256) or len(signature) != 64:
+            if alg not in _ECDSA_ALGS or len(signature) != 64:
                 return False
             r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
             key.verify(utils.encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
