@@ -28,7 +28,7 @@ from fwcm.manifest import (
     vendor_id_for_domain,
     verify_envelope,
 )
-from fwcm.manifest.codec import encode_manifest
+from fwcm.manifest.encode import encode_manifest
 
 VENDOR = vendor_id_for_domain("example.com")
 CLASS = class_id_for(VENDOR, "sensor-v1")

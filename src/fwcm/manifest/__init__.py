@@ -1,20 +1,13 @@
 """SUIT manifests for fwcm (sans-IO): build, decode and verify signed envelopes; manage signing keys."""
 
-from .codec import (
-    Component,
-    CoseSignature,
-    DeltaPatch,
-    Envelope,
-    ManifestInfo,
-    SeverableMember,
-    build_envelope,
-    class_id_for,
+from .cose import ALG_ED25519, ALG_EDDSA, ALG_ES256, ALG_ESP256, ALG_NAMES
+from .decode import (
     decode_envelope,
     sever,
-    vendor_id_for_domain,
-    verify_envelope,
 )
-from .cose import ALG_ED25519, ALG_EDDSA, ALG_ES256, ALG_ESP256, ALG_NAMES
+from .encode import (
+    build_envelope,
+)
 from .errors import ManifestError, SignatureError
 from .keys import (
     PrivateKey,
@@ -28,7 +21,20 @@ from .keys import (
     public_key_pem,
     public_of,
 )
+from .model import (
+    Component,
+    CoseSignature,
+    DeltaPatch,
+    Envelope,
+    ManifestInfo,
+    SeverableMember,
+    class_id_for,
+    vendor_id_for_domain,
+)
 from .text import ComponentText, ManifestText
+from .verify import (
+    verify_envelope,
+)
 
 __all__ = [
     "ALG_ED25519",

@@ -223,7 +223,7 @@ def request_release(
     if payload.size != req.image_size:
         raise Invalid(f"the uploaded image is {payload.size} bytes, not {req.image_size}")
     info = _info(req.sequence, req.vendor_id, req.class_id, req.image_digest, req.image_size, req.uris)
-    manifest.codec.encode_manifest(info)  # refuse what could never be signed, before anyone approves it
+    manifest.encode.encode_manifest(info)  # refuse what could never be signed, before anyone approves it
     release = sq.add_release(
         s,
         tenant_id=who.tenant_id,

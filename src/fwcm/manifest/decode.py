@@ -1,4 +1,4 @@
-"""SUIT envelope codec (draft-ietf-suit-manifest, numbering of -28 and later) for the fwcm profile.
+"""Decoding SUIT envelopes (draft-ietf-suit-manifest, numbering of -28 and later) for the fwcm profile.
 
 The profile is one or more components (the first ``[h'6677']``, "fw", by default), each with one image
 and one or more payload URIs tried in order, an optional text section and the severable members of the
@@ -22,449 +22,61 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from . import cose
 from .cose import ALG_NAMES, COSE_SIGN1_TAG, HDR_ALG, HDR_KID, HDR_X5CHAIN
-from .errors import ManifestError, SignatureError
-from .keys import PrivateKey, PublicKey, key_id, public_of
-from .text import ComponentId, ManifestText, decode_text, encode_text
-
-# --- SUIT numbering (draft-ietf-suit-manifest -28+) -----------------------------------------------
-ENVELOPE_TAG = 107
-ENV_AUTH = 2
-ENV_MANIFEST = 3
-
-MANIFEST_VERSION = 1
-M_VERSION = 1
-M_SEQUENCE = 2
-M_COMMON = 3
-M_REFERENCE_URI = 4
-M_VALIDATE = 7
-M_INVOKE = 9
-M_PAYLOAD_FETCH = 16
-M_INSTALL = 20
-M_TEXT = 23
-
-SEVERABLE = {M_PAYLOAD_FETCH: "payload-fetch", M_INSTALL: "install", M_TEXT: "text"}
-"""The severable members: in the manifest either inline (bstr) or as a SUIT_Digest of the bstr-wrapped
-member, which the envelope then carries under the same key (or not, when it has been severed)."""
-
-C_COMPONENTS = 2
-C_SHARED_SEQUENCE = 4
-
-P_VENDOR_ID = 1
-P_CLASS_ID = 2
-P_IMAGE_DIGEST = 3
-P_IMAGE_SIZE = 14
-P_URI = 21
-P_SOURCE_COMPONENT = 22
-P_PATCH_FORMAT = -1
-"""fwcm's custom parameter (suit-parameter-custom, a negative key): the format of the patch that
-suit-directive-copy applies from the source component."""
-PATCH_FORMAT = "detools-sequential-lzma"
-
-COND_VENDOR_ID = 1
-COND_CLASS_ID = 2
-COND_IMAGE_MATCH = 3
-
-DIR_SET_COMPONENT_INDEX = 12
-DIR_TRY_EACH = 15
-DIR_OVERRIDE_PARAMETERS = 20
-DIR_FETCH = 21
-DIR_COPY = 22
-
-REPORT_ALL = 15
-"""Reporting policy for conditions: record and sysinfo on success and failure."""
-REPORT_FAILURE = 2
-"""Reporting policy for fetch: record on failure."""
-
-DIGEST_SHA256 = -16
-COMPONENT_FW: list[bytes] = [b"fw"]
-"""The component identifier fwcm writes for a single image: ``[h'6677']``."""
-
-MAX_ENVELOPE_BYTES = 256 * 1024
-"""Envelopes above this size are refused unread (a profile envelope is a few hundred bytes plus certs)."""
-MAX_URIS = 16
-MAX_COMPONENTS = 8
-MAX_COMPONENT_ID_PARTS = 8
-MAX_COMPONENT_ID_PART_BYTES = 64
-MAX_REFERENCE_URI = 1024
-PATCH_COMPONENT: tuple[bytes, ...] = (b"fwcm-patch",)
-"""The temporary component a delta manifest fetches its patch into."""
-_UINT64_MAX = 2**64 - 1
-
-
-def vendor_id_for_domain(domain: str) -> uuid.UUID:
-    """Vendor ID convention: UUID5 in the DNS namespace over the vendor's domain name."""
-    return uuid.uuid5(uuid.NAMESPACE_DNS, domain)
-
-
-def class_id_for(vendor_id: uuid.UUID, model: str) -> uuid.UUID:
-    """Class ID convention: UUID5 in the vendor's namespace over the device model name."""
-    return uuid.uuid5(vendor_id, model)
-
-
-@dataclass(frozen=True)
-class Component:
-    """One image of a manifest: which component it goes to, its digest, size and payload URIs."""
-
-    id: ComponentId
-    image_digest: bytes
-    """SHA-256 of the image, 32 bytes."""
-    image_size: int
-    uris: tuple[str, ...]
-    """One or more payload URIs, tried in order (try-each)."""
-
-
-@dataclass(frozen=True)
-class DeltaPatch:
-    """How a delta manifest makes its image: a patch fetched into a temporary component, applied to
-    the image the device runs now (the base, checked first) into the inactive slot."""
-
-    base_digest: bytes
-    """SHA-256 of the image the patch applies to, 32 bytes."""
-    base_size: int
-    patch_digest: bytes
-    patch_size: int
-    uris: tuple[str, ...]
-    """Where to fetch the patch, tried in order."""
-
-
-@dataclass(frozen=True)
-class ManifestInfo:
-    """Everything the fwcm profile says about one update.
-
-    The first (often only) image is described by ``component_id``, ``image_digest``, ``image_size``
-    and ``uris``; a multi-component manifest lists the others in ``extra_components``. All of them
-    are installed together or not at all. :attr:`components` gives every image uniformly.
-    """
-
-    sequence: int
-    vendor_id: uuid.UUID
-    class_id: uuid.UUID
-    image_digest: bytes
-    """SHA-256 of the image, 32 bytes."""
-    image_size: int
-    uris: tuple[str, ...]
-    """One or more payload URIs, tried in order (try-each)."""
-    component_id: ComponentId = (b"fw",)
-    extra_components: tuple[Component, ...] = ()
-    texts: tuple[ManifestText, ...] = ()
-    """The text section, one entry per language (written as a severable member)."""
-    reference_uri: str | None = None
-    delta: DeltaPatch | None = None
-    """Set in a delta manifest: the image is made from a patch (``uris`` is then empty)."""
-
-    @property
-    def components(self) -> tuple[Component, ...]:
-        first = Component(self.component_id, self.image_digest, self.image_size, self.uris)
-        return (first, *self.extra_components)
-
-
-@dataclass(frozen=True)
-class SeverableMember:
-    """A severable member of the manifest held as a digest: whether the envelope still carries it."""
-
-    key: int
-    name: str
-    digest: bytes
-    """SHA-256 of the bstr-wrapped member, as the manifest holds it."""
-    present: bool
-    """The envelope carries the member and it matches ``digest`` (False: it has been severed)."""
-
-
-@dataclass(frozen=True)
-class CoseSignature:
-    """One parsed COSE_Sign1 entry of the authentication wrapper."""
-
-    alg: int
-    kid: bytes | None
-    signature: bytes
-    x5chain: tuple[bytes, ...]
-    """DER certificates from protected header 33 (leaf first), empty when absent."""
-    protected: bytes
-    """The serialized protected header exactly as carried (it is part of what is signed)."""
-
-    @property
-    def alg_name(self) -> str:
-        return ALG_NAMES.get(self.alg, str(self.alg))
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """A decoded (not yet verified) SUIT envelope."""
-
-    info: ManifestInfo
-    manifest_bstr: bytes
-    """The bstr-wrapped manifest as it appears in the envelope (CBOR header included)."""
-    digest: bytes
-    """SHA-256 over ``manifest_bstr`` (32 bytes), the value of the SUIT_Digest."""
-    signatures: tuple[CoseSignature, ...]
-    raw: bytes
-    suit_digest: bytes = field(default=b"", repr=False)
-    """The encoded SUIT_Digest ``[-16, digest]`` as carried: the detached payload each signature signs."""
-    severable: tuple[SeverableMember, ...] = ()
-    """The manifest's severable members held as digests (inline members are not listed)."""
-
-
-# --- encoding --------------------------------------------------------------------------------------
-
-
-def _dumps(obj: Any) -> bytes:
-    return cbor2.dumps(obj, canonical=True)
-
-
-def _suit_digest(digest: bytes) -> bytes:
-    return _dumps([DIGEST_SHA256, digest])
-
-
-def _check_uint(v: Any, what: str) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _UINT64_MAX:
-        raise ManifestError(f"{what} must be an integer between 0 and 2**64-1")
-
-
-def _check_component_id(cid: Any) -> None:
-    if (
-        not isinstance(cid, tuple)
-        or not 1 <= len(cid) <= MAX_COMPONENT_ID_PARTS
-        or not all(isinstance(p, bytes) and len(p) <= MAX_COMPONENT_ID_PART_BYTES for p in cid)
-    ):
-        raise ManifestError(
-            f"a component id is a tuple of 1 to {MAX_COMPONENT_ID_PARTS} byte strings "
-            f"of at most {MAX_COMPONENT_ID_PART_BYTES} bytes"
-        )
-
-
-def _check_component(c: Component, *, fetched: bool = True) -> None:
-    _check_component_id(c.id)
-    if not isinstance(c.image_digest, bytes) or len(c.image_digest) != 32:
-        raise ManifestError("image_digest must be 32 bytes (SHA-256)")
-    _check_uint(c.image_size, "image_size")
-    if not fetched:
-        if c.uris:
-            raise ManifestError("a delta manifest fetches the patch, not the image: give no image URIs")
-        return
-    if not c.uris:
-        raise ManifestError("at least one payload URI is required")
-    if len(c.uris) > MAX_URIS:
-        raise ManifestError(f"at most {MAX_URIS} payload URIs")
-    for uri in c.uris:
-        if not isinstance(uri, str) or not uri:
-            raise ManifestError("payload URIs must be non-empty strings")
-
-
-def _check_info(info: ManifestInfo) -> None:
-    if not isinstance(info.sequence, int) or isinstance(info.sequence, bool):
-        raise ManifestError("sequence must be an integer")
-    if not 0 <= info.sequence <= _UINT64_MAX:
-        raise ManifestError("sequence must be between 0 and 2**64-1")
-    if not isinstance(info.vendor_id, uuid.UUID) or not isinstance(info.class_id, uuid.UUID):
-        raise ManifestError("vendor_id and class_id must be UUIDs")
-    if not isinstance(info.image_size, int) or isinstance(info.image_size, bool):
-        raise ManifestError("image_size must be an integer")
-    components = info.components
-    if len(components) > MAX_COMPONENTS:
-        raise ManifestError(f"at most {MAX_COMPONENTS} components")
-    if info.delta is not None and info.extra_components:
-        raise ManifestError("a delta manifest has one image")
-    for c in components:
-        _check_component(c, fetched=info.delta is None)
-    if info.delta is not None:
-        d = info.delta
-        if info.component_id == PATCH_COMPONENT:
-            raise ManifestError(f"component id {PATCH_COMPONENT!r} is the patch's")
-        _check_component(Component(PATCH_COMPONENT, d.patch_digest, d.patch_size, d.uris))
-        if not isinstance(d.base_digest, bytes) or len(d.base_digest) != 32:
-            raise ManifestError("base_digest must be 32 bytes (SHA-256)")
-        _check_uint(d.base_size, "base_size")
-    if len({c.id for c in components}) != len(components):
-        raise ManifestError("component ids must be distinct")
-    if info.reference_uri is not None and (
-        not isinstance(info.reference_uri, str) or not 0 < len(info.reference_uri) <= MAX_REFERENCE_URI
-    ):
-        raise ManifestError(f"reference_uri must be a text string of 1 to {MAX_REFERENCE_URI} characters")
-
-
-def _fetch_option(uri: str) -> list[Any]:
-    return [
-        DIR_OVERRIDE_PARAMETERS,
-        {P_URI: uri},
-        DIR_FETCH,
-        REPORT_FAILURE,
-        COND_IMAGE_MATCH,
-        REPORT_ALL,
-    ]
-
-
-def _fetch_commands(uris: tuple[str, ...]) -> list[Any]:
-    """One URI: the option itself; several: try-each over one option per URI, in order."""
-    if len(uris) == 1:
-        return _fetch_option(uris[0])
-    return [DIR_TRY_EACH, [_dumps(_fetch_option(u)) for u in uris]]
-
-
-def _shared_sequence_commands(info: ManifestInfo) -> list[Any]:
-    """Identity and image of the first component, checked; then the image of each further one."""
-    shared: list[Any] = [
-        DIR_SET_COMPONENT_INDEX,
-        0,
-        DIR_OVERRIDE_PARAMETERS,
-        {
-            P_VENDOR_ID: info.vendor_id.bytes,
-            P_CLASS_ID: info.class_id.bytes,
-            P_IMAGE_DIGEST: _suit_digest(info.image_digest),
-            P_IMAGE_SIZE: info.image_size,
-        },
-        COND_VENDOR_ID,
-        REPORT_ALL,
-        COND_CLASS_ID,
-        REPORT_ALL,
-    ]
-    for index, c in enumerate(info.extra_components, 1):
-        shared += [
-            DIR_SET_COMPONENT_INDEX,
-            index,
-            DIR_OVERRIDE_PARAMETERS,
-            {P_IMAGE_DIGEST: _suit_digest(c.image_digest), P_IMAGE_SIZE: c.image_size},
-        ]
-    return shared
-
-
-def _patch_parameters(d: DeltaPatch) -> list[Any]:
-    return [
-        DIR_SET_COMPONENT_INDEX,
-        1,
-        DIR_OVERRIDE_PARAMETERS,
-        {P_IMAGE_DIGEST: _suit_digest(d.patch_digest), P_IMAGE_SIZE: d.patch_size},
-    ]
-
-
-def _delta_install(info: ManifestInfo) -> list[Any]:
-    """Check the running image is the base, apply the patch from component 1 into component 0 (the
-    inactive slot), check the result is the new image."""
-    d = info.delta
-    assert d is not None
-    return [
-        DIR_SET_COMPONENT_INDEX,
-        0,
-        DIR_OVERRIDE_PARAMETERS,
-        {P_IMAGE_DIGEST: _suit_digest(d.base_digest), P_IMAGE_SIZE: d.base_size},
-        COND_IMAGE_MATCH,
-        REPORT_ALL,
-        DIR_OVERRIDE_PARAMETERS,
-        {P_SOURCE_COMPONENT: 1, P_PATCH_FORMAT: PATCH_FORMAT},
-        DIR_COPY,
-        REPORT_FAILURE,
-        DIR_OVERRIDE_PARAMETERS,
-        {P_IMAGE_DIGEST: _suit_digest(info.image_digest), P_IMAGE_SIZE: info.image_size},
-        COND_IMAGE_MATCH,
-        REPORT_ALL,
-    ]
-
-
-def encode_manifest(info: ManifestInfo) -> bytes:
-    """The deterministic CBOR SUIT_Manifest (not yet bstr-wrapped) for ``info``, text inline."""
-    return _encode(info)[0]
-
-
-def _encode(info: ManifestInfo) -> tuple[bytes, dict[int, bytes]]:
-    """The manifest and the severable members the envelope carries (the text, held as a digest)."""
-    _check_info(info)
-    components = info.components
-    common = {
-        C_COMPONENTS: [list(c.id) for c in components],
-        C_SHARED_SEQUENCE: _dumps(_shared_sequence_commands(info)),
-    }
-    install: list[Any] | None = None
-    if info.delta is not None:
-        common[C_COMPONENTS] = [list(info.component_id), list(PATCH_COMPONENT)]
-        common[C_SHARED_SEQUENCE] = _dumps(_shared_sequence_commands(info) + _patch_parameters(info.delta))
-        fetch = [DIR_SET_COMPONENT_INDEX, 1, *_fetch_commands(info.delta.uris)]
-        check = [COND_IMAGE_MATCH, REPORT_ALL]
-        install = _delta_install(info)
-    elif len(components) == 1:
-        fetch = _fetch_commands(info.uris)
-        check = [COND_IMAGE_MATCH, REPORT_ALL]
-    else:
-        fetch = []
-        for index, c in enumerate(components):
-            fetch += [DIR_SET_COMPONENT_INDEX, index, *_fetch_commands(c.uris)]
-        check = [DIR_SET_COMPONENT_INDEX, True, COND_IMAGE_MATCH, REPORT_ALL]
-    manifest: dict[int, Any] = {
-        M_VERSION: MANIFEST_VERSION,
-        M_SEQUENCE: info.sequence,
-        M_COMMON: _dumps(common),
-        M_VALIDATE: _dumps(check),
-        M_PAYLOAD_FETCH: _dumps(fetch),
-        M_INSTALL: _dumps(check if install is None else install),
-    }
-    if info.reference_uri is not None:
-        manifest[M_REFERENCE_URI] = info.reference_uri
-    members: dict[int, bytes] = {}
-    if info.texts:
-        text = _dumps(encode_text(info.texts, [c.id for c in components]))
-        members[M_TEXT] = text
-        manifest[M_TEXT] = [DIGEST_SHA256, hashlib.sha256(_dumps(text)).digest()]
-    return _dumps(manifest), members
-
-
-def _signing_alg(public: PublicKey, alg: int | None) -> int:
-    if alg is None:
-        return cose.fully_specified_alg_for(public)
-    if alg not in cose.algs_for(public):
-        names = " or ".join(ALG_NAMES[a] for a in cose.algs_for(public))
-        raise ManifestError(f"algorithm {alg} does not fit this key (use {names})")
-    return alg
-
-
-def build_envelope(
-    info: ManifestInfo,
-    key: PrivateKey | cose.HeldKey,
-    *,
-    x5chain: list[bytes] | None = None,
-    alg: int | None = None,
-) -> bytes:
-    """Sign ``info`` with ``key`` into a tagged SUIT envelope.
-
-    ``key`` is a private key or one held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`).
-    The algorithm is the key's fully-specified one unless ``alg`` names another that fits the key:
-    ESP256 (-9) or ES256 (-7) for P-256, Ed25519 (-19) or EdDSA (-8) for Ed25519. ``x5chain`` (DER
-    certificates, leaf first) is carried in the protected header, label 33. A text section is carried
-    as a severable member, its digest in the manifest.
-    """
-    if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        public = public_of(key)
-    elif isinstance(key, cose.HeldKey):
-        public = public_of(key.public_key())
-    else:
-        raise ManifestError("a private key is required to sign")
-    protected_map: dict[int, Any] = {HDR_ALG: _signing_alg(public, alg)}
-    manifest, members = _encode(info)
-    manifest_bstr = _dumps(manifest)
-    suit_digest = _suit_digest(hashlib.sha256(manifest_bstr).digest())
-    if x5chain:
-        if not all(isinstance(c, bytes) and c for c in x5chain):
-            raise ManifestError("x5chain entries must be non-empty DER bytes")
-        protected_map[HDR_X5CHAIN] = x5chain[0] if len(x5chain) == 1 else list(x5chain)
-    protected = _dumps(protected_map)
-    signature = cose.sign(key, cose.to_be_signed(protected, suit_digest))
-    sign1 = cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {HDR_KID: key_id(public)}, None, signature])
-    auth = [suit_digest, _dumps(sign1)]
-    envelope = cbor2.CBORTag(ENVELOPE_TAG, {ENV_AUTH: _dumps(auth), ENV_MANIFEST: manifest, **members})
-    return _dumps(envelope)
-
-
-def sever(data: bytes, keys: Iterable[int] = tuple(SEVERABLE)) -> bytes:
-    """``data`` without the severable members ``keys`` (default: all); the signature still holds, as
-    the manifest keeps their digests. The envelope is decoded first, so only a valid one is cut."""
-    drop = set(keys)
-    if not drop <= SEVERABLE.keys():
-        raise ManifestError(f"only severable members can be severed ({', '.join(map(str, SEVERABLE))})")
-    decode_envelope(data)
-    top = cbor2.loads(data)
-    return _dumps(cbor2.CBORTag(ENVELOPE_TAG, {k: v for k, v in top.value.items() if k not in drop}))
-
+from .encode import (
+    canonical_cbor,
+)
+from .errors import ManifestError
+from .model import (
+    _UINT64_MAX,
+    C_COMPONENTS,
+    C_SHARED_SEQUENCE,
+    COND_CLASS_ID,
+    COND_IMAGE_MATCH,
+    COND_VENDOR_ID,
+    DIGEST_SHA256,
+    DIR_COPY,
+    DIR_FETCH,
+    DIR_OVERRIDE_PARAMETERS,
+    DIR_SET_COMPONENT_INDEX,
+    DIR_TRY_EACH,
+    ENV_AUTH,
+    ENV_MANIFEST,
+    ENVELOPE_TAG,
+    M_COMMON,
+    M_INSTALL,
+    M_INVOKE,
+    M_PAYLOAD_FETCH,
+    M_REFERENCE_URI,
+    M_SEQUENCE,
+    M_TEXT,
+    M_VALIDATE,
+    M_VERSION,
+    MANIFEST_VERSION,
+    MAX_COMPONENT_ID_PART_BYTES,
+    MAX_COMPONENT_ID_PARTS,
+    MAX_COMPONENTS,
+    MAX_ENVELOPE_BYTES,
+    MAX_REFERENCE_URI,
+    MAX_URIS,
+    P_CLASS_ID,
+    P_IMAGE_DIGEST,
+    P_IMAGE_SIZE,
+    P_PATCH_FORMAT,
+    P_SOURCE_COMPONENT,
+    P_URI,
+    P_VENDOR_ID,
+    PATCH_FORMAT,
+    SEVERABLE,
+    Component,
+    CoseSignature,
+    DeltaPatch,
+    Envelope,
+    ManifestInfo,
+    SeverableMember,
+)
+from .text import ComponentId, decode_text
 
 # --- decoding --------------------------------------------------------------------------------------
 
@@ -770,7 +382,7 @@ def _severable_members(
         present = key in carried
         if present:
             body = _bytes(carried[key], name)
-            if hashlib.sha256(_dumps(body)).digest() != digest:
+            if hashlib.sha256(canonical_cbor(body)).digest() != digest:
                 raise ManifestError(f"envelope: {name} ({key}) does not match its digest in the manifest")
             members[key] = body
         held.append(SeverableMember(key=key, name=name, digest=digest, present=present))
@@ -944,9 +556,9 @@ def decode_envelope(data: bytes) -> Envelope:
     manifest = _bytes(env[ENV_MANIFEST], "manifest")
     carried = {k: _bytes(env[k], SEVERABLE[k]) for k in SEVERABLE if k in env}
     outer = {ENV_AUTH: auth_bytes, ENV_MANIFEST: manifest, **carried}
-    if _dumps(cbor2.CBORTag(ENVELOPE_TAG, outer)) != data:
+    if canonical_cbor(cbor2.CBORTag(ENVELOPE_TAG, outer)) != data:
         raise ManifestError("envelope: not deterministically encoded")
-    manifest_bstr = _dumps(manifest)
+    manifest_bstr = canonical_cbor(manifest)
 
     auth = _array(_loads(auth_bytes, "authentication-wrapper"), "authentication-wrapper")
     if len(auth) < 2:
@@ -969,30 +581,12 @@ def decode_envelope(data: bytes) -> Envelope:
     )
 
 
-# --- verification ----------------------------------------------------------------------------------
-
-
-def verify_envelope(env: Envelope, keys: Iterable[PublicKey]) -> PublicKey:
-    """Return the first trusted key that verifies a signature of ``env``; raise :class:`SignatureError`.
-
-    A signature carrying a ``kid`` is only tried against the key with that id, so a signature can never
-    be attributed to a different trusted key.
-    """
-    trusted = [(k, public_of(k)) for k in keys]
-    if not trusted:
-        raise SignatureError("no trusted keys to verify against")
-    if not env.signatures:
-        raise SignatureError("envelope carries no signature")
-    payload = env.suit_digest or _suit_digest(env.digest)
-    known_kid = False
-    for sig in env.signatures:
-        for original, pub in trusted:
-            if sig.kid is not None and sig.kid != key_id(pub):
-                continue
-            known_kid = True
-            if cose.verify(pub, sig.alg, sig.signature, cose.to_be_signed(sig.protected, payload)):
-                return original
-    if not known_kid:
-        kid = env.signatures[0].kid
-        raise SignatureError(f"signed by an unknown key (kid {kid.hex()[:16] if kid else '-'})")
-    raise SignatureError("signature does not verify")
+def sever(data: bytes, keys: Iterable[int] = tuple(SEVERABLE)) -> bytes:
+    """``data`` without the severable members ``keys`` (default: all); the signature still holds, as
+    the manifest keeps their digests. The envelope is decoded first, so only a valid one is cut."""
+    drop = set(keys)
+    if not drop <= SEVERABLE.keys():
+        raise ManifestError(f"only severable members can be severed ({', '.join(map(str, SEVERABLE))})")
+    decode_envelope(data)
+    top = cbor2.loads(data)
+    return canonical_cbor(cbor2.CBORTag(ENVELOPE_TAG, {k: v for k, v in top.value.items() if k not in drop}))
