@@ -39,6 +39,9 @@ class SlotInfo:
     digest: str | None = None
     size: int = 0
     sequence: int | None = None
+    components: dict[str, str] = field(default_factory=dict)
+    """Further components of a multi-component update held with the image: part name → digest
+    (hex). They are activated and reverted with the slot, so they install together or not at all."""
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Download:
 
     digest: str
     offset: int
+    part: str = ""
+    """Which image of the slot: "" for the main one, a component's part name for the others."""
 
 
 @dataclass
@@ -205,8 +210,9 @@ class Flash:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def slot_path(self, slot: SlotName) -> Path:
-        return self.dir / f"slot_{slot}.bin"
+    def slot_path(self, slot: SlotName, part: str = "") -> Path:
+        """A slot's main image (``part`` ""), or the file of one of its further components."""
+        return self.dir / (f"slot_{slot}.{part}.bin" if part else f"slot_{slot}.bin")
 
     def provision(self, image: bytes, sequence: int) -> None:
         """Factory state: ``image`` in slot A, active, at ``sequence``; slot B empty."""
@@ -216,32 +222,36 @@ class Flash:
         self.state.slots["a"] = SlotInfo(hashlib.sha256(image).hexdigest(), len(image), sequence)
         self.save()
 
-    def read_slot(self, slot: SlotName) -> bytes:
-        path = self.slot_path(slot)
+    def read_slot(self, slot: SlotName, part: str = "") -> bytes:
+        path = self.slot_path(slot, part)
         return path.read_bytes() if path.exists() else b""
 
     def active_image(self) -> bytes:
         return self.read_slot(self.state.active)
 
-    def begin_download(self, digest: str, size: int) -> int:
-        """Prepare the inactive slot for ``digest``; return the offset to resume from."""
+    def begin_download(self, digest: str, size: int, part: str = "") -> int:
+        """Prepare the inactive slot (its main image, or component ``part``) for ``digest``; return
+        the offset to resume from. Starting the main image forgets what the slot held."""
         dl = self.state.download
-        path = self.slot_path(self.state.inactive)
-        if dl is not None and dl.digest == digest and 0 < dl.offset <= size:
+        path = self.slot_path(self.state.inactive, part)
+        if dl is not None and dl.digest == digest and dl.part == part and 0 < dl.offset <= size:
             current = path.stat().st_size if path.exists() else 0
             if current >= dl.offset:
                 with path.open("r+b") as f:
                     f.truncate(dl.offset)
                 return dl.offset
         path.write_bytes(b"")
-        self.state.slots[self.state.inactive] = SlotInfo()
-        self.state.download = Download(digest, 0)
+        if not part:
+            self.state.slots[self.state.inactive] = SlotInfo()
+        self.state.download = Download(digest, 0, part)
         self.save()
         return 0
 
     def write_chunk(self, offset: int, data: bytes) -> int:
-        """Write ``data`` at ``offset`` of the inactive slot; return the new offset (not yet saved)."""
-        with self.slot_path(self.state.inactive).open("r+b") as f:
+        """Write ``data`` at ``offset`` of the image being downloaded into the inactive slot; return
+        the new offset (not yet saved)."""
+        part = self.state.download.part if self.state.download is not None else ""
+        with self.slot_path(self.state.inactive, part).open("r+b") as f:
             f.seek(offset)
             f.write(data)
         end = offset + len(data)
@@ -249,24 +259,42 @@ class Flash:
             self.state.download.offset = end
         return end
 
-    def inactive_digest(self) -> tuple[str, int]:
-        """SHA-256 (hex) and size of what the inactive slot holds, computed from the file."""
+    def inactive_digest(self, part: str = "") -> tuple[str, int]:
+        """SHA-256 (hex) and size of what the inactive slot holds (its main image or component
+        ``part``), computed from the file."""
         h = hashlib.sha256()
         size = 0
-        with self.slot_path(self.state.inactive).open("rb") as f:
+        path = self.slot_path(self.state.inactive, part)
+        if not path.exists():
+            return h.hexdigest(), 0
+        with path.open("rb") as f:
             while chunk := f.read(1 << 16):
                 h.update(chunk)
                 size += len(chunk)
         return h.hexdigest(), size
 
-    def mark_downloaded(self, digest: str, size: int, sequence: int) -> None:
-        self.state.slots[self.state.inactive] = SlotInfo(digest, size, sequence)
+    def write_inactive(self, image: bytes) -> None:
+        """Write a whole image (a patch's result) as the inactive slot's main image."""
+        self.slot_path(self.state.inactive).write_bytes(image)
+
+    def drop_part(self, part: str) -> None:
+        """Forget one further file of the inactive slot (a patch once applied)."""
+        self.slot_path(self.state.inactive, part).unlink(missing_ok=True)
+
+    def mark_downloaded(
+        self, digest: str, size: int, sequence: int, components: dict[str, str] | None = None
+    ) -> None:
+        """Every image of the update is in the inactive slot and verified."""
+        self.state.slots[self.state.inactive] = SlotInfo(digest, size, sequence, dict(components or {}))
         self.state.download = None
 
     def discard_inactive(self) -> None:
-        """Erase the inactive slot: a failed or cancelled update leaves nothing half-written."""
+        """Erase the inactive slot, every component of it: a failed or cancelled update leaves
+        nothing half-written."""
         with contextlib.suppress(FileNotFoundError):
             self.slot_path(self.state.inactive).write_bytes(b"")
+        for path in self.dir.glob(f"slot_{self.state.inactive}.*.bin"):
+            path.unlink(missing_ok=True)
         self.state.slots[self.state.inactive] = SlotInfo()
         self.state.download = None
 

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import cbor2
 
-from fwcm import attestation, manifest, pki, protocol
+from fwcm import attestation, delta, manifest, pki, protocol
 from fwcm.protocol import LwState, Notice, NoticeKind, Result
 
 from .attest import Attestation
@@ -33,12 +33,19 @@ log = logging.getLogger(__name__)
 
 UNAUTHORIZED = (401, 129)
 """HTTP 401 and CoAP 4.01: the payload endpoint refused the install token."""
+PATCH_PART = "patch"
+"""The inactive slot's file a delta manifest's patch is fetched into (the temporary component)."""
 SAVE_EVERY_BYTES = 32 * 1024
 """During a download the offset is persisted at least this often (and at every interruption)."""
 
 
 class _Dropped(Exception):
     """Injected fault: the connection went away mid-download."""
+
+
+def part_name(component_id: tuple[bytes, ...]) -> str:
+    """A further component's name in the slot ("c" and its identifier's parts in hex): a file name part."""
+    return "c" + "-".join(p.hex() for p in component_id)
 
 
 class UpdateJob:
@@ -239,13 +246,21 @@ class UpdateJob:
             raise Refusal(
                 Result.ROLLBACK_REFUSED, f"sequence {info.sequence} is older than {st.installed_sequence}"
             )
-        if info.image_size > device.config.flash_size:
-            raise Refusal(Result.NOT_ENOUGH_FLASH, f"image of {info.image_size} bytes does not fit")
+        if info.delta is not None and (
+            flash.active_digest() != info.delta.base_digest
+            or st.slots[st.active].size != info.delta.base_size
+        ):
+            raise Refusal(Result.BASE_MISMATCH, "the running image is not the patch's base")
+        total = sum(c.image_size for c in info.components)
+        if total > device.config.flash_size:
+            raise Refusal(Result.NOT_ENOUGH_FLASH, f"image of {total} bytes does not fit")
         digest = info.image_digest.hex()
+        extras = {part_name(c.id): c.image_digest.hex() for c in info.extra_components}
         resume_install = (
             existing is not None
             and existing.phase in ("downloaded", "installing")
             and st.slots[st.inactive].digest == digest
+            and st.slots[st.inactive].components == extras
         )
         if existing is not None and existing.digest == digest:
             job = existing
@@ -262,12 +277,12 @@ class UpdateJob:
             if n.nonce is not None:
                 await self._attest(n, env.digest)
             self._set_phase(job, "downloading")
-            await self._download(n, job, list(info.uris))
-            got, got_size = flash.inactive_digest()
-            if got_size != info.image_size or got != digest:
-                raise Refusal(Result.INTEGRITY_FAILURE, f"image digest/size mismatch ({got_size} bytes)")
+            if info.delta is not None:
+                await self._download_delta(n, job, info, info.delta)
+            else:
+                await self._download_all(n, job, info)
             self._set_phase(job, "downloaded")
-            flash.mark_downloaded(digest, info.image_size, info.sequence)
+            flash.mark_downloaded(digest, info.image_size, info.sequence, extras)
             device.report(n.campaign, n.attempt, LwState.DOWNLOADED, progress=100)
             await self._step_delay()
 
@@ -390,12 +405,74 @@ class UpdateJob:
 
     # -- download ---------------------------------------------------------------------------
 
-    async def _download(self, n: Notice, job: Job, uris: list[str]) -> None:
-        """Fetch the image into the inactive slot, resuming from the persisted offset."""
+    async def _download_all(self, n: Notice, job: Job, info: manifest.ManifestInfo) -> None:
+        """Fetch and check every image of the update into the inactive slot, one after the other.
+        A multi-component update skips an image the slot already holds verified (a restart after
+        it was fetched); any failure leaves the whole slot to be discarded, so the components
+        install together or not at all."""
+        flash = self.device.flash
+        several = len(info.components) > 1
+        for index, c in enumerate(info.components):
+            part = part_name(c.id) if index else ""
+            digest = c.image_digest.hex()
+            if several and flash.inactive_digest(part) == (digest, c.image_size):
+                continue
+            await self._download(
+                n, job, list(c.uris), digest=digest, size=c.image_size, part=part, report=index == 0
+            )
+            got, got_size = flash.inactive_digest(part)
+            if got_size != c.image_size or got != digest:
+                which = f" of component {part_name(c.id)}" if several else ""
+                raise Refusal(
+                    Result.INTEGRITY_FAILURE, f"image digest/size mismatch{which} ({got_size} bytes)"
+                )
+
+    async def _download_delta(
+        self, n: Notice, job: Job, info: manifest.ManifestInfo, d: manifest.DeltaPatch
+    ) -> None:
+        """Fetch the patch (resumable, like an image) beside the inactive slot, check it, apply it
+        to the running image into the inactive slot and check the result."""
+        flash = self.device.flash
+        patch_digest = d.patch_digest.hex()
+        if flash.inactive_digest(PATCH_PART) != (patch_digest, d.patch_size):
+            await self._download(
+                n, job, list(d.uris), digest=patch_digest, size=d.patch_size, part=PATCH_PART
+            )
+            got, got_size = flash.inactive_digest(PATCH_PART)
+            if got_size != d.patch_size or got != patch_digest:
+                raise Refusal(Result.INTEGRITY_FAILURE, f"patch digest/size mismatch ({got_size} bytes)")
+        try:
+            image = delta.apply_patch(
+                flash.active_image(),
+                flash.read_slot(flash.state.inactive, PATCH_PART),
+                expected_size=info.image_size,
+            )
+        except delta.DeltaError as exc:
+            raise Refusal(Result.INTEGRITY_FAILURE, f"patch: {exc}") from None
+        flash.write_inactive(image)
+        flash.drop_part(PATCH_PART)
+        got, got_size = flash.inactive_digest()
+        if got_size != info.image_size or got != info.image_digest.hex():
+            raise Refusal(Result.INTEGRITY_FAILURE, f"patched image digest/size mismatch ({got_size} bytes)")
+        log.info("%s: applied a %d-byte patch for a %d-byte image", self.name, d.patch_size, info.image_size)
+
+    async def _download(
+        self,
+        n: Notice,
+        job: Job,
+        uris: list[str],
+        *,
+        digest: str,
+        size: int,
+        part: str = "",
+        report: bool = True,
+    ) -> None:
+        """Fetch one image (or a patch) into the inactive slot, resuming from the persisted offset;
+        ``report`` the start of the download (once per update)."""
         device, flash, faults = self.device, self.device.flash, self.device.faults
-        size = job.size
-        offset = flash.begin_download(job.digest, size)
-        device.report(n.campaign, n.attempt, LwState.DOWNLOADING, progress=offset * 100 // max(size, 1))
+        offset = flash.begin_download(digest, size, part)
+        if report:
+            device.report(n.campaign, n.attempt, LwState.DOWNLOADING, progress=offset * 100 // max(size, 1))
         candidates = order_uris(uris, device.config.transport)
         if not candidates:
             raise Refusal(Result.UNSUPPORTED_PROTOCOL, f"no usable payload URI in {uris}")

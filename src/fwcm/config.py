@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlparse
 
 from cryptography import x509
@@ -12,7 +14,12 @@ from cryptography import x509
 from fwcm.store.db import normalize_url
 from fwcm.transport.accounts import Credentials, check_service_username
 
+if TYPE_CHECKING:
+    from fwcm.keystore import KeyStore
+
 MiB = 1024 * 1024
+_KEYSTORE_LOCK = threading.Lock()
+"""Request threads share one key store per server."""
 
 
 def _int_env(name: str, default: int) -> int:
@@ -41,6 +48,14 @@ def _float_env(name: str, default: float) -> float:
 def _path_env(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw) if raw else None
+
+
+def _secret_env(name: str) -> str:
+    """``NAME`` itself, or the first line of the file ``NAME_FILE`` names (keeps it out of ``ps``)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
+    return os.environ.get(name, "")
 
 
 def _bind_env(name: str, default: str) -> tuple[str, int]:
@@ -79,7 +94,15 @@ class Settings:
     """Wait before the first retry of a failed webhook delivery; doubled after each failure."""
     webhook_batch_s: float = 10.0
     """Device failures are batched into one ``device.failed`` event per campaign this often."""
+    pkcs11_module: str = ""
+    """PKCS#11 module (``.so``) holding the server's signing keys; empty: keys are files under
+    ``{data_dir}/keys`` (see docs/signing.md)."""
+    pkcs11_token: str = ""
+    """Label of the token inside the module."""
+    pkcs11_pin: str = field(default="", repr=False)
+    """The token's user PIN."""
     _root: x509.Certificate | None = field(default=None, init=False, repr=False, compare=False)
+    _keystore: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -116,6 +139,28 @@ class Settings:
             self._root = pki.load_cert(Path(self.pki_root).read_bytes())
         return self._root
 
+    def keystore(self) -> KeyStore:
+        """Where the server's signing keys live: the PKCS#11 token when one is configured, else
+        key files under ``{data_dir}/keys``; opened once."""
+        with _KEYSTORE_LOCK:
+            return self._open_keystore()
+
+    def _open_keystore(self) -> KeyStore:
+        if self._keystore is None:
+            from fwcm import keystore
+
+            if self.pkcs11_module:
+                if not self.pkcs11_token:
+                    raise keystore.KeyStoreError(
+                        "FWCM_PKCS11_MODULE needs FWCM_PKCS11_TOKEN (the token label)"
+                    )
+                self._keystore = keystore.Pkcs11KeyStore(
+                    self.pkcs11_module, self.pkcs11_token, self.pkcs11_pin
+                )
+            else:
+                self._keystore = keystore.FileKeyStore(self.data_dir / "keys")
+        return cast("KeyStore", self._keystore)
+
     @property
     def payload_dir(self) -> Path:
         return self.data_dir / "payloads"
@@ -146,6 +191,9 @@ class Settings:
             "broker_pid_file": _path_env("FWCM_BROKER_PID_FILE"),
             "webhook_retry_s": _float_env("FWCM_WEBHOOK_RETRY_S", 10.0),
             "webhook_batch_s": _float_env("FWCM_WEBHOOK_BATCH_S", 10.0),
+            "pkcs11_module": os.environ.get("FWCM_PKCS11_MODULE", ""),
+            "pkcs11_token": os.environ.get("FWCM_PKCS11_TOKEN", ""),
+            "pkcs11_pin": _secret_env("FWCM_PKCS11_PIN"),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

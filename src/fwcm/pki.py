@@ -25,11 +25,22 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fwcm.manifest import Envelope, ManifestError, PrivateKey, PublicKey, key_id, verify_envelope
+from fwcm import der
+from fwcm.manifest import (
+    Envelope,
+    ManifestError,
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+    key_id,
+    verify_envelope,
+)
+from fwcm.manifest.cose import HeldKey
 from fwcm.manifest.keys import public_of
 from fwcm.protocol import NAME_RE
 
@@ -172,58 +183,15 @@ def hardware_ids_of(cert: x509.Certificate) -> tuple[str, ...] | None:
         return None
     if not isinstance(ext, x509.UnrecognizedExtension):  # pragma: no cover - cryptography never parses it
         raise ChainError("malformed", "unexpected hardware-ids extension type")
-    return _decode_utf8_sequence(ext.value)
+    return decode_hardware_ids(ext.value)
 
 
-# --- DER SEQUENCE OF UTF8String (the hardware-ids extension value) --------------------------------
-
-
-def _der_tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = (n.bit_length() + 7) // 8
-    return bytes([tag, 0x80 | size]) + n.to_bytes(size, "big") + content
-
-
-def _encode_utf8_sequence(items: Sequence[str]) -> bytes:
-    return _der_tlv(0x30, b"".join(_der_tlv(0x0C, s.encode()) for s in items))
-
-
-def _der_read(data: bytes, pos: int) -> tuple[int, bytes, int]:
-    """One DER TLV at ``pos``: (tag, content, end); refuses truncation and non-minimal lengths."""
-    if pos + 2 > len(data):
-        raise ChainError("malformed", "hardware-ids: truncated DER")
-    tag, first, pos = data[pos], data[pos + 1], pos + 2
-    length = first
-    if first & 0x80:
-        size = first & 0x7F
-        if not 1 <= size <= 4 or pos + size > len(data) or data[pos] == 0:
-            raise ChainError("malformed", "hardware-ids: bad DER length")
-        length = int.from_bytes(data[pos : pos + size], "big")
-        if length < 0x80:
-            raise ChainError("malformed", "hardware-ids: non-minimal DER length")
-        pos += size
-    if pos + length > len(data):
-        raise ChainError("malformed", "hardware-ids: truncated DER")
-    return tag, data[pos : pos + length], pos + length
-
-
-def _decode_utf8_sequence(data: bytes) -> tuple[str, ...]:
-    tag, content, end = _der_read(data, 0)
-    if tag != 0x30 or end != len(data):
-        raise ChainError("malformed", "hardware-ids: not a DER SEQUENCE")
-    items: list[str] = []
-    pos = 0
-    while pos < len(content):
-        tag, value, pos = _der_read(content, pos)
-        if tag != 0x0C:
-            raise ChainError("malformed", "hardware-ids: entries must be UTF8String")
-        try:
-            items.append(value.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ChainError("malformed", "hardware-ids: invalid UTF-8") from None
-    return tuple(items)
+def decode_hardware_ids(value: bytes) -> tuple[str, ...]:
+    """The hardware-ids extension value; ChainError "malformed" when it is not strict DER."""
+    try:
+        return der.decode_utf8_sequence(value)
+    except der.DerError as exc:
+        raise ChainError("malformed", f"hardware-ids: {exc}") from None
 
 
 # --- issuing ---------------------------------------------------------------------------------------
@@ -236,8 +204,8 @@ def _utc(when: dt.datetime | None) -> dt.datetime:
     return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
-def _spki(key: CertificatePublicKeyTypes | PrivateKey) -> bytes:
-    pub = key.public_key() if isinstance(key, PrivateKey) else key
+def _spki(key: CertificatePublicKeyTypes | PrivateKey | HeldKey) -> bytes:
+    pub = key.public_key() if isinstance(key, PrivateKey | HeldKey) else key
     return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -291,7 +259,7 @@ def _key_usage(
     )
 
 
-def _check_issuer_key(issuer_key: PrivateKey, issuer_cert: x509.Certificate) -> None:
+def _check_issuer_key(issuer_key: PrivateKey | HeldKey, issuer_cert: x509.Certificate) -> None:
     """Refuse to issue with a key that is not the issuer certificate's: the result would never verify."""
     if _spki(issuer_key) != _spki(issuer_cert.public_key()):
         raise ValueError(f"the key does not belong to {describe(issuer_cert)}")
@@ -357,7 +325,7 @@ def _check_hardware_ids(hardware_ids: Sequence[str]) -> list[str]:
 
 
 def make_signer(
-    ca_key: PrivateKey,
+    ca_key: PrivateKey | HeldKey,
     ca_cert: x509.Certificate,
     signer_public_key: PublicKey,
     name: str,
@@ -366,7 +334,9 @@ def make_signer(
     days: int = 730,
     now: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """A manifest signer certificate; with ``hardware_ids`` a developer-build signer for those devices."""
+    """A manifest signer certificate; with ``hardware_ids`` a developer-build signer for those devices.
+
+    ``ca_key`` may be held in a key store or HSM (:class:`fwcm.manifest.cose.HeldKey`)."""
     if not name:
         raise ValueError("a signer needs a name")
     _check_issuer_key(ca_key, ca_cert)
@@ -379,9 +349,39 @@ def make_signer(
         .add_extension(_aki(ca_cert), critical=False)
     )
     if hardware_ids is not None:
-        value = _encode_utf8_sequence(_check_hardware_ids(hardware_ids))
+        value = der.encode_utf8_sequence(_check_hardware_ids(hardware_ids))
         builder = builder.add_extension(x509.UnrecognizedExtension(HARDWARE_IDS_OID, value), critical=False)
+    if isinstance(ca_key, HeldKey):
+        cert = sign_with(builder, ca_key)
+        cert.verify_directly_issued_by(ca_cert)  # a token that signed with another key fails here
+        return cert
     return builder.sign(ca_key, _sign_hash(ca_key))
+
+
+def sign_with(builder: x509.CertificateBuilder, key: HeldKey) -> x509.Certificate:
+    """Sign a certificate with a key that cannot be read (an HSM's).
+
+    ``cryptography`` signs only with keys it holds, so the certificate is first signed with a
+    throw-away key of the same type (which fixes the signature algorithm inside the TBS part), then
+    the TBS bytes are signed by ``key`` and the certificate is reassembled around that signature.
+    """
+    public = public_of(key.public_key())
+    ed = isinstance(public, ed25519.Ed25519PublicKey)
+    scratch: PrivateKey = generate_private_key("eddsa" if ed else "es256")
+    draft = builder.sign(scratch, _sign_hash(scratch))
+    _, body, _ = der.read_tlv(cert_der(draft), 0)  # Certificate ::= SEQUENCE { tbs, algorithm, signature }
+    _, _, alg_at = der.read_tlv(body, 0)
+    _, _, alg_end = der.read_tlv(body, alg_at)
+    tbs, alg_id = body[:alg_at], body[alg_at:alg_end]
+    raw = key.cose_sign(tbs)
+    if ed:
+        signature = raw
+    else:
+        half = len(raw) // 2
+        r, s = int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        signature = encode_dss_signature(r, s)
+    signed = der.tlv(0x30, tbs + alg_id + der.tlv(0x03, b"\x00" + signature))
+    return x509.load_der_x509_certificate(signed)
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -390,9 +390,9 @@ def make_signer(
 def _parse(chain: Sequence[bytes]) -> list[x509.Certificate]:
     """DER certificates with their extensions parsed up front, so later checks never meet garbage."""
     certs = []
-    for i, der in enumerate(chain):
+    for i, item in enumerate(chain):
         try:
-            cert = x509.load_der_x509_certificate(bytes(der))
+            cert = x509.load_der_x509_certificate(bytes(item))
             _ = cert.extensions  # lazily parsed: duplicate or garbled extensions raise here
         except (ValueError, TypeError) as exc:
             raise ChainError("malformed", f"certificate {i} of the chain is not valid DER: {exc}") from None

@@ -233,7 +233,7 @@ def test_readme_tour_runs_as_written(shell: Shell) -> None:
         assert stats["total"] == 8 and stats["counts"]["succeeded"] == 8, stats
         second = api.get("/api/v1/campaigns/2").json()
         assert second["state"] == "cancelled", second
-        events = sorted(api.get("/api/v1/campaigns/2/events").json(), key=lambda e: e["at"])
+        events = sorted(api.get("/api/v1/campaigns/2/events").json()["items"], key=lambda e: e["at"])
         states = iter(e["state"] for e in events)
         assert all(s in states for s in ("running", "paused", "running", "cancelled")), events
         devices = api.get("/api/v1/devices", params={"limit": 100}).json()["items"]

@@ -312,10 +312,10 @@ def test_claims_skip_a_campaign_another_replica_is_claiming(db: Database) -> Non
         man, _created = images.upload_manifest(s, tenant.id, mf.build_envelope(info, key))
         cid = campaigns.create_campaign(s, tenant.id, man.id, launch.draft("c", "", None)).id
     with db.session() as s:
-        campaigns.start_campaign(s, tenant.id, cid, launch.start_plan)
+        campaigns.start_campaign(s, tenant.id, cid, launch.start_plan, allow_empty=True)
         cancelled = campaigns.create_campaign(s, tenant.id, man.id, launch.draft("c2", "", None)).id
     with db.session() as s:
-        campaigns.start_campaign(s, tenant.id, cancelled, launch.start_plan)
+        campaigns.start_campaign(s, tenant.id, cancelled, launch.start_plan, allow_empty=True)
     with db.session() as s:
         campaigns.change_campaign(s, tenant.id, cancelled, "cancel")
     with db.session() as s:

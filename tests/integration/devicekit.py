@@ -385,6 +385,45 @@ class Signer:
         )
         return manifest.build_envelope(info, self.key)
 
+    def delta_envelope(
+        self, base: bytes, new: bytes, patch: bytes, uris: list[str], *, sequence: int = 2
+    ) -> bytes:
+        """An envelope for ``new`` made by applying ``patch`` (fetched from ``uris``) to ``base``."""
+        info = manifest.ManifestInfo(
+            sequence=sequence,
+            vendor_id=VENDOR,
+            class_id=CLASS,
+            image_digest=hashlib.sha256(new).digest(),
+            image_size=len(new),
+            uris=(),
+            delta=manifest.DeltaPatch(
+                hashlib.sha256(base).digest(),
+                len(base),
+                hashlib.sha256(patch).digest(),
+                len(patch),
+                tuple(uris),
+            ),
+        )
+        return manifest.build_envelope(info, self.key)
+
+    def multi_envelope(self, images: list[tuple[bytes, bytes, list[str]]], *, sequence: int = 2) -> bytes:
+        """One envelope for several (component name, image, URIs), the first being the main image."""
+        parts = [
+            manifest.Component((name,), hashlib.sha256(image).digest(), len(image), tuple(uris))
+            for name, image, uris in images
+        ]
+        info = manifest.ManifestInfo(
+            sequence=sequence,
+            vendor_id=VENDOR,
+            class_id=CLASS,
+            image_digest=parts[0].image_digest,
+            image_size=parts[0].image_size,
+            uris=parts[0].uris,
+            component_id=parts[0].id,
+            extra_components=tuple(parts[1:]),
+        )
+        return manifest.build_envelope(info, self.key)
+
 
 def device_config(
     name: str,

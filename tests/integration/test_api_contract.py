@@ -85,9 +85,20 @@ def _seed(client: TestClient) -> tuple[int, int]:
     return cid, mid
 
 
+def _seed_admin(client: TestClient) -> None:
+    """Two more API keys (three with the first) and two webhooks."""
+    for name in ("ci", "dash"):
+        assert client.post("/api/v1/keys", json={"name": name, "role": "viewer"}).status_code == 201
+    for port in (9, 10):
+        assert client.post("/api/v1/webhooks", json={"url": f"http://127.0.0.1:{port}/"}).status_code == 201
+
+
 def test_lists_page_with_limit_and_offset(api: Any) -> None:
     cid, _mid = _seed(api.client)
+    _seed_admin(api.client)
     for path, total in [
+        ("/api/v1/keys", 3),
+        ("/api/v1/webhooks", 2),
         ("/api/v1/payloads", 2),
         ("/api/v1/signers", 2),
         ("/api/v1/manifests", 2),
@@ -117,6 +128,7 @@ def _times(value: Any, key: str = "") -> list[str]:
 
 def test_every_timestamp_is_rfc3339_with_a_zone(api: Any) -> None:
     cid, mid = _seed(api.client)
+    _seed_admin(api.client)
     answers = [
         api.client.get(path).json()
         for path in (
@@ -131,6 +143,9 @@ def test_every_timestamp_is_rfc3339_with_a_zone(api: Any) -> None:
             f"/api/v1/campaigns/{cid}",
             f"/api/v1/campaigns/{cid}/stats",
             f"/api/v1/campaigns/{cid}/events",
+            "/api/v1/keys",
+            "/api/v1/audit",
+            "/api/v1/webhooks",
         )
     ]
     times = _times(answers)

@@ -227,8 +227,12 @@ def test_the_audit_log_says_who_did_what(api: Any, http: Clients) -> None:
     assert {e["source"] for e in page["items"]} == {"127.0.0.1"}
     assert all(datetime.fromisoformat(e["at"]) >= start for e in page["items"])
     assert [e["status"] for e in admin.get("/audit", params={"limit": 2}).json()["items"]] == [403, 409]
+    second = admin.get("/audit", params={"limit": 2, "offset": 2}).json()
+    assert (second["total"], second["limit"], second["offset"]) == (5, 2, 2)
+    assert second["items"] == page["items"][2:4]
     later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
-    assert admin.get("/audit", params={"since": later}).json() == {"total": 0, "limit": 100, "items": []}
+    empty = {"items": [], "total": 0, "limit": 100, "offset": 0}
+    assert admin.get("/audit", params={"since": later}).json() == empty
     assert admin.get("/audit", params={"limit": 0}).status_code == 422
 
 
@@ -279,8 +283,8 @@ def test_the_audit_log_stays_bounded(api: Any) -> None:
     with api.db.session() as s:
         assert audit_store.trim(s, keep=3) == 4
     with api.db.read() as s:
-        assert audit_store.page(s, api.tenant_id)[0] == 3
-        assert audit_store.page(s, other.id)[0] == 3
+        assert audit_store.list_entries(s, api.tenant_id, 100, 0)[0] == 3
+        assert audit_store.list_entries(s, other.id, 100, 0)[0] == 3
 
 
 def test_revoked_keys_stay_bounded(api: Any) -> None:
@@ -294,7 +298,7 @@ def test_revoked_keys_stay_bounded(api: Any) -> None:
         assert tenants.trim_revoked(s, keep=1) == 6
     with api.db.read() as s:
         for tenant_id in (api.tenant_id, other.id):
-            left = tenants.list_keys(s, tenant_id, include_revoked=True)
+            _total, left = tenants.list_keys(s, tenant_id, 100, 0, include_revoked=True)
             assert [(k.name, k.revoked_at is None) for k in left] == [("initial", True), ("k3", False)]
 
 
@@ -329,7 +333,7 @@ def test_the_key_and_audit_commands(
     assert "invalid duration" in run("key", "create", "x", "--role", "viewer", "--expires", "soon")[2]
 
     listed = json.loads(run("key", "list", "--json")[1])
-    assert [(k["name"], k["role"]) for k in listed["items"]] == [
+    assert [(k["name"], k["role"]) for k in listed] == [
         ("initial", "admin"),
         ("ci", "operator"),
         ("dash", "viewer"),

@@ -121,11 +121,13 @@ def add_manifest(client: TestClient, key: Any, class_id: Any, sequence: int, nam
 
 
 def start_campaign(client: TestClient, manifest_id: int, filter_text: str = "") -> dict[str, Any]:
+    """Create and start a campaign; one over no device starts too (``allow_empty``), so a test can
+    see that a filter reaches none."""
     r = client.post(
         "/api/v1/campaigns", json={"name": "c", "manifest_id": manifest_id, "filter": filter_text}
     )
     assert r.status_code == 201, r.text
-    r = client.post(f"/api/v1/campaigns/{r.json()['id']}/start")
+    r = client.post(f"/api/v1/campaigns/{r.json()['id']}/start", json={"allow_empty": True})
     assert r.status_code == 200, r.text
     return dict(r.json())
 

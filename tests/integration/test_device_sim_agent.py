@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from devicekit import (
 
 from device_sim.agent import DeviceAgent, DeviceConfig
 from device_sim.faults import DeviceFaults
-from device_sim.flash import Flash
+from device_sim.flash import Flash, SlotInfo
 from device_sim.transports import SharedClients
-from fwcm import manifest
+from device_sim.update import part_name
+from fwcm import delta, manifest
 from fwcm.protocol import LwState, Result
 from fwcm.transport.broker import Broker
 
@@ -382,3 +384,126 @@ async def test_agent_survives_any_exception_from_its_link(
         assert await world.final(cfg, 21) == (LwState.IDLE, Result.SUCCESS)
     assert len(failures) == 2
     assert any("link failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+# -- several components: together or not at all ----------------------------------------------
+
+
+def two_images(world: World, seed: int) -> tuple[bytes, bytes, bytes]:
+    """An application and a radio image published, and one envelope for both."""
+    app, radio = firmware(60_000, seed=seed), firmware(25_000, seed=seed + 1)
+    _, app_uris = world.publish_payload(app)
+    _, radio_uris = world.publish_payload(radio)
+    envelope = world.signer.multi_envelope([(b"app", app, app_uris), (b"radio", radio, radio_uris)])
+    return app, radio, envelope
+
+
+async def test_two_components_install_together(world: World) -> None:
+    cfg = await world.device("dual")
+    agent = DeviceAgent(cfg, world.clients)
+    app, radio, envelope = two_images(world, 40)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 40, envelope))
+        assert await world.final(cfg, 40) == (LwState.IDLE, Result.SUCCESS)
+    assert world.flow(cfg, 40) == SUCCESS_FLOW
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "b" and flash.state.installed_sequence == 2
+    assert flash.active_image() == app
+    radio_part = part_name((b"radio",))
+    assert flash.read_slot("b", radio_part) == radio
+    assert flash.state.slots["b"].components == {radio_part: hashlib.sha256(radio).hexdigest()}
+    assert flash.read_slot("a") == cfg.factory_image()
+
+
+async def test_a_bad_second_component_installs_neither(world: World) -> None:
+    cfg = await world.device("dual-bad")
+    agent = DeviceAgent(cfg, world.clients)
+    app, radio, envelope = two_images(world, 42)
+    world.http.payloads[hashlib.sha256(radio).hexdigest()] = radio[:-1] + b"!"
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 41, envelope))
+        assert await world.final(cfg, 41) == (LwState.IDLE, Result.INTEGRITY_FAILURE)
+    final = world.log.final("dual-bad", 41)
+    assert final is not None and "component c" + b"radio".hex() in (final.detail or "")
+    assert (f"/p/{hashlib.sha256(app).hexdigest()}", None) in world.http.requests  # the app was fetched
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "a" and flash.state.installed_sequence == 1
+    assert flash.active_image() == cfg.factory_image()
+    assert flash.read_slot("b") == b"" and flash.state.slots["b"] == SlotInfo()
+    assert list(cfg.device_dir.glob("slot_b.*.bin")) == []
+
+
+async def test_failed_trial_boot_reverts_both_components(world: World) -> None:
+    cfg = await world.device("dual-boot")
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(boot_fail=True))
+    _app, _radio, envelope = two_images(world, 44)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 42, envelope))
+        assert await world.final(cfg, 42) == (LwState.IDLE, Result.REVERTED)
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "a" and flash.state.installed_sequence == 1
+    assert flash.active_image() == cfg.factory_image()
+    assert flash.state.slots["a"].components == {}  # the running slot has no radio image of the update
+
+
+# -- deltas ----------------------------------------------------------------------------------
+
+
+def changed(image: bytes, seed: int, insert: int) -> bytes:
+    """``image`` with ``insert`` new bytes at a third of it and a small edit near the end."""
+    at = len(image) // 3
+    extra = firmware(insert, seed=seed)
+    new = image[:at] + extra + image[at:]
+    return new[:-100] + b"version 2" + new[-91:]
+
+
+async def test_delta_update_applies_the_patch(world: World) -> None:
+    cfg = await world.device("delta")
+    agent = DeviceAgent(cfg, world.clients)
+    base = cfg.factory_image()
+    new = changed(base, seed=50, insert=64)
+    patch = delta.make_patch(base, new)
+    assert len(patch) < len(new) // 4
+    sha, uris = world.publish_payload(patch)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 50, world.signer.delta_envelope(base, new, patch, uris)))
+        assert await world.final(cfg, 50) == (LwState.IDLE, Result.SUCCESS)
+    assert world.flow(cfg, 50) == SUCCESS_FLOW
+    assert world.http.requests == [(f"/p/{sha}", None)]  # only the patch travelled
+    flash = Flash(cfg.device_dir)
+    assert flash.state.active == "b" and flash.active_image() == new
+    assert list(cfg.device_dir.glob("slot_*.patch.bin")) == []
+
+
+async def test_delta_for_another_base_is_refused_before_fetching(world: World) -> None:
+    cfg = await world.device("delta-other")
+    agent = DeviceAgent(cfg, world.clients)
+    other = firmware(len(cfg.factory_image()), seed=51)
+    new = changed(other, seed=52, insert=64)
+    patch = delta.make_patch(other, new)
+    _sha, uris = world.publish_payload(patch)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 51, world.signer.delta_envelope(other, new, patch, uris)))
+        assert await world.final(cfg, 51) == (LwState.IDLE, Result.BASE_MISMATCH)
+    assert world.http.requests == []
+    assert Flash(cfg.device_dir).active_image() == cfg.factory_image()
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "coap"])
+async def test_interrupted_patch_download_resumes(world: World, transport: str) -> None:
+    cfg = await world.device(f"delta-flaky-{transport}", transport=transport)
+    agent = DeviceAgent(cfg, world.clients, faults=DeviceFaults(drop_at=0.4))
+    base = cfg.factory_image()
+    new = changed(base, seed=53, insert=40_000)  # a patch large enough to be cut mid-way
+    patch = delta.make_patch(base, new)
+    sha, uris = world.publish_payload(patch)
+    async with running([agent]):
+        await world.notify(cfg, update_notice(cfg, 52, world.signer.delta_envelope(base, new, patch, uris)))
+        assert await world.final(cfg, 52) == (LwState.IDLE, Result.SUCCESS)
+    if transport == "mqtt":
+        starts = [start for path, start in world.http.requests if path == f"/p/{sha}"]
+        assert starts[0] is None and starts[-1] is not None and 0 < starts[-1] < len(patch)
+    else:
+        offsets = [off for s, off in world.coap.blocks if s == sha]
+        assert offsets[0] == 0 and sorted(set(offsets)) == list(range(0, len(patch), 1024))
+    assert Flash(cfg.device_dir).active_image() == new

@@ -138,7 +138,7 @@ def test_decommission_withdraws_deployments_and_keeps_the_device_out(api: Any, a
     states = {d["device"]: d for d in ok(acme.get(f"/campaigns/{cid}/devices"))["items"]}
     assert (states["old"]["state"], states["old"]["detail"]) == ("cancelled", "device decommissioned")
     assert states["kept"]["state"] == "notified"
-    events = ok(acme.get("/devices/old/events"))
+    events = ok(acme.get("/devices/old/events"))["items"]
     assert (events[0]["campaign_id"], events[0]["state"]) == (cid, "cancelled")
     with api.db.read() as s:
         keys = ds.device_keys(s, [("acme", "old"), ("acme", "kept")])
@@ -269,7 +269,7 @@ def test_retry_gives_failed_devices_a_new_attempt(api: Any, acme: httpx.Client, 
         rows = s.execute(select(Deployment.state, Deployment.attempt).where(Deployment.campaign_id == cid))
         view = {r.attempt for r in rows if r.state == DeviceState.NOTIFIED.value}
     assert view == {2}
-    events = ok(acme.get(f"/campaigns/{cid}/events"))
+    events = ok(acme.get(f"/campaigns/{cid}/events"))["items"]
     assert events[-1]["reason"] == "retry: 2 failed and timed-out devices get a new attempt"
 
 

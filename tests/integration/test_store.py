@@ -18,7 +18,7 @@ from fwcm.devices import parse_devices_csv, validate_device
 from fwcm.errors import Conflict, ImportErrors, Invalid, NotFound
 from fwcm.rollout import launch
 from fwcm.rollout.groups import Member
-from fwcm.store import campaigns, images, tenants, trust
+from fwcm.store import campaigns, images, progress, tenants, trust
 from fwcm.store import devices as device_store
 from fwcm.store.db import Database
 from fwcm.store.models import CampaignEvent, Deployment, Device, Manifest
@@ -309,9 +309,9 @@ def test_campaign_start_freezes_matching_subset(db: Database) -> None:
             ("d2", "pending", tid, -1),
             ("d4", "pending", tid, -1),
         ]
-        stats = campaigns.campaign_stats(s, tid, cid, launch.phase_names, launch.pace)
+        stats = progress.campaign_stats(s, tid, cid, launch.phase_names, launch.pace)
         assert stats["total"] == 3 and stats["counts"]["pending"] == 3 and stats["counts"]["failed"] == 0
-        total, devs = campaigns.campaign_devices(s, tid, cid, state="pending")
+        total, devs = progress.campaign_devices(s, tid, cid, state="pending")
         assert total == 3 and [d["device"] for d in devs] == ["d1", "d2", "d4"]
         states = [e.state for e in s.scalars(select(CampaignEvent).where(CampaignEvent.campaign_id == cid))]
         assert states == ["draft", "running"]
@@ -339,7 +339,7 @@ def test_campaign_state_changes(db: Database) -> None:
     with pytest.raises(Conflict), db.session() as s:
         campaigns.change_campaign(s, tid, cid, "resume")
     with db.session() as s:
-        _total, events = campaigns.campaign_events(s, tid, cid)
+        _total, events = progress.campaign_events(s, tid, cid)
         assert [e.state for e in events] == [
             "draft",
             "running",

@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fwcm import delta
 from fwcm.cli import keys, manifest
 from fwcm.manifest import decode_envelope, key_id, load_private_key, load_public_key
 
@@ -244,14 +245,165 @@ def test_inspect_table_and_json(workdir: Path) -> None:
     assert data["vendor_id"] == IDS[1] and data["class_id"] == IDS[3]
     assert data["image_digest"] == digest and data["image_size"] == len(FIRMWARE)
     assert data["uris"][0] == f"coap://127.0.0.1/p/{digest}"
-    assert data["signatures"][0]["alg"] == "ES256"
+    assert data["signatures"][0]["alg"] == "ESP256" and data["signatures"][0]["alg_id"] == -9
     kid = key_id(load_public_key((workdir / "signer.pub").read_bytes())).hex()
     assert data["signatures"][0]["kid"] == kid
 
     code, stdout, _ = run("manifest", "inspect", path)
     assert code == 0
-    assert "sequence" in stdout and IDS[1] in stdout and "ES256" in stdout
+    assert "sequence" in stdout and IDS[1] in stdout and "ESP256" in stdout
 
     code, _, stderr = run("manifest", "inspect", workdir / "fw.bin")
     assert code == 1
     one_error_line(stderr)
+
+
+# --- components, text, algorithms -------------------------------------------------------------------
+
+RADIO = b"radio core firmware " * 60
+
+
+def create_two(workdir: Path, *extra: str) -> tuple[int, str, str]:
+    (workdir / "radio.bin").write_bytes(RADIO)
+    return run(
+        "manifest", "create", "--component", f"app={workdir / 'fw.bin'}",
+        "--component", f"radio={workdir / 'radio.bin'}", "--key", workdir / "signer.key",
+        "--uri", "coap://127.0.0.1/p/{sha256}", "--uri", "http://127.0.0.1:8080/p/{sha256}",
+        "--sequence", "9", "--output", workdir / "two.suit", *IDS, *extra,
+    )  # fmt: skip
+
+
+def test_two_components_create_inspect_verify(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, stdout, stderr = create_two(
+        workdir,
+        "--text-description",
+        "dual-core 3.0",
+        "--text-version",
+        "app=3.0.0",
+        "--text-version",
+        "radio=1.2",
+    )
+    assert code == 0, stderr
+    assert "2 components" in stdout and "ESP256" in stdout
+    app_digest, radio_digest = hashlib.sha256(FIRMWARE).hexdigest(), hashlib.sha256(RADIO).hexdigest()
+
+    env = decode_envelope((workdir / "two.suit").read_bytes())
+    assert [(c.id, c.image_digest.hex(), c.image_size) for c in env.info.components] == [
+        ((b"app",), app_digest, len(FIRMWARE)),
+        ((b"radio",), radio_digest, len(RADIO)),
+    ]
+    assert env.info.components[1].uris == (
+        f"coap://127.0.0.1/p/{radio_digest}",
+        f"http://127.0.0.1:8080/p/{radio_digest}",
+    )
+    assert env.signatures[0].alg == -9
+
+    code, stdout, _ = run("manifest", "inspect", workdir / "two.suit", "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    assert [c["name"] for c in data["components"]] == ["app", "radio"]
+    assert data["components"][1]["image_digest"] == radio_digest
+    assert data["severable"] == [
+        {"key": 23, "name": "text", "digest": env.severable[0].digest.hex(), "present": True}
+    ]
+    (text,) = data["text"]
+    assert text["manifest_description"] == "dual-core 3.0"
+    assert [(c["component"], c["version"]) for c in text["components"]] == [
+        ([b"app".hex()], "3.0.0"),
+        ([b"radio".hex()], "1.2"),
+    ]
+    code, stdout, _ = run("manifest", "inspect", workdir / "two.suit")
+    assert code == 0
+    assert (
+        "radio: image digest" in stdout and "dual-core 3.0" in stdout and "carried, digest matches" in stdout
+    )
+
+    code, stdout, stderr = run("manifest", "verify", workdir / "two.suit", "--key", workdir / "signer.pub")
+    assert code == 0, stderr
+    assert "2 components (app" in stdout and "ESP256" in stdout
+
+
+def test_text_with_a_wrong_digest_is_refused(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--alg", "eddsa", "--dir", workdir)
+    path = create(workdir, *IDS, "--text-vendor", "Example Ltd", "--text-version", "2.0")
+    data = bytearray(path.read_bytes())
+    at = data.rindex(b"Example Ltd")
+    data[at] = ord("e")
+    path.write_bytes(bytes(data))
+    for command in ("inspect", "verify"):
+        extra = ["--key", workdir / "signer.pub"] if command == "verify" else []
+        code, _, stderr = run("manifest", command, path, *extra)
+        assert code == 1
+        assert "text (23) does not match its digest in the manifest" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize(("keyalg", "alg", "alg_id"), [("es256", "es256", -7), ("eddsa", "eddsa", -8)])
+def test_older_algorithm_on_request(workdir: Path, keyalg: str, alg: str, alg_id: int) -> None:
+    run("keys", "generate", "signer", "--alg", keyalg, "--dir", workdir)
+    path = create(workdir, *IDS, "--alg", alg)
+    assert decode_envelope(path.read_bytes()).signatures[0].alg == alg_id
+    code, _, _ = run("manifest", "verify", path, "--key", workdir / "signer.pub")
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--alg", "ed25519"], "does not fit this key"),
+        (["--alg", "rs256"], "unknown --alg"),
+        (["--uri", "coap://h/fixed"], "needs {sha256}"),
+        (["--component", "app=x"], "given twice"),
+        (["--component", "nofile"], "expected NAME=FILE"),
+        (["--text-version", "gps=1"], "no component 'gps'"),
+    ],
+)
+def test_create_errors_for_components(workdir: Path, args: list[str], expect: str) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, _, stderr = create_two(workdir, *args)
+    assert code == 1
+    assert expect in one_error_line(stderr)
+
+
+def test_firmware_or_components_not_both(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, _, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--component", f"a={workdir / 'fw.bin'}",
+        "--key", workdir / "signer.key", "--uri", "coap://h/{sha256}", "--sequence", "1",
+        "--output", workdir / "x.suit", *IDS,
+    )  # fmt: skip
+    assert code == 1 and "either FIRMWARE or" in one_error_line(stderr)
+
+
+def test_delta_manifest_create_inspect_verify(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    base = b"\x7fELF firmware image v1 " * 100
+    (workdir / "base.bin").write_bytes(base)
+    code, stdout, stderr = run(
+        "manifest", "create", workdir / "fw.bin", "--delta-from", workdir / "base.bin",
+        "--patch-output", workdir / "fw.patch", "--key", workdir / "signer.key",
+        "--uri", "coap://127.0.0.1/p/{sha256}", "--sequence", "6", "--output", workdir / "d.suit", *IDS,
+    )  # fmt: skip
+    assert code == 0, stderr
+    patch = (workdir / "fw.patch").read_bytes()
+    assert "delta:" in stdout and f"({len(patch)} bytes)" in stdout
+    assert delta.apply_patch(base, patch, expected_size=len(FIRMWARE)) == FIRMWARE
+    env = decode_envelope((workdir / "d.suit").read_bytes())
+    assert env.info.delta is not None and env.info.uris == ()
+    assert env.info.delta.base_digest == hashlib.sha256(base).digest()
+    assert env.info.delta.uris == (f"coap://127.0.0.1/p/{hashlib.sha256(patch).hexdigest()}",)
+    code, stdout, _ = run("manifest", "inspect", workdir / "d.suit", "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    assert data["delta"]["patch_size"] == len(patch) and data["delta"]["base_size"] == len(base)
+    assert data["image_digest"] == hashlib.sha256(FIRMWARE).hexdigest()
+    code, _, stderr = run("manifest", "verify", workdir / "d.suit", "--key", workdir / "signer.pub")
+    assert code == 0, stderr
+
+
+def test_delta_options_go_together(workdir: Path) -> None:
+    run("keys", "generate", "signer", "--dir", workdir)
+    code, _, stderr = create_two(workdir, "--delta-from", workdir / "fw.bin")
+    assert code == 1 and "go together" in one_error_line(stderr)
+    code, _, stderr = create_two(workdir, "--delta-from", workdir / "fw.bin", "--patch-output", workdir / "p")
+    assert code == 1 and "one FIRMWARE image" in one_error_line(stderr)

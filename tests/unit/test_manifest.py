@@ -118,18 +118,23 @@ def test_uuid5_convention() -> None:
 # --- round trips ------------------------------------------------------------------------------------
 
 
+LEGACY_ALGS = {"es256": -7, "eddsa": -8}
+FULLY_SPECIFIED_ALGS = {"es256": -9, "eddsa": -19}
+
+
+@pytest.mark.parametrize("legacy", [True, False])
 @pytest.mark.parametrize("alg", ["es256", "eddsa"])
 @pytest.mark.parametrize("uris", [("coap://h/p/1",), ("coap://h/p/1", "http://h/p/1", "https://cdn/p/1")])
-def test_round_trip(alg: str, uris: tuple[str, ...]) -> None:
+def test_round_trip(alg: str, uris: tuple[str, ...], legacy: bool) -> None:
     key = generate_private_key(alg)
     info = make_info(uris)
-    raw = build_envelope(info, key)
+    raw = build_envelope(info, key, alg=LEGACY_ALGS[alg] if legacy else None)
     env = decode_envelope(raw)
     assert env.info == info
     assert env.raw == raw
     assert env.digest == hashlib.sha256(env.manifest_bstr).digest()
     (sig,) = env.signatures
-    assert sig.alg == {"es256": -7, "eddsa": -8}[alg]
+    assert sig.alg == (LEGACY_ALGS if legacy else FULLY_SPECIFIED_ALGS)[alg]
     assert sig.kid == key_id(key)
     assert sig.x5chain == ()
     other = generate_private_key(alg).public_key()
@@ -168,7 +173,7 @@ def test_build_rejects_bad_info(bad: dict[str, object]) -> None:
 
 
 def test_envelope_layout_bytes() -> None:
-    raw = build_envelope(make_info(("coap://h/p",)), fixed_ed25519())
+    raw = build_envelope(make_info(("coap://h/p",)), fixed_ed25519(), alg=-8)
     assert raw[:2] == b"\xd8\x6b"  # tag 107
     assert raw[2] == 0xA2  # map(2)
     assert raw[3] == 0x02  # authentication-wrapper
@@ -226,8 +231,8 @@ def test_try_each_layout() -> None:
 def test_deterministic_eddsa_vector() -> None:
     """Ed25519 is deterministic, so a fixed key and info give fixed bytes: any encoding change shows here."""
     info = make_info()
-    raw = build_envelope(info, fixed_ed25519())
-    assert raw == build_envelope(info, fixed_ed25519())
+    raw = build_envelope(info, fixed_ed25519(), alg=-8)
+    assert raw == build_envelope(info, fixed_ed25519(), alg=-8)
     assert len(raw) == 349
     assert (
         hashlib.sha256(raw).hexdigest() == "b1a6d6aa2bedf853d5edc1f8ab806632b961e8e634ccf334a4724cecc0259466"
@@ -259,6 +264,7 @@ def test_draft_example_decodes_and_verifies_esp256() -> None:
         image_digest=bytes.fromhex("00112233445566778899aabbccddeeff0123456789abcdeffedcba9876543210"),
         image_size=34768,
         uris=("http://example.com/file.bin",),
+        component_id=(b"\x00",),
     )
     (sig,) = env.signatures
     assert sig.alg == -9 and sig.kid is None
@@ -354,7 +360,7 @@ def _case(name: str) -> bytes:
     if name == "untagged":
         return cbor2.dumps({2: auth_bytes, 3: manifest}, canonical=True)
     if name == "extra-key":
-        return cbor2.dumps(cbor2.CBORTag(107, {2: auth_bytes, 3: manifest, 23: b"text"}), canonical=True)
+        return cbor2.dumps(cbor2.CBORTag(107, {2: auth_bytes, 3: manifest, 24: b"text"}), canonical=True)
     if name == "trailing":
         return valid + b"\x00"
     if name == "non-canonical":
@@ -385,7 +391,7 @@ def _case(name: str) -> bytes:
     [
         ("unsigned", "authentication-wrapper missing"),
         ("untagged", "tag 107"),
-        ("extra-key", "unsupported key 23"),
+        ("extra-key", "unsupported key 24"),
         ("trailing", "trailing bytes"),
         ("non-canonical", "deterministically"),
         ("indefinite", "malformed CBOR"),

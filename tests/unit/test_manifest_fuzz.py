@@ -13,8 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fwcm.manifest import (
+    Component,
+    ComponentText,
+    DeltaPatch,
     ManifestError,
     ManifestInfo,
+    ManifestText,
     SignatureError,
     build_envelope,
     decode_envelope,
@@ -33,6 +37,29 @@ SMALL = ManifestInfo(
     uris=("coap://h/p",),
 )
 VALID = build_envelope(SMALL, ES_KEY)
+RICH = ManifestInfo(
+    sequence=1,
+    vendor_id=uuid.UUID(int=1),
+    class_id=uuid.UUID(int=2),
+    image_digest=hashlib.sha256(b"img").digest(),
+    image_size=3,
+    uris=("coap://h/p",),
+    component_id=(b"app",),
+    extra_components=(
+        Component((b"radio",), hashlib.sha256(b"r").digest(), 1, ("coap://h/r", "http://h/r")),
+    ),
+    texts=(ManifestText(manifest_description="d", components=(((b"radio",), ComponentText(version="1")),)),),
+)
+"""Two components and a severable text section: a flipped bit in the text must fail its digest."""
+DELTA = ManifestInfo(
+    sequence=1,
+    vendor_id=uuid.UUID(int=1),
+    class_id=uuid.UUID(int=2),
+    image_digest=hashlib.sha256(b"img").digest(),
+    image_size=3,
+    uris=(),
+    delta=DeltaPatch(hashlib.sha256(b"old").digest(), 3, hashlib.sha256(b"p").digest(), 1, ("coap://h/d",)),
+)
 
 
 def decode_or_manifest_error(data: bytes) -> None:
@@ -40,9 +67,10 @@ def decode_or_manifest_error(data: bytes) -> None:
         decode_envelope(data)
 
 
+@pytest.mark.parametrize("info", [SMALL, RICH, DELTA], ids=["small", "rich", "delta"])
 @pytest.mark.parametrize("key", [ES_KEY, ED_KEY], ids=["es256", "eddsa"])
-def test_every_single_bit_flip_fails(key: Any) -> None:
-    raw = build_envelope(SMALL, key)
+def test_every_single_bit_flip_fails(key: Any, info: ManifestInfo) -> None:
+    raw = build_envelope(info, key)
     public = key.public_key()
     verify_envelope(decode_envelope(raw), [public])
     accepted = []

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fwcm import pki
+from fwcm import der, pki
 from fwcm.cli import keys, manifest
 from fwcm.cli import pki as pki_cli
 from fwcm.manifest import (
@@ -185,7 +185,7 @@ def test_dev_build_hardware_ids_round_trip(h: Hierarchy) -> None:
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=pki.MAX_HARDWARE_ID_LEN), min_size=1, max_size=40))
 def test_hardware_id_encoding_round_trips(ids: list[str]) -> None:
-    assert pki._decode_utf8_sequence(pki._encode_utf8_sequence(ids)) == tuple(ids)
+    assert pki.decode_hardware_ids(der.encode_utf8_sequence(ids)) == tuple(ids)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_hardware_id_encoding_round_trips(ids: list[str]) -> None:
 )  # fmt: skip
 def test_garbled_hardware_ids_are_malformed(value: bytes) -> None:
     with pytest.raises(pki.ChainError) as info:
-        pki._decode_utf8_sequence(value)
+        pki.decode_hardware_ids(value)
     assert info.value.reason == "malformed"
 
 

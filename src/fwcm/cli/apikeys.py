@@ -63,15 +63,15 @@ def key_list(
 ) -> None:
     """List the tenant's API keys (names, roles, expiry, last use; never the keys themselves)."""
     with api() as client:
-        page = client.get("/keys", revoked=str(revoked).lower())
+        keys = client.items("/keys", revoked=str(revoked).lower())
     if as_json:
-        print_json(page)
+        print_json(keys)
         return
     columns = ["name", "role", "created", "expires", "last used"] + (["revoked"] if revoked else [])
     rows = [
         [k["name"], k["role"], short(k["created_at"]), short(k["expires_at"]), short(k["last_used_at"])]
         + ([short(k["revoked_at"])] if revoked else [])
-        for k in page["items"]
+        for k in keys
     ]
     print_table("API keys", columns, rows)
 
@@ -94,17 +94,19 @@ def audit(
     since: Annotated[
         str | None, typer.Option("--since", help="Only entries at or after this time (RFC 3339)")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many newer entries")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Who did what: the tenant's mutating API requests, newest first."""
+    """Who did what: one page of the tenant's mutating API requests, newest first."""
     with api() as client:
-        page = client.get("/audit", since=since, limit=limit)
+        page = client.get("/audit", since=since, limit=limit, offset=offset)
     if as_json:
         print_json(page)
         return
+    items = page["items"]
     print_table(
-        f"audit log ({len(page['items'])} of {page['total']})",
+        f"audit log {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
         ["time", "key", "role", "action", "object", "status", "source"],
         [
             [

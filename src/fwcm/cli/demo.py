@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fwcm.cli import demo_signing
 from fwcm.rollout.states import DeviceState
 from fwcm.runtime import setup_logging, tune_gc
 
@@ -51,6 +52,7 @@ class DemoOptions:
     timeout: float
     attestation: bool = False
     consent: bool = False
+    signing_service: bool = False
     console: bool = False
 
 
@@ -83,6 +85,11 @@ class Api:
         if r.status_code >= 400:
             raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
         return r.json()
+
+    async def refusal(self, method: str, path: str, **kw: Any) -> str | None:
+        """The detail of a request the server must refuse (403), None if it did not refuse it."""
+        r = await self.http.request(method, "/api/v1" + path, **kw)
+        return str(r.json().get("detail")) if r.status_code == 403 else None
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -133,10 +140,12 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
     server: Server | None = None
     api: Api | None = None
     try:
+        hsm = demo_signing.token_settings(workdir) if opts.signing_service else {}
         settings = Settings(
             data_dir=workdir / "server",
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
+            **hsm,
             **broker.server_settings(),  # type: ignore[arg-type] # the server keeps the broker's accounts
         )
         server = Server(settings, replica="demo")
@@ -156,7 +165,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             settings.pki_root = workdir / "root.pem"
             with server.db.session() as s:
                 trust_store.set_tenant_ca(s, "demo", trust.ca_pem, pki.load_cert(trust.root_pem))
-        await api.call("POST", "/signers", json={"name": "release", **trust.signer_body(pub)})
+        if not opts.signing_service:
+            await api.call("POST", "/signers", json={"name": "release", **trust.signer_body(pub)})
         image = random.Random(42).randbytes(opts.image_size)
         sha = hashlib.sha256(image).hexdigest()
         await api.call(
@@ -176,10 +186,18 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             image_size=len(image),
             uris=(f"{settings.public_http_url}/p/{sha}", f"{settings.public_coap_url}/p/{sha}"),
         )
-        envelope = mf.build_envelope(info, signing_key, x5chain=trust.x5chain)
-        man = await api.call(
-            "POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"}
-        )
+        signing_flow: dict[str, Any] | None = None
+        if opts.signing_service:
+            base = settings.public_http_url
+            signed = await demo_signing.signed_release(api, lambda k: Api(base, k), settings, workdir, info)
+            man, signing_flow = signed["manifest"], signed["flow"]
+            trust = _Trust(root_pem=signed["root_pem"])  # devices check the chain to the root
+            console.log(f"release signed inside SoftHSM2 after approval by {signing_flow['approved_by']}")
+        else:
+            envelope = mf.build_envelope(info, signing_key, x5chain=trust.x5chain)
+            man = await api.call(
+                "POST", "/manifests", content=envelope, headers={"content-type": "application/cbor"}
+            )
 
         attest_keys = [
             mf.generate_private_key("es256") if opts.attestation else None for _ in range(opts.devices)
@@ -289,6 +307,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         result["device_results"] = dict(sorted(device_results.items()))
         if opts.consent:
             _consent_summary(result, stats, devices, profile, accounting or {})
+        if signing_flow is not None:
+            result["signing_service"] = signing_flow
+            result["ok"] = result["ok"] and signing_flow["ok"] and result["succeeded"] == opts.devices
         if server_refused is not None:
             result["server_refused"] = server_refused
             result["not_targeted"] = opts.devices - len(devices)
@@ -602,6 +623,13 @@ def demo(
         bool,
         typer.Option("--consent", help="Consent campaign: invitations, quorum, variants, accounting, 3 uses"),
     ] = False,
+    signing_service: Annotated[
+        bool,
+        typer.Option(
+            "--signing-service",
+            help="The server signs the release in a throw-away SoftHSM2 token once a second key approves",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
     with_console: Annotated[
         bool,
@@ -627,8 +655,19 @@ def demo(
     console = Console(stderr=as_json)
     if faults == "rogue" and not attestation:
         raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")
+    if signing_service and (consent or faults != "none"):
+        raise typer.BadParameter("--signing-service runs with --faults none and without --consent")
     opts = DemoOptions(
-        devices, transport, faults, campaign, image_size, timeout, attestation, consent, with_console
+        devices,
+        transport,
+        faults,
+        campaign,
+        image_size,
+        timeout,
+        attestation,
+        consent,
+        signing_service,
+        console=with_console,
     )
     tune_gc()
     try:

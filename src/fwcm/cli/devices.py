@@ -257,16 +257,18 @@ def device_delete(
 def device_events(
     name: Annotated[str, typer.Argument(metavar="NAME")],
     limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many newer ones")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """A device's history: its deployment state changes, newest first."""
+    """A device's history: one page of its deployment state changes, newest first."""
     with api() as client:
-        rows = client.get(f"/devices/{name}/events", limit=limit)
+        page = client.get(f"/devices/{name}/events", limit=limit, offset=offset)
+    rows = page["items"]
     if as_json:
         print_json(rows)
         return
     print_table(
-        f"device {name}: {len(rows)} events",
+        f"device {name}: events {offset + 1 if rows else 0}-{offset + len(rows)} of {page['total']}",
         ["at", "campaign", "state", "result", "detail"],
         [[short(e["at"]), e["campaign_id"], e["state"], e["result"], e["detail"] or ""] for e in rows],
     )

@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 
 from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
-from fwcm.cli.apikeys import audit, key_app
+from fwcm.cli.apikeys import key_app
 from fwcm.cli.demo import demo
+from fwcm.cli.signing import audit_app, ca_app, release_app
 from fwcm.cli.webhooks import webhook_app
 from fwcm.runtime import setup_logging, tune_gc
 
@@ -44,7 +45,11 @@ app.add_typer(campaigns.accounting_app, name="accounting", help="Usage reported 
 app.add_typer(webhook_app, name="webhook", help="URLs that receive the tenant's signed events.")
 app.command("login", help="Store the server URL and API key in the config file.")(account.login)
 app.add_typer(key_app, name="key", help="API keys of the tenant: create, list, revoke.")
-app.command("audit", help="Who did what: the tenant's audit log.")(audit)
+app.add_typer(
+    audit_app, name="audit", help="Who did what: the tenant's audit log; `verify` checks its chain."
+)
+app.add_typer(ca_app, name="ca", help="The tenant CA whose key the server holds (HSM).")
+app.add_typer(release_app, name="release", help="Manifests signed by the server after their approvals.")
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
 
 

@@ -47,16 +47,16 @@ def webhook_add(
 def webhook_list(as_json: JsonOpt = False) -> None:
     """List the tenant's webhooks and how many deliveries wait for each."""
     with api() as client:
-        page = client.get("/webhooks")
+        hooks = client.items("/webhooks")
     if as_json:
-        print_json(page)
+        print_json(hooks)
         return
     print_table(
         "webhooks",
         ["id", "url", "events", "pending", "created"],
         [
             [h["id"], h["url"], ", ".join(h["events"] or ["all"]), h["pending"], short(h["created_at"])]
-            for h in page["items"]
+            for h in hooks
         ],
     )
 
@@ -72,17 +72,21 @@ def webhook_remove(webhook_id: Annotated[int, typer.Argument(metavar="ID", min=1
 @webhook_app.command("deliveries")
 def webhook_deliveries(
     webhook_id: Annotated[int, typer.Argument(metavar="ID", min=1)],
-    limit: Annotated[int, typer.Option("--limit", min=1, max=300, help="How many, newest first")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many, newest first")] = 50,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many newer deliveries")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """The delivery log of a webhook, newest first: state, attempts, last status and error."""
+    """One page of the delivery log of a webhook, newest first: state, attempts, last status and
+    error."""
     with api() as client:
-        page = client.get(f"/webhooks/{webhook_id}/deliveries", limit=limit)
+        page = client.get(f"/webhooks/{webhook_id}/deliveries", limit=limit, offset=offset)
     if as_json:
         print_json(page)
         return
+    items = page["items"]
+    shown = f"{offset + 1 if items else 0}-{offset + len(items)} of {page['total']}"
     print_table(
-        f"webhook {webhook_id} deliveries",
+        f"webhook {webhook_id} deliveries {shown}",
         ["event", "type", "state", "attempts", "last status", "last error", "last try", "next try"],
         [
             [
@@ -95,6 +99,6 @@ def webhook_deliveries(
                 short(d["last_at"]),
                 short(d["next_at"]),
             ]
-            for d in page["items"]
+            for d in items
         ],
     )

@@ -32,7 +32,7 @@ from fwcm.errors import Conflict, Invalid, NotFound
 from fwcm.protocol import Result
 from fwcm.rollout import launch, planner
 from fwcm.rollout.policy import Policy, PolicyError
-from fwcm.store import campaigns, images, tenants
+from fwcm.store import campaigns, images, progress, tenants
 from fwcm.store import console as cq
 from fwcm.store import devices as device_store
 from fwcm.store.db import Database, utcnow
@@ -132,7 +132,7 @@ def campaign_live(s: Session, tenant_id: int, campaign_id: int) -> dict[str, Any
     why it waits) and what is drawn from them, plus the failure breakdowns (one GROUP BY each),
     completions per minute and the newest events."""
     c = campaigns.get_campaign(s, tenant_id, campaign_id)
-    stats = campaigns.campaign_stats(s, tenant_id, campaign_id, launch.phase_names, launch.pace)
+    stats = progress.campaign_stats(s, tenant_id, campaign_id, launch.phase_names, launch.pace)
     failed = charts.FAILED
     chart = None
     if c.started_at is not None:
@@ -324,7 +324,7 @@ def create_router(db: Database, sessions: Sessions, env: Environment, notify: No
             items = [
                 {
                     "c": c,
-                    "stats": campaigns.campaign_stats(
+                    "stats": progress.campaign_stats(
                         s, viewer.tenant.id, c.id, launch.phase_names, launch.pace
                     )
                     if c.state in ("running", "paused", "scheduled", "stopped")
@@ -521,7 +521,7 @@ def _act(s: Session, viewer: Viewer, campaign_id: int, action: str) -> None:
     (the audit log tells them apart by the route's action)."""
     tid = viewer.tenant.id
     if action == "approve":
-        stats = campaigns.campaign_stats(s, tid, campaign_id, launch.phase_names, launch.pace)
+        stats = progress.campaign_stats(s, tid, campaign_id, launch.phase_names, launch.pace)
         if not _waiting_approval(stats):
             raise Conflict(f"campaign {campaign_id} is not waiting for approval")
         action = "resume"

@@ -1,14 +1,12 @@
 """SUIT manifests for fwcm (sans-IO): build, decode and verify signed envelopes; manage signing keys."""
 
-from .codec import (
-    CoseSignature,
-    Envelope,
-    ManifestInfo,
-    build_envelope,
-    class_id_for,
+from .cose import ALG_ED25519, ALG_EDDSA, ALG_ES256, ALG_ESP256, ALG_NAMES
+from .decode import (
     decode_envelope,
-    vendor_id_for_domain,
-    verify_envelope,
+    sever,
+)
+from .encode import (
+    build_envelope,
 )
 from .errors import ManifestError, SignatureError
 from .keys import (
@@ -23,14 +21,38 @@ from .keys import (
     public_key_pem,
     public_of,
 )
+from .model import (
+    Component,
+    CoseSignature,
+    DeltaPatch,
+    Envelope,
+    ManifestInfo,
+    SeverableMember,
+    class_id_for,
+    vendor_id_for_domain,
+)
+from .text import ComponentText, ManifestText
+from .verify import (
+    verify_envelope,
+)
 
 __all__ = [
+    "ALG_ED25519",
+    "ALG_EDDSA",
+    "ALG_ES256",
+    "ALG_ESP256",
+    "ALG_NAMES",
+    "Component",
+    "ComponentText",
     "CoseSignature",
+    "DeltaPatch",
     "Envelope",
     "ManifestError",
     "ManifestInfo",
+    "ManifestText",
     "PrivateKey",
     "PublicKey",
+    "SeverableMember",
     "SignatureError",
     "build_envelope",
     "class_id_for",
@@ -43,6 +65,7 @@ __all__ = [
     "private_key_pem",
     "public_key_pem",
     "public_of",
+    "sever",
     "vendor_id_for_domain",
     "verify_envelope",
 ]

@@ -74,6 +74,9 @@ class Result(enum.IntEnum):
     REVERTED = 21
     """The new image failed its trial boot (health check, or never confirmed): the bootloader
     fell back and the device runs its previous image."""
+    BASE_MISMATCH = 22
+    """A delta manifest's patch is for another image than the one the device runs (its base
+    digest does not match): the full image is what it needs."""
 
 
 TRANSIENT_RESULTS = frozenset({Result.CONNECTION_LOST, Result.OUT_OF_RAM})

@@ -429,3 +429,70 @@ class AuditEntry(Base):
     """The path parameters, e.g. ``{"campaign_id": "7"}``."""
     status: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """``hash`` of the tenant's previous entry: the entries form a chain (``fwcm.audit_chain``)."""
+    hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 over this entry's fields and ``prev_hash``; None only for entries older than the chain."""
+
+
+class SigningKey(Base):
+    """A private key the server holds for a tenant in its key store (``fwcm.keystore``): the tenant
+    CA's, or a signer's with the policy its releases follow.  Only the label is kept here."""
+
+    __tablename__ = "signing_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "purpose", "name"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    purpose: Mapped[str] = mapped_column(String(8))
+    """``ca`` (the tenant CA, name ``ca``) or ``signer`` (a manifest signer, name = signer name)."""
+    name: Mapped[str] = mapped_column(String(100))
+    store: Mapped[str] = mapped_column(String(8))
+    """``pkcs11`` or ``file``: the key store the key was generated in."""
+    label: Mapped[str] = mapped_column(String(100), unique=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    approvals: Mapped[int] = mapped_column(Integer, default=0)
+    """Approvals a release needs before this signer signs it (by keys other than the requester's)."""
+    approver_role: Mapped[str] = mapped_column(String(8), default="admin")
+    requester_role: Mapped[str] = mapped_column(String(8), default="operator")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Release(Base):
+    """A request to have a server-held signer sign a manifest; signed once its approvals suffice."""
+
+    __tablename__ = "releases"
+    __table_args__ = (Index("ix_releases_tenant", "tenant_id", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    signing_key_id: Mapped[int] = mapped_column(ForeignKey("signing_keys.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(10))
+    """``pending``, ``signed`` or ``rejected``."""
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    vendor_id: Mapped[str] = mapped_column(String(36))
+    class_id: Mapped[str] = mapped_column(String(36))
+    image_digest: Mapped[str] = mapped_column(String(64))
+    image_size: Mapped[int] = mapped_column(BigInteger)
+    uris: Mapped[list[Any]] = mapped_column(JSON)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    manifest_id: Mapped[int | None] = mapped_column(
+        ForeignKey("manifests.id", ondelete="SET NULL"), nullable=True
+    )
+
+
+class ReleaseApproval(Base):
+    """One key's approval of a release (a key approves a release at most once)."""
+
+    __tablename__ = "release_approvals"
+    __table_args__ = (UniqueConstraint("release_id", "key_name"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"), index=True)
+    key_name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(8))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

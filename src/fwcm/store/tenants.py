@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,6 +22,7 @@ from fwcm.errors import Conflict, NotFound
 from fwcm.names import check_name
 from fwcm.store.db import aware, utcnow
 from fwcm.store.models import ApiKey, Tenant
+from fwcm.store.paging import page
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,14 @@ def create_key(
     return row, key
 
 
-def list_keys(s: Session, tenant_id: int, include_revoked: bool = False) -> list[ApiKey]:
-    """The tenant's keys, oldest first."""
+def list_keys(
+    s: Session, tenant_id: int, limit: int, offset: int, include_revoked: bool = False
+) -> tuple[int, Sequence[ApiKey]]:
+    """A page of the tenant's keys, oldest first, and how many there are."""
     q = select(ApiKey).where(ApiKey.tenant_id == tenant_id)
     if not include_revoked:
         q = q.where(ApiKey.revoked_at.is_(None))
-    return list(s.scalars(q.order_by(ApiKey.id)))
+    return page(s, q.order_by(ApiKey.id), limit, offset)
 
 
 def revoke_key(s: Session, tenant_id: int, name: str) -> ApiKey:
@@ -184,6 +188,13 @@ def tenant_for_key(s: Session, key: str) -> Tenant | None:
     """The tenant of a usable key (neither revoked nor expired)."""
     found = check_key(s, key)
     return found.tenant if found is not None and found.refused is None else None
+
+
+def get_tenant(s: Session, tenant_id: int) -> Tenant:
+    tenant = s.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return tenant
 
 
 def tenant_by_slug(s: Session, slug: str) -> Tenant | None:

@@ -119,8 +119,12 @@ def signer_names(s: Session, tenant_id: int, ids: Iterable[int | None]) -> dict[
     return {r.id: r.name for r in rows}
 
 
+def find_signer(s: Session, tenant_id: int, name: str) -> Signer | None:
+    return s.scalar(select(Signer).where(Signer.tenant_id == tenant_id, Signer.name == name))
+
+
 def get_signer(s: Session, tenant_id: int, name: str) -> Signer:
-    signer = s.scalar(select(Signer).where(Signer.tenant_id == tenant_id, Signer.name == name))
+    signer = find_signer(s, tenant_id, name)
     if signer is None:
         raise NotFound(f"signer {name!r} not found")
     return signer

@@ -29,6 +29,7 @@ from fwcm.store.models import (
     WebhookAttempt,
     WebhookDelivery,
 )
+from fwcm.store.paging import page
 from fwcm.webhooks import FAILED_STATES, CampaignEventRow, FailureRow
 
 KEEP_DONE = 200
@@ -77,8 +78,9 @@ def create(
     return hook
 
 
-def list_webhooks(s: Session, tenant_id: int) -> list[Webhook]:
-    return list(s.scalars(select(Webhook).where(Webhook.tenant_id == tenant_id).order_by(Webhook.id)))
+def list_webhooks(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[Webhook]]:
+    """A page of the tenant's webhooks, oldest first, and how many there are."""
+    return page(s, select(Webhook).where(Webhook.tenant_id == tenant_id).order_by(Webhook.id), limit, offset)
 
 
 def get(s: Session, tenant_id: int, webhook_id: int) -> Webhook:
@@ -104,16 +106,13 @@ def pending_counts(s: Session, webhook_ids: Sequence[int]) -> dict[int, int]:
     return {r[0]: int(r[1]) for r in rows}
 
 
-def deliveries(s: Session, tenant_id: int, webhook_id: int, limit: int) -> list[WebhookDelivery]:
-    """The delivery log of one webhook of the tenant, newest first."""
+def deliveries(
+    s: Session, tenant_id: int, webhook_id: int, limit: int, offset: int = 0
+) -> tuple[int, Sequence[WebhookDelivery]]:
+    """A page of the delivery log of one webhook of the tenant, newest first, and its length."""
     get(s, tenant_id, webhook_id)
-    q = (
-        select(WebhookDelivery)
-        .where(WebhookDelivery.webhook_id == webhook_id)
-        .order_by(WebhookDelivery.id.desc())
-        .limit(limit)
-    )
-    return list(s.scalars(q))
+    q = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
+    return page(s, q.order_by(WebhookDelivery.id.desc()), limit, offset)
 
 
 # -- leases ------------------------------------------------------------------------------------

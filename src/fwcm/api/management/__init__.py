@@ -16,6 +16,7 @@ from fwcm.api.management import (
     manifests,
     payloads,
     signers,
+    signing,
     tenant,
     webhooks,
 )
@@ -39,4 +40,5 @@ def routers(db: Database, settings: Settings, store: PayloadStore, notify: Notif
         webhooks.create_router(db),
         keys.create_router(db),
         audit.create_router(db),
+        signing.create_router(db, settings),
     ]

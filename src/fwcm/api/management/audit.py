@@ -11,14 +11,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from fwcm.api import schemas as sc
 from fwcm.api.deps import AnyTenant, router
 from fwcm.store import audit
-from fwcm.store.db import Database, aware
+from fwcm.store.db import Database
 from fwcm.store.models import AuditEntry
 
 
 class AuditOut(BaseModel):
-    at: datetime
+    at: sc.Timestamp
     key: str = Field(description="Name of the API key that made the request")
     role: str
     action: str = Field(
@@ -31,7 +32,7 @@ class AuditOut(BaseModel):
     @classmethod
     def of(cls, e: AuditEntry) -> AuditOut:
         return cls(
-            at=aware(e.at),
+            at=e.at,
             key=e.key_name,
             role=e.role,
             action=f"{e.method} {e.route}",
@@ -41,10 +42,8 @@ class AuditOut(BaseModel):
         )
 
 
-class AuditPage(BaseModel):
-    total: int
-    limit: int
-    items: list[AuditOut]
+class AuditPage(sc.Page[AuditOut]):
+    pass
 
 
 def create_router(db: Database) -> APIRouter:
@@ -54,13 +53,14 @@ def create_router(db: Database) -> APIRouter:
     def audit_log(
         t: AnyTenant,
         since: Annotated[datetime | None, Query(description="Only entries at or after (RFC 3339)")] = None,
-        limit: Annotated[int, Query(ge=1, le=audit.MAX_PAGE)] = 100,
+        limit: sc.Limit = 100,
+        offset: sc.Offset = 0,
     ) -> AuditPage:
         """Mutating requests of the tenant's keys, newest first (kept 90 days, 10,000 at most)."""
         if since is not None:
             since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
         with db.read() as s:
-            total, rows = audit.page(s, t.id, since, limit)
-            return AuditPage(total=total, limit=limit, items=[AuditOut.of(e) for e in rows])
+            total, rows = audit.list_entries(s, t.id, limit, offset, since)
+            return AuditPage.of(total, limit, offset, [AuditOut.of(e) for e in rows])
 
     return api

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, Notify, Tenant, router
 from fwcm.rollout import launch, planner
-from fwcm.store import campaigns
+from fwcm.store import campaigns, progress
 from fwcm.store import consent as cq
 from fwcm.store.db import Database
 
@@ -138,7 +138,7 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
     def campaign_stats(campaign_id: sc.RowId, t: Tenant) -> sc.CampaignStats:
         with db.read() as s:
             return sc.CampaignStats(
-                **campaigns.campaign_stats(s, t.id, campaign_id, launch.phase_names, launch.pace)
+                **progress.campaign_stats(s, t.id, campaign_id, launch.phase_names, launch.pace)
             )
 
     @api.get("/campaigns/{campaign_id}/devices", response_model=sc.DeploymentPage, tags=["campaigns"])
@@ -150,7 +150,7 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
         offset: sc.Offset = 0,
     ) -> sc.DeploymentPage:
         with db.session() as s:
-            total, rows = campaigns.campaign_devices(s, t.id, campaign_id, state, limit, offset)
+            total, rows = progress.campaign_devices(s, t.id, campaign_id, state, limit, offset)
             return sc.DeploymentPage.of(total, limit, offset, [sc.DeploymentOut(**r) for r in rows])
 
     @api.get("/campaigns/{campaign_id}/events", response_model=sc.CampaignEventPage, tags=["campaigns"])
@@ -159,7 +159,7 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
     ) -> sc.CampaignEventPage:
         """Every state change of the campaign with its time and reason, oldest first."""
         with db.read() as s:
-            total, rows = campaigns.campaign_events(s, t.id, campaign_id, limit, offset)
+            total, rows = progress.campaign_events(s, t.id, campaign_id, limit, offset)
             return sc.CampaignEventPage.of(total, limit, offset, [sc.CampaignEventOut.of(e) for e in rows])
 
     return api

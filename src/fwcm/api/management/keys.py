@@ -13,14 +13,11 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from fwcm import roles
+from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, AnyTenant, ApiError, router
 from fwcm.store import tenants
-from fwcm.store.db import Database, aware, utcnow
+from fwcm.store.db import Database, utcnow
 from fwcm.store.models import ApiKey
-
-
-def _zoned(t: datetime | None) -> datetime | None:
-    return aware(t) if t is not None else None
 
 
 class KeyIn(BaseModel):
@@ -36,20 +33,20 @@ class KeyIn(BaseModel):
 class KeyOut(BaseModel):
     name: str
     role: str
-    created_at: datetime | None
-    expires_at: datetime | None
-    last_used_at: datetime | None = Field(description="Updated at most once a minute")
-    revoked_at: datetime | None
+    created_at: sc.Timestamp | None
+    expires_at: sc.Timestamp | None
+    last_used_at: sc.Timestamp | None = Field(description="Updated at most once a minute")
+    revoked_at: sc.Timestamp | None
 
     @classmethod
     def of(cls, k: ApiKey) -> KeyOut:
         return cls(
             name=k.name,
             role=k.role,
-            created_at=_zoned(k.created_at),
-            expires_at=_zoned(k.expires_at),
-            last_used_at=_zoned(k.last_used_at),
-            revoked_at=_zoned(k.revoked_at),
+            created_at=k.created_at,
+            expires_at=k.expires_at,
+            last_used_at=k.last_used_at,
+            revoked_at=k.revoked_at,
         )
 
 
@@ -57,9 +54,8 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="The key itself: shown only here, store it now")
 
 
-class KeyList(BaseModel):
-    total: int
-    items: list[KeyOut]
+class KeyPage(sc.Page[KeyOut]):
+    pass
 
 
 def create_router(db: Database) -> APIRouter:
@@ -81,14 +77,17 @@ def create_router(db: Database) -> APIRouter:
             row, secret = tenants.create_key(s, t.id, body.name, role.label, expires)
             return NewKeyOut(**KeyOut.of(row).model_dump(), key=secret)
 
-    @api.get("/keys", response_model=KeyList, tags=["keys"])
+    @api.get("/keys", response_model=KeyPage, tags=["keys"])
     def list_keys(
-        t: AnyTenant, revoked: Annotated[bool, Query(description="Include revoked keys")] = False
-    ) -> KeyList:
+        t: AnyTenant,
+        revoked: Annotated[bool, Query(description="Include revoked keys")] = False,
+        limit: sc.Limit = 100,
+        offset: sc.Offset = 0,
+    ) -> KeyPage:
         """The tenant's keys (never their secrets), oldest first."""
         with db.read() as s:
-            rows = tenants.list_keys(s, t.id, include_revoked=revoked)
-            return KeyList(total=len(rows), items=[KeyOut.of(k) for k in rows])
+            total, rows = tenants.list_keys(s, t.id, limit, offset, include_revoked=revoked)
+            return KeyPage.of(total, limit, offset, [KeyOut.of(k) for k in rows])
 
     @api.delete("/keys/{name}", response_model=KeyOut, tags=["keys"])
     def revoke_key(name: Annotated[str, Path(max_length=64)], t: AnyTenant) -> KeyOut:

@@ -6,10 +6,9 @@ delivery logs (``/api/v1/webhooks``). The rules are in :mod:`fwcm.webhooks`, del
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from fwcm import webhooks as rules
@@ -18,8 +17,6 @@ from fwcm.api.deps import MANAGEMENT_ERRORS, Tenant, router
 from fwcm.store import webhooks as wq
 from fwcm.store.db import Database
 from fwcm.store.models import Webhook, WebhookAttempt, WebhookDelivery
-
-MAX_LOG = wq.KEEP_DONE + 100
 
 
 class WebhookIn(BaseModel):
@@ -36,7 +33,7 @@ class WebhookOut(BaseModel):
     id: int
     url: str
     events: list[str] | None = Field(description="Subscribed event types; null: all.")
-    created_at: datetime
+    created_at: sc.Timestamp
     pending: int = Field(0, description="Deliveries waiting to be sent or retried.")
 
     @classmethod
@@ -48,14 +45,13 @@ class WebhookCreated(WebhookOut):
     secret: str = Field(description="HMAC-SHA256 key of the signatures. Shown only in this answer.")
 
 
-class WebhookPage(BaseModel):
-    total: int
-    items: list[WebhookOut]
+class WebhookPage(sc.Page[WebhookOut]):
+    pass
 
 
 class AttemptOut(BaseModel):
     attempt: int
-    at: datetime
+    at: sc.Timestamp
     status: int | None = Field(description="HTTP status the receiver answered (null: no answer).")
     error: str | None
 
@@ -70,11 +66,11 @@ class DeliveryOut(BaseModel):
     type: str
     state: str = Field(description="pending, delivered or failed (given up)")
     attempts: int
-    last_at: datetime | None = Field(description="When the last attempt was made.")
+    last_at: sc.Timestamp | None = Field(description="When the last attempt was made.")
     last_status: int | None = Field(description="HTTP status of the last attempt (null: no answer).")
     last_error: str | None
-    next_at: datetime | None = Field(description="Pending: when the next attempt is due.")
-    created_at: datetime
+    next_at: sc.Timestamp | None = Field(description="Pending: when the next attempt is due.")
+    created_at: sc.Timestamp
     tries: list[AttemptOut] = Field(description="Every attempt, oldest first.")
 
     @classmethod
@@ -94,9 +90,8 @@ class DeliveryOut(BaseModel):
         )
 
 
-class DeliveryPage(BaseModel):
-    total: int
-    items: list[DeliveryOut]
+class DeliveryPage(sc.Page[DeliveryOut]):
+    pass
 
 
 def create_router(db: Database) -> APIRouter:
@@ -113,12 +108,13 @@ def create_router(db: Database) -> APIRouter:
             return WebhookCreated(**WebhookOut.of(hook).model_dump(), secret=hook.secret)
 
     @api.get("/webhooks", response_model=WebhookPage, tags=["webhooks"])
-    def list_webhooks(t: Tenant) -> WebhookPage:
+    def list_webhooks(t: Tenant, limit: sc.Limit = 100, offset: sc.Offset = 0) -> WebhookPage:
+        """The tenant's webhooks, oldest first, each with how many deliveries wait."""
         with db.read() as s:
-            hooks = wq.list_webhooks(s, t.id)
+            total, hooks = wq.list_webhooks(s, t.id, limit, offset)
             pending = wq.pending_counts(s, [h.id for h in hooks])
             items = [WebhookOut.of(h, pending.get(h.id, 0)) for h in hooks]
-        return WebhookPage(total=len(items), items=items)
+        return WebhookPage.of(total, limit, offset, items)
 
     @api.get("/webhooks/{webhook_id}", response_model=WebhookOut, tags=["webhooks"])
     def get_webhook(webhook_id: sc.RowId, t: Tenant) -> WebhookOut:
@@ -135,14 +131,14 @@ def create_router(db: Database) -> APIRouter:
 
     @api.get("/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage, tags=["webhooks"])
     def webhook_deliveries(
-        webhook_id: sc.RowId, t: Tenant, limit: Annotated[int, Query(ge=1, le=MAX_LOG)] = 50
+        webhook_id: sc.RowId, t: Tenant, limit: sc.Limit = 50, offset: sc.Offset = 0
     ) -> DeliveryPage:
         """The delivery log, newest first: every delivery's state and each of its attempts
         (time, status, error). The newest 200 finished deliveries of a webhook are kept."""
         with db.read() as s:
-            rows = wq.deliveries(s, t.id, webhook_id, limit)
+            total, rows = wq.deliveries(s, t.id, webhook_id, limit, offset)
             tries = wq.attempts_of(s, [d.id for d in rows])
             items = [DeliveryOut.of(d, tries.get(d.id, [])) for d in rows]
-        return DeliveryPage(total=len(items), items=items)
+        return DeliveryPage.of(total, limit, offset, items)
 
     return api
