@@ -53,6 +53,19 @@ class DemoOptions:
     attestation: bool = False
     consent: bool = False
     signing_service: bool = False
+    console: bool = False
+
+
+CONSOLE_POLICY: dict[str, Any] = {
+    "rate_per_minute": 12,
+    "phases": [
+        {"name": "canary", "size": "10%", "success_threshold": "80%", "error_threshold": "50%",
+         "error_min_devices": 3},
+        {"name": "rollout", "success_threshold": "80%", "error_threshold": "30%", "error_min_devices": 5},
+    ],
+}  # fmt: skip
+"""``--console`` without a campaign file: a canary then the rest, 12 devices a minute, slow enough
+to watch (a failing profile such as install-fail shows the failure breakdowns)."""
 
 
 def _transport_for(i: int, transport: str) -> str:
@@ -119,6 +132,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
 
     profile = get_profile("consent" if opts.consent else opts.faults)
     definition = load_campaign_file(opts.campaign_file)
+    if opts.console and opts.campaign_file is None:
+        definition = {"name": "demo-console", "filter": "", "policy": CONSOLE_POLICY}
     workdir = Path(tempfile.mkdtemp(prefix="fwcm-demo-"))
     started = time.monotonic()
     broker = await asyncio.to_thread(start_broker)
@@ -251,11 +266,18 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         ]
         stop = asyncio.Event()
         fleet = asyncio.create_task(
-            run_fleet(configs, profile, until=lambda _r: stop.is_set(), timeout=opts.timeout)
+            run_fleet(
+                configs,
+                profile,
+                until=lambda _r: stop.is_set(),
+                timeout=None if opts.console else opts.timeout,
+            )
         )
         await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
         await api.call("POST", f"/campaigns/{cid}/start")
         t0 = time.monotonic()
+        if opts.console:
+            await _hold_for_console(settings.public_http_url, key, cid, console, stop, fleet)
         if opts.faults == "revoked":
             await _revoke_when_running(api, cid, console)
 
@@ -299,6 +321,23 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             await server.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _hold_for_console(
+    base: str, key: str, cid: int, console: Console, stop: asyncio.Event, fleet: asyncio.Task[Any]
+) -> None:
+    """``--console``: say where to look and with which key, then keep everything running until
+    Ctrl-C (the caller's cleanup stops the server and the broker)."""
+    console.print(f"\nconsole: [bold]{base}/ui/campaigns/{cid}[/bold]")
+    console.print(f"sign in with the API key: [bold]{key}[/bold]")
+    console.print("the campaign runs slowly; Ctrl-C stops the fleet, the server and the broker\n")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        stop.set()
+        fleet.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(fleet, 10)
 
 
 async def _pro_variant(api: Api, info: Any, image: bytes, key: Any, x5chain: list[bytes] | None) -> int:
@@ -592,6 +631,14 @@ def demo(
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line")] = False,
+    with_console: Annotated[
+        bool,
+        typer.Option(
+            "--console",
+            help="Leave a slow phased campaign running and print the operator console's URL and a key; "
+            "Ctrl-C stops",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log at INFO")] = False,
 ) -> None:
     """Run a whole campaign on embedded defaults with a simulated fleet; exit 0 iff every device ended as
@@ -611,11 +658,25 @@ def demo(
     if signing_service and (consent or faults != "none"):
         raise typer.BadParameter("--signing-service runs with --faults none and without --consent")
     opts = DemoOptions(
-        devices, transport, faults, campaign, image_size, timeout, attestation, consent, signing_service
+        devices,
+        transport,
+        faults,
+        campaign,
+        image_size,
+        timeout,
+        attestation,
+        consent,
+        signing_service,
+        console=with_console,
     )
     tune_gc()
     try:
         result = asyncio.run(_run(opts, console, as_json))
+    except KeyboardInterrupt:
+        if not with_console:
+            raise
+        console.print("stopped")
+        raise typer.Exit(0) from None
     except (RuntimeError, OSError, ConnectionError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

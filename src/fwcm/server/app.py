@@ -105,8 +105,10 @@ class Server:
 
     def create_api(self):  # type: ignore[no-untyped-def]
         from fwcm.api import create_app
+        from fwcm.console import mount
 
         app = create_app(self.db, self.settings, hooks=self.hooks)
+        mount(app, self.db, self.settings, self.hooks)  # the operator console under /ui
 
         @app.get("/metrics", include_in_schema=False)
         def prometheus() -> Response:

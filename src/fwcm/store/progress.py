@@ -61,19 +61,16 @@ def campaign_stats(
     """
     campaign = get_campaign(s, tenant_id, campaign_id)
     counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
-    for by_state in s.execute(
-        select(Deployment.state, func.count().label("n"))
-        .where(Deployment.tenant_id == tenant_id, Deployment.campaign_id == campaign_id)
-        .group_by(Deployment.state)
-    ):
-        counts[by_state.state] = by_state.n
     phases: dict[int, dict[str, int]] = {}
+    # one pass, the totals summed from the phases; the campaign is the tenant's (get_campaign), so
+    # counting on campaign_id alone keeps to the covering index (several times faster at 100,000)
     for by_phase in s.execute(
         select(Deployment.phase, Deployment.state, func.count().label("n"))
-        .where(Deployment.tenant_id == tenant_id, Deployment.campaign_id == campaign_id)
+        .where(Deployment.campaign_id == campaign.id)
         .group_by(Deployment.phase, Deployment.state)
     ):
         phases.setdefault(by_phase.phase, {})[by_phase.state] = by_phase.n
+        counts[by_phase.state] = counts.get(by_phase.state, 0) + by_phase.n
     failures = _by_result(s, tenant_id, campaign_id, AGAINST_ERRORS)
     skips = _by_result(s, tenant_id, campaign_id, NOT_FOR_ME)
     progress = Progress(

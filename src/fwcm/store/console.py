@@ -1,0 +1,188 @@
+"""What the operator console reads beyond the API's queries: the signed-in key by id, a cheap
+fingerprint of a campaign for its live page, failure breakdowns, completions over time and a
+device's deployments across campaigns.  SQL only; every function filters on the tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, cast, func, select
+from sqlalchemy.orm import Session
+
+from fwcm.errors import NotFound
+from fwcm.rollout.states import DeviceState
+from fwcm.store.models import (
+    ApiKey,
+    Campaign,
+    CampaignEvent,
+    Deployment,
+    Device,
+    Signer,
+    Tenant,
+)
+
+
+def key_by_id(s: Session, key_id: int) -> tuple[ApiKey, Tenant] | None:
+    """A signed-in session's key and tenant (usable or not: the caller checks)."""
+    row = s.execute(
+        select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id).where(ApiKey.id == key_id)
+    ).first()
+    return None if row is None else (row.ApiKey, row.Tenant)
+
+
+def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]:
+    """Changes whenever the campaign's page would: its row, its newest campaign event and, per
+    device state, the newest change of a deployment in it.
+
+    Index lookups only (one per state on the (campaign_id, state, updated_at) index), whatever
+    the campaign's size: the live page compares this every second and only then reads the counts.
+    """
+    row = s.execute(
+        select(
+            Campaign.state,
+            Campaign.phase,
+            Campaign.note,
+            Campaign.total,
+            Campaign.stop_reason,
+            Campaign.finished_at,
+        ).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    newest = [
+        select(func.max(Deployment.updated_at))
+        .where(Deployment.campaign_id == campaign_id, Deployment.state == state.value)
+        .scalar_subquery()
+        for state in DeviceState
+    ]
+    last_change = select(func.max(CampaignEvent.id)).where(CampaignEvent.campaign_id == campaign_id)
+    changes = s.execute(select(last_change.scalar_subquery(), *newest)).one()
+    return (*tuple(row), *tuple(changes))
+
+
+def failures_by(
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], column: str
+) -> list[dict[str, Any]]:
+    """Devices of the campaign in ``states`` counted by one device attribute (``class_id``,
+    ``version`` or ``hardware_id``), most common first; one GROUP BY."""
+    attr: ColumnElement[Any] = getattr(Device, column)
+    rows = s.execute(
+        select(attr.label("value"), func.count().label("n"))
+        .select_from(Deployment)
+        .join(Device, Device.id == Deployment.device_id)
+        .where(
+            _owned(tenant_id, campaign_id),
+            Deployment.state.in_(sorted(states)),
+        )
+        .group_by(attr)
+        .order_by(func.count().desc())
+        .limit(20)
+    )
+    return [{"value": r.value, "count": r.n} for r in rows]
+
+
+def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
+    """Deployments of the campaign if it is the tenant's: a constant subquery, so the count keeps
+    to the (campaign_id, state, updated_at) index rather than reading every row for tenant_id."""
+    owned = select(Campaign.id).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id)
+    return Deployment.campaign_id == owned.scalar_subquery()
+
+
+def _epoch_seconds(s: Session, column: Any) -> ColumnElement[float]:
+    if s.get_bind().dialect.name == "postgresql":
+        return cast(func.extract("epoch", column), Float)
+    return (func.julianday(column) - 2440587.5) * 86400.0  # several times cheaper than strftime('%s')
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: float
+    """POSIX seconds at which the bucket starts."""
+    state: str
+    count: int
+
+
+def completions_over_time(
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], since: datetime, bucket_s: int
+) -> list[Bucket]:
+    """Devices that reached one of ``states`` since ``since``, per ``bucket_s`` and state: one
+    GROUP BY over the campaign's deployments, bucketed in the database."""
+    epoch = _epoch_seconds(s, Deployment.updated_at)
+    slot = func.floor(epoch / bucket_s).label("slot")
+    rows = s.execute(
+        select(slot, Deployment.state, func.count().label("n"))
+        .where(
+            _owned(tenant_id, campaign_id),
+            Deployment.state.in_(sorted(states)),
+            Deployment.updated_at >= since,
+        )
+        .group_by(slot, Deployment.state)
+    )
+    return [Bucket(float(r.slot) * bucket_s, r.state, int(r.n)) for r in rows if r.slot is not None]
+
+
+def deployments(
+    s: Session,
+    tenant_id: int,
+    campaign_id: int,
+    *,
+    states: Iterable[str] | None = None,
+    result: int | None = None,
+    where: dict[str, str | None] | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """A page of the campaign's deployments with their devices, by state, result code and device
+    attributes (``class_id``, ``version``, ``hardware_id``), and how many match."""
+    cond: list[ColumnElement[bool]] = [
+        Deployment.tenant_id == tenant_id,
+        Deployment.campaign_id == campaign_id,
+    ]
+    if states:
+        cond.append(Deployment.state.in_(sorted(states)))
+    if result is not None:
+        cond.append(Deployment.result == result)
+    for column, value in (where or {}).items():
+        attr = getattr(Device, column)
+        cond.append(attr.is_(None) if value is None else attr == value)
+    base = select(Deployment, Device).join(Device, Device.id == Deployment.device_id).where(*cond)
+    total = s.scalar(select(func.count()).select_from(base.subquery())) or 0
+    rows = s.execute(base.order_by(Device.name).limit(limit).offset(offset)).all()
+    return total, [{"deployment": r.Deployment, "device": r.Device} for r in rows]
+
+
+def device_deployments(s: Session, tenant_id: int, device_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    """A device's deployments across campaigns, newest campaign first."""
+    rows = s.execute(
+        select(Deployment, Campaign.name, Campaign.state.label("campaign_state"))
+        .join(Campaign, Campaign.id == Deployment.campaign_id)
+        .where(Deployment.tenant_id == tenant_id, Deployment.device_id == device_id)
+        .order_by(Deployment.campaign_id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        {"deployment": r.Deployment, "campaign": r.name, "campaign_state": r.campaign_state} for r in rows
+    ]
+
+
+def signer_of(s: Session, tenant_id: int, signer_id: int | None) -> Signer | None:
+    """The signer a manifest was verified against (None for an unsigned or foreign id)."""
+    if signer_id is None:
+        return None
+    return s.scalar(select(Signer).where(Signer.id == signer_id, Signer.tenant_id == tenant_id))
+
+
+def last_events(s: Session, tenant_id: int, campaign_id: int, limit: int = 50) -> list[CampaignEvent]:
+    """The campaign's newest state changes, newest first."""
+    return list(
+        s.scalars(
+            select(CampaignEvent)
+            .where(CampaignEvent.tenant_id == tenant_id, CampaignEvent.campaign_id == campaign_id)
+            .order_by(CampaignEvent.id.desc())
+            .limit(limit)
+        )
+    )
