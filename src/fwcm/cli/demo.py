@@ -30,16 +30,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fwcm.cli import demo_signing
+from fwcm.cli import demo_report, demo_signing
 from fwcm.rollout.states import DeviceState
 from fwcm.runtime import setup_logging, tune_gc
 
 log = logging.getLogger("fwcm.demo")
 
 STATES = tuple(st.value for st in DeviceState)
-ENDS = ("succeeded", "reverted", "failed", "timed_out", "skipped", "cancelled")
-"""How devices ended, each counted apart in the result (a revert is neither a success nor hidden
-among failures)."""
 
 
 @dataclass
@@ -298,7 +295,9 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
                 st.results[cid].name.lower() for st in report.devices.values() if cid in st.results
             )
         devices = await _all_deployments(api, cid)
-        result = _summarize(opts, profile, stats, devices, installed, duration, time.monotonic() - started)
+        result = demo_report.summarize(
+            opts, profile, stats, devices, installed, duration, time.monotonic() - started
+        )
         if opts.attestation:
             result["attestation"] = True
             result["credentials"] = credentials
@@ -306,7 +305,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
                 result["ok"] = False
         result["device_results"] = dict(sorted(device_results.items()))
         if opts.consent:
-            _consent_summary(result, stats, devices, profile, accounting or {})
+            demo_report.consent_summary(result, stats, devices, profile, accounting or {})
         if signing_flow is not None:
             result["signing_service"] = signing_flow
             result["ok"] = result["ok"] and signing_flow["ok"] and result["succeeded"] == opts.devices
@@ -370,39 +369,6 @@ async def _await_accounting(
             break
         await asyncio.sleep(0.5)
     return report
-
-
-def _consent_summary(
-    result: dict[str, Any],
-    stats: dict[str, Any],
-    devices: list[dict[str, Any]],
-    profile: Any,
-    accounting: dict[str, Any],
-) -> None:
-    """Every device must end as its owner answered: accepted → installed, declined, or no answer."""
-    consent = stats.get("consent") or {}
-    result.update(
-        faults="consent",
-        consent=True,
-        accepted=consent.get("accepted", 0),
-        declined=consent.get("declined", 0),
-        no_answer=consent.get("no_answer", 0),
-        accounting={k: accounting.get(k, 0) for k in ("reporting", "total_uses", "removed")},
-    )
-    expected = {"accept": "succeeded", "decline": "declined", "ignore": "no_answer"}
-    wrong = [
-        d
-        for d in devices
-        if d["state"] != expected[profile.for_device(int(d["device"].split("-")[1])).consent]
-    ]
-    result["unexpected"] = [{"device": d["device"], "state": d["state"]} for d in wrong[:20]]
-    result["unexpected_count"] = len(wrong)
-    result["ok"] = (
-        not wrong
-        and result["succeeded"] == result["accepted"] > 0
-        and result["declined"] > 0
-        and result["accounting"]["removed"] == result["succeeded"]
-    )
 
 
 async def _revoke_when_running(api: Api, cid: int, console: Console) -> None:
@@ -505,102 +471,6 @@ async def _all_deployments(api: Api, cid: int) -> list[dict[str, Any]]:
             return out
 
 
-def _summarize(
-    opts: DemoOptions,
-    profile: Any,
-    stats: dict[str, Any],
-    devices: list[dict[str, Any]],
-    installed: dict[str, int],
-    duration: float,
-    total_s: float,
-) -> dict[str, Any]:
-    """Compare every device's end with what its fault profile calls for.
-
-    A succeeded device must run the new firmware (sequence 2); a failed or reverted one must still
-    run the old one (sequence 1), as the devices themselves say.
-    """
-    by_state = Counter(d["state"] for d in devices)
-    ended_early = stats["state"] in ("stopped", "cancelled")
-    unexpected = []
-    for d in devices:
-        index = int(d["device"].split("-")[1])
-        expected = profile.expected_outcome(index)
-        ok = d["state"] == expected and (
-            expected == "succeeded" or d["result"] == int(profile.expected_result(index))
-        )
-        if not ok and ended_early and d["state"] in ("pending", "cancelled"):
-            ok = True
-        if profile.name == "revoked":  # installed before the revocation, or refused/withdrawn after
-            ok = d["state"] in ("succeeded", "cancelled", "pending") or (
-                d["state"] == "failed" and d["result"] == 17  # SIGNER_REVOKED
-            )
-        running = installed.get(d["device"])
-        if (
-            ok
-            and d["state"] in ("succeeded", "failed", "reverted")
-            and running != (2 if d["state"] == "succeeded" else 1)
-        ):
-            ok = False
-        if not ok:
-            unexpected.append(
-                {
-                    "device": d["device"],
-                    "state": d["state"],
-                    "result": d["result"],
-                    "expected": expected,
-                    "running_sequence": running,
-                }
-            )
-    failures = Counter(d["result_name"] for d in devices if d["state"] == "failed")
-    skips = Counter(d["result_name"] for d in devices if d["state"] == "skipped")
-    return {
-        "devices": opts.devices,
-        "transport": opts.transport,
-        "faults": opts.faults,
-        "campaign_state": stats.get("state"),
-        "stop_reason": stats.get("stop_reason"),
-        "notified": sum(1 for d in devices if d["attempt"] > 0),
-        **{st: by_state.get(st, 0) for st in ENDS},
-        "kept_old_firmware": sum(
-            1 for d in devices if d["state"] in ("failed", "reverted") and installed.get(d["device"]) == 1
-        ),
-        "by_state": dict(sorted(by_state.items())),
-        "failure_reasons": dict(failures),
-        "skip_reasons": dict(skips),
-        "unexpected": unexpected[:20],
-        "unexpected_count": len(unexpected),
-        "ok": not unexpected and stats.get("state") in ("completed", "stopped", "cancelled"),
-        "duration_s": round(duration, 2),
-        "total_s": round(total_s, 2),
-    }
-
-
-def _summary_table(result: dict[str, Any]) -> Table:
-    t = Table(title="fwcm demo — result")
-    t.add_column("")
-    t.add_column("", justify="right")
-    for k in (
-        "devices",
-        "transport",
-        "faults",
-        "campaign_state",
-        "stop_reason",
-        "notified",
-        *ENDS,
-        "kept_old_firmware",
-        "duration_s",
-    ):
-        t.add_row("reason" if k == "stop_reason" else k, str(result.get(k)))
-    for st, n in result["by_state"].items():
-        t.add_row(f"state {st}", str(n))
-    for reason, n in result["failure_reasons"].items():
-        t.add_row(f"failure {reason}", str(n))
-    for reason, n in result["skip_reasons"].items():
-        t.add_row(f"skipped {reason}", str(n))
-    t.add_row("as expected", "yes" if result["ok"] else f"NO ({result['unexpected_count']} devices)")
-    return t
-
-
 def demo(
     devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices")] = 100,
     transport: Annotated[str, typer.Option(help="mqtt | coap | mixed")] = "mixed",
@@ -681,8 +551,8 @@ def demo(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if as_json:
-        console.print(_summary_table(result))
+        console.print(demo_report.summary_table(result))
         sys.stdout.write(json.dumps(result) + "\n")
     else:
-        console.print(_summary_table(result))
+        console.print(demo_report.summary_table(result))
     raise typer.Exit(0 if result["ok"] else 1)
