@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
     Insert,
+    Table,
     and_,
     case,
     delete,
@@ -67,6 +68,7 @@ Reviewer = Callable[[Iterable[tuple[int, str, int]], int], dict[str, Any]]
 (``rollout.planner.review``)."""
 
 log = logging.getLogger(__name__)
+_DEPLOYMENTS = cast(Table, Deployment.__table__)
 
 
 def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: CampaignDraft) -> Campaign:
@@ -176,7 +178,7 @@ def start_campaign(
     ]
     if rows:
         # Core executemany: the ORM's per-row bookkeeping cost a third of a large start
-        s.connection().execute(Deployment.__table__.insert(), rows)
+        s.connection().execute(insert(_DEPLOYMENTS), rows)
     total = len(rows)
     campaign.total = total
     if s.get_bind().dialect.name == "postgresql":
