@@ -169,8 +169,12 @@ async def test_dynamic_campaign_takes_in_devices_registered_later(env: Env, coap
 
 
 async def test_scheduled_start_waits(env: Env, coap: aiocoap.Context) -> None:
-    start_at = (datetime.now(UTC) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")  # >= 3 s ahead
-    cid, [dev] = await setup(env, coap, 1, {"start_at": start_at})
+    man = await env.manifest(firmware(1024))
+    secrets = await env.devices([("s0", "coap")])
+    # the start time is set once the fleet exists, so a slow setup cannot make it already past
+    start_at = (datetime.now(UTC) + timedelta(seconds=6)).strftime("%Y-%m-%dT%H:%M:%SZ")  # >= 5 s ahead
+    cid = await env.campaign(man["id"], policy={"start_at": start_at})
+    dev = ScriptedDevice(coap, env, "s0", secrets["s0"])
     started = await env.call("POST", f"/campaigns/{cid}/start")
     assert started["state"] == "scheduled"
     await asyncio.sleep(0.5)
