@@ -14,12 +14,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -115,6 +118,26 @@ def api(db: Database, settings: Settings) -> Iterator[ApiEnv]:
     finally:
         for c in [client, *env._clients]:
             c.close()
+
+
+@pytest.fixture
+def live_api(api: ApiEnv) -> Iterator[str]:
+    """The ``api`` app behind a real uvicorn listener on loopback (for the CLI and httpx); its base
+    URL, ``http://127.0.0.1:PORT``."""
+    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 # -- a private PostgreSQL --------------------------------------------------------------------------

@@ -6,15 +6,11 @@ import base64
 import hashlib
 import json
 import stat
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
-import uvicorn
 from typer.testing import CliRunner
 
 from fwcm import manifest, protocol
@@ -41,21 +37,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def server(api: Any) -> Iterator[str]:
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+def server(live_api: str) -> str:
+    return live_api
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ commands."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 import typer
-import uvicorn
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
@@ -34,21 +31,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def server(api: Any) -> Iterator[str]:
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/api/v1"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+def server(live_api: str) -> str:
+    return live_api + "/api/v1"
 
 
 class Clients:

@@ -9,14 +9,11 @@ import io
 import json
 import stat
 import threading
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from typer.testing import CliRunner
@@ -618,21 +615,8 @@ def test_other_tenants_cannot_see_or_move_a_claimed_device(api: Any) -> None:
 
 
 @pytest.fixture
-def server(api: Any) -> Iterator[str]:
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+def server(live_api: str) -> str:
+    return live_api
 
 
 def test_cli_factory_and_claim_commands(api: Any, server: str, tmp_path: Path) -> None:

@@ -5,14 +5,11 @@ use; campaign clone, retry of failed devices, resume of a stopped campaign; all 
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select, update
 from test_api import device_json, envelope
 
@@ -30,21 +27,8 @@ V1 = "/api/v1"
 
 
 @pytest.fixture
-def base_url(api: Any) -> Iterator[str]:
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+def base_url(live_api: str) -> str:
+    return live_api
 
 
 def _client(base_url: str, key: str) -> httpx.Client:
