@@ -280,3 +280,35 @@ def test_resume_a_stopped_campaign_after_review(api: Any, acme: httpx.Client) ->
     assert "resume needs a campaign that is paused or stopped" in refused(
         acme.post(f"/campaigns/{cid}/resume"), 409
     )
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+def test_a_plan_made_before_an_operator_change_is_not_written(
+    api: Any, acme: httpx.Client, action: str
+) -> None:
+    """The engine leased a running campaign, then the operator paused or cancelled it before the
+    engine wrote its plan: the plan (notify every device) is dropped, the operator's state stays."""
+    import time
+
+    from fwcm.rollout import planner
+    from fwcm.rollout.policy import Policy
+    from fwcm.server import engine
+
+    _devices(acme, "d1", "d2", "d3")
+    _sha, mid = _manifest(acme)
+    cid = _campaign(acme, mid)
+    ok(acme.post(f"/campaigns/{cid}/start"))
+    with api.db.session() as s:
+        [stale] = [c for c in lq.lease_campaigns(s, "test", 30) if c.id == cid]
+        policy = Policy.from_stored(stale.policy)
+        step = planner.plan(policy, engine._snapshot(s, stale, {}, None), planner.PolicyState(), time.time())
+    assert step.decision.notify == 3
+    ok(acme.post(f"/campaigns/{cid}/{action}"))
+    with api.db.session() as s:
+        assert engine._apply(s, stale, policy, step, time.time()) is None
+    stats = ok(acme.get(f"/campaigns/{cid}/stats"))
+    assert stats["state"] == {"pause": "paused", "cancel": "cancelled"}[action]
+    assert stats["counts"]["notified"] == 0
+    with api.db.session() as s:  # a lease read now is current again (a cancelled one is not leased)
+        fresh = [c for c in lq.lease_campaigns(s, "test", 30) if c.id == cid]
+        assert [lq.unchanged_since_lease(s, c) for c in fresh] == ([True] if action == "pause" else [])

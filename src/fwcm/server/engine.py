@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -252,6 +253,7 @@ class Engine:
         cutoffs = deployment.timeout_cutoffs(policy, now) if expire_due else {}
         since = now - RATE_WINDOW_S if first_look else None
         snapshot = await asyncio.to_thread(self._in_read, lambda s: _snapshot(s, c, cutoffs, since))
+        before = copy.deepcopy(memory)  # the planner's memory as it was, should the plan be dropped
         step = planner.plan(
             policy,
             snapshot,
@@ -264,7 +266,13 @@ class Engine:
         )
         targets: list[dq.Target] = []
         if not step.idle:
-            targets = await self._db(lambda s: _apply(s, c, policy, step, now))
+            applied = await self._db(lambda s: _apply(s, c, policy, step, now))
+            if applied is None:
+                log.info("campaign %d changed while its step was planned; planning again", c.id)
+                self._policy_state[c.id] = before
+                self._lease_now = True
+                return
+            targets = applied
             if step.note_changed:
                 self.notes[c.id] = step.note
         memory.record_notified(len(targets), now)
@@ -462,8 +470,11 @@ def _snapshot(
 
 def _apply(
     s: Session, c: lq.LeasedCampaign, policy: Policy, step: planner.Plan, now: float
-) -> list[dq.Target]:
-    """Write one campaign's plan in the caller's transaction; returns the devices to notify."""
+) -> list[dq.Target] | None:
+    """Write one campaign's plan in the caller's transaction; returns the devices to notify, or
+    None when an operator changed the campaign since the step read it (nothing is written)."""
+    if not lq.unchanged_since_lease(s, c):
+        return None
     if step.expired:
         dq.write_expired(s, c.id, step.expired, now)
     if step.join:

@@ -157,6 +157,20 @@ def set_phase(s: Session, campaign_id: int, tenant_id: int, phase: int, label: s
     )
 
 
+def unchanged_since_lease(s: Session, c: LeasedCampaign) -> bool:
+    """Lock the campaign row and say whether its state and phase are still what the lease read.
+
+    An operator's pause, resume or cancel may commit between the engine's lease and its write of
+    a plan made from the older state; that plan is dropped (the next step plans again), so the
+    engine never overwrites the operator's change or notifies devices of a campaign cancelled
+    meanwhile. On SQLite the write transaction already holds the one write lock.
+    """
+    row = s.execute(
+        select(Campaign.state, Campaign.phase).where(Campaign.id == c.id).with_for_update()
+    ).one_or_none()
+    return row is not None and row.state == c.state and row.phase == c.phase
+
+
 def set_campaign_state(
     s: Session, campaign: int, tenant_id: int, state: CampaignState, reason: str | None
 ) -> None:
