@@ -54,6 +54,9 @@ class DeviceConfig:
     index: int = 0
     flash_size: int = 16 * 1024 * 1024
     """Capacity of one slot; larger images are refused with NOT_ENOUGH_FLASH."""
+    base_image: bytes | None = None
+    """The image the device ships with, when it is a release the fleet shares (delta updates
+    patch from it); None: a factory image of its own."""
 
     def mqtt_credentials(self) -> tuple[str, str]:
         return (
@@ -66,7 +69,9 @@ class DeviceConfig:
         return self.state_dir / self.name
 
     def factory_image(self) -> bytes:
-        """The image the device ships with (slot A), distinct per device and sequence."""
+        """The image the device ships with (slot A): ``base_image``, or one distinct per device."""
+        if self.base_image is not None:
+            return self.base_image
         line = f"fwcm-sim factory image device={self.name} sequence={self.installed_sequence}\n".encode()
         return line * 16
 

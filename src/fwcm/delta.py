@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Collection, Mapping
 
 import detools
 
@@ -44,6 +45,32 @@ def make_patch(old: bytes, new: bytes) -> bytes:
 def worth_sending(patch_size: int, image_size: int, max_share: float = DEFAULT_MAX_SHARE) -> bool:
     """Whether a patch of ``patch_size`` bytes beats sending the ``image_size`` image."""
     return patch_size <= image_size * max_share
+
+
+MAX_SOURCES = 8
+"""A campaign gets patches from at most this many source images (those most devices run)."""
+UNKNOWN_SOURCE = "the server does not hold this source image"
+BEYOND_SOURCES = f"not among the {MAX_SOURCES} source images most devices run"
+
+
+def sources_to_diff(
+    running: Mapping[str, int], target: str, held: Collection[str], max_sources: int = MAX_SOURCES
+) -> tuple[list[str], dict[str, str]]:
+    """Which source images (SHA-256 hex → devices running it) get a patch to ``target``, most
+    devices first, and why each other source gets the full image. A device already on the
+    target needs neither; one whose source the server does not hold cannot be diffed."""
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for digest, _n in sorted(running.items(), key=lambda kv: (-kv[1], kv[0])):
+        if digest == target:
+            continue
+        if digest not in held:
+            skipped[digest] = UNKNOWN_SOURCE
+        elif len(chosen) >= max_sources:
+            skipped[digest] = BEYOND_SOURCES
+        else:
+            chosen.append(digest)
+    return chosen, skipped
 
 
 class _Bounded(io.RawIOBase):

@@ -204,6 +204,9 @@ class DeviceOut(BaseModel):
     last_seen: Timestamp | None
     created_at: Timestamp | None
     firmware_name: str | None = Field(None, description="What the device said it runs (its hello).")
+    image_digest: str | None = Field(
+        None, description="SHA-256 of the image it said it runs (hello or success): a delta's base."
+    )
     decommissioned_at: Timestamp | None = Field(
         None, description="When it was taken out of service (None: in service)."
     )
@@ -233,6 +236,7 @@ class DeviceOut(BaseModel):
             last_seen=d.last_seen,
             created_at=d.created_at,
             firmware_name=d.firmware_name,
+            image_digest=d.image_digest,
             decommissioned_at=d.decommissioned_at,
             attestation_key=d.attest_key_pem is not None,
             secret=secret.hex() if secret is not None else None,
@@ -400,6 +404,13 @@ class FailureCount(BaseModel):
     count: int
 
 
+class DeltaBytes(BaseModel):
+    delta: int = Field(description="Bytes of patches fetched by devices on a delta manifest")
+    full: int = Field(description="Bytes of full images fetched by the other devices")
+    without_deltas: int = Field(description="What the same devices would have fetched without patches")
+    devices_on_delta: int
+
+
 class CampaignStats(BaseModel):
     id: int
     name: str
@@ -440,6 +451,9 @@ class CampaignStats(BaseModel):
     finished_at: Timestamp | None
     consent: dict[str, Any] | None = Field(
         None, description="Consent campaigns: stage, invited/accepted/declined/no_answer, group decision."
+    )
+    bytes: DeltaBytes | None = Field(
+        None, description="Delta campaigns: what the devices that fetched their update fetched."
     )
 
 

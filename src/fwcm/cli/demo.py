@@ -51,6 +51,7 @@ class DemoOptions:
     consent: bool = False
     signing_service: bool = False
     console: bool = False
+    delta: bool = False
 
 
 CONSOLE_POLICY: dict[str, Any] = {
@@ -63,6 +64,11 @@ CONSOLE_POLICY: dict[str, Any] = {
 }  # fmt: skip
 """``--console`` without a campaign file: a canary then the rest, 12 devices a minute, slow enough
 to watch (a failing profile such as install-fail shows the failure breakdowns)."""
+
+
+DELTA_UNKNOWN_EVERY = 10
+"""``--delta``: every tenth device runs an image of its own, which the server does not hold, and
+gets the full image; the others run release 1.0 and get a patch."""
 
 
 def _transport_for(i: int, transport: str) -> str:
@@ -162,9 +168,13 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             settings.pki_root = workdir / "root.pem"
             with server.db.session() as s:
                 trust_store.set_tenant_ca(s, "demo", trust.ca_pem, pki.load_cert(trust.root_pem))
-        if not opts.signing_service:
+        if not (opts.signing_service or opts.delta):
             await api.call("POST", "/signers", json={"name": "release", **trust.signer_body(pub)})
         image = random.Random(42).randbytes(opts.image_size)
+        base: bytes | None = None
+        if opts.delta:  # the fleet runs release 1.0; 2.0 is a small change of it
+            base, image = image, demo_report.small_change(image)
+            await api.call("POST", "/payloads", content=base, params={"name": "demo-firmware-1.0.bin"})
         sha = hashlib.sha256(image).hexdigest()
         await api.call(
             "POST",
@@ -184,12 +194,14 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             uris=(f"{settings.public_http_url}/p/{sha}", f"{settings.public_coap_url}/p/{sha}"),
         )
         signing_flow: dict[str, Any] | None = None
-        if opts.signing_service:
-            base = settings.public_http_url
-            signed = await demo_signing.signed_release(api, lambda k: Api(base, k), settings, workdir, info)
-            man, signing_flow = signed["manifest"], signed["flow"]
+        if opts.signing_service or opts.delta:  # a delta is signed by the release's held key
+            url = settings.public_http_url
+            signed = await demo_signing.signed_release(api, lambda k: Api(url, k), settings, workdir, info)
+            man = signed["manifest"]
             trust = _Trust(root_pem=signed["root_pem"])  # devices check the chain to the root
-            console.log(f"release signed inside SoftHSM2 after approval by {signing_flow['approved_by']}")
+            if opts.signing_service:
+                signing_flow = signed["flow"]
+                console.log(f"release signed inside SoftHSM2 after approval by {signing_flow['approved_by']}")
         else:
             envelope = mf.build_envelope(info, signing_key, x5chain=trust.x5chain)
             man = await api.call(
@@ -214,6 +226,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         console.log(f"registered {imported['imported']} devices; manifest {man['digest'][:16]}… signed")
 
         body = {**definition, "manifest_id": man["id"], "attestation": opts.attestation}
+        if opts.delta:
+            body["policy"] = {**body.get("policy", {}), "delta": True}
         if opts.consent:
             pro = await _pro_variant(api, info, image, signing_key, trust.x5chain)
             body["consent"] = {
@@ -258,6 +272,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
                 trust_root=trust.root_pem,
                 attest_key=mf.private_key_pem(attest_keys[i]) if attest_keys[i] is not None else None,  # type: ignore[arg-type]
                 index=i,
+                base_image=base if i % DELTA_UNKNOWN_EVERY else None,
             )
             for i in range(opts.devices)
         ]
@@ -271,6 +286,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             )
         )
         await asyncio.sleep(0.5)  # let devices connect: the retained notices would reach them anyway
+        if opts.delta:  # patches are made for the images devices said they run
+            await _until_all_said_what_they_run(api, opts.devices)
         await api.call("POST", f"/campaigns/{cid}/start")
         t0 = time.monotonic()
         if opts.console:
@@ -306,6 +323,8 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
         result["device_results"] = dict(sorted(device_results.items()))
         if opts.consent:
             demo_report.consent_summary(result, stats, devices, profile, accounting or {})
+        if opts.delta:
+            demo_report.delta_summary(result, stats, opts.devices)
         if signing_flow is not None:
             result["signing_service"] = signing_flow
             result["ok"] = result["ok"] and signing_flow["ok"] and result["succeeded"] == opts.devices
@@ -320,6 +339,15 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             await server.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _until_all_said_what_they_run(api: Api, devices: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = await api.call("GET", "/devices", params={"limit": 1000})
+        if sum(1 for d in page["items"] if d["image_digest"]) >= min(devices, 1000):
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _hold_for_console(
@@ -509,6 +537,14 @@ def demo(
             "Ctrl-C stops",
         ),
     ] = False,
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="The fleet runs release 1.0 and the server sends 2.0 as patches it makes (signed by the "
+            "release's held key); a tenth of the devices run other images and get the full image",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log at INFO")] = False,
 ) -> None:
     """Run a whole campaign on embedded defaults with a simulated fleet; exit 0 iff every device ended as
@@ -527,6 +563,8 @@ def demo(
         raise typer.BadParameter("--faults rogue needs --attestation (rogue devices forge attestations)")
     if signing_service and (consent or faults != "none"):
         raise typer.BadParameter("--signing-service runs with --faults none and without --consent")
+    if delta and (consent or attestation):
+        raise typer.BadParameter("--delta runs without --consent and --attestation (they get full images)")
     opts = DemoOptions(
         devices,
         transport,
@@ -538,6 +576,7 @@ def demo(
         consent,
         signing_service,
         console=with_console,
+        delta=delta,
     )
     tune_gc()
     try:

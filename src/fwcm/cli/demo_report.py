@@ -112,8 +112,33 @@ def summary_table(result: dict[str, Any]) -> Table:
         t.add_row(f"failure {reason}", str(n))
     for reason, n in result["skip_reasons"].items():
         t.add_row(f"skipped {reason}", str(n))
+    if "delta" in result:
+        d = result["delta"]
+        t.add_row(
+            "bytes sent", f"{d['sent']:,} ({d['delta']:,} in patches to {d['devices_on_delta']} devices)"
+        )
+        t.add_row("bytes without deltas", f"{d['without_deltas']:,} (sent {d['share']:.1%} of it)")
     t.add_row("as expected", "yes" if result["ok"] else f"NO ({result['unexpected_count']} devices)")
     return t
+
+
+def small_change(image: bytes) -> bytes:
+    """Release 2.0 of the delta demo: release 1.0 with a few hundred bytes changed and a little
+    code added, as a small fix changes firmware."""
+    changed = bytearray(image)
+    middle = len(changed) // 2
+    changed[middle : middle + 256] = bytes(b ^ 0x5A for b in changed[middle : middle + 256])
+    return bytes(changed) + b"fwcm demo 2.0: new code\n" * 16
+
+
+def delta_summary(result: dict[str, Any], stats: dict[str, Any], devices: int) -> None:
+    """``--delta``: the bytes the fleet fetched with patches and without; every device must have
+    succeeded and the fleet fetched at most a third of the full-image bytes."""
+    b = stats.get("bytes") or {"delta": 0, "full": 0, "without_deltas": 0, "devices_on_delta": 0}
+    sent = b["delta"] + b["full"]
+    share = sent / b["without_deltas"] if b["without_deltas"] else 1.0
+    result["delta"] = {**b, "sent": sent, "share": round(share, 4)}
+    result["ok"] = result["ok"] and result["succeeded"] == devices and share <= 1 / 3
 
 
 def consent_summary(

@@ -51,6 +51,8 @@ class DeploymentView(NamedTuple):
     state: DeviceState
     attempt: int
     last_seq: int
+    delta: bool = False
+    """The deployment installs from a server-made patch (its full image is the fallback)."""
 
 
 class Change(NamedTuple):
@@ -107,6 +109,8 @@ class Applied(NamedTuple):
     """The sequence a device that succeeded (or reverted) now runs."""
     digest: bytes | None = None
     """The image digest a device that succeeded now runs (its claim), as its report says."""
+    full_image: bool = False
+    """The device does not run the patch's base: its next attempt gets the full image."""
 
 
 def judge_reports(
@@ -133,10 +137,13 @@ def judge_reports(
         if change is None:
             continue
         retry_at = None
-        if change.state == DeviceState.FAILED:
+        full_image = falls_back(view, change)
+        if full_image:
+            retry_at = now
+        elif change.state == DeviceState.FAILED:
             retry_at = policies[report.campaign].retry_at(change.result, view.attempt, now)
         stored = DeviceState.PENDING if retry_at is not None else change.state
-        current[key] = DeploymentView(stored, view.attempt, change.seq)
+        current[key] = DeploymentView(stored, view.attempt, change.seq, view.delta and not full_image)
         succeeded = change.state == DeviceState.SUCCEEDED
         runs = succeeded or change.state == DeviceState.REVERTED
         out.append(
@@ -154,9 +161,17 @@ def judge_reports(
                 detail=report.detail,
                 installed=report.installed_sequence if runs else None,
                 digest=report.image_digest if succeeded else None,
+                full_image=full_image,
             )
         )
     return out
+
+
+def falls_back(view: DeploymentView, change: Change) -> bool:
+    """A device that refuses a server-made patch because it does not run the patch's base is not
+    failing: it gets the full image at once, in a new attempt that the retry limit does not count
+    against (a device refusing its campaign's own delta manifest fails like any other refusal)."""
+    return view.delta and change.state == DeviceState.FAILED and change.result == Result.BASE_MISMATCH
 
 
 # -- hellos against the image a success claimed ----------------------------------------------

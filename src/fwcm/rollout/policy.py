@@ -181,6 +181,20 @@ def _parse_group(v: Any, path: str) -> str:
     return canonical
 
 
+DEFAULT_DELTA_SHARE = 60.0
+"""``delta = true``: a patch is worth sending up to 60 % of the image's size."""
+
+
+def read_delta(v: Any, path: str) -> float | None:
+    """``delta``: false (full images), true (patches up to the default share) or a share ("40%")."""
+    if isinstance(v, bool):
+        return DEFAULT_DELTA_SHARE if v else None
+    share = parse_percent(v, path)
+    if share <= 0:
+        raise PolicyError(f'{path}: must be above 0%, or false for full images only, not "{v}"')
+    return share
+
+
 # --------------------------------------------------------------------------------------------
 # The policy
 
@@ -195,6 +209,7 @@ ROLLOUT_KEYS = (
     "batch_max",
     "order",
     "seed",
+    "delta",
     *THRESHOLD_KEYS,
 )
 
@@ -214,6 +229,9 @@ class Policy:
     order: Order = "shuffle"
     seed: int | None = None
     """Seed of the shuffle; None: the campaign's id (``fwcm.rollout.groups``)."""
+    delta_max_share: float | None = None
+    """Server-made delta updates (``fwcm.deltas``): a patch is sent instead of the image when it
+    is at most this percentage of the image's size; None: full images only."""
 
     # -- construction --------------------------------------------------------------------
 
@@ -300,6 +318,7 @@ class Policy:
             batch_max=read_int(r.get("batch_max", DEFAULT_BATCH), name("batch_max"), BATCH_RANGE, strict),
             order=read_choice(r.get("order", "shuffle"), name("order"), ORDERS),
             seed=read_int(r["seed"], name("seed"), SEED_RANGE, strict) if r.get("seed") is not None else None,
+            delta_max_share=read_delta(r.get("delta", False), name("delta")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,6 +353,8 @@ class Policy:
         d["order"] = self.order
         if self.seed is not None:
             d["seed"] = self.seed
+        if self.delta_max_share is not None:
+            d["delta"] = f"{self.delta_max_share:g}%"
         d["dynamic"] = self.dynamic
         d["phases"] = [p.to_dict() for p in self.phases]
         return d

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -220,10 +220,16 @@ class Engine:
             env = await self._db(lambda s: lq.manifest_envelope(s, manifest_id))
             self.notifier.envelopes[manifest_id] = env
 
+    async def _load_envelopes_of(self, targets: Iterable[dq.Target]) -> None:
+        """The manifests of deployments with their own (a consent variant, a delta manifest)."""
+        for mid in {t.manifest_id for t in targets if t.manifest_id is not None}:
+            await self._load_envelope(mid)
+
     async def _resend_notified(self, c: lq.LeasedCampaign) -> None:
         targets: list[dq.Target] = await self._db(
             lambda s: dq.in_flight(s, c.id, [DeviceState.NOTIFIED.value])
         )
+        await self._load_envelopes_of(targets)
         for t in targets:
             self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
         if targets:
@@ -285,6 +291,7 @@ class Engine:
         self.notifier.windows[c.id] = window
         if targets:
             self.on_notified(c.tenant_id, targets)
+            await self._load_envelopes_of(targets)
         for t in targets:
             self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
         if targets:
@@ -317,6 +324,7 @@ class Engine:
         silent_s = min(RESEND_SILENT_S, policy.device_timeout_s / 3)
         wait_s = min(TAKEOVER_SILENT_S, silent_s) if first else silent_s
         rows = await self._db(lambda s: dq.silent_in_progress(s, c.id, wait_s))
+        await self._load_envelopes_of(t for t, _state in rows)
         before = self._resend_due.get(c.id, {})
         due: dict[tuple[int, int], tuple[float, float]] = {}
         sent = 0

@@ -304,6 +304,64 @@ def _info(
     )
 
 
+def _chain(s: Session, tenant_id: int, row: SigningKey) -> list[bytes]:
+    """The certificate chain a held signer's manifests carry: its certificate, then the tenant CA's."""
+    tenant = tenants.get_tenant(s, tenant_id)
+    signer = trust.get_signer(s, tenant_id, row.name)
+    if not tenant.ca_cert_pem or not signer.cert_pem:
+        raise Invalid(f"signer {row.name!r} has no certificate chain to sign with")
+    return [
+        pki.cert_der(pki.load_cert(signer.cert_pem.encode())),
+        pki.cert_der(pki.load_cert(tenant.ca_cert_pem.encode())),
+    ]
+
+
+def delta_signer(s: Session, tenant_id: int, manifest_id: int) -> SigningKey | None:
+    """The held key that signed this manifest's release, which also signs its deltas; None when
+    the manifest was signed elsewhere (the server cannot sign for it)."""
+    return sq.release_key(s, tenant_id, manifest_id)
+
+
+def sign_delta(
+    s: Session,
+    ks: KeyStore,
+    who: Caller,
+    root: x509.Certificate | None,
+    row: SigningKey,
+    target: manifest.ManifestInfo,
+    info: manifest.ManifestInfo,
+    max_bytes: int,
+) -> int:
+    """Sign a delta manifest with the key of the release it leads to, and store it; returns its id.
+
+    The approval of a release covers its deltas: a delta manifest is signed only when it makes
+    exactly the approved image (same digest, size, sequence, vendor and class), which the device
+    checks after patching, so the key signs no image that was not approved.
+    """
+    same = (info.image_digest, info.image_size, info.sequence, info.vendor_id, info.class_id)
+    if info.delta is None or same != (
+        target.image_digest,
+        target.image_size,
+        target.sequence,
+        target.vendor_id,
+        target.class_id,
+    ):
+        raise Invalid("a delta manifest must make exactly the image of the release it leads to")
+    envelope = manifest.build_envelope(info, _held(ks, row), x5chain=_chain(s, who.tenant_id, row))
+    stored, _ = images.upload_manifest(s, who.tenant_id, envelope, max_bytes=max_bytes, root=root)
+    _event(
+        s,
+        who,
+        "delta.signed",
+        signer=row.name,
+        digest=stored.digest,
+        image=info.image_digest.hex(),
+        base=info.delta.base_digest.hex(),
+        patch=info.delta.patch_digest.hex(),
+    )
+    return stored.id
+
+
 def _sign_if_ready(
     s: Session,
     ks: KeyStore,
@@ -318,14 +376,7 @@ def _sign_if_ready(
     given = [(a.key_name, Role.parse(a.role)) for a in sq.approvals(s, release.id)]
     if not signing.ready(policy_of(row), release.requested_by, given):
         return
-    tenant = tenants.get_tenant(s, release.tenant_id)
-    signer = trust.get_signer(s, release.tenant_id, row.name)
-    if not tenant.ca_cert_pem or not signer.cert_pem:
-        raise Invalid(f"signer {row.name!r} has no certificate chain to sign with")
-    chain = [
-        pki.cert_der(pki.load_cert(signer.cert_pem.encode())),
-        pki.cert_der(pki.load_cert(tenant.ca_cert_pem.encode())),
-    ]
+    chain = _chain(s, release.tenant_id, row)
     info = _info(
         release.sequence,
         release.vendor_id,

@@ -135,6 +135,13 @@ def _campaign_event(
     )
 
 
+def targets(campaign: Campaign) -> ColumnElement[bool]:
+    """The devices a campaign's start takes: the tenant's in-service devices its filter selects."""
+    return and_(
+        Device.tenant_id == campaign.tenant_id, IN_SERVICE, filter_clause(filters.parse(campaign.filter))
+    )
+
+
 def start_campaign(
     s: Session, tenant_id: int, campaign_id: int, plan: StartPlanner, *, allow_empty: bool = False
 ) -> Campaign:
@@ -150,7 +157,7 @@ def start_campaign(
         raise Conflict(
             f"campaign {campaign_id} is {campaign.state}; only a draft or scheduled campaign can start"
         )
-    cond = and_(Device.tenant_id == tenant_id, IN_SERVICE, filter_clause(filters.parse(campaign.filter)))
+    cond = targets(campaign)
     _check_signer_scope(s, campaign, cond)
     matching = s.scalar(select(func.count()).select_from(Device).where(cond)) or 0
     planned = plan(campaign.policy, matching, time.time())

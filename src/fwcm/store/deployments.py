@@ -281,13 +281,15 @@ def deployment_views(s: Session, pairs: Iterable[tuple[int, int]]) -> dict[tuple
                     _DEPLOYMENTS.c.state,
                     _DEPLOYMENTS.c.attempt,
                     _DEPLOYMENTS.c.last_seq,
+                    _DEPLOYMENTS.c.delta_id,
                 ).where(
                     _DEPLOYMENTS.c.campaign_id == cid,
                     _DEPLOYMENTS.c.device_id.in_(ids[i : i + _VIEW_CHUNK]),
                 )
             ).all()
-            for device, state, attempt, last_seq in rows:
-                current[(cid, device)] = DeploymentView(DeviceState(state), attempt, last_seq)
+            for r in rows:
+                view = DeploymentView(DeviceState(r.state), r.attempt, r.last_seq, r.delta_id is not None)
+                current[(cid, r.device_id)] = view
     return current
 
 
@@ -333,7 +335,21 @@ _INSTALLED = (
 _CLAIM = (
     update(_DEVICES)
     .where(_DEVICES.c.id == bindparam("d"))
-    .values(claim_campaign=bindparam("c"), claim_sequence=bindparam("sq"), claim_digest=bindparam("dg"))
+    .values(
+        claim_campaign=bindparam("c"),
+        claim_sequence=bindparam("sq"),
+        claim_digest=bindparam("dg"),
+        image_digest=func.coalesce(bindparam("dg"), _DEVICES.c.image_digest),
+    )
+)
+_FULL_IMAGE = (
+    update(_DEPLOYMENTS)
+    .where(
+        _DEPLOYMENTS.c.campaign_id == bindparam("c"),
+        _DEPLOYMENTS.c.device_id == bindparam("d"),
+        _DEPLOYMENTS.c.delta_id.is_not(None),
+    )
+    .values(manifest_id=null(), delta_id=null())
 )
 _UNCLAIM = (
     update(_DEVICES)
@@ -354,7 +370,10 @@ def write_reports(s: Session, applied: Sequence[Applied]) -> None:
     installs: list[dict[str, object]] = []
     claims: list[dict[str, object]] = []
     unclaims: list[dict[str, object]] = []
+    full: list[dict[str, object]] = []
     for a in applied:
+        if a.full_image:
+            full.append({"c": a.campaign, "d": a.device_pk})
         retry_at = datetime.fromtimestamp(a.retry_at, UTC) if a.retry_at is not None else None
         updates.append(
             {
@@ -372,6 +391,8 @@ def write_reports(s: Session, applied: Sequence[Applied]) -> None:
         )
         if a.entered is not None:
             detail = a.detail if retry_at is None else f"retry at {retry_at:%H:%M:%S}"
+            if a.full_image:
+                detail = f"{a.detail or 'base mismatch'}; the full image follows"
             events.append(
                 {"t": a.tenant_id, "c": a.campaign, "d": a.device_pk, "u": now}
                 | {"st": a.entered.value, "r": a.result, "dt": detail}
@@ -390,6 +411,7 @@ def write_reports(s: Session, applied: Sequence[Applied]) -> None:
     execute_many(s.connection(), _INSTALLED, installs)
     execute_many(s.connection(), _CLAIM, claims)
     execute_many(s.connection(), _UNCLAIM, unclaims)
+    execute_many(s.connection(), _FULL_IMAGE, sorted(full, key=lambda f: (f["c"], f["d"])))
 
 
 def write_reverted(s: Session, reverted: Sequence[Reverted]) -> set[int]:

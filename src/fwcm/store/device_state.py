@@ -93,6 +93,7 @@ _HELLO = (
         hello_seq=bindparam("q"),
         sequence=bindparam("sq"),
         firmware_name=func.coalesce(bindparam("fn"), _DEVICES.c.firmware_name),
+        image_digest=func.coalesce(bindparam("dg", type_=String()), _DEVICES.c.image_digest),
         version=func.coalesce(bindparam("fv"), _DEVICES.c.version),
         # the key follows a reported version (None when it is not a semantic version)
         version_key=case(
@@ -140,6 +141,7 @@ def apply_hellos(s: Session, hellos: Sequence[Verified]) -> None:
             "q": v.report.seq,
             "sq": v.report.installed_sequence,
             "fn": _short_text(v.report.extra.get(REPORT_FIRMWARE_NAME), 200),
+            "dg": v.report.image_digest.hex() if v.report.image_digest is not None else None,
             **_version(_short_text(v.report.extra.get(REPORT_FIRMWARE_VERSION), 64)),
             "u": now,
             "on": True,

@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -174,6 +175,7 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(default=False)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     coap_address: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
     hello_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Sequence number of the newest hello applied: an older one delivered late changes nothing."""
     claim_campaign: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -182,7 +184,9 @@ class Device(Base):
     claim_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     claim_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 (hex) of the image the claim names, when the success report carried it."""
-    """CoAP devices: the endpoint (``host:port``) they last observed from; notices are pushed there."""
+    image_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 (hex) of the image the device last said it runs (hello or success, report key 15):
+    the base a delta update is made from."""
     decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     """Set when the device was taken out of service: no broker account, no campaigns, its messages
     refused; kept (with its history) until it is deleted."""
@@ -245,6 +249,9 @@ class Deployment(Base):
     """Consent campaigns: the options the device accepted with (None: not accepted)."""
     manifest_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """The variant this device gets, when it differs from the campaign's manifest."""
+    delta_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The server-made patch (``deltas.id``) whose delta manifest is ``manifest_id``; cleared
+    with it when the device falls back to the full image."""
     nonce: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     """Attestation nonce of the current attempt; cleared when used, so it is single-use."""
     nonce_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -496,3 +503,26 @@ class ReleaseApproval(Base):
     key_name: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(8))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Delta(Base):
+    """A patch from one base image to a manifest's image, made by the server for delta campaigns
+    and kept for the next campaign; ``state`` skipped (with ``reason``) when none is worth sending."""
+
+    __tablename__ = "deltas"
+    __table_args__ = (UniqueConstraint("tenant_id", "manifest_id", "base_digest"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id", ondelete="CASCADE"))
+    base_digest: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    image_size: Mapped[int] = mapped_column(BigInteger)
+    patch_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patch_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """How long making the patch took."""
+    delta_manifest_id: Mapped[int | None] = mapped_column(
+        ForeignKey("manifests.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -29,6 +29,7 @@ from fwcm.rollout.states import (
     NOT_FOR_ME,
     DeviceState,
 )
+from fwcm.store import deltas
 from fwcm.store.campaigns import get_campaign
 from fwcm.store.models import (
     Campaign,
@@ -107,6 +108,9 @@ def campaign_stats(
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
         "consent": _consent_stats(campaign, counts, s) if campaign.consent is not None else None,
+        "bytes": deltas.bytes_sent(s, campaign.id)
+        if deltas.has_deltas(s, tenant_id, campaign.manifest_id)
+        else None,
     }
 
 

@@ -40,6 +40,16 @@ def key_of(s: Session, release: Release) -> SigningKey:
     return row
 
 
+def release_key(s: Session, tenant_id: int, manifest_id: int) -> SigningKey | None:
+    """The held key whose signed release is this manifest, if the server signed it."""
+    return s.scalar(
+        select(SigningKey)
+        .join(Release, Release.signing_key_id == SigningKey.id)
+        .where(Release.tenant_id == tenant_id, Release.manifest_id == manifest_id, Release.state == "signed")
+        .limit(1)
+    )
+
+
 def held_signers(s: Session, tenant_id: int, limit: int, offset: int) -> tuple[int, Sequence[SigningKey]]:
     q = select(SigningKey).where(SigningKey.tenant_id == tenant_id, SigningKey.purpose == SIGNER)
     return page(s, q.order_by(SigningKey.id), limit, offset)

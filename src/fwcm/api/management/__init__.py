@@ -21,6 +21,7 @@ from fwcm.api.management import (
     webhooks,
 )
 from fwcm.config import Settings
+from fwcm.server.deltas import DeltaMaker
 from fwcm.store.db import Database
 from fwcm.store.payloads import PayloadStore
 
@@ -36,7 +37,7 @@ def routers(db: Database, settings: Settings, store: PayloadStore, notify: Notif
         signers.create_router(db, settings, notify),
         manifests.create_router(db, settings),
         devices.create_router(db, settings, notify),
-        campaigns.create_router(db, notify),
+        campaigns.create_router(db, notify, DeltaMaker(db, settings, store)),
         webhooks.create_router(db),
         keys.create_router(db),
         audit.create_router(db),

@@ -10,8 +10,12 @@ from fastapi import APIRouter, Response
 from fwcm.api import schemas as sc
 from fwcm.api.deps import MANAGEMENT_ERRORS, Notify, Tenant, router
 from fwcm.rollout import launch, planner
+from fwcm.server.deltas import DeltaMaker
+from fwcm.server.signing import Caller
 from fwcm.store import campaigns, progress
 from fwcm.store import consent as cq
+from fwcm.store import deltas as dz
+from fwcm.store import leases as lq
 from fwcm.store.db import Database
 
 CHANGES = {
@@ -23,7 +27,7 @@ CHANGES = {
 """The operator's transitions of a running campaign, each ``POST /campaigns/{id}/<action>``."""
 
 
-def create_router(db: Database, notify: Notify) -> APIRouter:
+def create_router(db: Database, notify: Notify, deltas: DeltaMaker) -> APIRouter:
     api = router(*MANAGEMENT_ERRORS)
 
     @api.post("/campaigns", response_model=sc.CampaignOut, status_code=201, tags=["campaigns"])
@@ -75,10 +79,15 @@ def create_router(db: Database, notify: Notify) -> APIRouter:
         campaign_id: sc.RowId, t: Tenant, body: sc.CampaignStartIn | None = None
     ) -> sc.CampaignOut:
         """Freeze the devices matching the filter and start the rollout. A filter that matches no
-        device is refused (409) unless the campaign is dynamic or the body says ``allow_empty``."""
+        device is refused (409) unless the campaign is dynamic or the body says ``allow_empty``.
+        A policy with ``delta`` first gets the patches its devices' images need (made once, kept)."""
         allow_empty = body is not None and body.allow_empty
+        plan = deltas.prepare(Caller(t.id, t.key_name, t.role), campaign_id)
         with db.session() as s:
             c = campaigns.start_campaign(s, t.id, campaign_id, launch.start_plan, allow_empty=allow_empty)
+            if plan is not None:
+                dz.assign(s, c.id, t.id, [(src.delta_id, src.base) for src in plan.given() if src.delta_id])
+                lq.add_campaign_event(s, c.id, t.id, c.state, plan.describe())
             warnings = campaigns.filter_warnings(s, t.id, c.filter)
             out = sc.CampaignOut.of(c).model_copy(update={"warnings": warnings})
         notify.campaign_changed(campaign_id)
