@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fwcm import delta
 from fwcm.delta import DeltaError, apply_patch, make_patch, patched_size, worth_sending
 
 
@@ -93,3 +94,23 @@ def test_corrupted_patches_are_refused_or_bounded(position: int, value: int) -> 
     except DeltaError:
         return
     assert len(out) == len(new)
+
+
+def test_sources_to_diff_most_devices_first_and_why_not_the_others() -> None:
+    running = {"a" * 64: 5, "b" * 64: 50, "c" * 64: 7, "t" * 64: 100, "u" * 64: 9}
+    held = {"a" * 64, "b" * 64, "c" * 64, "t" * 64}
+    chosen, skipped = delta.sources_to_diff(running, "t" * 64, held, max_sources=2)
+    assert chosen == ["b" * 64, "c" * 64]  # the target itself needs no patch
+    assert skipped == {"u" * 64: delta.UNKNOWN_SOURCE, "a" * 64: delta.BEYOND_SOURCES}
+
+
+def test_delta_policy_values() -> None:
+    from fwcm.rollout.policy import Policy, PolicyError
+
+    assert Policy.from_dict({}).delta_max_share is None
+    assert Policy.from_dict({"delta": True}).delta_max_share == 60.0
+    assert Policy.from_dict({"delta": "25%"}).delta_max_share == 25.0
+    assert Policy.from_dict(Policy.from_dict({"delta": "25%"}).to_dict()).delta_max_share == 25.0
+    for bad in ("0%", 0.3, "120%", "lots"):
+        with pytest.raises(PolicyError, match="delta"):
+            Policy.from_dict({"delta": bad})

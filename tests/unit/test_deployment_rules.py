@@ -188,3 +188,28 @@ def test_notice_kind(
 def test_every_in_progress_state_has_a_notice() -> None:
     for state, campaign in itertools.product(IN_PROGRESS, CampaignState):
         assert isinstance(dep.notice_kind(state, campaign, None), NoticeKind)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_a_base_mismatch_on_a_server_patch_falls_back_to_the_full_image_at_once(max_attempts: int) -> None:
+    policy = Policy.from_dict({"retries": {"max_attempts": max_attempts, "backoff": "1h"}})
+    view = DeploymentView(DeviceState.NOTIFIED, 1, 0, delta=True)
+    [a] = judged(view, report(1, LwState.IDLE, Result.BASE_MISMATCH), policy=policy, now=500.0)
+    assert (a.state, a.entered, a.retry_at, a.full_image) == (
+        DeviceState.PENDING,
+        DeviceState.FAILED,
+        500.0,
+        True,
+    )
+
+
+def test_a_base_mismatch_without_a_server_patch_is_a_failure_like_any_other() -> None:
+    view = DeploymentView(DeviceState.NOTIFIED, 1, 0)
+    [a] = judged(view, report(1, LwState.IDLE, Result.BASE_MISMATCH), now=500.0)
+    assert (a.state, a.retry_at, a.full_image) == (DeviceState.FAILED, None, False)
+
+
+def test_only_a_base_mismatch_falls_back() -> None:
+    view = DeploymentView(DeviceState.DOWNLOADING, 1, 0, delta=True)
+    [a] = judged(view, report(1, LwState.IDLE, Result.INTEGRITY_FAILURE), now=500.0)
+    assert (a.state, a.full_image) == (DeviceState.FAILED, False)
