@@ -80,6 +80,16 @@ def device(
     )
 
 
+async def served(env: Env) -> dict[str, float]:
+    """Payload bytes sent so far by kind, from ``/metrics`` (summed over transports)."""
+    out = {"delta": 0.0, "full": 0.0}
+    for line in (await env.http.get("/metrics")).text.splitlines():
+        if line.startswith("fwcm_payload_bytes_served_total{"):
+            kind = "delta" if 'kind="delta"' in line else "full"
+            out[kind] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def until(check: Any, timeout: float = 90.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while not (value := await check()):
@@ -113,6 +123,7 @@ async def test_a_campaign_mixes_patches_and_full_images(env: Env, tmp_path: Path
             update(Device).where(Device.name == "x5").values(image_digest=hashlib.sha256(v1).hexdigest())
         )
     cid = await env.campaign(man["id"], policy={"delta": True})
+    before = await served(env)
     await env.call("POST", f"/campaigns/{cid}/start")
 
     async def ended() -> dict[str, Any] | None:
@@ -133,6 +144,10 @@ async def test_a_campaign_mixes_patches_and_full_images(env: Env, tmp_path: Path
     assert b["devices_on_delta"] == 4 and b["delta"] == 4 * patch["size"]
     assert b["full"] == 2 * len(v2) and b["without_deltas"] == 6 * len(v2)
 
+    after = await served(env)
+    # at least each device's bytes (a CoAP block sent again is counted again)
+    assert after["delta"] - before["delta"] >= b["delta"]
+    assert after["full"] - before["full"] >= b["full"]
     deployments = {d["device"]: d for d in (await env.call("GET", f"/campaigns/{cid}/devices"))["items"]}
     assert deployments["x5"]["attempt"] == 2 and {deployments[n]["attempt"] for n in names[:5]} == {1}
     history = (await env.call("GET", "/devices/x5/events"))["items"]

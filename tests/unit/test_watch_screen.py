@@ -75,3 +75,11 @@ def test_says_why_there_is_no_eta() -> None:
     gated = stats(eta_scope="end of phase 1 (canary)", eta_note="then waiting for approval of phase 2")
     text = "\n".join(screen(gated))
     assert "ETA 3m20s to end of phase 1 (canary)" in text
+
+
+def test_a_delta_campaign_shows_its_bytes_and_saving() -> None:
+    b = {"delta": 35_010, "full": 659_200, "without_deltas": 6_592_000, "devices_on_delta": 90}
+    lines = screen(stats(bytes=b))
+    assert max(len(line) for line in lines) <= 80
+    assert any("bytes 694,210 sent (35,010 as patches to 90); saved 89% of 6,592,000" in ln for ln in lines)
+    assert not any(line.strip("│ ").startswith("bytes") for line in screen(stats()))

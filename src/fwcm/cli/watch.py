@@ -99,6 +99,16 @@ def count_tables(stats: dict[str, Any]) -> list[RenderableType]:
     return out
 
 
+def bytes_line(b: dict[str, int]) -> str:
+    """What a delta campaign's devices fetched, and the saving against full images."""
+    sent = b["delta"] + b["full"]
+    saved = 1 - sent / b["without_deltas"] if b["without_deltas"] else 0.0
+    return (
+        f"bytes {sent:,} sent ({b['delta']:,} as patches to {b['devices_on_delta']}); "
+        f"saved {saved:.0%} of {b['without_deltas']:,}"
+    )
+
+
 def render(stats: dict[str, Any]) -> RenderableType:
     """One screen of at most ``WIDTH`` columns: header, pace and ETA, a bar per phase, counts per
     state and failure reasons."""
@@ -143,6 +153,8 @@ def render(stats: dict[str, Any]) -> RenderableType:
         )
     parts.append(phases)
     parts.extend(count_tables(stats))
+    if stats.get("bytes"):
+        parts.append(Text(bytes_line(stats["bytes"]), style="cyan"))
 
     if stats.get("failures"):
         reasons = Table(title="top failure reasons", show_header=True, box=None, title_justify="left")

@@ -24,8 +24,9 @@ from fwcm.api.ranges import CHUNK, plan
 from fwcm.protocol import NoticeKind
 from fwcm.rollout import deployment
 from fwcm.server.keys import KeyCache
-from fwcm.server.metrics import TOKENS_REFUSED
+from fwcm.server.metrics import PAYLOAD_BYTES, TOKENS_REFUSED
 from fwcm.server.notices import Notifier
+from fwcm.store import deltas as dz
 from fwcm.store import deployments as dq
 from fwcm.store import device_state as ds
 from fwcm.store import leases as lq
@@ -122,10 +123,17 @@ class DevicePayloads:
     Range and ETag, without the API's routing and thread pool (every device of a campaign asks for
     the same image); everything else, and images too large to cache, go to the API."""
 
-    def __init__(self, app: Any, cache: PayloadCache, refusal: RefusalFn | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        cache: PayloadCache,
+        refusal: RefusalFn | None = None,
+        served: Callable[[str, int, str], None] | None = None,
+    ) -> None:
         self.app = app
         self.cache = cache
         self.refusal = refusal
+        self.served = served
 
     async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """To the API.  A client gone mid-request (one whose body stopped is dropped after a
@@ -166,6 +174,8 @@ class DevicePayloads:
         await send({"type": "http.response.start", "status": p.status, "headers": raw})
         at = p.start
         end = at + p.length if scope["method"] == "GET" else at
+        if self.served is not None:
+            self.served(sha, end - at, "http")
         if end - at <= CHUNK:  # one message (a whole small image is the cached object, no copy)
             await send({"type": "http.response.body", "body": data[at:end]})
             return
@@ -205,6 +215,8 @@ class Gateway:
         self.payload_cache = cache
         self.token_keys: list[bytes] = []
         self._protected: set[str] = set()
+        self._patches: set[str] = set()
+        """Payloads that are server-made patches: their bytes are counted apart (``served``)."""
         self._protected_at = -PROTECTED_REFRESH_S
         self._tokens_ok: dict[tuple[str, str, str], float] = {}
         self.coap_seen: dict[tuple[str, str], str] = {}
@@ -212,7 +224,7 @@ class Gateway:
 
     def http_front(self, app: Any) -> DevicePayloads:
         """The HTTP server's application: device payloads here, everything else to ``app``."""
-        return DevicePayloads(app, self.payload_cache, storage_guard(self.payload_refusal))
+        return DevicePayloads(app, self.payload_cache, storage_guard(self.payload_refusal), self.served)
 
     def load_signing_keys(self) -> None:
         with self.db.session() as s:  # creates the first key on a fresh database
@@ -298,6 +310,7 @@ class Gateway:
         if now - self._protected_at >= PROTECTED_REFRESH_S:
             with self.db.read() as s:
                 self._protected = nq.protected_images(s)
+                self._patches = dz.patch_digests(s)
             self._protected_at = now
         return self._protected
 
@@ -348,10 +361,21 @@ class Gateway:
             key = (await asyncio.to_thread(self.keys.lookup, {name})).get(name)
         return key is not None and key.retired
 
+    def served(self, sha256: str, sent: int, transport: str) -> None:
+        """Count payload bytes sent, patches apart from full images (``/metrics``)."""
+        kind = "delta" if sha256 in self._patches else "full"
+        PAYLOAD_BYTES.labels(transport, kind).inc(sent)
+
     async def coap_payload(self, sha256: str, offset: int, size: int) -> tuple[bytes, int] | None:
         """One Block2 block of a payload and the payload's size: from memory when cached (every
         block is a request of its own), else that block alone from disk."""
         data = self.payload_cache.peek(sha256)
         if data is not None:
-            return data[offset : offset + size], len(data)
-        return await asyncio.to_thread(self.payload_cache.read, sha256, offset, size)
+            block = data[offset : offset + size], len(data)
+        else:
+            found = await asyncio.to_thread(self.payload_cache.read, sha256, offset, size)
+            if found is None:
+                return None
+            block = found
+        self.served(sha256, len(block[0]), "coap")
+        return block

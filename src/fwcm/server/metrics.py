@@ -9,6 +9,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 NOTICES_SENT = Counter(
     "fwcm_notices_sent", "Notices sent to devices", ["transport", "kind"], registry=REGISTRY
 )
+PAYLOAD_BYTES = Counter(
+    "fwcm_payload_bytes_served",
+    "Payload bytes sent to devices from memory: server-made patches (delta) and images (full)",
+    ["transport", "kind"],
+    registry=REGISTRY,
+)
 REPORTS_INGESTED = Counter(
     "fwcm_reports_ingested", "Status reports made durable", ["transport"], registry=REGISTRY
 )

@@ -58,6 +58,11 @@ def cached(s: Session, tenant_id: int, manifest_id: int) -> dict[str, Made]:
     return {d.base_digest: _made(d) for d in rows}
 
 
+def patch_digests(s: Session) -> set[str]:
+    """Every server-made patch's digest (payloads counted as delta bytes when served)."""
+    return set(s.scalars(select(Delta.patch_digest).where(Delta.patch_digest.is_not(None))))
+
+
 def has_deltas(s: Session, tenant_id: int, manifest_id: int) -> bool:
     """Whether patches were made for this manifest (its campaigns then count bytes)."""
     found = select(Delta.id).where(Delta.tenant_id == tenant_id, Delta.manifest_id == manifest_id).limit(1)
