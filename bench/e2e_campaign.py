@@ -7,6 +7,11 @@ campaign is timed from ``start`` until every device has ended.  Prints figures, 
 
     bench/e2e_campaign.py --devices 10000 --transport mqtt --image-size 65536 --fleets 2
     bench/e2e_campaign.py --devices 1000 --transport coap
+    bench/e2e_campaign.py --devices 10000 --delta   # the fleet runs 1.0; 2.0 goes out as patches
+
+``--delta``: the release is signed by a signer the server holds (its signing service, key files),
+the devices start on release 1.0 (which the server holds) and the campaign asks for deltas; the
+figures then include the bytes sent as patches and as full images.
 """
 
 from __future__ import annotations
@@ -34,7 +39,41 @@ sys.path.insert(0, str(ROOT))
 from procstats import cpu_seconds, metric, proc_status_mb
 
 from fwcm import manifest as mf
+from fwcm import pki
+from fwcm.cli.demo_report import small_change
 from fwcm.transport.broker import free_port, start_broker
+
+
+async def held_release(
+    api: httpx.AsyncClient, root_key: mf.PrivateKey, root_pem: bytes, info: mf.ManifestInfo
+) -> int:
+    """Sign the release with a signer the server holds (it then signs the release's deltas)."""
+    root = pki.load_cert(root_pem)
+    ca = (await api.post("/signing/ca")).raise_for_status().json()
+    ca_cert = pki.make_tenant_ca(root_key, root, mf.load_public_key(ca["public_key_pem"].encode()), "bench")
+    (await api.put("/signing/ca/cert", json={"cert_pem": pki.cert_pem(ca_cert).decode()})).raise_for_status()
+    (await api.post("/signing/signers", json={"name": "held", "approvals": 0})).raise_for_status()
+    body = {
+        "signer": "held",
+        "sequence": info.sequence,
+        "vendor_id": str(info.vendor_id),
+        "class_id": str(info.class_id),
+        "image_digest": info.image_digest.hex(),
+        "image_size": info.image_size,
+        "uris": list(info.uris),
+    }
+    release = (await api.post("/releases", json=body)).raise_for_status().json()
+    return int(release["manifest_id"])
+
+
+def served(metrics: str, kind: str) -> float:
+    """Payload bytes of one kind (delta or full) the server sent, over every transport."""
+    lines = metrics.splitlines()
+    return sum(
+        float(x.rsplit(" ", 1)[1])
+        for x in lines
+        if x.startswith("fwcm_payload_bytes_served_total{") and f'kind="{kind}"' in x
+    )
 
 
 def rss_peak_mb(pid: int) -> float:
@@ -59,6 +98,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     )
     if args.database_url:
         env["FWCM_DATABASE_URL"] = args.database_url
+    root_key = mf.generate_private_key("es256")
+    if args.delta:  # the operator root the held signer's chain leads to
+        root = pki.make_root(root_key, "bench operator root")
+        (work / "root.pem").write_bytes(pki.cert_pem(root))
+        env["FWCM_PKI_ROOT"] = str(work / "root.pem")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         out = subprocess.run(
@@ -92,6 +136,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "/signers", json={"name": "rel", "public_key_pem": mf.public_key_pem(signing).decode()}
         )
         image = random.Random(1).randbytes(args.image_size)
+        if args.delta:  # the fleet runs this image; the campaign's is a small change of it
+            (work / "base.bin").write_bytes(image)
+            (await api.post("/payloads", content=image)).raise_for_status()
+            image = small_change(image)
         sha = hashlib.sha256(image).hexdigest()
         (await api.post("/payloads", content=image)).raise_for_status()
         vendor = mf.vendor_id_for_domain("bench.fwcm.example")
@@ -104,19 +152,24 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             len(image),
             (f"{base}/p/{sha}", f"coap://127.0.0.1:{coap_port}/p/{sha}"),
         )
-        r = await api.post(
-            "/manifests",
-            content=mf.build_envelope(info, signing),
-            headers={"content-type": "application/cbor"},
-        )
-        r.raise_for_status()
-        manifest_id = r.json()["id"]
+        if args.delta:
+            manifest_id = await held_release(api, root_key, (work / "root.pem").read_bytes(), info)
+        else:
+            r = await api.post(
+                "/manifests",
+                content=mf.build_envelope(info, signing),
+                headers={"content-type": "application/cbor"},
+            )
+            r.raise_for_status()
+            manifest_id = r.json()["id"]
 
         per = [
             args.devices // args.fleets + (1 if i < args.devices % args.fleets else 0)
             for i in range(args.fleets)
         ]
-        r = await api.post("/campaigns", json={"name": "bench", "manifest_id": manifest_id, "filter": ""})
+        policy = {"delta": True} if args.delta else {}
+        body = {"name": "bench", "manifest_id": manifest_id, "filter": "", "policy": policy}
+        r = await api.post("/campaigns", json=body)
         r.raise_for_status()
         cid = r.json()["id"]
         t_register = time.monotonic()
@@ -140,8 +193,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 broker.url,
                 "--coap",
                 f"coap://127.0.0.1:{coap_port}",
-                "--trust",
-                str(work / "release.pub"),
+                *(
+                    ["--trust-root", str(work / "root.pem"), "--base-image", str(work / "base.bin")]
+                    if args.delta
+                    else ["--trust", str(work / "release.pub")]
+                ),
                 "--vendor-id",
                 str(vendor),
                 "--class-id",
@@ -209,10 +265,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "start_s": round(start_s, 3),
             "end_to_end_s": round(duration, 2),
             "devices_per_s": round(args.devices / duration, 1),
-            "payload_mb_per_s": round(args.devices * args.image_size / duration / 1e6, 2),
+            "payload_mb_per_s": round(
+                (served(metrics, "delta") + served(metrics, "full")) / duration / 1e6, 2
+            ),
             "reports_ingested": metric(metrics, "fwcm_reports_ingested_total"),
             "notices_sent": metric(metrics, "fwcm_notices_sent_total"),
             "server_peak_rss_mb": round(rss_peak_mb(server.pid), 1),
+            "bytes": stats.get("bytes"),
+            "payload_bytes_served": {kind: served(metrics, kind) for kind in ("delta", "full")},
             "cpu_s": {  # during the campaign: where the machine's time went
                 "server": round(cpu[server.pid], 1),
                 "fleets": round(sum(v for k, v in cpu.items() if k != server.pid), 1),
@@ -244,6 +304,7 @@ if __name__ == "__main__":
     ap.add_argument("--database-url", default="")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--delta", action="store_true", help="devices on 1.0 get 2.0 as server-made patches")
     ap.add_argument("-v", "--verbose", action="store_true", help="print progress while the campaign runs")
     a = ap.parse_args()
     res = asyncio.run(main(a))

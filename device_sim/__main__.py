@@ -91,8 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="CoAP server URL (default: $FWCM_PUBLIC_COAP_URL, else coap://$FWCM_COAP_BIND, else port 5683)",
     )
+    f.add_argument("--trust", type=Path, action="append", default=[], help="trusted signer public key (PEM)")
     f.add_argument(
-        "--trust", type=Path, action="append", required=True, help="trusted signer public key (PEM)"
+        "--trust-root",
+        type=Path,
+        default=None,
+        help="operator root CA (PEM): manifests must carry a certificate chain that leads to it",
+    )
+    f.add_argument(
+        "--base-image",
+        type=Path,
+        default=None,
+        help="the image every device runs at start (a shared release that delta updates patch from)",
     )
     f.add_argument("--vendor-id", type=uuid.UUID, default=None, help="vendor of registered devices")
     f.add_argument("--class-id", type=uuid.UUID, default=None, help="class of registered devices")
@@ -167,6 +177,8 @@ async def _fleet(args: argparse.Namespace, console: Console) -> int:
     else:
         spec = await _registered(args, url, api_key)
     trust = [p.read_bytes() for p in args.trust]
+    if not trust and args.trust_root is None:
+        raise SystemExit("give --trust (a signer's public key) or --trust-root (the operator root CA)")
     configs = build_configs(
         spec,
         vendor_id=args.vendor_id,
@@ -176,6 +188,8 @@ async def _fleet(args: argparse.Namespace, console: Console) -> int:
         mqtt_url=args.mqtt or device_mqtt_url(),
         coap_url=args.coap or device_coap_url(),
         mqtt_ca_file=args.mqtt_ca,
+        trust_root=args.trust_root.read_bytes() if args.trust_root else None,
+        base_image=args.base_image.read_bytes() if args.base_image else None,
     )
     until = None if args.keep_running else all_finished(args.campaign)
     transports = "imported" if args.secrets is not None else args.transport

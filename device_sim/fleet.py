@@ -385,6 +385,8 @@ def build_configs(
     mqtt_url: str,
     coap_url: str,
     mqtt_ca_file: Path | None = None,
+    trust_root: bytes | None = None,
+    base_image: bytes | None = None,
 ) -> list[DeviceConfig]:
     """One config per device; a device's own vendor, class and hardware id win over the defaults."""
     configs = []
@@ -411,6 +413,8 @@ def build_configs(
                 installed_sequence=int(d.get("sequence", 0)),
                 hardware_id=d["hardware_id"] if "hardware_id" in d else f"hw-{d['name']}",
                 index=int(d["index"]),
+                trust_root=trust_root,
+                base_image=base_image,
             )
         )
     return configs
