@@ -105,7 +105,7 @@ async def consent_campaign(env: Env, consent: dict[str, Any], manifest_id: int, 
     return int(c["id"])
 
 
-async def until_ended(env: Env, cid: int, timeout: float = 60) -> dict[str, Any]:
+async def until_ended(env: Env, cid: int, timeout: float = 90) -> dict[str, Any]:
     stats: dict[str, Any] = {}
 
     async def ended() -> bool:
