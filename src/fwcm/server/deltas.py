@@ -35,6 +35,7 @@ from fwcm.store.payloads import PayloadStore
 log = logging.getLogger(__name__)
 
 NO_SIGNER = "its manifest was not signed by this server's signing service, which signs deltas"
+STARTABLE = ("draft", "scheduled")
 NOT_FOR = "deltas are not made for attested or consent campaigns"
 
 
@@ -95,8 +96,8 @@ class DeltaMaker:
         with self.db.read() as s:
             c = campaigns.get_campaign(s, who.tenant_id, campaign_id)
             share = Policy.from_stored(c.policy or {}).delta_max_share
-            if share is None:
-                return None
+            if share is None or c.state not in STARTABLE:
+                return None  # the start itself refuses a campaign that is not a draft or scheduled
             target = images.get_manifest(s, who.tenant_id, c.manifest_id)
             target_id = target.id
             running = dz.running_images(s, campaigns.targets(c))
