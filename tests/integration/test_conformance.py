@@ -1,18 +1,22 @@
 """``fwcm conformance`` against simulated devices: a conformant one passes every scenario, the
-``nonconformant`` fault profile fails exactly the scenarios its faults break, over a real
-Mosquitto (or the embedded broker) and over CoAP on loopback."""
+``nonconformant`` fault profile fails exactly the scenarios its faults break (and the command exits
+1 naming them), over a real Mosquitto (or the embedded broker) and over CoAP on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from devicekit import CLASS, TENANT, VENDOR, device_config, free_port, running
 
-from device_sim.agent import DeviceAgent
+from device_sim.agent import DeviceAgent, DeviceConfig
 from device_sim.faults import DeviceFaults, get_profile
 from device_sim.transports import SharedClients
 from fwcm import conformance, manifest
@@ -23,9 +27,40 @@ from fwcm.transport.broker import Broker
 pytestmark = pytest.mark.timeout(120)
 
 BROKEN = {"tampered-image", "rollback", "replayed-notice"}
+"""What the nonconformant profile breaks: no digest check, no rollback protection, acts on replays."""
 
 
-async def check_device(broker: Broker, tmp_path: Path, transport: str, faults: DeviceFaults) -> list[Verdict]:
+@dataclass
+class Bench:
+    """A device under test (not started yet) and the key it trusts."""
+
+    cfg: DeviceConfig
+    key: manifest.PrivateKey
+    coap_port: int
+    broker: Broker
+    clients: SharedClients
+
+    def settings(self) -> KitSettings:
+        return KitSettings(
+            device=Device(TENANT, self.cfg.name, self.cfg.secret),
+            transport="coap" if self.cfg.transport == "coap" else "mqtt",
+            vendor_id=VENDOR,
+            class_id=CLASS,
+            signing_key=self.key,
+            mqtt_url=self.broker.service_url,
+            coap_bind=("127.0.0.1", self.coap_port),
+            quiet=0.5,
+            timeout=20.0,
+            hello_timeout=20.0,
+        )
+
+    def agent(self, faults: DeviceFaults) -> DeviceAgent:
+        return DeviceAgent(self.cfg, self.clients, faults=faults, backoff_max=1.0)
+
+
+@pytest.fixture(params=["mqtt", "coap"])
+async def bench(request: pytest.FixtureRequest, broker: Broker, tmp_path: Path) -> AsyncIterator[Bench]:
+    transport = request.param
     key = manifest.generate_private_key("eddsa")
     coap_port = free_port(socket.SOCK_DGRAM)
     cfg = device_config(
@@ -38,28 +73,10 @@ async def check_device(broker: Broker, tmp_path: Path, transport: str, faults: D
     )
     if transport == "mqtt":
         await asyncio.to_thread(broker.admit, [Credentials(*cfg.mqtt_credentials())])
-    settings = KitSettings(
-        device=Device(TENANT, cfg.name, cfg.secret),
-        transport="coap" if transport == "coap" else "mqtt",
-        vendor_id=VENDOR,
-        class_id=CLASS,
-        signing_key=key,
-        mqtt_url=broker.service_url,
-        coap_bind=("127.0.0.1", coap_port),
-        quiet=0.5,
-        timeout=20.0,
-        hello_timeout=20.0,
-    )
     clients = SharedClients()
-    kit = asyncio.create_task(conformance.run(settings))
-    await asyncio.sleep(0.5)  # the kit listens before the device starts and says hello
     try:
-        async with running([DeviceAgent(cfg, clients, faults=faults, backoff_max=1.0)]):
-            return await kit
+        yield Bench(cfg, key, coap_port, broker, clients)
     finally:
-        kit.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await kit
         await clients.aclose()
 
 
@@ -67,20 +84,92 @@ def failed(verdicts: list[Verdict]) -> set[str]:
     return {v.scenario for v in verdicts if not v.passed}
 
 
-@pytest.mark.parametrize("transport", ["mqtt", "coap"])
-async def test_a_conformant_device_passes_every_scenario(
-    broker: Broker, tmp_path: Path, transport: str
-) -> None:
-    verdicts = await check_device(broker, tmp_path, transport, DeviceFaults())
+async def test_a_conformant_device_passes_every_scenario(bench: Bench) -> None:
+    listening = asyncio.Event()
+    kit = asyncio.create_task(conformance.run(bench.settings(), listening=listening.set))
+    try:
+        await asyncio.wait_for(listening.wait(), 10)
+        async with running([bench.agent(DeviceFaults())]):
+            verdicts = await kit
+    finally:
+        kit.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await kit
     assert [v.scenario for v in verdicts] == list(conformance.SCENARIOS)
     assert failed(verdicts) == set(), [v for v in verdicts if not v.passed]
     assert conformance.all_passed(verdicts)
 
 
-@pytest.mark.parametrize("transport", ["mqtt", "coap"])
-async def test_the_nonconformant_profile_fails_what_it_breaks(
-    broker: Broker, tmp_path: Path, transport: str
-) -> None:
-    verdicts = await check_device(broker, tmp_path, transport, get_profile("nonconformant").for_device(0))
-    assert failed(verdicts) == BROKEN, [v for v in verdicts if not v.passed]
-    assert not conformance.all_passed(verdicts)
+async def run_cli(bench: Bench, faults: DeviceFaults, tmp_path: Path) -> tuple[int, str]:
+    """``fwcm conformance --json`` in its own process against the device run here; exit code and output."""
+    key_file = tmp_path / "signer.pem"
+    key_file.write_bytes(manifest.private_key_pem(bench.key))
+    s = bench.settings()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fwcm.cli",
+        "conformance",
+        "--transport",
+        s.transport,
+        "--tenant",
+        TENANT,
+        "--device",
+        bench.cfg.name,
+        "--signing-key",
+        str(key_file),
+        "--broker",
+        s.mqtt_url,
+        "--coap-bind",
+        f"127.0.0.1:{bench.coap_port}",
+        "--vendor-id",
+        str(VENDOR),
+        "--class-id",
+        str(CLASS),
+        "--quiet",
+        "0.5",
+        "--timeout",
+        "20",
+        "--hello-timeout",
+        "20",
+        "--json",
+        env={"FWCM_DEVICE_SECRET": bench.cfg.secret.hex(), "PATH": ""},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"listening" in line, line
+        async with running([bench.agent(faults)]):
+            out, _err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_the_nonconformant_profile_fails_what_it_breaks(bench: Bench, tmp_path: Path) -> None:
+    code, out = await run_cli(bench, get_profile("nonconformant").for_device(0), tmp_path)
+    answer = json.loads(out)
+    assert code == 1
+    assert answer["passed"] is False
+    assert set(answer["failed"]) == BROKEN, answer
+    assert [v["scenario"] for v in answer["scenarios"]] == list(conformance.SCENARIOS)
+
+
+async def test_the_command_exits_0_for_a_conformant_device(bench: Bench, tmp_path: Path) -> None:
+    code, out = await run_cli(bench, DeviceFaults(), tmp_path)
+    answer = json.loads(out)
+    assert (code, answer["failed"], answer["passed"]) == (0, [], True)
+
+
+async def test_a_silent_device_fails_every_scenario(bench: Bench) -> None:
+    settings = bench.settings()
+    silent = KitSettings(**{**settings.__dict__, "hello_timeout": 1.0})
+    verdicts = await conformance.run(silent)
+    assert failed(verdicts) == set(conformance.SCENARIOS)
+    assert verdicts[0].detail.startswith("no hello within 1 s")
+    assert all(v.detail == "not run: no hello" for v in verdicts[1:])

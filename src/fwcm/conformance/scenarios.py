@@ -306,12 +306,17 @@ def expectation(name: str) -> str:
     return " ".join(doc.split())
 
 
-async def run(settings: KitSettings, only: list[str] | None = None) -> list[Verdict]:
+async def run(
+    settings: KitSettings, only: list[str] | None = None, *, listening: Callable[[], object] | None = None
+) -> list[Verdict]:
     """Run the scenarios (``only`` these, in their order; ``hello`` always runs first) against
-    the device; a device that never says hello fails every scenario."""
+    the device; a device that never says hello fails every scenario. ``listening`` is called once
+    the kit's servers are up, which is when the device should start."""
     names = [n for n in SCENARIOS if only is None or n in only or n == "hello"]
     verdicts: list[Verdict] = []
     async with open_kit(settings) as kit:
+        if listening is not None:
+            listening()
         for name in names:
             started = time.monotonic()
             try:
