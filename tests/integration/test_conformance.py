@@ -173,3 +173,19 @@ async def test_a_silent_device_fails_every_scenario(bench: Bench) -> None:
     assert failed(verdicts) == set(conformance.SCENARIOS)
     assert verdicts[0].detail.startswith("no hello within 1 s")
     assert all(v.detail == "not run: no hello" for v in verdicts[1:])
+
+
+async def test_only_runs_what_a_scenario_needs(tmp_path: Path) -> None:
+    """``--only trial-boot`` runs hello and valid-update with it (against nobody here: all fail)."""
+    settings = KitSettings(
+        device=Device(TENANT, "nobody", bytes(32)),
+        transport="coap",
+        vendor_id=VENDOR,
+        class_id=CLASS,
+        signing_key=manifest.generate_private_key("eddsa"),
+        coap_bind=("127.0.0.1", free_port(socket.SOCK_DGRAM)),
+        hello_timeout=0.5,
+    )
+    verdicts = await conformance.run(settings, ["trial-boot"])
+    assert [v.scenario for v in verdicts] == ["hello", "valid-update", "trial-boot"]
+    assert not any(v.passed for v in verdicts)

@@ -154,7 +154,7 @@ async def trial_boot(kit: Kit) -> str:
     received = kit.inbox.reports
     updating = next(
         i for i, r in enumerate(received) if r.report.campaign == c and r.report.state == LwState.UPDATING
-    )
+    )  # valid-update saw both, or it would not have recorded last_update
     success = next(
         i for i, r in enumerate(received) if r.report.campaign == c and r.report.result == Result.SUCCESS
     )
@@ -298,6 +298,8 @@ SCENARIOS: dict[str, Scenario] = {
     "resume": resume,
 }
 """Every scenario, in the order it runs."""
+REQUIRES = {"trial-boot": "valid-update", "replayed-notice": "valid-update"}
+"""Scenarios that judge what another one did, which runs with them."""
 
 
 def expectation(name: str) -> str:
@@ -309,10 +311,12 @@ def expectation(name: str) -> str:
 async def run(
     settings: KitSettings, only: list[str] | None = None, *, listening: Callable[[], object] | None = None
 ) -> list[Verdict]:
-    """Run the scenarios (``only`` these, in their order; ``hello`` always runs first) against
-    the device; a device that never says hello fails every scenario. ``listening`` is called once
-    the kit's servers are up, which is when the device should start."""
-    names = [n for n in SCENARIOS if only is None or n in only or n == "hello"]
+    """Run the scenarios (``only`` these and what they require, in their order; ``hello`` always
+    runs first) against the device; a device that never says hello fails every scenario.
+    ``listening`` is called once the kit's servers are up, which is when the device should start."""
+    wanted = set(SCENARIOS if only is None else only) | {"hello"}
+    wanted |= {REQUIRES[n] for n in wanted if n in REQUIRES}
+    names = [n for n in SCENARIOS if n in wanted]
     verdicts: list[Verdict] = []
     async with open_kit(settings) as kit:
         if listening is not None:
