@@ -37,6 +37,12 @@ class DeviceFaults:
     """Rogue: signs its attestation with a key that is not the one registered for it."""
     attest_replay: bool = False
     """Rogue: answers a nonce with an attestation recorded earlier instead of a fresh one."""
+    skip_digest_check: bool = False
+    """Nonconformant: installs a downloaded image whatever its SHA-256 (size is still checked)."""
+    accept_rollback: bool = False
+    """Nonconformant: installs a manifest whose sequence is lower than the installed one."""
+    accept_replays: bool = False
+    """Nonconformant: acts again on an update notice of an attempt it already finished."""
     consent: str = "accept"
     """How the device's owner answers invitations: accept, decline or ignore."""
     choice: dict[str, str] = field(default_factory=dict)
@@ -87,6 +93,8 @@ class FaultProfile:
             case "consent":
                 answer = ("accept", "accept", "accept", "decline", "ignore")[index % 5]
                 return DeviceFaults(consent=answer, choice={"variant": ("basic", "pro")[index % 2]})
+            case "nonconformant":
+                return DeviceFaults(skip_digest_check=True, accept_rollback=True, accept_replays=True)
             case "revoked":
                 return DeviceFaults(step_delay=0.3)  # slow enough to be caught mid-update
         return DeviceFaults()
@@ -130,6 +138,12 @@ PROFILES: dict[str, FaultProfile] = {
             10,
             7,
             Result.ATTESTATION_REFUSED,
+        ),
+        FaultProfile(
+            "nonconformant",
+            "every device breaks the protocol: no digest check, no rollback protection, acts on replays",
+            every=1,
+            offset=0,
         ),
         FaultProfile(
             "revoked",

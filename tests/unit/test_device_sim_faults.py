@@ -92,3 +92,11 @@ def test_content_range() -> None:
     assert _content_range_start("bytes 100-199/200") == 100
     assert _content_range_start("items 1-2/3") is None
     assert _content_range_start("garbage") is None
+
+
+def test_nonconformant_profile_breaks_every_device_the_same_way() -> None:
+    p = get_profile("nonconformant")
+    assert p.count_affected(20) == 20
+    broken = DeviceFaults(skip_digest_check=True, accept_rollback=True, accept_replays=True)
+    assert all(p.for_device(i) == broken for i in range(20))
+    assert all(p.expected_outcome(i) == "succeeded" for i in range(20))  # a good campaign still succeeds

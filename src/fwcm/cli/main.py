@@ -14,6 +14,7 @@ import typer
 
 from fwcm.cli import account, campaigns, devices, images, inventory, keys, manifest, pki, signers, watch
 from fwcm.cli.apikeys import key_app
+from fwcm.cli.conformance import conformance_command
 from fwcm.cli.demo import demo
 from fwcm.cli.signing import audit_app, ca_app, release_app
 from fwcm.cli.webhooks import webhook_app
@@ -51,6 +52,9 @@ app.add_typer(
 app.add_typer(ca_app, name="ca", help="The tenant CA whose key the server holds (HSM).")
 app.add_typer(release_app, name="release", help="Manifests signed by the server after their approvals.")
 app.command("demo", help="Run a whole campaign on embedded defaults with a simulated fleet.")(demo)
+app.command("conformance", help="Play the server against one device and check it follows the protocol.")(
+    conformance_command
+)
 
 
 def _print_version(value: bool) -> None:
