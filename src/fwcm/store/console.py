@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, cast, func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from fwcm.errors import NotFound
 from fwcm.rollout.states import DeviceState
+from fwcm.store import counts
 from fwcm.store.models import (
     ApiKey,
     Campaign,
@@ -92,12 +93,6 @@ def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
     return Deployment.campaign_id == owned.scalar_subquery()
 
 
-def _epoch_seconds(s: Session, column: Any) -> ColumnElement[float]:
-    if s.get_bind().dialect.name == "postgresql":
-        return cast(func.extract("epoch", column), Float)
-    return (func.julianday(column) - 2440587.5) * 86400.0  # several times cheaper than strftime('%s')
-
-
 @dataclass(frozen=True)
 class Bucket:
     start: float
@@ -109,20 +104,15 @@ class Bucket:
 def completions_over_time(
     s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], since: datetime, bucket_s: int
 ) -> list[Bucket]:
-    """Devices that reached one of ``states`` since ``since``, per ``bucket_s`` and state: one
-    GROUP BY over the campaign's deployments, bucketed in the database."""
-    epoch = _epoch_seconds(s, Deployment.updated_at)
-    slot = func.floor(epoch / bucket_s).label("slot")
-    rows = s.execute(
-        select(slot, Deployment.state, func.count().label("n"))
-        .where(
-            _owned(tenant_id, campaign_id),
-            Deployment.state.in_(sorted(states)),
-            Deployment.updated_at >= since,
-        )
-        .group_by(slot, Deployment.state)
-    )
-    return [Bucket(float(r.slot) * bucket_s, r.state, int(r.n)) for r in rows if r.slot is not None]
+    """Devices that reached one of ``states`` since the minute of ``since``, per ``bucket_s`` and
+    state: summed from the campaign's counts per minute (``store.counts``), not its deployments."""
+    owned = s.scalar(select(Campaign.id).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id))
+    if owned is None:
+        return []
+    return [
+        Bucket(start, state, n)
+        for start, state, n in counts.completions(s, campaign_id, states, since, bucket_s)
+    ]
 
 
 def deployments(

@@ -322,6 +322,44 @@ class AccountingRecord(Base):
     detail: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
+class CampaignCount(Base):
+    """How many of a campaign's deployments are in one (phase, state): kept by triggers on
+    ``deployments`` (migration 0015), read through ``store.counts``; on PostgreSQL the newest
+    changes are still in ``campaign_count_deltas``."""
+
+    __tablename__ = "campaign_counts"
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    phase: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignCompletion(Base):
+    """How many of a campaign's deployments ended in a charted state (``console.charts``) with
+    their last change in one minute (POSIX seconds // 60): kept like ``CampaignCount``."""
+
+    __tablename__ = "campaign_completions"
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignCountDelta(Base):
+    """PostgreSQL: a deployment entered (``n`` > 0) or left (``n`` < 0) a (phase, state) and, for a
+    charted end, a minute; appended by the triggers (no row lock shared between writers), folded
+    into the totals by the engine (``store.counts.fold``)."""
+
+    __tablename__ = "campaign_count_deltas"
+    __table_args__ = (Index("ix_campaign_count_deltas_campaign", "campaign_id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(BigInteger)
+    phase: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    minute: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class CampaignEvent(Base):
     __tablename__ = "campaign_events"
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
