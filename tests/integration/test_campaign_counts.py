@@ -31,7 +31,7 @@ from fwcm.store import campaigns, consent, counts, images, progress, tenants, tr
 from fwcm.store import deployments as dq
 from fwcm.store import devices as device_store
 from fwcm.store.db import Database, aware
-from fwcm.store.models import CampaignCompletion, CampaignCount, CampaignCountDelta, Deployment
+from fwcm.store.models import CampaignCompletion, CampaignCount, Deployment, campaign_count_deltas
 
 VENDOR = str(manifest.vendor_id_for_domain("example.com"))
 CLASS = str(manifest.class_id_for(uuid.UUID(VENDOR), "sensor"))
@@ -122,7 +122,7 @@ def _assert_kept(db: Database, cid: int) -> None:
         with db.session() as s:
             counts.fold(s)
     with db.read() as s:
-        assert not s.scalar(select(func.count()).select_from(CampaignCountDelta))
+        assert not s.scalar(select(func.count()).select_from(campaign_count_deltas))
         kept = s.execute(
             select(CampaignCount.phase, CampaignCount.state, CampaignCount.n)
             .where(CampaignCount.campaign_id == cid, CampaignCount.n != 0)
@@ -224,7 +224,7 @@ def test_a_deleted_campaign_leaves_no_counts(db: Database) -> None:
     with db.read() as s:
         for table in (CampaignCount, CampaignCompletion):
             assert not s.scalar(select(func.count()).select_from(table).where(table.campaign_id == cid))
-        assert not s.scalar(select(func.count()).select_from(CampaignCountDelta))
+        assert not s.scalar(select(func.count()).select_from(campaign_count_deltas))
         assert counts.phase_counts(s, cid) == []
 
 

@@ -17,7 +17,8 @@ from sqlalchemy import func, select, text, union_all
 from sqlalchemy.orm import Session
 
 from fwcm.rollout.states import AGAINST_ERRORS, NOT_FOR_ME, DeviceState
-from fwcm.store.models import CampaignCompletion, CampaignCount, CampaignCountDelta
+from fwcm.store.models import CampaignCompletion, CampaignCount
+from fwcm.store.models import campaign_count_deltas as deltas
 
 CHARTED = frozenset(st.value for st in AGAINST_ERRORS | NOT_FOR_ME | {DeviceState.SUCCEEDED})
 """Ends counted per minute (the migration's trigger lists them too)."""
@@ -25,12 +26,14 @@ CHARTED = frozenset(st.value for st in AGAINST_ERRORS | NOT_FOR_ME | {DeviceStat
 
 def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
     """``(phase, state, count)`` of the campaign's deployments, by phase and state, none zero."""
+    d = deltas.c
     parts = union_all(
         select(CampaignCount.phase, CampaignCount.state, CampaignCount.n).where(
             CampaignCount.campaign_id == campaign_id
         ),
-        select(CampaignCountDelta.phase, CampaignCountDelta.state, CampaignCountDelta.n).where(
-            CampaignCountDelta.campaign_id == campaign_id
+        select(d.phase, d.state, d.n).where(d.campaign_id == campaign_id, d.state.is_not(None)),
+        select(d.left_phase, d.left_state, -d.n).where(
+            d.campaign_id == campaign_id, d.left_state.is_not(None)
         ),
     ).subquery()
     n = func.sum(parts.c.n)
@@ -53,16 +56,18 @@ def completions(
     if not set(wanted) <= CHARTED or bucket_s % 60:
         raise ValueError(f"completions are counted per minute for {sorted(CHARTED)}")
     first = math.floor(since.timestamp() / 60)
+    d = deltas.c
     parts = union_all(
         select(CampaignCompletion.minute, CampaignCompletion.state, CampaignCompletion.n).where(
             CampaignCompletion.campaign_id == campaign_id,
             CampaignCompletion.minute >= first,
             CampaignCompletion.state.in_(wanted),
         ),
-        select(CampaignCountDelta.minute, CampaignCountDelta.state, CampaignCountDelta.n).where(
-            CampaignCountDelta.campaign_id == campaign_id,
-            CampaignCountDelta.minute >= first,
-            CampaignCountDelta.state.in_(wanted),
+        select(d.minute, d.state, d.n).where(
+            d.campaign_id == campaign_id, d.minute >= first, d.state.in_(wanted)
+        ),
+        select(d.left_minute, d.left_state, -d.n).where(
+            d.campaign_id == campaign_id, d.left_minute >= first, d.left_state.in_(wanted)
         ),
     ).subquery()
     slot = (parts.c.minute // (bucket_s // 60)).label("slot")
@@ -74,9 +79,13 @@ def completions(
 _FOLD = text(
     """
     WITH moved AS (
-      DELETE FROM campaign_count_deltas RETURNING campaign_id, phase, state, minute, n
+      DELETE FROM campaign_count_deltas RETURNING *
+    ), sides AS (
+      SELECT campaign_id, phase, state, minute, n FROM moved WHERE state IS NOT NULL
+      UNION ALL
+      SELECT campaign_id, left_phase, left_state, left_minute, -n FROM moved WHERE left_state IS NOT NULL
     ), kept AS (
-      SELECT moved.* FROM moved JOIN campaigns ON campaigns.id = moved.campaign_id
+      SELECT sides.* FROM sides JOIN campaigns ON campaigns.id = sides.campaign_id
     ), counted AS (
       INSERT INTO campaign_counts (campaign_id, phase, state, n)
       SELECT campaign_id, phase, state, sum(n) FROM kept

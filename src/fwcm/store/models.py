@@ -12,12 +12,14 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     false,
@@ -345,19 +347,23 @@ class CampaignCompletion(Base):
     n: Mapped[int] = mapped_column(BigInteger)
 
 
-class CampaignCountDelta(Base):
-    """PostgreSQL: a deployment entered (``n`` > 0) or left (``n`` < 0) a (phase, state) and, for a
-    charted end, a minute; appended by the triggers (no row lock shared between writers), folded
-    into the totals by the engine (``store.counts.fold``)."""
-
-    __tablename__ = "campaign_count_deltas"
-    __table_args__ = (Index("ix_campaign_count_deltas_campaign", "campaign_id"),)
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(BigInteger)
-    phase: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16))
-    minute: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    n: Mapped[int] = mapped_column(BigInteger)
+campaign_count_deltas = Table(
+    "campaign_count_deltas",
+    Base.metadata,
+    Column("campaign_id", BigInteger, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("left_phase", Integer),
+    Column("left_state", String(16)),
+    Column("left_minute", BigInteger),
+    Column("phase", Integer),
+    Column("state", String(16)),
+    Column("minute", BigInteger),
+    Index("ix_campaign_count_deltas_campaign", "campaign_id"),
+)
+"""PostgreSQL: ``n`` deployments of a campaign left (``left_*``; NULL for new ones) one phase,
+state and, for a charted end, minute, and entered another (NULL for deleted ones); appended by
+the triggers (no row lock shared between writers, no key to keep), folded into the totals by the
+engine (``store.counts.fold``)."""
 
 
 class CampaignEvent(Base):
