@@ -28,6 +28,7 @@ from fwcm.rollout import launch
 from fwcm.rollout.deployment import Applied, Expired, Reverted
 from fwcm.rollout.states import DeviceState
 from fwcm.store import campaigns, consent, counts, images, progress, tenants, trust
+from fwcm.store import console as cq
 from fwcm.store import deployments as dq
 from fwcm.store import devices as device_store
 from fwcm.store.db import Database, aware
@@ -290,3 +291,40 @@ def test_concurrent_reports_and_folds_keep_the_counts(db: Database) -> None:
         t.join()
     assert errors == []
     _assert_kept(db, cid)
+
+
+def test_failure_breakdowns_count_the_failed_devices_by_attribute(db: Database) -> None:
+    key = manifest.generate_private_key()
+    info = manifest.ManifestInfo(
+        9, uuid.UUID(VENDOR), uuid.UUID(CLASS), hashlib.sha256(b"fw").digest(), 2, ("http://127.0.0.1/p/x",)
+    )
+    fleet = [(f"d{i}", f"hw-{i % 3}" if i % 4 else None, f"1.{i % 2}") for i in range(12)]
+    with db.session() as s:
+        tid = tenants.create_tenant(s, "acme")[0].id
+        for name, hw, version in fleet:
+            device_store.register_device(
+                s, tid, validate_device(name, VENDOR, CLASS, {}, 1, version, "mqtt", hw)
+            )
+        trust.add_signer(s, tid, "k", manifest.public_key_pem(key))
+        mid = images.upload_manifest(s, tid, manifest.build_envelope(info, key))[0].id
+    cid = _started(db, tid, mid, "c")
+    failing = {"d1", "d2", "d3", "d5", "d8", "d9", "d11"}
+    with db.session() as s:
+        dq.take_pending(s, cid, 12, max_phase=2)
+        for name in failing:
+            device = device_store.get_device(s, tid, name)
+            s.execute(
+                update(Deployment)
+                .where(Deployment.campaign_id == cid, Deployment.device_id == device.id)
+                .values(state="failed" if name != "d11" else "timed_out")
+            )
+    with db.read() as s:
+        by = cq.failures_by(s, tid, cid, {"failed", "timed_out"})
+        assert cq.failures_by(s, tid + 1, cid, {"failed"}) == {c: [] for c in cq.BREAKDOWNS}  # not theirs
+    rows = [(hw, version) for name, hw, version in fleet if name in failing]
+    hardware = Counter(hw for hw, _v in rows)
+    versions = Counter(v for _hw, v in rows)
+    assert by["class_id"] == [{"value": CLASS, "count": len(failing)}]
+    assert {r["value"]: r["count"] for r in by["hardware_id"]} == hardware
+    assert {r["value"]: r["count"] for r in by["version"]} == versions
+    assert [r["count"] for r in by["hardware_id"]] == sorted(hardware.values(), reverse=True)

@@ -5,6 +5,7 @@ device's deployments across campaigns.  SQL only; every function filters on the 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,25 +66,35 @@ def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]
     return (*tuple(row), *tuple(changes))
 
 
+BREAKDOWNS = ("class_id", "hardware_id", "version")
+"""Device attributes the failures are counted by."""
+
+
 def failures_by(
-    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], column: str
-) -> list[dict[str, Any]]:
-    """Devices of the campaign in ``states`` counted by one device attribute (``class_id``,
-    ``version`` or ``hardware_id``), most common first; one GROUP BY."""
-    attr: ColumnElement[Any] = getattr(Device, column)
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], limit: int = 20
+) -> dict[str, list[dict[str, Any]]]:
+    """Devices of the campaign in ``states`` counted by each device attribute of ``BREAKDOWNS``,
+    most common first (then by value): one GROUP BY over the failed rows (the
+    (campaign_id, state, …) index bounds it) for the three breakdowns."""
+    attrs: list[ColumnElement[Any]] = [getattr(Device, column).label(column) for column in BREAKDOWNS]
     rows = s.execute(
-        select(attr.label("value"), func.count().label("n"))
+        select(*attrs, func.count().label("n"))
         .select_from(Deployment)
         .join(Device, Device.id == Deployment.device_id)
         .where(
             _owned(tenant_id, campaign_id),
             Deployment.state.in_(sorted(states)),
         )
-        .group_by(attr)
-        .order_by(func.count().desc())
-        .limit(20)
-    )
-    return [{"value": r.value, "count": r.n} for r in rows]
+        .group_by(*attrs)
+    ).all()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for column in BREAKDOWNS:
+        tally: Counter[Any] = Counter()
+        for r in rows:
+            tally[r._mapping[column]] += r.n
+        ranked = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0] is None, str(kv[0])))
+        out[column] = [{"value": value, "count": n} for value, n in ranked[:limit]]
+    return out
 
 
 def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
