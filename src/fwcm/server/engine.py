@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fwcm.protocol import NoticeKind
@@ -31,7 +32,7 @@ from fwcm.rollout.policy import RATE_WINDOW_S, Policy
 from fwcm.rollout.states import CAMPAIGN_TERMINAL, CampaignState, DeviceState
 from fwcm.server import metrics
 from fwcm.server.notices import Notifier
-from fwcm.store import campaigns
+from fwcm.store import campaigns, counts
 from fwcm.store import consent as cq
 from fwcm.store import deployments as dq
 from fwcm.store import leases as lq
@@ -61,6 +62,8 @@ FAILED_RETRY_MAX_S = 30.0
 STEP_RETRY_MAX_S = 5.0
 """A step that failed as a whole (the database is gone) is retried after at most this delay."""
 NOTE_MAX_CHARS = 500
+FOLD_EVERY_S = 2.0
+"""PostgreSQL: how often the campaign count deltas are folded into the totals (``store.counts``)."""
 T = TypeVar("T")
 
 
@@ -92,6 +95,7 @@ class Engine:
         self._leased: list[lq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
+        self._folded_at = -FOLD_EVERY_S
         self._busy = False
         self.on_notified: Callable[[int, list[dq.Target]], None] = lambda _tenant, _targets: None
         """Called with every batch of notified devices (the ingest primes its key cache with them)."""
@@ -164,6 +168,9 @@ class Engine:
         else:
             ids = [c.id for c in self._leased]
             leased = await asyncio.to_thread(self._read_held, ids) if ids else []
+        if not self.db.is_sqlite and now - self._folded_at >= FOLD_EVERY_S:
+            self._folded_at = now
+            await self._fold()
         self._leased = leased
         held_now = {c.id for c in leased}
         for c in leased:
@@ -182,6 +189,17 @@ class Engine:
             del self._failing[cid]
         metrics.ENGINE_CAMPAIGNS_FAILING.set(len(self._failing))
         self._held = held_now
+
+    async def _fold(self) -> None:
+        """Fold the count deltas (every replica does; concurrent folds are safe), so that reading
+        a campaign's counts stays a few rows."""
+        try:
+            folded = await self._db(counts.fold)
+        except SQLAlchemyError as exc:  # a campaign deleted under it: its deltas go next time
+            log.warning("folding the campaign count deltas failed: %s", _describe(exc))
+        else:
+            if folded:
+                log.debug("folded %d campaign count deltas", folded)
 
     async def _step_campaign(self, c: lq.LeasedCampaign) -> None:
         """Everything one step does for one campaign."""

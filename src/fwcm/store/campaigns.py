@@ -48,6 +48,7 @@ from fwcm.rollout.states import (
     action_transition,
     retry_transition,
 )
+from fwcm.store import counts
 from fwcm.store.devices import IN_SERVICE
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
@@ -325,7 +326,7 @@ def change_campaign(
     if action == "resume" and campaign.started_at is None:
         raise Conflict(f"campaign {campaign_id} was never started; use start")
     if campaign.state == CampaignState.STOPPED.value:
-        rows = _phase_counts(s, campaign.id)
+        rows = counts.phase_counts(s, campaign.id)
         campaign.reviewed = review(rows, campaign.phase) if review is not None else None
         _run_again(campaign)
     campaign.state = target
@@ -334,15 +335,6 @@ def change_campaign(
     _campaign_event(s, campaign, target, reason or f"{action} requested")
     s.flush()
     return campaign
-
-
-def _phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
-    rows = s.execute(
-        select(Deployment.phase, Deployment.state, func.count().label("n"))
-        .where(Deployment.campaign_id == campaign_id)
-        .group_by(Deployment.phase, Deployment.state)
-    )
-    return [(r.phase, r.state, r.n) for r in rows]
 
 
 def _run_again(campaign: Campaign) -> None:

@@ -5,16 +5,18 @@ device's deployments across campaigns.  SQL only; every function filters on the 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, cast, func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from fwcm.errors import NotFound
 from fwcm.rollout.states import DeviceState
+from fwcm.store import counts
 from fwcm.store.models import (
     ApiKey,
     Campaign,
@@ -64,25 +66,35 @@ def fingerprint(s: Session, tenant_id: int, campaign_id: int) -> tuple[Any, ...]
     return (*tuple(row), *tuple(changes))
 
 
+BREAKDOWNS = ("class_id", "hardware_id", "version")
+"""Device attributes the failures are counted by."""
+
+
 def failures_by(
-    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], column: str
-) -> list[dict[str, Any]]:
-    """Devices of the campaign in ``states`` counted by one device attribute (``class_id``,
-    ``version`` or ``hardware_id``), most common first; one GROUP BY."""
-    attr: ColumnElement[Any] = getattr(Device, column)
+    s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], limit: int = 20
+) -> dict[str, list[dict[str, Any]]]:
+    """Devices of the campaign in ``states`` counted by each device attribute of ``BREAKDOWNS``,
+    most common first (then by value): one GROUP BY over the failed rows (the
+    (campaign_id, state, …) index bounds it) for the three breakdowns."""
+    attrs: list[ColumnElement[Any]] = [getattr(Device, column).label(column) for column in BREAKDOWNS]
     rows = s.execute(
-        select(attr.label("value"), func.count().label("n"))
+        select(*attrs, func.count().label("n"))
         .select_from(Deployment)
         .join(Device, Device.id == Deployment.device_id)
         .where(
             _owned(tenant_id, campaign_id),
             Deployment.state.in_(sorted(states)),
         )
-        .group_by(attr)
-        .order_by(func.count().desc())
-        .limit(20)
-    )
-    return [{"value": r.value, "count": r.n} for r in rows]
+        .group_by(*attrs)
+    ).all()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for column in BREAKDOWNS:
+        tally: Counter[Any] = Counter()
+        for r in rows:
+            tally[r._mapping[column]] += r.n
+        ranked = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0] is None, str(kv[0])))
+        out[column] = [{"value": value, "count": n} for value, n in ranked[:limit]]
+    return out
 
 
 def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
@@ -90,12 +102,6 @@ def _owned(tenant_id: int, campaign_id: int) -> ColumnElement[bool]:
     to the (campaign_id, state, updated_at) index rather than reading every row for tenant_id."""
     owned = select(Campaign.id).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id)
     return Deployment.campaign_id == owned.scalar_subquery()
-
-
-def _epoch_seconds(s: Session, column: Any) -> ColumnElement[float]:
-    if s.get_bind().dialect.name == "postgresql":
-        return cast(func.extract("epoch", column), Float)
-    return (func.julianday(column) - 2440587.5) * 86400.0  # several times cheaper than strftime('%s')
 
 
 @dataclass(frozen=True)
@@ -109,20 +115,15 @@ class Bucket:
 def completions_over_time(
     s: Session, tenant_id: int, campaign_id: int, states: Iterable[str], since: datetime, bucket_s: int
 ) -> list[Bucket]:
-    """Devices that reached one of ``states`` since ``since``, per ``bucket_s`` and state: one
-    GROUP BY over the campaign's deployments, bucketed in the database."""
-    epoch = _epoch_seconds(s, Deployment.updated_at)
-    slot = func.floor(epoch / bucket_s).label("slot")
-    rows = s.execute(
-        select(slot, Deployment.state, func.count().label("n"))
-        .where(
-            _owned(tenant_id, campaign_id),
-            Deployment.state.in_(sorted(states)),
-            Deployment.updated_at >= since,
-        )
-        .group_by(slot, Deployment.state)
-    )
-    return [Bucket(float(r.slot) * bucket_s, r.state, int(r.n)) for r in rows if r.slot is not None]
+    """Devices that reached one of ``states`` since the minute of ``since``, per ``bucket_s`` and
+    state: summed from the campaign's counts per minute (``store.counts``), not its deployments."""
+    owned = s.scalar(select(Campaign.id).where(Campaign.id == campaign_id, Campaign.tenant_id == tenant_id))
+    if owned is None:
+        return []
+    return [
+        Bucket(start, state, n)
+        for start, state, n in counts.completions(s, campaign_id, states, since, bucket_s)
+    ]
 
 
 def deployments(

@@ -31,6 +31,7 @@ from fwcm.protocol import (
 )
 from fwcm.rollout.deployment import Applied, DeploymentView, Expired, Reverted, Silent
 from fwcm.rollout.states import IN_PROGRESS, DeviceState
+from fwcm.store import counts as counts_kept
 from fwcm.store.db import execute_many, utcnow
 from fwcm.store.models import (
     Deployment,
@@ -151,13 +152,9 @@ def take_pending(
 
 
 def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
-    """``(phase, state, count)`` rows: everything the rollout policy needs to decide."""
-    rows = s.execute(
-        select(Deployment.phase, Deployment.state, func.count())
-        .where(Deployment.campaign_id == campaign_id)
-        .group_by(Deployment.phase, Deployment.state)
-    ).all()
-    return [(int(p), str(st), int(n)) for p, st, n in rows]
+    """``(phase, state, count)`` rows: everything the rollout policy needs to decide (the
+    maintained counts, a few rows whatever the campaign's size)."""
+    return counts_kept.phase_counts(s, campaign_id)
 
 
 def recent_notifications(s: Session, campaign_id: int, since: float) -> list[float]:

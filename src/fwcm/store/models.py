@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Column,
     DateTime,
     Float,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     false,
@@ -327,6 +329,48 @@ class AccountingRecord(Base):
     uses: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)
     detail: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class CampaignCount(Base):
+    """How many of a campaign's deployments are in one (phase, state): kept by triggers on
+    ``deployments`` (migration 0015), read through ``store.counts``; on PostgreSQL the newest
+    changes are still in ``campaign_count_deltas``."""
+
+    __tablename__ = "campaign_counts"
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    phase: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignCompletion(Base):
+    """How many of a campaign's deployments ended in a charted state (``console.charts``) with
+    their last change in one minute (POSIX seconds // 60): kept like ``CampaignCount``."""
+
+    __tablename__ = "campaign_completions"
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+campaign_count_deltas = Table(
+    "campaign_count_deltas",
+    Base.metadata,
+    Column("campaign_id", BigInteger, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("left_phase", Integer),
+    Column("left_state", String(16)),
+    Column("left_minute", BigInteger),
+    Column("phase", Integer),
+    Column("state", String(16)),
+    Column("minute", BigInteger),
+    Index("ix_campaign_count_deltas_campaign", "campaign_id"),
+)
+"""PostgreSQL: ``n`` deployments of a campaign left (``left_*``; NULL for new ones) one phase,
+state and, for a charted end, minute, and entered another (NULL for deleted ones); appended by
+the triggers (no row lock shared between writers, no key to keep), folded into the totals by the
+engine (``store.counts.fold``)."""
 
 
 class CampaignEvent(Base):

@@ -31,6 +31,7 @@ from fwcm.rollout.states import (
 )
 from fwcm.store import deltas
 from fwcm.store.campaigns import get_campaign
+from fwcm.store.counts import phase_counts
 from fwcm.store.models import (
     Campaign,
     CampaignEvent,
@@ -63,15 +64,10 @@ def campaign_stats(
     campaign = get_campaign(s, tenant_id, campaign_id)
     counts = dict.fromkeys(DEPLOYMENT_STATES, 0)
     phases: dict[int, dict[str, int]] = {}
-    # one pass, the totals summed from the phases; the campaign is the tenant's (get_campaign), so
-    # counting on campaign_id alone keeps to the covering index (several times faster at 100,000)
-    for by_phase in s.execute(
-        select(Deployment.phase, Deployment.state, func.count().label("n"))
-        .where(Deployment.campaign_id == campaign.id)
-        .group_by(Deployment.phase, Deployment.state)
-    ):
-        phases.setdefault(by_phase.phase, {})[by_phase.state] = by_phase.n
-        counts[by_phase.state] = counts.get(by_phase.state, 0) + by_phase.n
+    # the maintained counts (store.counts), the totals summed from the phases
+    for phase, state, n in phase_counts(s, campaign.id):
+        phases.setdefault(phase, {})[state] = n
+        counts[state] = counts.get(state, 0) + n
     failures = _by_result(s, tenant_id, campaign_id, AGAINST_ERRORS)
     skips = _by_result(s, tenant_id, campaign_id, NOT_FOR_ME)
     progress = Progress(
