@@ -2,7 +2,7 @@
 deployment uses one
 
 Revision ID: 0016
-Revises: 0014
+Revises: 0015
 Create Date: 2026-12-04 10:00:00
 
 Devices report the digest of the image they run (hello and success reports, key 15); a campaign
@@ -17,7 +17,7 @@ from alembic import op
 
 
 revision: str = '0016'
-down_revision: Union[str, Sequence[str], None] = '0014'
+down_revision: Union[str, Sequence[str], None] = '0015'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
