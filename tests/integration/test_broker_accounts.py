@@ -57,6 +57,12 @@ class Client:
         while len(self.received) < count and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def wait_until(self, message: tuple[str, bytes], timeout: float = 10.0) -> None:
+        """Until ``message`` arrived (QoS 1 may deliver an earlier one twice first)."""
+        deadline = time.monotonic() + timeout
+        while message not in self.received and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -194,7 +200,7 @@ def test_a_last_will_reaches_the_server(broker: Broker) -> None:
         sock = d3.client.socket()
         assert sock is not None
         sock.close()  # an unclean drop: the broker publishes the will
-        srv.wait_for(2)
+        srv.wait_until((presence, b"0"))
         assert srv.received[-1] == (presence, b"0")
     finally:
         srv.close()
