@@ -40,9 +40,9 @@ from fwcm.store.db import Database, utcnow
 log = logging.getLogger(__name__)
 
 PAGE = 100
-LIVE_EVERY_S = 1.0
+LIVE_EVERY_S = 2.0
 """A live page checks its campaign's fingerprint this often and re-renders only on a change."""
-LIVE_CPU_BUDGET = 0.02
+LIVE_CPU_BUDGET = 0.015
 """The share of one core a campaign's live renders may take, whatever the number of its pages."""
 RECHECK_SESSION_S = 30.0
 HEARTBEAT_S = 15.0
