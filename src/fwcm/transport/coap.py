@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -279,6 +280,7 @@ class CoapTransport(NoticeSender):
         self._context = await aiocoap.Context.create_server_context(
             self._site, bind=self.bind, transports=["udp6"]
         )
+        bound_duplicate_memory(self._context, DUPLICATE_MEMORY)
         log.info("CoAP listening on %s:%d", *self.bind)
 
     async def stop(self) -> None:
@@ -328,6 +330,47 @@ class CoapTransport(NoticeSender):
 
 
 # -- aiocoap's udp6 and ICMP errors ---------------------------------------------------------------
+
+DUPLICATE_MEMORY = 8192
+"""Exchanges whose response the message layer keeps for a retransmitted request (see
+:func:`bound_duplicate_memory`)."""
+
+
+class _RecentExchanges(OrderedDict[Any, Any]):
+    """aiocoap's memory of recent (peer, message id) pairs and their responses, holding at most
+    ``limit``: the oldest is forgotten first; its own timer's later removal finds nothing."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self and len(self) >= self.limit:
+            self.popitem(last=False)
+        super().__setitem__(key, value)
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        return super().pop(key, default)
+
+
+def bound_duplicate_memory(context: aiocoap.Context, limit: int) -> None:
+    """Hold the message layer's duplicate detection to the ``limit`` newest exchanges.
+
+    aiocoap keeps every response to a confirmable request for EXCHANGE_LIFETIME (247 s), to answer
+    a retransmission without running the request again: a campaign's payload blocks (a 1 KiB
+    response each) then held hundreds of MB. Bounded by count, a retransmission arriving after
+    ``limit`` newer exchanges is run again, which fwcm's resources tolerate: payload blocks are
+    idempotent reads, reports carry a sequence number that ingest deduplicates, and observe
+    registrations replace one another.
+    """
+    for tokens in context.request_interfaces:
+        manager: Any = getattr(tokens, "token_interface", None)
+        recent = getattr(manager, "_recent_messages", None)
+        if isinstance(recent, dict) and not isinstance(recent, _RecentExchanges):
+            bounded = _RecentExchanges(limit)
+            bounded.update(recent)
+            manager._recent_messages = bounded
+
 
 _STALE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
