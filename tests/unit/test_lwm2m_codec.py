@@ -1,4 +1,5 @@
-"""The LwM2M codec: registrations, link format and the four content formats fwcm reads."""
+"""The LwM2M codec (registrations, link format, the four content formats fwcm reads) and how an
+observed /5 state and result become a report."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwcm.protocol import ProtocolError
+from fwcm.protocol import LwState, ProtocolError, Result
 from fwcm.protocol import lwm2m as lw
+from fwcm.rollout.deployment import state_for_report
+from fwcm.rollout.states import DeviceState
 
 
 def test_registration_query_and_links() -> None:
@@ -177,3 +180,30 @@ def test_garbage_queries_only_ever_refused(queries: list[str], update: bool) -> 
     except ProtocolError:
         return
     assert (reg.endpoint is None) == update
+
+
+@pytest.mark.parametrize(
+    ("state", "result", "reported"),
+    [
+        (LwState.IDLE, Result.INITIAL, None),  # written, nothing happened yet
+        (LwState.DOWNLOADING, Result.INITIAL, (LwState.DOWNLOADING, Result.INITIAL)),
+        (LwState.DOWNLOADED, Result.INITIAL, (LwState.DOWNLOADED, Result.INITIAL)),
+        (LwState.UPDATING, Result.INITIAL, (LwState.UPDATING, Result.INITIAL)),
+        (LwState.UPDATING, Result.SUCCESS, (LwState.UPDATING, Result.INITIAL)),  # not yet back to Idle
+        (LwState.IDLE, Result.SUCCESS, (LwState.IDLE, Result.SUCCESS)),
+        (LwState.IDLE, Result.INTEGRITY_FAILURE, (LwState.IDLE, Result.INTEGRITY_FAILURE)),
+        (LwState.DOWNLOADED, Result.UPDATE_FAILED, (LwState.IDLE, Result.UPDATE_FAILED)),  # failed install
+        (LwState.DOWNLOADING, Result.CONNECTION_LOST, (LwState.IDLE, Result.CONNECTION_LOST)),
+    ],
+)
+def test_observed_state_and_result_become_reports(
+    state: LwState, result: Result, reported: tuple[LwState, Result] | None
+) -> None:
+    assert lw.outcome(state, result) == reported
+    if reported is not None:  # and the deployment rules read them as LwM2M means them
+        expected = {
+            LwState.DOWNLOADING: DeviceState.DOWNLOADING,
+            LwState.DOWNLOADED: DeviceState.DOWNLOADED,
+            LwState.UPDATING: DeviceState.INSTALLING,
+        }.get(reported[0], DeviceState.SUCCEEDED if result == Result.SUCCESS else DeviceState.FAILED)
+        assert state_for_report(*reported) == expected

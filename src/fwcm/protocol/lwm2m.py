@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwcm.protocol.fields import NAME_RE, ProtocolError, loads
+from fwcm.protocol.messages import LwState, Result
 
 # Content-Format numbers (IANA CoAP registry; LwM2M 1.1 Core §7.3)
 TEXT = 0
@@ -250,6 +251,24 @@ def read_text(payload: bytes, content_format: int | None, path: Path) -> str:
     if path not in values:
         raise refuse(f"payload holds no value for /{'/'.join(map(str, path))}")
     return as_text(values[path], "/" + "/".join(map(str, path)))
+
+
+# -- what an observed state and result mean ---------------------------------------------------------
+
+
+def outcome(state: LwState, result: Result) -> tuple[LwState, Result] | None:
+    """What an observed (State, Update Result) pair of /5 says about the update, as the report
+    fwcm's deployment rules take; None while nothing happened yet.
+
+    A result of 2 or more is a failure whatever the state (LwM2M leaves a failed install in
+    Downloaded, a failed download in Idle): it ends the update. Idle with result 1 is success.
+    Otherwise the state is the progress, with the result of an earlier update ignored.
+    """
+    if result >= Result.NOT_ENOUGH_FLASH:
+        return LwState.IDLE, result
+    if state == LwState.IDLE:
+        return (state, result) if result == Result.SUCCESS else None
+    return state, Result.INITIAL
 
 
 # -- TLV (LwM2M 1.1 Core §7.4.3) ----------------------------------------------------------------

@@ -1,0 +1,513 @@
+"""LwM2M adapter of the server: a LwM2M 1.1 Server for firmware updates through object /5.
+
+Devices register on their own UDP port (``FWCM_LWM2M_BIND``), NoSec: ``POST /rd?ep=…`` with the
+endpoint name ``{tenant}:{device}`` of a device of transport ``lwm2m``; ``POST /rd/{id}`` updates
+a registration and ``DELETE /rd/{id}`` ends it (see docs/lwm2m.md). The server then speaks to the
+device as a CoAP client, from the same socket, at the address it registered from.
+
+An update notice becomes the LwM2M pull flow: write the Package URI (/5/0/1) with where the image
+is served, observe State (/5/0/3) and Update Result (/5/0/5), execute Update (/5/0/2) once the
+state is Downloaded. Each change of state or result becomes an ordinary :class:`Report` of the
+deployment's campaign attempt, handed to ingest (``Inbound`` kind ``report``): the rules that
+judge MQTT and CoAP devices judge these too. A cancel notice writes an empty Package URI.
+
+Every request to a device is bounded in time, one update drive per device runs at a time, and
+whatever a device sends that does not decode is counted and ignored (the deployment's timeout
+judges a device that never says anything useful).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import aiocoap
+import cbor2
+from aiocoap import resource
+from aiocoap.numbers.codes import Code
+
+from fwcm import manifest, protocol
+from fwcm.protocol import LwState, Notice, NoticeKind, ProtocolError, Report, Result
+from fwcm.protocol import lwm2m as lw
+from fwcm.protocol.fields import loads
+from fwcm.server import metrics
+from fwcm.transport.coap import RETRY_AFTER_S, Unavailable, tolerate_stale_icmp_errors
+from fwcm.transport.inbound import Inbound
+from fwcm.transport.notices import NoticeSender, Render
+
+log = logging.getLogger(__name__)
+
+NoticeSource = Callable[[str, str], Awaitable[bytes | None]]
+"""(tenant, device) → the device's current sealed notice, or None."""
+Admits = Callable[[str, str], Awaitable[bool]]
+"""(tenant, device) → whether it is a known, active device of transport ``lwm2m``."""
+PackageUri = Callable[[bytes], str]
+"""An image's SHA-256 → the URI the device downloads it from."""
+
+TRANSPORT = "lwm2m"
+REQUEST_TIMEOUT_S = 30.0
+"""Each request to a device (write, read, execute, the first answer of an observation)."""
+DRIVE_TIMEOUT_S = 3600.0
+"""An update drive ends after this long; the deployment's own timeout judges the device."""
+EXPIRY_GRACE_S = 5.0
+SWEEP_S = 5.0
+MAX_CLIENTS = 100_000
+MAX_CHANGES = 32
+"""Notifications queued per drive; a device that floods is slowed down, not remembered."""
+MAX_WRITES_IN_FLIGHT = 256
+LWM2M_RESULTS = range(0, 12)
+"""The Update Result values LwM2M defines; fwcm's own (12 and up) are never a device's."""
+
+
+@dataclass
+class Client:
+    """One registration: who, where from, until when, and the update drive running for it."""
+
+    tenant: str
+    device: str
+    reg_id: str
+    remote: Any
+    expires: float
+    objects: frozenset[lw.Path]
+    drive: asyncio.Task[None] | None = None
+    driving: tuple[int, int] | None = None
+    """(campaign, attempt) of the drive running."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.tenant, self.device
+
+
+@dataclass
+class Counts:
+    registered: int = 0
+    deregistered: int = 0
+    expired: int = 0
+    refused: int = 0
+    reports: int = 0
+    executed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def peek_notice(data: bytes) -> Notice:
+    """The notice the server itself just sealed (its MAC is for the device, not checked here)."""
+    frame = protocol.unseal(data, protocol.MAX_NOTICE_BYTES)
+    body = loads(frame.payload)
+    if not isinstance(body, dict):
+        raise ProtocolError("shape", "notice body is not a map")
+    return Notice.from_map(body)
+
+
+@lru_cache(maxsize=64)
+def _image_digest(envelope: bytes) -> bytes:
+    return manifest.decode_envelope(envelope).info.image_digest
+
+
+class RegisterResource(resource.Resource):
+    """``/rd``: register (POST)."""
+
+    def __init__(self, transport: Lwm2mTransport) -> None:
+        super().__init__()
+        self._t = transport
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False  # a registration fits a datagram; larger ones are refused
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await _registration(self._t, request)
+
+
+class RegistrationResource(resource.Resource, resource.PathCapable):
+    """``/rd/{id}``: update (POST) and de-register (DELETE)."""
+
+    def __init__(self, transport: Lwm2mTransport) -> None:
+        super().__init__()
+        self._t = transport
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await _registration(self._t, request)
+
+    async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
+        path = request.opt.uri_path
+        if len(path) != 1 or not self._t.deregister(path[0]):
+            return aiocoap.Message(code=Code.NOT_FOUND)
+        return aiocoap.Message(code=Code.DELETED)
+
+
+async def _registration(t: Lwm2mTransport, request: aiocoap.Message) -> aiocoap.Message:
+    """A registration (no path left) or a registration update (the id left); refusals counted."""
+    path = request.opt.uri_path
+    try:
+        if not path:
+            return await t.register(request)
+        if len(path) == 1:
+            return t.update(path[0], request)
+    except ProtocolError as err:
+        t.refuse(err.reason, str(err))
+        return aiocoap.Message(code=Code.BAD_REQUEST, payload=str(err).encode()[:100])
+    except Unavailable:
+        msg = aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, payload=b"storage unavailable")
+        msg.opt.max_age = RETRY_AFTER_S
+        return msg
+    return aiocoap.Message(code=Code.NOT_FOUND)
+
+
+class Lwm2mTransport(NoticeSender):
+    """The LwM2M registration interface and the firmware-update drive of each device."""
+
+    def __init__(
+        self,
+        bind: tuple[str, int],
+        deliver: Callable[[Inbound], None],
+        notices: NoticeSource,
+        admits: Admits,
+        package_uri: PackageUri,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        drive_timeout: float = DRIVE_TIMEOUT_S,
+    ) -> None:
+        self.bind = bind
+        self._deliver = deliver
+        self._notices = notices
+        self._admits = admits
+        self._package_uri = package_uri
+        self.request_timeout = request_timeout
+        self.drive_timeout = drive_timeout
+        self.clients: dict[tuple[str, str], Client] = {}
+        self._by_id: dict[str, Client] = {}
+        self._started: dict[tuple[str, str], tuple[int, int]] = {}
+        """The attempt whose Package URI this server wrote, per device: a device that registers
+        again mid-update (it rebooted to install) is followed, not sent the URI once more."""
+        self._seq = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._context: aiocoap.Context | None = None
+        self.counts = Counts()
+        site = resource.Site()
+        site.add_resource(["rd"], RegisterResource(self))
+        site.add_resource(["rd"], RegistrationResource(self))
+        self._site = site
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        tolerate_stale_icmp_errors()
+        self._context = await aiocoap.Context.create_server_context(
+            self._site, bind=self.bind, transports=["udp6"]
+        )
+        self._spawn(self._sweep())
+        log.info("LwM2M server listening on %s:%d (NoSec)", *self.bind)
+
+    async def stop(self) -> None:
+        for client in list(self.clients.values()):
+            self._end_drive(client)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._context is not None:
+            await self._context.shutdown()
+            self._context = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def refuse(self, reason: str, why: str) -> None:
+        """Count something a device sent that cannot be accepted."""
+        self.counts.refused += 1
+        self.counts.reasons[reason] = self.counts.reasons.get(reason, 0) + 1
+        metrics.REJECTED.labels(TRANSPORT, reason).inc()
+        log.info("LwM2M: refused: %s", why)
+
+    # -- registration interface -----------------------------------------------------------------
+
+    async def register(self, request: aiocoap.Message) -> aiocoap.Message:
+        reg = lw.parse_query(request.opt.uri_query)
+        objects = lw.parse_links(request.payload)
+        tenant, device = lw.split_endpoint(reg.endpoint or "")
+        if not await self._admits(tenant, device):
+            self.refuse("unknown_device", f"registration of {reg.endpoint!r}: no such LwM2M device")
+            return aiocoap.Message(code=Code.FORBIDDEN, payload=b"unknown endpoint")
+        old = self.clients.get((tenant, device))
+        if old is None and len(self.clients) >= MAX_CLIENTS:
+            self.refuse("capacity", f"registration of {reg.endpoint!r}: {MAX_CLIENTS} clients registered")
+            return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE)
+        if old is not None:
+            self._forget(old)
+        lifetime = reg.lifetime or lw.DEFAULT_LIFETIME_S
+        client = Client(
+            tenant, device, secrets.token_hex(6), request.remote, time.monotonic() + lifetime, objects
+        )
+        self.clients[client.key] = client
+        self._by_id[client.reg_id] = client
+        self.counts.registered += 1
+        self._presence(client, True)
+        if not lw.has_instance(objects, 5):
+            log.warning("LwM2M %s:%s registered without /5/0: it cannot be updated", tenant, device)
+        else:
+            self._spawn(self._resume(client))
+        response = aiocoap.Message(code=Code.CREATED)
+        response.opt.location_path = ("rd", client.reg_id)
+        return response
+
+    def update(self, reg_id: str, request: aiocoap.Message) -> aiocoap.Message:
+        client = self._by_id.get(reg_id)
+        if client is None:
+            return aiocoap.Message(code=Code.NOT_FOUND)
+        reg = lw.parse_query(request.opt.uri_query, update=True)
+        if request.payload:
+            client.objects = lw.parse_links(request.payload)
+        client.remote = request.remote  # a NAT may have moved it
+        client.expires = time.monotonic() + (reg.lifetime or lw.DEFAULT_LIFETIME_S)
+        return aiocoap.Message(code=Code.CHANGED)
+
+    def deregister(self, reg_id: str) -> bool:
+        client = self._by_id.get(reg_id)
+        if client is None:
+            return False
+        self._forget(client)
+        self.counts.deregistered += 1
+        self._presence(client, False)
+        return True
+
+    def _forget(self, client: Client) -> None:
+        self._end_drive(client)
+        self._by_id.pop(client.reg_id, None)
+        if self.clients.get(client.key) is client:
+            del self.clients[client.key]
+
+    async def _sweep(self) -> None:
+        """Registrations whose lifetime passed without an update end."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic() - EXPIRY_GRACE_S
+            for client in [c for c in self.clients.values() if c.expires < now]:
+                log.info("LwM2M %s:%s: registration expired", client.tenant, client.device)
+                self._forget(client)
+                self.counts.expired += 1
+                self._presence(client, False)
+
+    def _presence(self, client: Client, online: bool) -> None:
+        self._deliver(
+            Inbound(TRANSPORT, "presence", client.tenant, client.device, b"1" if online else b"0", _ignore)
+        )
+
+    # -- notices --------------------------------------------------------------------------------
+
+    def send_notice(self, tenant: str, device: str, render: Render) -> bool:
+        client = self.clients.get((tenant, device))
+        if client is None or not lw.has_instance(client.objects, 5):
+            return False
+        self._act(client, render(), resume=False)
+        return True
+
+    def clear_notice(self, tenant: str, device: str) -> None:
+        client = self.clients.get((tenant, device))
+        if client is not None:
+            self._end_drive(client)
+        self._started.pop((tenant, device), None)
+
+    async def _resume(self, client: Client) -> None:
+        """A device (re-)registered: act on the notice it has now, if any."""
+        try:
+            data = await self._notices(client.tenant, client.device)
+        except Exception as exc:  # storage unavailable: the engine's next notice reaches it
+            log.warning("LwM2M %s:%s: cannot read its notice: %s", client.tenant, client.device, exc)
+            return
+        if data is not None and self.clients.get(client.key) is client:
+            self._act(client, data, resume=True)
+
+    def _act(self, client: Client, sealed: bytes, *, resume: bool) -> None:
+        notice = peek_notice(sealed)
+        if notice.kind == NoticeKind.UPDATE and notice.envelope is not None:
+            attempt = (notice.campaign, notice.attempt)
+            if client.driving == attempt and client.drive is not None and not client.drive.done():
+                return  # the same notice again (a retry of the send): the drive goes on
+            self._end_drive(client)
+            follow = resume and self._started.get(client.key) == attempt
+            uri = self._package_uri(_image_digest(notice.envelope))
+            client.driving = attempt
+            client.drive = self._spawn(self._drive(client, attempt, uri, follow=follow))
+        elif notice.kind in (NoticeKind.CANCEL, NoticeKind.ABORT):
+            self._end_drive(client)
+            if self._started.pop(client.key, None) is not None and len(self._tasks) < MAX_WRITES_IN_FLIGHT:
+                self._spawn(self._write_quietly(client, lw.FW_PACKAGE_URI, ""))
+        # invitations, commits and credentials have no LwM2M counterpart: nothing to do
+
+    def _end_drive(self, client: Client) -> None:
+        if client.drive is not None:
+            client.drive.cancel()
+        client.drive, client.driving = None, None
+
+    # -- the update drive -------------------------------------------------------------------------
+
+    async def _drive(self, client: Client, attempt: tuple[int, int], uri: str, *, follow: bool) -> None:
+        """Write the Package URI (unless following an update already started), then report each
+        change of State and Update Result until the update ends; execute Update once Downloaded."""
+        changes: asyncio.Queue[tuple[lw.Path, int]] = asyncio.Queue(MAX_CHANGES)
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.timeout(self.drive_timeout):
+                if not follow:
+                    code = await self._write(client, lw.FW_PACKAGE_URI, uri)
+                    if not code.is_successful():
+                        self._report(
+                            client, attempt, LwState.IDLE, Result.INVALID_URI, f"write refused: {code}"
+                        )
+                        return
+                    self._started[client.key] = attempt
+                    if len(self._started) > MAX_CLIENTS:
+                        self._started.pop(next(iter(self._started)))
+                watchers = [
+                    asyncio.create_task(self._observe(client, path, changes))
+                    for path in (lw.FW_STATE, lw.FW_RESULT)
+                ]
+                await self._follow(client, attempt, changes)
+        except TimeoutError:
+            log.info("LwM2M %s:%s: update drive timed out", client.tenant, client.device)
+        except (aiocoap.error.Error, OSError) as exc:
+            log.info("LwM2M %s:%s: update drive ended: %s", client.tenant, client.device, exc)
+        finally:
+            for w in watchers:
+                w.cancel()
+            for w in watchers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await w
+
+    async def _follow(
+        self, client: Client, attempt: tuple[int, int], changes: asyncio.Queue[tuple[lw.Path, int]]
+    ) -> None:
+        """Report each change of State and Update Result (as ``lw.outcome`` maps them) until the
+        update ends; execute Update once the package is downloaded."""
+        values: dict[lw.Path, int] = {}
+        said: tuple[LwState, Result] | None = None
+        executed = False
+        while True:
+            path, value = await changes.get()
+            values[path] = value
+            now = lw.outcome(LwState(values.get(lw.FW_STATE, 0)), Result(values.get(lw.FW_RESULT, 0)))
+            if now is None or now == said:
+                continue  # nothing happened yet, or nothing new
+            said = now
+            state, result = now
+            final = state == LwState.IDLE
+            detail = f"LwM2M update result {int(result)} ({result.name.lower()})" if final else None
+            self._report(client, attempt, state, result, detail)
+            if final:
+                self._started.pop(client.key, None)
+                return
+            if state == LwState.DOWNLOADED and not executed:
+                executed = True
+                code = await self._execute(client, lw.FW_UPDATE)
+                if code is not None and not code.is_successful():
+                    self._report(
+                        client, attempt, LwState.IDLE, Result.UPDATE_FAILED, f"execute refused: {code}"
+                    )
+                    self._started.pop(client.key, None)
+                    return
+
+    def _report(
+        self,
+        client: Client,
+        attempt: tuple[int, int],
+        state: LwState,
+        result: Result,
+        detail: str | None = None,
+    ) -> None:
+        """Hand ingest the report of this change, under a seq that grows across restarts too."""
+        self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
+        report = Report(client.device, attempt[0], attempt[1], self._seq, state, result, detail=detail)
+        self.counts.reports += 1
+        payload = cbor2.dumps(report.to_map(), canonical=True)
+        self._deliver(Inbound(TRANSPORT, "report", client.tenant, client.device, payload, _ignore))
+
+    # -- requests to the device -------------------------------------------------------------------
+
+    def _request(self, client: Client, code: Code, path: lw.Path, payload: bytes = b"", **opts: Any) -> Any:
+        if self._context is None:
+            raise aiocoap.error.LibraryShutdown()
+        msg = aiocoap.Message(code=code, payload=payload, uri_path=[str(p) for p in path], **opts)
+        msg.remote = client.remote
+        return self._context.request(msg)
+
+    async def _write(self, client: Client, path: lw.Path, text: str) -> Code:
+        request = self._request(client, Code.PUT, path, text.encode(), content_format=lw.TEXT)
+        async with asyncio.timeout(self.request_timeout):
+            response = await request.response
+        return Code(response.code)
+
+    async def _write_quietly(self, client: Client, path: lw.Path, text: str) -> None:
+        try:
+            code = await self._write(client, path, text)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            log.info("LwM2M %s:%s: write of %s failed: %s", client.tenant, client.device, path, exc)
+            return
+        if not code.is_successful():
+            log.info("LwM2M %s:%s: write of %s answered %s", client.tenant, client.device, path, code)
+
+    async def _execute(self, client: Client, path: lw.Path) -> Code | None:
+        """Execute a resource; None when no answer came (a device may reboot into the update
+        before it answers: what it does next is seen when it registers again)."""
+        self.counts.executed += 1
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                response = await self._request(client, Code.POST, path).response
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            log.info("LwM2M %s:%s: execute %s: %s", client.tenant, client.device, path, exc)
+            return None
+        return Code(response.code)
+
+    async def _observe(
+        self, client: Client, path: lw.Path, changes: asyncio.Queue[tuple[lw.Path, int]]
+    ) -> None:
+        """Observe one integer resource, queueing each valid value; what does not decode is
+        counted and skipped."""
+        request = self._request(client, Code.GET, path, observe=0)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                first = await request.response
+            await self._take(client, path, first, changes)
+            if not first.code.is_successful():
+                return
+            async for notification in request.observation:
+                await self._take(client, path, notification, changes)
+        finally:
+            if not request.observation.cancelled:
+                request.observation.cancel()
+
+    async def _take(
+        self,
+        client: Client,
+        path: lw.Path,
+        msg: aiocoap.Message,
+        changes: asyncio.Queue[tuple[lw.Path, int]],
+    ) -> None:
+        if not msg.code.is_successful():
+            log.info("LwM2M %s:%s: read of %s answered %s", client.tenant, client.device, path, msg.code)
+            return
+        try:
+            value = lw.read_int(msg.payload, msg.opt.content_format, path)
+            allowed = range(0, 4) if path == lw.FW_STATE else LWM2M_RESULTS
+            if value not in allowed:
+                raise lw.refuse(f"/{'/'.join(map(str, path))} value {value} is outside LwM2M's range")
+        except ProtocolError as err:
+            self.refuse(err.reason, f"{client.tenant}:{client.device}: {err}")
+            return
+        await changes.put((path, value))
+
+
+def _ignore(_err: ProtocolError | None) -> None:
+    """Reports of LwM2M devices need no acknowledgement: ingest retries until they are durable."""
