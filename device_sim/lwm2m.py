@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import struct
 from collections.abc import Callable
@@ -50,7 +51,7 @@ SHA256_IN_URI = re.compile(r"/p/([0-9a-fA-F]{64})(?:\?|$)")
 DROP_AFTER_BYTES = 16 * 1024
 """``flaky``: the download drops once after ``drop_at`` times this many bytes."""
 REQUEST_TIMEOUT_S = 15.0
-DOWNLOAD_TRIES = 4
+DOWNLOAD_TRIES = 6
 
 
 # -- encoders (the device's own) ------------------------------------------------------------------
@@ -178,6 +179,7 @@ class Lwm2mAgent:
         self._work: asyncio.Task[None] | None = None
         self._dropped_once = False
         self._values: dict[tuple[int, int, int], Value] = {}
+        self.rng = random.Random(f"{config.tenant}/{config.name}")
 
     @property
     def name(self) -> str:
@@ -375,6 +377,7 @@ class Lwm2mAgent:
                             Result.INVALID_URI if exc.permanent else Result.CONNECTION_LOST
                         ) from None
                     log.info("%s: download interrupted at %d: %s; resuming", self.name, pos, exc)
+                    await asyncio.sleep(min(0.5 * 2**attempt, 10.0) * (0.5 + self.rng.random()))
             digest, size = flash.inactive_digest()
             if expected is not None and digest != expected:
                 raise _Failed(Result.INTEGRITY_FAILURE)
@@ -390,7 +393,8 @@ class Lwm2mAgent:
     async def _fetch(self, uri: str, offset: int, sink: Callable[[int, bytes], Any]) -> None:
         if uri.startswith("coap://"):
             assert self._ctx is not None
-            await fetch_coap(self._ctx, uri, offset, sink)
+            async with self.clients.coap_slots:  # as many transfers at once as the CoAP devices
+                await fetch_coap(self._ctx, uri, offset, sink)
         else:
             async with self.clients.http_slots:
                 await fetch_http(uri, offset, sink, timeout=self.clients.http_timeout)

@@ -56,6 +56,8 @@ REQUEST_TIMEOUT_S = 30.0
 """Each request to a device (write, read, execute, the first answer of an observation)."""
 DRIVE_TIMEOUT_S = 3600.0
 """An update drive ends after this long; the deployment's own timeout judges the device."""
+POLL_S = 10.0
+"""A drive that heard nothing for this long reads State and Update Result itself."""
 EXPIRY_GRACE_S = 5.0
 SWEEP_S = 5.0
 MAX_CLIENTS = 100_000
@@ -175,6 +177,7 @@ class Lwm2mTransport(NoticeSender):
         *,
         request_timeout: float = REQUEST_TIMEOUT_S,
         drive_timeout: float = DRIVE_TIMEOUT_S,
+        poll_s: float = POLL_S,
     ) -> None:
         self.bind = bind
         self._deliver = deliver
@@ -183,6 +186,7 @@ class Lwm2mTransport(NoticeSender):
         self._package_uri = package_uri
         self.request_timeout = request_timeout
         self.drive_timeout = drive_timeout
+        self.poll_s = poll_s
         self.clients: dict[tuple[str, str], Client] = {}
         self._by_id: dict[str, Client] = {}
         self._started: dict[tuple[str, str], tuple[int, int]] = {}
@@ -311,7 +315,7 @@ class Lwm2mTransport(NoticeSender):
         client = self.clients.get((tenant, device))
         if client is None or not lw.has_instance(client.objects, 5):
             return False
-        self._act(client, render(), resume=False)
+        self._act(client, render())
         return True
 
     def clear_notice(self, tenant: str, device: str) -> None:
@@ -328,16 +332,16 @@ class Lwm2mTransport(NoticeSender):
             log.warning("LwM2M %s:%s: cannot read its notice: %s", client.tenant, client.device, exc)
             return
         if data is not None and self.clients.get(client.key) is client:
-            self._act(client, data, resume=True)
+            self._act(client, data)
 
-    def _act(self, client: Client, sealed: bytes, *, resume: bool) -> None:
+    def _act(self, client: Client, sealed: bytes) -> None:
         notice = peek_notice(sealed)
         if notice.kind == NoticeKind.UPDATE and notice.envelope is not None:
             attempt = (notice.campaign, notice.attempt)
             if client.driving == attempt and client.drive is not None and not client.drive.done():
                 return  # the same notice again (a retry of the send): the drive goes on
             self._end_drive(client)
-            follow = resume and self._started.get(client.key) == attempt
+            follow = self._started.get(client.key) == attempt  # written already: only follow it
             uri = self._package_uri(_image_digest(notice.envelope))
             client.driving = attempt
             client.drive = self._spawn(self._drive(client, attempt, uri, follow=follow))
@@ -396,7 +400,12 @@ class Lwm2mTransport(NoticeSender):
         said: tuple[LwState, Result] | None = None
         executed = False
         while True:
-            path, value = await changes.get()
+            try:
+                async with asyncio.timeout(self.poll_s):
+                    path, value = await changes.get()
+            except TimeoutError:  # a notification lost, or an observation ended: read both
+                await self._poll(client, changes)
+                continue
             values[path] = value
             now = lw.outcome(LwState(values.get(lw.FW_STATE, 0)), Result(values.get(lw.FW_RESULT, 0)))
             if now is None or now == said:
@@ -470,6 +479,17 @@ class Lwm2mTransport(NoticeSender):
             return None
         return Code(response.code)
 
+    async def _poll(self, client: Client, changes: asyncio.Queue[tuple[lw.Path, int]]) -> None:
+        """Read State and Update Result once."""
+        for path in (lw.FW_RESULT, lw.FW_STATE):
+            try:
+                async with asyncio.timeout(self.request_timeout):
+                    response = await self._request(client, Code.GET, path).response
+            except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+                log.info("LwM2M %s:%s: read of %s: %s", client.tenant, client.device, path, exc)
+                return
+            await self._take(client, path, response, changes)
+
     async def _observe(
         self, client: Client, path: lw.Path, changes: asyncio.Queue[tuple[lw.Path, int]]
     ) -> None:
@@ -506,7 +526,8 @@ class Lwm2mTransport(NoticeSender):
         except ProtocolError as err:
             self.refuse(err.reason, f"{client.tenant}:{client.device}: {err}")
             return
-        await changes.put((path, value))
+        with contextlib.suppress(asyncio.QueueFull):  # a flood: dropped, the next poll catches up
+            changes.put_nowait((path, value))
 
 
 def _ignore(_err: ProtocolError | None) -> None:
