@@ -226,29 +226,37 @@ class Lwm2mAgent:
     # -- registration ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Register, serve the server's requests, keep the registration alive; start over after a
-        reboot; de-register when stopped."""
+        """Register, serve the server's requests, keep the registration alive (registering again
+        from the same socket when that fails); start over on a new socket after a reboot;
+        de-register when stopped."""
         await self._sleep(self.faults.online_delay + self.start_delay)
-        backoff = 0.5
         while not self._stop.is_set():
             self._reboot.clear()
             try:
                 self._ctx = await aiocoap.Context.create_server_context(
                     self._site(), bind=("::", 0), transports=["udp6"]
                 )
-                await self._register()
-                backoff = 0.5
-                await self._keep_registered()
-            except (TimeoutError, aiocoap.error.Error, OSError, RegistrationRefused) as exc:
-                log.info("%s: LwM2M registration failed: %s", self.name, exc)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await self._serve()
             finally:
                 if self._stop.is_set():
                     await self._deregister()
                 await self._shutdown()
             if self._reboot.is_set():
                 self._boot()
+
+    async def _serve(self) -> None:
+        """One power cycle: (re-)register until stopped or rebooted."""
+        backoff = 0.5
+        while not (self._stop.is_set() or self._reboot.is_set()):
+            try:
+                await self._register()
+                backoff = 0.5
+                await self._keep_registered()
+            except (TimeoutError, aiocoap.error.Error, OSError, RegistrationRefused) as exc:
+                log.info("%s: LwM2M registration failed: %s", self.name, exc)
+                self.status.connected = False
+                await self._sleep(backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, 10.0)
 
     async def _register(self) -> None:
         assert self._ctx is not None

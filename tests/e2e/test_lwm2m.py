@@ -139,7 +139,7 @@ async def test_lwm2m_corrupt_download_fails_its_integrity_check(env: Env, tmp_pa
 
 
 async def test_bad_registrations_are_refused_and_counted(env: Env, tmp_path: Path) -> None:
-    await env.devices([("r1", "lwm2m"), ("q1", "mqtt")])
+    await env.devices([("r1", "lwm2m"), ("r2", "lwm2m"), ("q1", "mqtt")])
     lw = env.server.lwm2m
     assert lw is not None
     base = f"coap://{env.settings.lwm2m_host}:{env.settings.lwm2m_port}"
@@ -168,5 +168,9 @@ async def test_bad_registrations_are_refused_and_counted(env: Env, tmp_path: Pat
         again = aiocoap.Message(code=Code.DELETE, uri=f"{base}/{location}")
         assert (await asyncio.wait_for(ctx.request(again).response, 10)).code == Code.NOT_FOUND
         assert not lw.clients
+        # one address, one client: a device registering from where another was replaces it
+        assert (await post("ep=acme:r1&lt=60", b"</5/0>")).code == Code.CREATED
+        assert (await post("ep=acme:r2&lt=60", b"</5/0>")).code == Code.CREATED
+        assert list(lw.clients) == [("acme", "r2")]
     finally:
         await ctx.shutdown()

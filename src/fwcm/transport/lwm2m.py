@@ -189,7 +189,14 @@ class Lwm2mTransport(NoticeSender):
         self.poll_s = poll_s
         self.clients: dict[tuple[str, str], Client] = {}
         self._by_id: dict[str, Client] = {}
+        self._by_address: dict[str, Client] = {}
+        """One client per address: a device that registers from where another one was (a port
+        reused after a reboot, a NAT binding handed on) makes that registration stale, so no
+        request meant for one device is answered by another."""
         self._started: dict[tuple[str, str], tuple[int, int]] = {}
+        self._ended: dict[tuple[str, str], tuple[int, int]] = {}
+        """The attempt whose outcome was reported, per device: a notice of it sent again before
+        ingest applied the outcome changes nothing."""
         """The attempt whose Package URI this server wrote, per device: a device that registers
         again mid-update (it rebooted to install) is followed, not sent the URI once more."""
         self._seq = 0
@@ -257,6 +264,7 @@ class Lwm2mTransport(NoticeSender):
         )
         self.clients[client.key] = client
         self._by_id[client.reg_id] = client
+        self._place(client)
         self.counts.registered += 1
         self._presence(client, True)
         if not lw.has_instance(objects, 5):
@@ -274,7 +282,10 @@ class Lwm2mTransport(NoticeSender):
         reg = lw.parse_query(request.opt.uri_query, update=True)
         if request.payload:
             client.objects = lw.parse_links(request.payload)
-        client.remote = request.remote  # a NAT may have moved it
+        if request.remote.hostinfo != client.remote.hostinfo:  # a NAT moved it
+            self._by_address.pop(client.remote.hostinfo, None)
+            client.remote = request.remote
+            self._place(client)
         client.expires = time.monotonic() + (reg.lifetime or lw.DEFAULT_LIFETIME_S)
         return aiocoap.Message(code=Code.CHANGED)
 
@@ -292,6 +303,23 @@ class Lwm2mTransport(NoticeSender):
         self._by_id.pop(client.reg_id, None)
         if self.clients.get(client.key) is client:
             del self.clients[client.key]
+        if self._by_address.get(client.remote.hostinfo) is client:
+            del self._by_address[client.remote.hostinfo]
+
+    def _place(self, client: Client) -> None:
+        """Record where ``client`` is; whoever registered from there before is gone."""
+        stale = self._by_address.get(client.remote.hostinfo)
+        if stale is not None and stale is not client:
+            log.info(
+                "LwM2M %s:%s registered from where %s:%s was: that registration ends",
+                client.tenant,
+                client.device,
+                stale.tenant,
+                stale.device,
+            )
+            self._forget(stale)
+            self._presence(stale, False)
+        self._by_address[client.remote.hostinfo] = client
 
     async def _sweep(self) -> None:
         """Registrations whose lifetime passed without an update end."""
@@ -323,6 +351,7 @@ class Lwm2mTransport(NoticeSender):
         if client is not None:
             self._end_drive(client)
         self._started.pop((tenant, device), None)
+        self._ended.pop((tenant, device), None)
 
     async def _resume(self, client: Client) -> None:
         """A device (re-)registered: act on the notice it has now, if any."""
@@ -340,6 +369,8 @@ class Lwm2mTransport(NoticeSender):
             attempt = (notice.campaign, notice.attempt)
             if client.driving == attempt and client.drive is not None and not client.drive.done():
                 return  # the same notice again (a retry of the send): the drive goes on
+            if self._ended.get(client.key) == attempt:
+                return  # its outcome is reported already
             self._end_drive(client)
             follow = self._started.get(client.key) == attempt  # written already: only follow it
             uri = self._package_uri(_image_digest(notice.envelope))
@@ -371,6 +402,7 @@ class Lwm2mTransport(NoticeSender):
                         self._report(
                             client, attempt, LwState.IDLE, Result.INVALID_URI, f"write refused: {code}"
                         )
+                        self._ended_attempt(client, attempt)
                         return
                     self._started[client.key] = attempt
                     if len(self._started) > MAX_CLIENTS:
@@ -416,7 +448,7 @@ class Lwm2mTransport(NoticeSender):
             detail = f"LwM2M update result {int(result)} ({result.name.lower()})" if final else None
             self._report(client, attempt, state, result, detail)
             if final:
-                self._started.pop(client.key, None)
+                self._ended_attempt(client, attempt)
                 return
             if state == LwState.DOWNLOADED and not executed:
                 executed = True
@@ -425,8 +457,15 @@ class Lwm2mTransport(NoticeSender):
                     self._report(
                         client, attempt, LwState.IDLE, Result.UPDATE_FAILED, f"execute refused: {code}"
                     )
-                    self._started.pop(client.key, None)
+                    self._ended_attempt(client, attempt)
                     return
+
+    def _ended_attempt(self, client: Client, attempt: tuple[int, int]) -> None:
+        self._started.pop(client.key, None)
+        self._ended.pop(client.key, None)
+        self._ended[client.key] = attempt
+        if len(self._ended) > MAX_CLIENTS:
+            self._ended.pop(next(iter(self._ended)))
 
     def _report(
         self,
