@@ -12,10 +12,12 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 
 from device_sim.agent import DeviceConfig
-from device_sim.faults import get_profile
+from device_sim.faults import DeviceFaults, get_profile
 from device_sim.fleet import FleetReport, run_fleet
+from device_sim.lwm2m import Lwm2mAgent
+from device_sim.transports import SharedClients
 from fwcm import manifest as mf
-from fwcm.protocol import Result
+from fwcm.protocol import LwState, Result
 
 from .conftest import CLASS, VENDOR, Env, firmware
 
@@ -174,3 +176,37 @@ async def test_bad_registrations_are_refused_and_counted(env: Env, tmp_path: Pat
         assert list(lw.clients) == [("acme", "r2")]
     finally:
         await ctx.shutdown()
+
+
+async def test_cancelled_campaign_writes_an_empty_package_uri(env: Env, tmp_path: Path) -> None:
+    """Devices downloading slowly when the campaign is cancelled: the server writes an empty
+    Package URI, which stops their download and resets /5 to Idle; nothing is installed."""
+    man = await env.manifest(firmware(160 * 1024, seed=5))
+    secrets = await env.devices([(f"x{i}", "lwm2m") for i in range(3)])
+    transports = dict.fromkeys(secrets, "lwm2m")
+    clients = SharedClients()
+    agents = [
+        Lwm2mAgent(cfg, clients, faults=DeviceFaults(throttle_bps=16 * 1024))
+        for cfg in configs(env, secrets, transports, tmp_path)
+    ]
+    tasks = [asyncio.create_task(a.run()) for a in agents]
+    try:
+        cid = await env.campaign(man["id"])
+        await env.call("POST", f"/campaigns/{cid}/start")
+        deadline = asyncio.get_running_loop().time() + 60
+        while not all(a.state == LwState.DOWNLOADING for a in agents):
+            assert asyncio.get_running_loop().time() < deadline, [a.state for a in agents]
+            await asyncio.sleep(0.1)
+        await env.call("POST", f"/campaigns/{cid}/cancel")
+        while not all(a.state == LwState.IDLE and a.uri == "" for a in agents):
+            assert asyncio.get_running_loop().time() < deadline, [(a.state, a.uri[:20]) for a in agents]
+            await asyncio.sleep(0.1)
+        devices = (await env.call("GET", f"/campaigns/{cid}/devices"))["items"]
+        assert {d["state"] for d in devices} == {"cancelled"}
+        assert all(a.flash.state.installed_sequence == 1 and a.updates == 0 for a in agents)
+        assert all(a.result == Result.INITIAL for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+        await asyncio.gather(*tasks)
+        await clients.aclose()

@@ -81,6 +81,8 @@ class Client:
     drive: asyncio.Task[None] | None = None
     driving: tuple[int, int] | None = None
     """(campaign, attempt) of the drive running."""
+    phase: LwState | None = None
+    """The state the drive last reported."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -377,15 +379,35 @@ class Lwm2mTransport(NoticeSender):
             client.driving = attempt
             client.drive = self._spawn(self._drive(client, attempt, uri, follow=follow))
         elif notice.kind in (NoticeKind.CANCEL, NoticeKind.ABORT):
+            attempt = (notice.campaign, notice.attempt)
+            if client.driving == attempt and client.phase == LwState.UPDATING:
+                return  # too late: the device installs, and its outcome is reported
+            if self._ended.get(client.key) == attempt or len(self._tasks) >= MAX_WRITES_IN_FLIGHT:
+                return
             self._end_drive(client)
-            if self._started.pop(client.key, None) is not None and len(self._tasks) < MAX_WRITES_IN_FLIGHT:
-                self._spawn(self._write_quietly(client, lw.FW_PACKAGE_URI, ""))
+            written = self._started.pop(client.key, None) == attempt
+            self._spawn(self._cancel(client, attempt, written=written))
         # invitations, commits and credentials have no LwM2M counterpart: nothing to do
 
     def _end_drive(self, client: Client) -> None:
         if client.drive is not None:
             client.drive.cancel()
-        client.drive, client.driving = None, None
+        client.drive, client.driving, client.phase = None, None, None
+
+    async def _cancel(self, client: Client, attempt: tuple[int, int], *, written: bool) -> None:
+        """Cancel an attempt: empty the Package URI the device was given (which stops its
+        download and resets /5 to Idle), then report it cancelled, as the device's answer."""
+        if written:
+            try:
+                code = await self._write(client, lw.FW_PACKAGE_URI, "")
+            except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+                log.info("LwM2M %s:%s: cancel not written: %s", client.tenant, client.device, exc)
+                return  # the deployment's timeout judges it
+            if not code.is_successful():
+                log.info("LwM2M %s:%s: cancel answered %s", client.tenant, client.device, code)
+                return
+        self._report(client, attempt, LwState.IDLE, Result.CANCELLED, "Package URI emptied")
+        self._ended_attempt(client, attempt)
 
     # -- the update drive -------------------------------------------------------------------------
 
@@ -444,6 +466,7 @@ class Lwm2mTransport(NoticeSender):
                 continue  # nothing happened yet, or nothing new
             said = now
             state, result = now
+            client.phase = state
             final = state == LwState.IDLE
             detail = f"LwM2M update result {int(result)} ({result.name.lower()})" if final else None
             self._report(client, attempt, state, result, detail)
@@ -496,15 +519,6 @@ class Lwm2mTransport(NoticeSender):
         async with asyncio.timeout(self.request_timeout):
             response = await request.response
         return Code(response.code)
-
-    async def _write_quietly(self, client: Client, path: lw.Path, text: str) -> None:
-        try:
-            code = await self._write(client, path, text)
-        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
-            log.info("LwM2M %s:%s: write of %s failed: %s", client.tenant, client.device, path, exc)
-            return
-        if not code.is_successful():
-            log.info("LwM2M %s:%s: write of %s answered %s", client.tenant, client.device, path, code)
 
     async def _execute(self, client: Client, path: lw.Path) -> Code | None:
         """Execute a resource; None when no answer came (a device may reboot into the update
