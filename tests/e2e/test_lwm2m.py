@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiocoap
+from aiocoap import resource
 from aiocoap.numbers.codes import Code
 
 from device_sim.agent import DeviceConfig
@@ -210,3 +211,65 @@ async def test_cancelled_campaign_writes_an_empty_package_uri(env: Env, tmp_path
             a.stop()
         await asyncio.gather(*tasks)
         await clients.aclose()
+
+
+class Garbage(resource.ObservableResource):
+    """A /5 resource that answers what no LwM2M device may: a TLV cut short, then 99."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        self.reads += 1
+        payload = b"\xc8\x03\x40" if self.reads % 2 else b"99"
+        return aiocoap.Message(
+            code=Code.CONTENT, payload=payload, content_format=11542 if self.reads % 2 else 0
+        )
+
+
+class Accepting(resource.Resource):
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=Code.CHANGED)
+
+
+async def test_garbage_from_a_device_is_counted_and_the_others_update(env: Env, tmp_path: Path) -> None:
+    """One registered client answers garbage for its /5 state and result: the server counts and
+    ignores it (its deployment stays notified), while a well-behaved device updates."""
+    man = await env.manifest(firmware(8 * 1024))
+    secrets = await env.devices([("bad", "lwm2m"), ("good", "lwm2m")])
+    lw = env.server.lwm2m
+    assert lw is not None
+    site = resource.Site()
+    garbage = Garbage()
+    for path in (("5", "0", "3"), ("5", "0", "5")):
+        site.add_resource(path, garbage)
+    site.add_resource(("5", "0", "1"), Accepting())
+    bad = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", 0))
+    clients = SharedClients()
+    good_cfg = [
+        c for c in configs(env, secrets, {"bad": "lwm2m", "good": "lwm2m"}, tmp_path) if c.name == "good"
+    ]
+    good = Lwm2mAgent(good_cfg[0], clients)
+    task = asyncio.create_task(good.run())
+    try:
+        base = f"coap://{env.settings.lwm2m_host}:{env.settings.lwm2m_port}"
+        reg = aiocoap.Message(code=Code.POST, uri=f"{base}/rd?ep=acme:bad&lt=60", payload=b"</5/0>")
+        assert (await asyncio.wait_for(bad.request(reg).response, 10)).code == Code.CREATED
+        cid = await env.campaign(man["id"])
+        await env.call("POST", f"/campaigns/{cid}/start")
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            devices = {
+                d["device"]: d["state"] for d in (await env.call("GET", f"/campaigns/{cid}/devices"))["items"]
+            }
+            if devices.get("good") == "succeeded" and lw.counts.reasons.get("lwm2m", 0) >= 2:
+                break
+            assert asyncio.get_running_loop().time() < deadline, (devices, lw.counts)
+            await asyncio.sleep(0.2)
+        assert devices["bad"] == "notified" and garbage.reads >= 2
+    finally:
+        good.stop()
+        await task
+        await clients.aclose()
+        await bad.shutdown()
