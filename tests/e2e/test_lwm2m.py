@@ -273,3 +273,26 @@ async def test_garbage_from_a_device_is_counted_and_the_others_update(env: Env, 
         await task
         await clients.aclose()
         await bad.shutdown()
+
+
+async def test_lwm2m_devices_download_over_http_when_told(env: Env, tmp_path: Path) -> None:
+    """FWCM_LWM2M_PACKAGE_URL with an http:// base: the Package URI sends devices to the HTTP
+    payload endpoint, which they fetch from and check as over CoAP."""
+    lw = env.server.lwm2m
+    assert lw is not None
+    written: list[str] = []
+    base = env.settings.public_http_url
+
+    def http_uri(digest: bytes) -> str:
+        written.append(f"{base}/p/{digest.hex()}")
+        return written[-1]
+
+    lw.package_uri = http_uri
+    image = firmware(30 * 1024, seed=3)
+    stats, _report, _cid = await run(env, tmp_path, {f"h{i}": "lwm2m" for i in range(4)}, image=image)
+    assert stats["counts"]["succeeded"] == 4, stats
+    assert written and all(u == f"{base}/p/{hashlib.sha256(image).hexdigest()}" for u in written)
+    for i in range(4):
+        assert (
+            hashlib.sha256(image).hexdigest() in (tmp_path / "devices" / f"h{i}" / "state.json").read_text()
+        )

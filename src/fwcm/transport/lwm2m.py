@@ -185,7 +185,8 @@ class Lwm2mTransport(NoticeSender):
         self._deliver = deliver
         self._notices = notices
         self._admits = admits
-        self._package_uri = package_uri
+        self.package_uri = package_uri
+        """Where a device downloads an image: ``FWCM_LWM2M_PACKAGE_URL``/p/{sha256}."""
         self.request_timeout = request_timeout
         self.drive_timeout = drive_timeout
         self.poll_s = poll_s
@@ -375,7 +376,7 @@ class Lwm2mTransport(NoticeSender):
                 return  # its outcome is reported already
             self._end_drive(client)
             follow = self._started.get(client.key) == attempt  # written already: only follow it
-            uri = self._package_uri(_image_digest(notice.envelope))
+            uri = self.package_uri(_image_digest(notice.envelope))
             client.driving = attempt
             client.drive = self._spawn(self._drive(client, attempt, uri, follow=follow))
         elif notice.kind in (NoticeKind.CANCEL, NoticeKind.ABORT):
