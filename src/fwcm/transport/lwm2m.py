@@ -63,7 +63,9 @@ SWEEP_S = 5.0
 MAX_CLIENTS = 100_000
 MAX_CHANGES = 32
 """Notifications queued per drive; a device that floods is slowed down, not remembered."""
-MAX_WRITES_IN_FLIGHT = 256
+MAX_TASKS = 4096
+"""Registrations being resumed and cancels being written at once; beyond, a registration is
+only recorded (the engine's next notice reaches the device) and a cancel is left to the timeout."""
 LWM2M_RESULTS = range(0, 12)
 """The Update Result values LwM2M defines; fwcm's own (12 and up) are never a device's."""
 
@@ -197,11 +199,11 @@ class Lwm2mTransport(NoticeSender):
         reused after a reboot, a NAT binding handed on) makes that registration stale, so no
         request meant for one device is answered by another."""
         self._started: dict[tuple[str, str], tuple[int, int]] = {}
+        """The attempt whose Package URI this server wrote, per device: a device that registers
+        again mid-update (it rebooted to install) is followed, not sent the URI once more."""
         self._ended: dict[tuple[str, str], tuple[int, int]] = {}
         """The attempt whose outcome was reported, per device: a notice of it sent again before
         ingest applied the outcome changes nothing."""
-        """The attempt whose Package URI this server wrote, per device: a device that registers
-        again mid-update (it rebooted to install) is followed, not sent the URI once more."""
         self._seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._context: aiocoap.Context | None = None
@@ -272,7 +274,7 @@ class Lwm2mTransport(NoticeSender):
         self._presence(client, True)
         if not lw.has_instance(objects, 5):
             log.warning("LwM2M %s:%s registered without /5/0: it cannot be updated", tenant, device)
-        else:
+        elif len(self._tasks) < MAX_TASKS:
             self._spawn(self._resume(client))
         response = aiocoap.Message(code=Code.CREATED)
         response.opt.location_path = ("rd", client.reg_id)
@@ -367,7 +369,14 @@ class Lwm2mTransport(NoticeSender):
             self._act(client, data)
 
     def _act(self, client: Client, sealed: bytes) -> None:
-        notice = peek_notice(sealed)
+        """Start, follow or cancel the device's update as its notice says."""
+        try:
+            notice = peek_notice(sealed)
+            if notice.kind == NoticeKind.UPDATE and notice.envelope is not None:
+                _image_digest(notice.envelope)
+        except (ProtocolError, manifest.ManifestError) as exc:  # never the engine's problem
+            log.warning("LwM2M %s:%s: notice not usable: %s", client.tenant, client.device, exc)
+            return
         if notice.kind == NoticeKind.UPDATE and notice.envelope is not None:
             attempt = (notice.campaign, notice.attempt)
             if client.driving == attempt and client.drive is not None and not client.drive.done():
@@ -383,7 +392,7 @@ class Lwm2mTransport(NoticeSender):
             attempt = (notice.campaign, notice.attempt)
             if client.driving == attempt and client.phase == LwState.UPDATING:
                 return  # too late: the device installs, and its outcome is reported
-            if self._ended.get(client.key) == attempt or len(self._tasks) >= MAX_WRITES_IN_FLIGHT:
+            if self._ended.get(client.key) == attempt or len(self._tasks) >= MAX_TASKS:
                 return
             self._end_drive(client)
             written = self._started.pop(client.key, None) == attempt
