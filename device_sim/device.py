@@ -21,7 +21,7 @@ from .faults import DeviceFaults
 from .flash import Flash
 from .transports import SharedClients
 
-Transport = Literal["mqtt", "coap"]
+Transport = Literal["mqtt", "coap", "lwm2m"]
 
 
 @dataclass
@@ -44,6 +44,8 @@ class DeviceConfig:
     """The device's broker account as registration returned it; when not given, derived from
     tenant, name and secret (``protocol.broker_username`` / ``device_password``), as firmware may."""
     coap_url: str = "coap://127.0.0.1:5683"
+    lwm2m_url: str = "coap://127.0.0.1:5783"
+    """The LwM2M server an ``lwm2m`` device registers with."""
     installed_sequence: int = 0
     hardware_id: str | None = None
     trust_root: bytes | None = None

@@ -29,6 +29,8 @@ class DeviceFaults:
     boot_fail: bool = False
     """The new image fails its health check on its trial boot: the device resets unconfirmed,
     the bootloader falls back and the device runs (and reports) its previous image."""
+    out_of_memory: bool = False
+    """The device has not the RAM the update needs: OUT_OF_RAM before downloading."""
     throttle_bps: int | None = None
     """Download rate limit in bytes per second."""
     step_delay: float = 0.0
@@ -82,6 +84,8 @@ class FaultProfile:
                 return DeviceFaults(corrupt=True)
             case "install-fail":
                 return DeviceFaults(install_fail=True)
+            case "out-of-memory":
+                return DeviceFaults(out_of_memory=True)
             case "boot-fail":
                 return DeviceFaults(boot_fail=True)
             case "offline":
@@ -123,6 +127,9 @@ PROFILES: dict[str, FaultProfile] = {
             "corrupt", "every 10th device receives altered payload bytes", 10, 3, Result.INTEGRITY_FAILURE
         ),
         FaultProfile("install-fail", "every 10th device fails to install", 10, 5, Result.UPDATE_FAILED),
+        FaultProfile(
+            "out-of-memory", "every 10th device lacks the RAM the update needs", 10, 4, Result.OUT_OF_RAM
+        ),
         FaultProfile(
             "boot-fail",
             "every 10th device boots the new image, fails its health check, and its bootloader reverts",

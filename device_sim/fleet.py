@@ -31,6 +31,7 @@ from fwcm.protocol import LwState, Report, Result
 
 from .agent import AgentStatus, DeviceAgent, DeviceConfig
 from .faults import FaultProfile
+from .lwm2m import Lwm2mAgent
 from .transports import SharedClients
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,14 @@ async def run_fleet(
         if on_report is not None:
             on_report(agent, r)
 
-    agents: list[DeviceAgent] = []
+    agents: list[DeviceAgent | Lwm2mAgent] = []
     for i, cfg in enumerate(configs):
         faults = profile.for_device(cfg.index)
-        agent = DeviceAgent(cfg, clients, faults=faults, listener=listener, start_delay=i / connect_rate)
+        agent: DeviceAgent | Lwm2mAgent
+        if cfg.transport == "lwm2m":  # speaks LwM2M, not fwcm's reports: no listener
+            agent = Lwm2mAgent(cfg, clients, faults=faults, start_delay=i / connect_rate)
+        else:
+            agent = DeviceAgent(cfg, clients, faults=faults, listener=listener, start_delay=i / connect_rate)
         agents.append(agent)
         report.devices[cfg.name] = agent.status
     log.info("starting %d devices (faults: %s)", len(agents), profile.name)
@@ -227,8 +232,8 @@ CSV_HEADER = list(CSV_COLUMNS)
 def transport_for(index: int, mode: str) -> str:
     if mode == "mixed":
         return "mqtt" if index % 2 == 0 else "coap"
-    if mode not in ("mqtt", "coap"):
-        raise ValueError(f"transport must be mqtt, coap or mixed, got {mode!r}")
+    if mode not in ("mqtt", "coap", "lwm2m"):
+        raise ValueError(f"transport must be mqtt, coap, lwm2m or mixed, got {mode!r}")
     return mode
 
 

@@ -256,6 +256,8 @@ class UpdateJob:
         total = sum(c.image_size for c in info.components)
         if total > device.config.flash_size:
             raise Refusal(Result.NOT_ENOUGH_FLASH, f"image of {total} bytes does not fit")
+        if device.faults.out_of_memory:
+            raise Refusal(Result.OUT_OF_RAM, "simulated: not enough RAM for the update")
         digest = info.image_digest.hex()
         extras = {part_name(c.id): c.image_digest.hex() for c in info.extra_components}
         resume_install = (

@@ -80,6 +80,12 @@ class Settings:
     coap_host: str = "127.0.0.1"
     coap_port: int = 5683
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    lwm2m_host: str = "127.0.0.1"
+    lwm2m_port: int = 0
+    """The LwM2M server's UDP port (docs/lwm2m.md); 0: no LwM2M server."""
+    lwm2m_package_url: str = ""
+    """Base of the Package URIs written to LwM2M devices (``{base}/p/{sha256}``); defaults to the
+    public CoAP URL (an ``http://`` base makes them download over HTTP)."""
     public_http_url: str = ""
     """Base URL devices use for HTTP payloads (``{base}/p/{sha256}``); defaults to the HTTP bind."""
     public_coap_url: str = ""
@@ -113,6 +119,8 @@ class Settings:
             self.public_http_url = f"http://{self.http_host}:{self.http_port}"
         if not self.public_coap_url:
             self.public_coap_url = f"coap://{self.coap_host}:{self.coap_port}"
+        if not self.lwm2m_package_url:
+            self.lwm2m_package_url = self.public_coap_url
         if self.broker_accounts is not None:
             self.broker_accounts = Path(self.broker_accounts)
             self.broker_service()  # refuse a configuration that would lock the server out
@@ -173,6 +181,7 @@ class Settings:
         """Settings from ``FWCM_*`` variables; keyword arguments win over the environment."""
         http_host, http_port = _bind_env("FWCM_HTTP_BIND", "127.0.0.1:8080")
         coap_host, coap_port = _bind_env("FWCM_COAP_BIND", "127.0.0.1:5683")
+        lwm2m_host, lwm2m_port = _bind_env("FWCM_LWM2M_BIND", "127.0.0.1:0")
         values: dict[str, object] = {
             "data_dir": Path(os.environ.get("FWCM_DATA_DIR") or "fwcm-data"),
             "database_url": os.environ.get("FWCM_DATABASE_URL", ""),
@@ -184,6 +193,9 @@ class Settings:
             "coap_host": coap_host,
             "coap_port": coap_port,
             "mqtt_url": os.environ.get("FWCM_MQTT_URL") or "mqtt://127.0.0.1:1883",
+            "lwm2m_host": lwm2m_host,
+            "lwm2m_port": lwm2m_port,
+            "lwm2m_package_url": os.environ.get("FWCM_LWM2M_PACKAGE_URL", "").rstrip("/"),
             "public_http_url": os.environ.get("FWCM_PUBLIC_HTTP_URL", ""),
             "public_coap_url": os.environ.get("FWCM_PUBLIC_COAP_URL", ""),
             "pki_root": Path(os.environ["FWCM_PKI_ROOT"]) if os.environ.get("FWCM_PKI_ROOT") else None,

@@ -24,7 +24,7 @@ from fwcm import filters, manifest
 from fwcm.errors import ImportErrors, Invalid
 from fwcm.names import check_name
 
-TRANSPORTS = ("mqtt", "coap")
+TRANSPORTS = ("mqtt", "coap", "lwm2m")
 SECRET_BYTES = 32
 """A device's message-MAC secret."""
 SEQUENCE_LIMIT = 2**63
@@ -126,7 +126,7 @@ def check_sequence(value: Any) -> int:
 
 
 def check_transport(value: Any) -> str:
-    """``mqtt`` (also for nothing) or ``coap``."""
+    """``mqtt`` (also for nothing), ``coap`` or ``lwm2m``."""
     value = value or "mqtt"
     if value not in TRANSPORTS:
         raise Invalid(f"transport must be one of {', '.join(TRANSPORTS)}, got {value!r}")

@@ -112,6 +112,7 @@ async def env(tmp_path: Path, broker: Broker, database_url: str) -> AsyncIterato
             **broker.server_settings(),  # type: ignore[arg-type]
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
+            lwm2m_port=free_port(socket.SOCK_DGRAM),
         )
         server = Server(settings, replica="test")
         try:

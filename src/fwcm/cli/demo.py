@@ -71,10 +71,26 @@ DELTA_UNKNOWN_EVERY = 10
 gets the full image; the others run release 1.0 and get a patch."""
 
 
-def _transport_for(i: int, transport: str) -> str:
-    if transport == "mixed":
-        return "mqtt" if i % 2 == 0 else "coap"
-    return transport
+LWM2M_UNSUITED_FAULTS = ("boot-fail", "rogue", "revoked", "dev-build")
+"""Profiles plain LwM2M devices cannot play: they verify no manifest, attest nothing and have no
+"reverted" result (docs/lwm2m.md)."""
+
+
+def lwm2m_unsuited(opts: DemoOptions) -> str | None:
+    """Why LwM2M devices cannot take part in this demo, or None."""
+    if opts.attestation or opts.consent or opts.delta:
+        return "LwM2M devices take no part in attestation, consent or delta updates"
+    if opts.faults in LWM2M_UNSUITED_FAULTS:
+        return f"LwM2M devices cannot play the {opts.faults} fault profile"
+    return None
+
+
+def _transport_for(i: int, opts: DemoOptions) -> str:
+    """``mixed``: MQTT, CoAP and LwM2M devices in turn (MQTT and CoAP where LwM2M cannot play)."""
+    if opts.transport != "mixed":
+        return opts.transport
+    kinds = ("mqtt", "coap") if lwm2m_unsuited(opts) else ("mqtt", "coap", "lwm2m")
+    return kinds[i % len(kinds)]
 
 
 class Api:
@@ -148,6 +164,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             data_dir=workdir / "server",
             http_port=free_port(),
             coap_port=free_port(socket.SOCK_DGRAM),
+            lwm2m_port=free_port(socket.SOCK_DGRAM),
             **hsm,
             **broker.server_settings(),  # type: ignore[arg-type] # the server keeps the broker's accounts
         )
@@ -216,7 +233,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             region = "eu" if i % 2 == 0 else "us"
             ak = attest_keys[i]
             rows.append(
-                f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts.transport)},"
+                f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts)},"
                 f"hw-{i:05d},,{_spki_b64(ak) if ak is not None else ''}"
             )
         imported = await api.call(
@@ -260,13 +277,14 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
                 secret=bytes.fromhex(registered[f"dev-{i:05d}"]["secret"]),
                 vendor_id=vendor,
                 class_id=klass,
-                transport=_transport_for(i, opts.transport),  # type: ignore[arg-type]
+                transport=_transport_for(i, opts),  # type: ignore[arg-type]
                 trust_anchors=[pub],
                 state_dir=workdir / "devices",
                 mqtt_url=broker.url,
                 mqtt_username=registered[f"dev-{i:05d}"]["mqtt_username"],
                 mqtt_password=registered[f"dev-{i:05d}"]["mqtt_password"],
                 coap_url=settings.public_coap_url,
+                lwm2m_url=f"coap://{settings.lwm2m_host}:{settings.lwm2m_port}",
                 installed_sequence=1,
                 hardware_id=f"hw-{i:05d}",
                 trust_root=trust.root_pem,
@@ -501,12 +519,12 @@ async def _all_deployments(api: Api, cid: int) -> list[dict[str, Any]]:
 
 def demo(
     devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices")] = 100,
-    transport: Annotated[str, typer.Option(help="mqtt | coap | mixed")] = "mixed",
+    transport: Annotated[str, typer.Option(help="mqtt | coap | lwm2m | mixed (the three in turn)")] = "mixed",
     faults: Annotated[
         str,
         typer.Option(
-            help="Fault profile: none | flaky | corrupt | install-fail | boot-fail | offline | slow | "
-            "rogue | revoked | dev-build"
+            help="Fault profile: none | flaky | corrupt | install-fail | out-of-memory | boot-fail | "
+            "offline | slow | rogue | revoked | dev-build"
         ),
     ] = "none",
     campaign: Annotated[
@@ -549,8 +567,8 @@ def demo(
 ) -> None:
     """Run a whole campaign on embedded defaults with a simulated fleet; exit 0 iff every device ended as
     its fault profile says."""
-    if transport not in ("mqtt", "coap", "mixed"):
-        raise typer.BadParameter("transport must be mqtt, coap or mixed")
+    if transport not in ("mqtt", "coap", "lwm2m", "mixed"):
+        raise typer.BadParameter("transport must be mqtt, coap, lwm2m or mixed")
     from device_sim.faults import get_profile
 
     try:
@@ -578,6 +596,8 @@ def demo(
         console=with_console,
         delta=delta,
     )
+    if transport == "lwm2m" and (why := lwm2m_unsuited(opts)) is not None:
+        raise typer.BadParameter(f"--transport lwm2m: {why}")
     tune_gc()
     try:
         result = asyncio.run(_run(opts, console, as_json))

@@ -26,7 +26,7 @@ def device_add(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE (repeatable)")] = None,
     sequence: Annotated[int, typer.Option(help="Installed manifest sequence number")] = 0,
     version: Annotated[str | None, typer.Option(help="Installed firmware version label")] = None,
-    transport: Annotated[str, typer.Option(help="mqtt or coap")] = "mqtt",
+    transport: Annotated[str, typer.Option(help="mqtt, coap or lwm2m")] = "mqtt",
     hardware_id: Annotated[str | None, typer.Option("--hardware-id")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -135,7 +135,7 @@ def device_claim(
     claim_code: Annotated[str, typer.Argument(metavar="CLAIM_CODE", help="As printed on the box")],
     name: Annotated[str | None, typer.Option(help="Device name (default: the serial)")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE (repeatable)")] = None,
-    transport: Annotated[str, typer.Option(help="mqtt or coap")] = "mqtt",
+    transport: Annotated[str, typer.Option(help="mqtt, coap or lwm2m")] = "mqtt",
     as_json: JsonOpt = False,
 ) -> None:
     """Claim a manufacturer's device with its serial and claim code (``--json`` also shows its MQTT

@@ -1,5 +1,5 @@
 """Composition of one server replica: the management API, the device-facing gateway, MQTT, CoAP,
-ingest and engine on one event loop."""
+LwM2M (when configured), ingest and engine on one event loop."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from fwcm.store.db import Database
 from fwcm.store.models import Campaign
 from fwcm.store.payloads import PayloadStore
 from fwcm.transport.coap import CoapTransport
+from fwcm.transport.lwm2m import Lwm2mTransport
 from fwcm.transport.mqtt import MqttSettings, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Server:
         self.hooks = Hooks(self.engine, keys=self.ingest.keys, notifier=self.notifier, webhooks=self.webhooks)
         self.mqtt: MqttTransport | None = None
         self.coap: CoapTransport | None = None
+        self.lwm2m: Lwm2mTransport | None = None
         self._http: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -162,6 +164,17 @@ class Server:
             self.coap.addresses.update(await asyncio.to_thread(gw.load_coap_addresses))
             await self.coap.start()
             self.notifier.senders["coap"] = self.coap
+        if self.settings.lwm2m_port:
+            base = self.settings.lwm2m_package_url.rstrip("/")
+            self.lwm2m = Lwm2mTransport(
+                (self.settings.lwm2m_host, self.settings.lwm2m_port),
+                self.ingest.submit,
+                storage_guard(self.gateway.current_notice),
+                storage_guard(self.gateway.lwm2m_admits),
+                lambda digest: f"{base}/p/{digest.hex()}",
+            )
+            await self.lwm2m.start()
+            self.notifier.senders["lwm2m"] = self.lwm2m
         if self.enable_http:
             config = uvicorn_config(self.create_api(), self.settings.http_host, self.settings.http_port)
             self._http = uvicorn.Server(config)
@@ -190,6 +203,8 @@ class Server:
             wanted.append(("HTTP", socket.SOCK_STREAM, self.settings.http_host, self.settings.http_port))
         if self.enable_coap:
             wanted.append(("CoAP", socket.SOCK_DGRAM, self.settings.coap_host, self.settings.coap_port))
+        if self.settings.lwm2m_port:
+            wanted.append(("LwM2M", socket.SOCK_DGRAM, self.settings.lwm2m_host, self.settings.lwm2m_port))
         for what, kind, host, port in wanted:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, kind) as probe:
@@ -230,6 +245,8 @@ class Server:
             await self.hooks.accounts.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
+        if self.lwm2m is not None:
+            await self.lwm2m.stop()
         if self.coap is not None:
             await self.coap.stop()
             if self.gateway.coap_seen:  # where devices observed from since the last save

@@ -303,6 +303,16 @@ class Gateway:
         with self.db.session() as s:
             ds.set_coap_addresses(s, seen)
 
+    # -- LwM2M ----------------------------------------------------------------------------------
+
+    async def lwm2m_admits(self, tenant: str, device: str) -> bool:
+        """Whether ``tenant:device`` may register over LwM2M: an active device of that transport."""
+        return await asyncio.to_thread(self._transport_of, tenant, device) == "lwm2m"
+
+    def _transport_of(self, tenant: str, device: str) -> str | None:
+        with self.db.read() as s:
+            return ds.transport_of(s, tenant, device)
+
     # -- payloads -------------------------------------------------------------------------------
 
     def _protected_images(self) -> set[str]:

@@ -1,10 +1,12 @@
 """Batched ingest of device messages from every transport.
 
 Messages are queued as they arrive, verified (size, COSE_Mac0 under the device's own key, topic or
-path identity, the range of every field), and applied in one transaction per batch.  Each message
-is acknowledged only after its batch committed, or refused with a reason.  A batch that fails is
-halved until the messages that fail on their own are found: those become dead letters (stored,
-acknowledged, counted) and the rest commits, so one device's message never holds up another's.
+path identity, the range of every field; a ``report`` a transport built for a device it
+authenticated itself, as LwM2M does, has no MAC but the same bounds), and applied in one
+transaction per batch.  Each message is acknowledged only after its batch committed, or refused
+with a reason.  A batch that fails is halved until the messages that fail on their own are found:
+those become dead letters (stored, acknowledged, counted) and the rest commits, so one device's
+message never holds up another's.
 When the database itself fails, nothing is acknowledged and the batch is retried, so the
 transport redelivers.
 """
@@ -17,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from fwcm import attestation, protocol
 from fwcm.protocol import REPORT_ACCOUNTING, REPORT_ANSWER, REPORT_EVIDENCE, ProtocolError, Result
+from fwcm.protocol.fields import loads
 from fwcm.rollout import deployment
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.rollout.policy import Policy
@@ -138,6 +141,19 @@ def _split(
         if not special:
             reports.append(v)
     return reports, evidence, answers, usage
+
+
+def _body(payload: bytes) -> dict[Any, Any]:
+    """The CBOR report map of a ``report`` message: one a transport built for a device it
+    authenticated itself (LwM2M), so it carries no MAC of the device's."""
+    if len(payload) > protocol.MAX_REPORT_BYTES:
+        raise ProtocolError(
+            "oversized", f"report of {len(payload)} bytes exceeds {protocol.MAX_REPORT_BYTES}"
+        )
+    body = loads(payload)
+    if not isinstance(body, dict):
+        raise ProtocolError("shape", "report body is not a CBOR map")
+    return body
 
 
 class Ingest:
@@ -384,11 +400,20 @@ class Ingest:
                 except ProtocolError as err:
                     sealed.pop(i, None)
                     outcomes[i] = err
-        names = {(batch[i].inbound.tenant, batch[i].inbound.device) for i in sealed}
+        vouched: dict[int, dict[Any, Any]] = {}
+        for i, item in enumerate(batch):
+            m = item.inbound
+            if m.kind == "report":  # the transport authenticated the device and built the report
+                try:
+                    vouched[i] = _body(m.payload)
+                except ProtocolError as err:
+                    outcomes[i] = err
+        names = {(batch[i].inbound.tenant, batch[i].inbound.device) for i in [*sealed, *vouched]}
         names |= {(b.inbound.tenant, b.inbound.device) for b in batch if b.inbound.kind == "presence"}
         keys = self.keys.lookup(names)
         checked = _Checked(outcomes, [], [], [])
-        for i, frame in sealed.items():
+        opened: list[tuple[int, protocol.Sealed | dict[Any, Any]]] = [*sealed.items(), *vouched.items()]
+        for i, frame in sorted(opened, key=lambda x: x[0]):
             m = batch[i].inbound
             key = keys.get((m.tenant, m.device))
             try:
@@ -396,7 +421,8 @@ class Ingest:
                     raise ProtocolError("unknown_device", f"unknown device {m.tenant}/{m.device}")
                 if key.retired:
                     raise ProtocolError("decommissioned", f"device {m.tenant}/{m.device} is decommissioned")
-                report = protocol.Report.from_map(frame.open(key.secret))
+                body = frame if isinstance(frame, dict) else frame.open(key.secret)
+                report = protocol.Report.from_map(body)
                 if report.device != m.device:
                     raise ProtocolError("forbidden", f"report names {report.device!r}, sent as {m.device!r}")
                 checked.verified.append(ds.Verified(key, report))

@@ -42,7 +42,7 @@ class Notifier:
     """Builds each device's notice and hands it to the sender of the device's transport."""
 
     senders: dict[str, NoticeSender] = field(default_factory=dict)
-    """The notice sender of each device transport ("mqtt", "coap")."""
+    """The notice sender of each device transport ("mqtt", "coap", "lwm2m")."""
     envelopes: dict[int, bytes] = field(default_factory=dict)
     windows: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     """Install window per campaign (window mode "install"), carried in update notices."""

@@ -77,6 +77,15 @@ def device_keys(s: Session, names: Iterable[tuple[str, str]]) -> dict[tuple[str,
     }
 
 
+def transport_of(s: Session, tenant: str, name: str) -> str | None:
+    """The transport of an active (not decommissioned) device, None when there is no such device."""
+    return s.execute(
+        select(Device.transport)
+        .join(Tenant, Tenant.id == Device.tenant_id)
+        .where(Tenant.slug == tenant, Device.name == name, Device.decommissioned_at.is_(None))
+    ).scalar_one_or_none()
+
+
 class Verified(NamedTuple):
     key: DeviceKey
     report: Report

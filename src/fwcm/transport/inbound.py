@@ -19,6 +19,8 @@ class Inbound:
 
     transport: str
     kind: str
+    """``status`` (a sealed report), ``report`` (an unsealed report map the transport built for a
+    device it authenticated: LwM2M), ``presence`` (b"1"/b"0") or ``refused:<reason>``."""
     tenant: str
     device: str
     payload: bytes

@@ -3,7 +3,8 @@
 The server builds each device's notice (:class:`fwcm.server.notices.Notifier`) and hands it to the
 sender of the device's transport; the sender only carries it. MQTT publishes the notice retained
 on the device's notice topic; CoAP wakes the device's observation, or pushes the notice to the
-endpoint the device last observed from. A further transport (LwM2M) implements the same method.
+endpoint the device last observed from; LwM2M writes the device's Package URI and follows its
+Firmware Update object (``transport/lwm2m.py``).
 """
 
 from __future__ import annotations
