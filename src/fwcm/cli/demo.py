@@ -8,7 +8,6 @@ and report.  The demo checks that every device ended as its fault profile says i
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -31,6 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from fwcm.cli import demo_report, demo_signing
+from fwcm.cli.demo_trust import Trust, spki_b64
 from fwcm.rollout.states import DeviceState
 from fwcm.runtime import setup_logging, tune_gc
 
@@ -180,7 +180,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
 
         signing_key = mf.generate_private_key("es256")
         pub = mf.public_key_pem(signing_key)
-        trust = _Trust.make(opts, workdir, signing_key)
+        trust = Trust.make(opts.attestation, opts.faults, opts.devices, workdir, signing_key)
         if trust.root_pem is not None:
             settings.pki_root = workdir / "root.pem"
             with server.db.session() as s:
@@ -215,7 +215,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             url = settings.public_http_url
             signed = await demo_signing.signed_release(api, lambda k: Api(url, k), settings, workdir, info)
             man = signed["manifest"]
-            trust = _Trust(root_pem=signed["root_pem"])  # devices check the chain to the root
+            trust = Trust(root_pem=signed["root_pem"])  # devices check the chain to the root
             if opts.signing_service:
                 signing_flow = signed["flow"]
                 console.log(f"release signed inside SoftHSM2 after approval by {signing_flow['approved_by']}")
@@ -234,7 +234,7 @@ async def _run(opts: DemoOptions, console: Console, as_json: bool) -> dict[str, 
             ak = attest_keys[i]
             rows.append(
                 f"dev-{i:05d},{vendor},{klass},region={region},1,1.0.0,{_transport_for(i, opts)},"
-                f"hw-{i:05d},,{_spki_b64(ak) if ak is not None else ''}"
+                f"hw-{i:05d},,{spki_b64(ak) if ak is not None else ''}"
             )
         imported = await api.call(
             "POST", "/devices/import", content="\n".join(rows) + "\n", headers={"content-type": "text/csv"}
@@ -426,62 +426,6 @@ async def _revoke_when_running(api: Api, cid: int, console: Console) -> None:
         await asyncio.sleep(0.02)
     await api.call("POST", "/signers/release/revoke")
     console.log("signer 'release' revoked while the campaign runs")
-
-
-def _spki_b64(key: Any) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(der).decode()
-
-
-@dataclass
-class _Trust:
-    """The demo's signing set-up: a bare key, or (attestation, dev-build, revoked) the operator
-    root → tenant CA → signer chain that devices are provisioned to check."""
-
-    root_pem: bytes | None = None
-    ca_pem: bytes = b""
-    signer_cert_pem: bytes = b""
-    x5chain: list[bytes] | None = None
-    hardware_ids: tuple[str, ...] | None = None
-
-    @classmethod
-    def make(cls, opts: DemoOptions, workdir: Path, signing_key: Any) -> _Trust:
-        from fwcm import manifest as mf
-        from fwcm import pki
-
-        if not (opts.attestation or opts.faults in ("dev-build", "revoked", "rogue")):
-            return cls()
-        root_key = mf.generate_private_key("es256")
-        root = pki.make_root(root_key, "fwcm demo operator root")
-        ca_key = mf.generate_private_key("es256")
-        ca = pki.make_tenant_ca(root_key, root, mf.public_of(ca_key), "demo")
-        hardware = None
-        if opts.faults == "dev-build":
-            hardware = tuple(f"hw-{i:05d}" for i in range(opts.devices) if i % 2 == 0)
-        signer = pki.make_signer(
-            ca_key,
-            ca,
-            mf.public_of(signing_key),
-            "release",
-            hardware_ids=list(hardware) if hardware else None,
-        )
-        (workdir / "root.pem").write_bytes(pki.cert_pem(root))
-        return cls(
-            root_pem=pki.cert_pem(root),
-            ca_pem=pki.cert_pem(ca),
-            signer_cert_pem=pki.cert_pem(signer),
-            x5chain=[pki.cert_der(signer), pki.cert_der(ca)],
-            hardware_ids=hardware,
-        )
-
-    def signer_body(self, pub: bytes) -> dict[str, str]:
-        if self.root_pem is None:
-            return {"public_key_pem": pub.decode()}
-        return {"cert_pem": self.signer_cert_pem.decode()}
 
 
 async def _watch(
