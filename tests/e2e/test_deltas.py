@@ -140,6 +140,8 @@ async def test_a_campaign_mixes_patches_and_full_images(env: Env, tmp_path: Path
         p for p in (await env.call("GET", "/payloads"))["items"] if (p["name"] or "").startswith("patch")
     )
     assert patch["size"] < len(v2) // 10
+    refused = await env.http.delete(f"/api/v1/payloads/{patch['sha256']}")
+    assert refused.status_code == 409 and "used by manifest" in refused.json()["detail"]
     b = stats["bytes"]
     assert b["devices_on_delta"] == 4 and b["delta"] == 4 * patch["size"]
     assert b["full"] == 2 * len(v2) and b["without_deltas"] == 6 * len(v2)

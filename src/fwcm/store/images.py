@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fwcm import manifest, pki
 from fwcm.errors import Conflict, Invalid, NotFound, TooLarge
-from fwcm.store.models import BIGINT_MAX, Campaign, Deployment, Manifest, Payload, Signer, Tenant
+from fwcm.store.models import BIGINT_MAX, Campaign, Delta, Deployment, Manifest, Payload, Signer, Tenant
 from fwcm.store.paging import page
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,19 @@ def _listed(ids: Sequence[int]) -> str:
 
 
 def delete_payload(s: Session, tenant_id: int, sha256: str) -> bool:
-    """Forget the tenant's payload; refused while a manifest of the tenant describes it.  True when
-    no tenant holds the image any more (its file may go)."""
+    """Forget the tenant's payload; refused while a manifest of the tenant describes it (as its
+    image, or as the patch of a delta manifest the server made).  True when no tenant holds the
+    image any more (its file may go)."""
     payload = get_payload(s, tenant_id, sha256)
+    patch_of = select(Delta.delta_manifest_id).where(
+        Delta.tenant_id == tenant_id, Delta.patch_digest == sha256
+    )
     users = s.scalars(
         select(Manifest.id)
-        .where(Manifest.tenant_id == tenant_id, Manifest.image_digest == sha256)
+        .where(
+            Manifest.tenant_id == tenant_id,
+            or_(Manifest.image_digest == sha256, Manifest.id.in_(patch_of)),
+        )
         .order_by(Manifest.id)
     ).all()
     if users:
