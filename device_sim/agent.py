@@ -26,7 +26,7 @@ from .attest import Attestation
 from .consent import Consent
 from .device import AgentStatus, DeviceConfig
 from .faults import DeviceFaults
-from .flash import Flash, PersistedState
+from .flash import Flash, PersistedState, attempt_key
 from .transports import (
     CoapLink,
     Link,
@@ -280,6 +280,8 @@ class DeviceAgent:
         said = dict(extra or {})
         if result in (Result.SUCCESS, Result.REVERTED):  # what the device runs now, confirmed
             said = self._running_digest() | said
+        if result == Result.SUCCESS:  # the hello of this boot: earlier ones cannot show a revert
+            said = {protocol.REPORT_BOOT_HELLO: st.seq.get(attempt_key(0, 0), 0)} | said
         report = Report(
             self.name,
             campaign,

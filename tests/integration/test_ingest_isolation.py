@@ -456,3 +456,26 @@ async def test_a_late_hello_does_not_undo_a_newer_one(fleet: Fleet) -> None:
         assert fleet.sequence("d0") == 4
     finally:
         await feed.close()
+
+
+async def test_a_hello_sent_before_the_confirming_boot_is_no_revert(fleet: Fleet) -> None:
+    """Hellos and reports reach replicas by different paths, so the hello a device sent on the
+    image it ran before the update can arrive after its success. The success names the hello of
+    the boot that confirmed it (key 16): an earlier hello is no revert, a later one on the old
+    image is."""
+    feed = Feed(fleet.db)
+    old, new = b"\x01" * 32, b"\x02" * 32
+    try:
+        for seq, state in ((1, DOWNLOADING), (2, DOWNLOADED), (3, 3)):  # 3: Updating
+            assert await feed.send(("d0", fleet.report("d0", seq, state))) == [None]
+        success = fleet.report("d0", 4, 0, k6=1, k9=9, k15=new, k16=7)  # booted with hello 7
+        assert await feed.send(("d0", success)) == [None]
+        assert fleet.deployment("d0")[0] == "succeeded"
+        late = fleet.seal("d0", {1: "d0", 2: 0, 3: 0, 4: 6, 5: 0, 6: 0, 9: 1, 15: old})
+        assert await feed.send(("d0", late)) == [None]  # sent before the boot: no revert
+        assert fleet.deployment("d0")[0] == "succeeded"
+        fallback = fleet.seal("d0", {1: "d0", 2: 0, 3: 0, 4: 8, 5: 0, 6: 0, 9: 1, 15: old})
+        assert await feed.send(("d0", fallback)) == [None]  # a later boot on the old image
+        assert fleet.deployment("d0")[0] == "reverted"
+    finally:
+        await feed.close()

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fwcm import filters
-from fwcm.protocol import REPORT_IMAGE_DIGEST, LwState, ProtocolError, Report, Result
+from fwcm.protocol import REPORT_BOOT_HELLO, REPORT_IMAGE_DIGEST, LwState, ProtocolError, Report, Result
 from fwcm.rollout import deployment as dep
 from fwcm.rollout import launch
 from fwcm.rollout.deployment import Claim, DeploymentView, DeviceRecord, Reported
@@ -82,22 +82,44 @@ def test_a_late_hello_says_nothing_and_a_claim_reverts_once() -> None:
     assert len(judge(DeviceRecord(5, CLAIM), hello(7, 1, OLD), hello(6, 1, OLD), hello(8, 1, OLD))) == 1
 
 
+def test_a_hello_sent_before_the_confirming_boot_says_nothing_however_late() -> None:
+    """Hellos and reports reach replicas by different paths: the hello a device sent before it
+    installed can arrive after its success. The success names its boot's hello (key 16)."""
+    booted = Claim(CAMPAIGN, 2, NEW, hello_seq=7)
+    assert not judge(DeviceRecord(5, booted), hello(6, 1, OLD))  # sent before the boot, arrived late
+    assert not judge(DeviceRecord(5, booted), hello(7, 2, NEW), hello(6, 1, OLD))
+    [r] = judge(DeviceRecord(7, booted), hello(8, 1, OLD))  # a later boot fell back: a revert
+    assert "claimed sequence 2" in r.detail
+
+
+def test_a_success_records_the_hello_of_its_boot() -> None:
+    view = {(CAMPAIGN, DEVICE): DeploymentView(DeviceState.INSTALLING, 1, 3)}
+    extra = {REPORT_IMAGE_DIGEST: NEW, REPORT_BOOT_HELLO: 7}
+    ok = Report("d", CAMPAIGN, 1, 4, LwState.IDLE, Result.SUCCESS, None, None, 2, extra)
+    [applied] = dep.judge_reports(view, [Reported(TENANT, DEVICE, ok)], {CAMPAIGN: Policy.from_dict({})}, 0)
+    assert applied.boot_hello == 7
+    with pytest.raises(ProtocolError):
+        Report.from_map(ok.to_map() | {REPORT_BOOT_HELLO: -1})
+
+
 @given(
     claimed=st.integers(0, 50),
     running=st.integers(0, 50),
     same_digest=st.booleans(),
     seqs=st.lists(st.integers(0, 20), min_size=1, max_size=6),
     newest=st.one_of(st.none(), st.integers(0, 20)),
+    booted=st.one_of(st.none(), st.integers(0, 20)),
 )
 def test_hello_rule_properties(
-    claimed: int, running: int, same_digest: bool, seqs: list[int], newest: int | None
+    claimed: int, running: int, same_digest: bool, seqs: list[int], newest: int | None, booted: int | None
 ) -> None:
-    """At most one revert per claim; only for hellos newer than the newest applied; exactly when
-    the device runs an older sequence, or the claimed one with another digest."""
-    claim = Claim(CAMPAIGN, claimed, NEW)
+    """At most one revert per claim; only for hellos newer than the newest applied and than the
+    claim's boot hello; exactly when the device runs an older sequence, or the claimed one with
+    another digest."""
+    claim = Claim(CAMPAIGN, claimed, NEW, booted)
     digest = NEW if same_digest else OLD
     out = judge(DeviceRecord(newest, claim), *(hello(q, running, digest) for q in seqs))
-    fresh = [q for q in seqs if newest is None or q > newest]
+    fresh = [q for q in seqs if (newest is None or q > newest) and (booted is None or q > booted)]
     other = running < claimed or (running == claimed and not same_digest)
     assert len(out) == (1 if fresh and other else 0)
 

@@ -147,7 +147,8 @@ async def valid_update(kit: Kit) -> str:
 
 async def trial_boot(kit: Kit) -> str:
     """After the reboot the device says hello with the new sequence (and image digest, key 15)
-    before it confirms and reports success, which carries that digest."""
+    before it confirms and reports success, which carries that digest and names that hello
+    (key 16)."""
     if kit.last_update is None:
         raise Failed("no successful update to judge")
     c, digest, sequence = kit.last_update
@@ -168,7 +169,14 @@ async def trial_boot(kit: Kit) -> str:
         raise Failed("success reports another image digest (key 15) than the manifest's")
     if boot[-1].image_digest is not None and boot[-1].image_digest != digest:
         raise Failed("hello after reboot reports another image digest (key 15)")
-    return "hello, then success" + (" with the image digest" if said is not None else " (no key 15)")
+    named = received[success].report.boot_hello
+    if named is not None and named != boot[-1].seq:
+        raise Failed(f"success names hello {named} as its boot's (key 16), but that boot sent {boot[-1].seq}")
+    return (
+        "hello, then success"
+        + (" with the image digest" if said is not None else " (no key 15)")
+        + (" naming its boot's hello" if named is not None else " (no key 16)")
+    )
 
 
 async def replayed_notice(kit: Kit) -> str:

@@ -121,6 +121,10 @@ REPORT_ACCOUNTING = 14
 REPORT_IMAGE_DIGEST = 15
 """Hello, success and reverted reports: the SHA-256 (32 bytes) of the image the device now runs,
 after its trial boot confirmed it (or the bootloader fell back to it)."""
+REPORT_BOOT_HELLO = 16
+"""Success reports: the seq of the hello the device sent on the boot that confirmed the image.
+Hellos at or below it were sent before that boot, so however late they arrive (reports and
+hellos reach server replicas by different paths) they cannot show a revert of this success."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,12 @@ class Report:
         found = self.extra.get(REPORT_IMAGE_DIGEST)
         return found if isinstance(found, bytes) else None
 
+    @property
+    def boot_hello(self) -> int | None:
+        """The seq of the hello of the boot that confirmed a success (key 16), if the report says."""
+        found = self.extra.get(REPORT_BOOT_HELLO)
+        return found if type(found) is int else None
+
     @classmethod
     def from_map(cls, m: dict[Any, Any]) -> Report:
         """Decode a report, refusing (``shape``) every field outside its documented range."""
@@ -378,6 +388,7 @@ _REPORT_EXTENSIONS: dict[int, _Check] = {
     REPORT_ANSWER: (Answer.from_map, "report key 13 (answer)"),
     REPORT_ACCOUNTING: (Accounting.from_map, "report key 14 (accounting)"),
     REPORT_IMAGE_DIGEST: (_check_image_digest, "report key 15 (image digest)"),
+    REPORT_BOOT_HELLO: (as_uint, "report key 16 (boot hello)"),
 }
 _NOTICE_EXTENSIONS: dict[int, _Check] = {
     NOTICE_TOKEN: (_check_signed, "notice key 10 (install token)"),

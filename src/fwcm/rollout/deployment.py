@@ -109,6 +109,8 @@ class Applied(NamedTuple):
     """The sequence a device that succeeded (or reverted) now runs."""
     digest: bytes | None = None
     """The image digest a device that succeeded now runs (its claim), as its report says."""
+    boot_hello: int | None = None
+    """The seq of the hello of the boot that confirmed the success (its claim), as its report says."""
     full_image: bool = False
     """The device does not run the patch's base: its next attempt gets the full image."""
 
@@ -161,6 +163,7 @@ def judge_reports(
                 detail=report.detail,
                 installed=report.installed_sequence if runs else None,
                 digest=report.image_digest if succeeded else None,
+                boot_hello=report.boot_hello if succeeded else None,
                 full_image=full_image,
             )
         )
@@ -183,6 +186,8 @@ class Claim(NamedTuple):
     campaign: int
     sequence: int | None
     digest: bytes | None
+    hello_seq: int | None = None
+    """The hello of the boot that confirmed it: hellos up to this one were sent before."""
 
 
 class DeviceRecord(NamedTuple):
@@ -212,9 +217,18 @@ def runs_other_image(claim: Claim, sequence: int | None, digest: bytes | None) -
     return digest is not None and claim.digest is not None and digest != claim.digest
 
 
+def shows_revert(claim: Claim, hello: Report) -> bool:
+    """A hello shows the claim reverted when it was sent after the boot that confirmed the claim
+    (when the success said which boot that was) and names another image."""
+    if claim.hello_seq is not None and hello.seq <= claim.hello_seq:
+        return False
+    return runs_other_image(claim, hello.installed_sequence, hello.image_digest)
+
+
 def judge_hellos(devices: Mapping[int, DeviceRecord], hellos: Iterable[Reported]) -> list[Reverted]:
     """The deployments hellos show reverted. Hellos are taken in seq order per device; one not
-    above the newest hello applied is late and says nothing; a reverting hello ends the claim."""
+    above the newest hello applied is late and says nothing, nor does one the device sent before
+    the boot that confirmed the claim; a reverting hello ends the claim."""
     current = dict(devices)
     out: list[Reverted] = []
     for h in sorted(hellos, key=lambda h: h.report.seq):
@@ -225,7 +239,7 @@ def judge_hellos(devices: Mapping[int, DeviceRecord], hellos: Iterable[Reported]
             continue
         claim = record.claim
         report = h.report
-        if claim is not None and runs_other_image(claim, report.installed_sequence, report.image_digest):
+        if claim is not None and shows_revert(claim, report):
             out.append(Reverted(h.tenant_id, h.device_pk, claim.campaign, _revert_detail(claim, report)))
             claim = None
         current[h.device_pk] = DeviceRecord(report.seq, claim)

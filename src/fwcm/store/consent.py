@@ -301,7 +301,7 @@ def apply_accounting(s: Session, batch: Sequence[Verified]) -> int:
         s.execute(  # and its success no longer claims what it runs: no revert to see
             update(Device)
             .where(Device.id == r["d"], Device.claim_campaign == r["c"])
-            .values(claim_campaign=None, claim_sequence=None, claim_digest=None)
+            .values(claim_campaign=None, claim_sequence=None, claim_digest=None, claim_hello_seq=None)
         )
     return len(rows)
 

@@ -336,6 +336,7 @@ _CLAIM = (
         claim_campaign=bindparam("c"),
         claim_sequence=bindparam("sq"),
         claim_digest=bindparam("dg"),
+        claim_hello_seq=bindparam("hq"),
         image_digest=func.coalesce(bindparam("dg"), _DEVICES.c.image_digest),
     )
 )
@@ -351,7 +352,7 @@ _FULL_IMAGE = (
 _UNCLAIM = (
     update(_DEVICES)
     .where(_DEVICES.c.id == bindparam("d"), _DEVICES.c.claim_campaign == bindparam("c"))
-    .values(claim_campaign=null(), claim_sequence=null(), claim_digest=null())
+    .values(claim_campaign=null(), claim_sequence=null(), claim_digest=null(), claim_hello_seq=null())
 )
 
 
@@ -398,7 +399,9 @@ def write_reports(s: Session, applied: Sequence[Applied]) -> None:
             installs.append({"d": a.device_pk, "sq": a.installed, "u": now})
         if a.entered == DeviceState.SUCCEEDED:
             digest = a.digest.hex() if a.digest is not None else None
-            claims.append({"d": a.device_pk, "c": a.campaign, "sq": a.installed, "dg": digest})
+            claims.append(
+                {"d": a.device_pk, "c": a.campaign, "sq": a.installed, "dg": digest, "hq": a.boot_hello}
+            )
         elif a.entered == DeviceState.REVERTED:
             unclaims.append({"d": a.device_pk, "c": a.campaign})
     # one row order for every replica: concurrent batches then wait on each other, not deadlock

@@ -123,7 +123,12 @@ def hello_records(s: Session, device_pks: Iterable[int]) -> dict[int, DeviceReco
         return {}
     rows = s.execute(
         select(
-            Device.id, Device.hello_seq, Device.claim_campaign, Device.claim_sequence, Device.claim_digest
+            Device.id,
+            Device.hello_seq,
+            Device.claim_campaign,
+            Device.claim_sequence,
+            Device.claim_digest,
+            Device.claim_hello_seq,
         ).where(Device.id.in_(ids))
     ).all()
     return {
@@ -135,6 +140,7 @@ def hello_records(s: Session, device_pks: Iterable[int]) -> dict[int, DeviceReco
                 r.claim_campaign,
                 r.claim_sequence,
                 bytes.fromhex(r.claim_digest) if r.claim_digest else None,
+                r.claim_hello_seq,
             ),
         )
         for r in rows

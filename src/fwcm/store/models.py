@@ -186,6 +186,9 @@ class Device(Base):
     claim_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     claim_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 (hex) of the image the claim names, when the success report carried it."""
+    claim_hello_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The hello of the boot that confirmed the claim (report key 16): earlier hellos say nothing
+    about it, however late they arrive."""
     image_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 (hex) of the image the device last said it runs (hello or success, report key 15):
     the base a delta update is made from."""
