@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fwcm import protocol
-from fwcm.protocol import LwState, Notice, NoticeKind, ProtocolError, Report, Result
+from fwcm.protocol import LwState, Notice, NoticeKind, ProtocolError, Report, Result, framing
 
 KEY = bytes(range(32))
 
@@ -101,3 +102,22 @@ def test_arbitrary_cbor_bodies_raise_only_protocol_error(body: object) -> None:
         protocol.Report.from_map(body if isinstance(body, dict) else {})
     except ProtocolError:
         pass
+
+
+@given(
+    kid=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=300),
+    blob=st.binary(max_size=70_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_written_frame_is_the_generic_cbor_encoding(kid: str, blob: bytes) -> None:
+    """``seal`` writes the frame around the payload by hand: byte for byte what a general CBOR
+    encoder makes of the COSE_Mac0, for every length form of the byte strings."""
+    key = b"k" * 32
+    body = {1: kid, 2: 7, 6: blob}
+    payload = cbor2.dumps(body, canonical=True)
+    structure = cbor2.dumps(["MAC0", framing._PROTECTED, b"", payload])
+    tag = hmac.digest(key, structure, "sha256")[:8]
+    expected = cbor2.dumps(cbor2.CBORTag(17, [framing._PROTECTED, {4: kid.encode()}, payload, tag]))
+    sealed = framing.seal(key, kid, body)
+    assert sealed == expected
+    assert framing.unseal(sealed, len(sealed)).open(key) == body

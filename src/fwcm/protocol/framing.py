@@ -28,16 +28,41 @@ _HDR_KID = 4
 _PROTECTED = cbor2.dumps({_HDR_ALG: HMAC_256_64})
 
 
+_MAC0_CONTEXT = b"\x84\x64MAC0"  # array(4), text(4) "MAC0": the MAC_structure's first two items
+_EMPTY_AAD = b"\x40"
+_FRAME_HEAD = b"\xd1\x84"  # tag 17, array(4)
+_KID_MAP = b"\xa1\x04"  # {4: kid}
+_TAG_HEAD = b"\x48"  # bstr(8)
+
+
+def _bstr(data: bytes) -> bytes:
+    """``data`` as a CBOR byte string (head and bytes), in the shortest form, as cbor2 writes it."""
+    n = len(data)
+    if n < 24:
+        head = bytes((0x40 | n,))
+    elif n < 0x100:
+        head = bytes((0x58, n))
+    elif n < 0x10000:
+        head = b"\x59" + n.to_bytes(2, "big")
+    else:
+        head = b"\x5a" + n.to_bytes(4, "big")
+    return head + data
+
+
 def _mac(key: bytes, protected: bytes, payload: bytes) -> bytes:
-    structure = cbor2.dumps(["MAC0", protected, b"", payload])
+    structure = _MAC0_CONTEXT + _bstr(protected) + _EMPTY_AAD + _bstr(payload)
     return hmac.digest(key, structure, "sha256")[:8]
 
 
 def seal(key: bytes, kid: str, body: dict[int, Any]) -> bytes:
-    """Encode ``body`` and wrap it in a COSE_Mac0 keyed with the device secret."""
+    """Encode ``body`` and wrap it in a COSE_Mac0 keyed with the device secret. The frame around
+    the payload is always the same few bytes (docs/protocol.md, "The frame, byte by byte"), so it
+    is written directly rather than encoded: every notice and report is sealed."""
     payload = cbor2.dumps(body, canonical=True)
     tag = _mac(key, _PROTECTED, payload)
-    return cbor2.dumps(cbor2.CBORTag(COSE_MAC0_TAG, [_PROTECTED, {_HDR_KID: kid.encode()}, payload, tag]))
+    return b"".join(
+        (_FRAME_HEAD, _bstr(_PROTECTED), _KID_MAP, _bstr(kid.encode()), _bstr(payload), _TAG_HEAD, tag)
+    )
 
 
 class Sealed(NamedTuple):
