@@ -228,7 +228,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 raise RuntimeError(f"a process exited early; see {work}")
             await asyncio.sleep(0.5)
         t_online = time.monotonic() - t_register
-        print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
+        if args.verbose:
+            print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
 
         cpu0 = {p.pid: cpu_seconds(p.pid) for p in procs}
         broker_cpu0 = cpu_seconds(broker.process.pid)
@@ -261,7 +262,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "broker": broker.kind,
             "database": "postgresql" if args.database_url else "sqlite",
             "campaign_state": stats.get("state"),
-            "counts": {k: v for k, v in stats["counts"].items() if v},  # type: ignore[union-attr]
+            "counts": {k: v for k, v in counts.items() if v},
             "start_s": round(start_s, 3),
             "end_to_end_s": round(duration, 2),
             "devices_per_s": round(args.devices / duration, 1),
@@ -270,13 +271,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             ),
             "reports_ingested": metric(metrics, "fwcm_reports_ingested_total"),
             "notices_sent": metric(metrics, "fwcm_notices_sent_total"),
+            "online_s": round(t_online, 1),
             "server_peak_rss_mb": round(rss_peak_mb(server.pid), 1),
+            "broker_peak_rss_mb": round(rss_peak_mb(broker.process.pid), 1),
             "bytes": stats.get("bytes"),
             "payload_bytes_served": {kind: served(metrics, kind) for kind in ("delta", "full")},
             "cpu_s": {  # during the campaign: where the machine's time went
-                "server": round(cpu[server.pid], 1),
-                "fleets": round(sum(v for k, v in cpu.items() if k != server.pid), 1),
-                "broker": round(broker_cpu, 1),
+                "server": round(cpu[server.pid], 3),
+                "fleets": round(sum(v for k, v in cpu.items() if k != server.pid), 3),
+                "broker": round(broker_cpu, 3),
             },
         }
         await api.aclose()

@@ -1,9 +1,11 @@
-"""What the benchmarks read of a process and of a server's metrics: CPU seconds, memory, counters."""
+"""What the benchmarks read of a process, of the machine and of a server's metrics: CPU seconds,
+memory, counters, the processes busy besides the benchmark."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 
@@ -26,3 +28,40 @@ def cpu_seconds(pid: int) -> float:
 def metric(text: str, name: str) -> float:
     """The sum of a Prometheus metric's samples in an exposition text."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _cpu_ticks() -> dict[int, int]:
+    """User + system clock ticks of every process now (those that vanish are skipped)."""
+    ticks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def command_line(pid: int, width: int = 60) -> str:
+    """A process's command line (``[name]`` for kernel threads), cut to ``width`` characters."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        cmd = cmd or "[" + Path(f"/proc/{pid}/comm").read_text().strip() + "]"
+    except OSError:
+        return "?"
+    return cmd if len(cmd) <= width else cmd[: width - 3] + "..."
+
+
+def cpu_use(interval: float = 1.0, exclude: frozenset[int] = frozenset()) -> list[tuple[int, float]]:
+    """The processes that used CPU over the next ``interval`` seconds, as (pid, share of one CPU),
+    busiest first."""
+    before = _cpu_ticks()
+    time.sleep(interval)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    used = [
+        (pid, (t - before[pid]) / hz / interval)
+        for pid, t in after.items()
+        if pid in before and pid not in exclude and t > before[pid]
+    ]
+    return sorted(used, key=lambda u: -u[1])
