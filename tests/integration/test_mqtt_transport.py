@@ -9,6 +9,8 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fwcm import protocol
 from fwcm.transport.broker import Broker, mosquitto_available
@@ -19,14 +21,23 @@ REPORTS = 600
 
 
 def publish_burst(url: str, count: int) -> None:
-    """Publish ``count`` QoS 1 status messages from a stock paho client and wait for PUBACKs."""
+    """Publish ``count`` QoS 1 status messages from a stock paho client and wait for PUBACKs;
+    every other one carries MQTT 5 properties."""
     settings = MqttSettings.from_url(url)
     c = make_client(settings, f"burst-{time.monotonic_ns()}", client_class=mqtt.Client)
     c.connect(settings.host, settings.port)
     c.loop_start()
     try:
+        props = Properties(PacketTypes.PUBLISH)  # MQTT 5 properties the server skips unread
+        props.MessageExpiryInterval = 3600
+        props.UserProperty = ("trace", "x" * 200)
         infos = [
-            c.publish(protocol.status_topic("acme", f"dev-{i:04d}"), f"report {i}".encode(), qos=1)
+            c.publish(
+                protocol.status_topic("acme", f"dev-{i:04d}"),
+                f"report {i}".encode(),
+                qos=1,
+                properties=props if i % 2 else None,
+            )
             for i in range(count)
         ]
         for info in infos:

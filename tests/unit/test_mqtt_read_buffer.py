@@ -1,15 +1,21 @@
 """The read buffer under the server's paho client: packets split anywhere across reads come out
-byte for byte, and ``pending`` says when paho must not wait in select."""
+byte for byte, and ``pending`` says when paho must not wait in select; the lean PUBLISH parser
+reads what paho's own decoder reads."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt._packet import decode_publish
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from fwcm.transport.mqtt import READ_CHUNK, _ReadBuffered
+from fwcm.transport.mqtt import READ_CHUNK, _ReadBuffered, parse_publish
 
 
 class ChunkSocket:
@@ -81,3 +87,47 @@ def test_large_reads_are_not_capped_by_the_chunk() -> None:
     body = random.Random(1).randbytes(3 * READ_CHUNK)
     buffered = _ReadBuffered(ChunkSocket(body, [len(body)]))
     assert buffered.recv(len(body)) == body
+
+
+NO_NUL = st.characters(blacklist_characters="\x00")  # MQTT strings may not hold NUL (paho refuses it)
+
+
+def publish_packet(topic: bytes, payload: bytes, qos: int, mid: int, props: Properties | None) -> bytes:
+    """A PUBLISH's variable header and payload, as a broker sends it."""
+    head = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"")
+    return head + (props.pack() if props is not None else b"") + payload
+
+
+@given(
+    topic=st.text(min_size=1, max_size=300),
+    payload=st.binary(max_size=3000),
+    qos=st.integers(0, 1),
+    mid=st.integers(1, 65535),
+    v5=st.booleans(),
+    user=st.lists(st.tuples(st.text(NO_NUL, max_size=40), st.text(NO_NUL, max_size=200)), max_size=3),
+    expiry=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+)
+def test_the_lean_publish_parser_reads_what_paho_reads(
+    topic: str, payload: bytes, qos: int, mid: int, v5: bool, user: list[tuple[str, str]], expiry: int | None
+) -> None:
+    props = None
+    if v5:
+        props = Properties(PacketTypes.PUBLISH)
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
+        for pair in user:
+            props.UserProperty = pair
+    command = 0x30 | (qos << 1)
+    packet = publish_packet(topic.encode(), payload, qos, mid, props)
+    protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    paho = decode_publish(command, packet, protocol)
+    assert parse_publish(command, packet, v5) == (paho.topic.decode(), paho.payload, paho.mid, paho.qos)
+
+
+@given(command=st.sampled_from([0x30, 0x32, 0x33, 0x3B]), packet=st.binary(max_size=300), v5=st.booleans())
+def test_a_malformed_publish_raises_value_error_only(command: int, packet: bytes, v5: bool) -> None:
+    """Whatever the broker hands over, the parser returns or raises ValueError (the client then
+    drops the connection and reconnects), never anything else."""
+    with contextlib.suppress(ValueError):
+        topic, body, _mid, qos = parse_publish(command, packet, v5)
+        assert qos in (0, 1) and len(topic.encode()) + len(body) <= len(packet)

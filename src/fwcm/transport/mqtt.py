@@ -114,11 +114,68 @@ class _ReadBuffered:
         return getattr(self._sock, name)
 
 
+Received = Callable[[str, bytes, int, int], None]
+"""An inbound PUBLISH as the server needs it: topic, payload, packet id, QoS."""
+
+
+def parse_publish(command: int, packet: bytes | bytearray, v5: bool) -> tuple[str, bytes, int, int]:
+    """Topic, payload, packet id and QoS of a PUBLISH's variable header and payload; MQTT 5
+    properties are skipped (the server reads none). Raises ValueError on a malformed packet."""
+    qos = (command >> 1) & 3
+    end = 2 + int.from_bytes(packet[:2], "big")
+    if len(packet) < end + (2 if qos else 0) or qos == 3:
+        raise ValueError("PUBLISH shorter than its header")
+    topic = packet[2:end].decode("utf-8")
+    mid = 0
+    if qos:
+        mid, end = int.from_bytes(packet[end : end + 2], "big"), end + 2
+    if v5:
+        length, shift = 0, 0
+        for _ in range(4):  # the properties' length: a variable byte integer
+            if end >= len(packet):
+                raise ValueError("PUBLISH properties cut short")
+            byte = packet[end]
+            end += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        else:
+            raise ValueError("PUBLISH properties length over 4 bytes")
+        end += length
+        if end > len(packet):
+            raise ValueError("PUBLISH properties cut short")
+    return topic, bytes(packet[end:]), mid, qos
+
+
 class BufferedClient(mqtt.Client):
-    """paho's client reading through :class:`_ReadBuffered` and draining the buffer per wake-up."""
+    """paho's client reading through :class:`_ReadBuffered` and draining the buffer per wake-up.
+
+    With ``on_received`` set, QoS 0 and 1 PUBLISH packets skip paho's message objects, MQTT 5
+    property decoding and callback matching and go straight to it (paho still reads the packet
+    and keeps the session): the server's ingest rate is bound by the cost per report."""
+
+    on_received: Received | None = None
 
     def _create_socket(self) -> Any:
         return _ReadBuffered(super()._create_socket())
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        received = self.on_received
+        command = self._in_packet["command"]
+        if received is None or (command >> 1) & 3 == 2:
+            return super()._handle_publish()
+        try:
+            topic, payload, mid, qos = parse_publish(
+                command, self._in_packet["packet"], self._protocol == mqtt.MQTTv5
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("malformed PUBLISH from the broker (%s); reconnecting", exc)
+            return mqtt.MQTT_ERR_PROTOCOL
+        received(topic, payload, mid, qos)
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return mqtt.MQTT_ERR_SUCCESS
 
     def ack_many(self, mids: list[int]) -> None:
         """Acknowledge QoS 1 messages with one write: ``ack`` queues, wakes the loop and sends a
@@ -212,6 +269,8 @@ class MqttTransport(NoticeSender):
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        if isinstance(self.client, BufferedClient):
+            self.client.on_received = self._on_received
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -270,17 +329,18 @@ class MqttTransport(NoticeSender):
         if not self._stopping:
             log.warning("MQTT disconnected (%s); paho reconnects with backoff", rc)
 
-    def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
-        mid, qos = msg.mid, msg.qos
+    def _on_message(self, _c: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
+        self._on_received(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
 
+    def _on_received(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         def ack(_error: object = None) -> None:
             if qos == 1:
                 self._ack(mid)
             elif qos == 2:
-                client.ack(mid, qos)
+                self.client.ack(mid, qos)
 
         try:
-            tenant, device, leaf = protocol.parse_device_topic(msg.topic)
+            tenant, device, leaf = protocol.parse_device_topic(topic)
         except protocol.ProtocolError:
             ack()
             return
@@ -293,7 +353,7 @@ class MqttTransport(NoticeSender):
             kind=kind,
             tenant=tenant,
             device=device,
-            payload=bytes(msg.payload),
+            payload=payload,
             on_done=ack,
         )
         self._handoff(inbound)
