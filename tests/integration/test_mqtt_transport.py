@@ -125,3 +125,41 @@ async def test_a_notice_sent_is_retained_for_a_device_that_subscribes_later(brok
         assert got == b"sealed notice 0"
     finally:
         await transport.stop()
+
+
+def retained_notices(url: str, tenant: str, count: int, timeout: float = 30.0) -> dict[str, bytes]:
+    """The retained notices a client subscribing now to every device of ``tenant`` receives."""
+    settings = MqttSettings.from_url(url)
+    got: dict[str, bytes] = {}
+    c = make_client(settings, f"all-{time.monotonic_ns()}", client_class=mqtt.Client)
+    c.on_message = lambda _c, _u, msg: got.__setitem__(msg.topic, msg.payload)
+    c.connect(settings.host, settings.port)
+    c.subscribe(protocol.notice_topic(tenant, "+"), qos=1)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got
+
+
+async def test_a_burst_beyond_the_in_flight_window_is_published_whole(broker: Broker) -> None:
+    """More notices than the client keeps in flight (1,000) are queued and go out as PUBACKs come
+    back: every one is delivered, none twice, none stuck waiting for room."""
+    transport = MqttTransport(broker.service_url, "fwcm-server-burst", lambda _m: None, shared=False)
+    await transport.start()
+    n = 2500
+    try:
+        for i in range(n):
+            transport.send_notice("burst", f"b-{i:04d}", lambda i=i: b"notice %d" % i)  # type: ignore[misc]
+        deadline = time.monotonic() + 30
+        while transport.client._out_messages and time.monotonic() < deadline:  # every PUBACK back
+            await asyncio.sleep(0.05)
+        assert not transport.client._out_messages, f"{len(transport.client._out_messages)} never acknowledged"
+        got = await asyncio.to_thread(retained_notices, broker.service_url, "burst", n)
+        assert got == {protocol.notice_topic("burst", f"b-{i:04d}"): b"notice %d" % i for i in range(n)}
+    finally:
+        await transport.stop()

@@ -25,13 +25,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlparse
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MessageState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fwcm import protocol
 from fwcm.transport.inbound import Inbound
@@ -45,6 +46,8 @@ READ_CHUNK = 64 * 1024
 PUBACK_HEADER = 0x40
 _PUBACK = struct.Struct("!BBH")
 MAX_PACKETS_PER_READ = 2000
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK, "Success")
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 RECONNECT_S = 1
 """The server retries a lost broker connection this often."""
 
@@ -156,9 +159,47 @@ class BufferedClient(mqtt.Client):
     and keeps the session): the server's ingest rate is bound by the cost per report."""
 
     on_received: Received | None = None
+    _may_queue = True
+    """Some QoS 1 message may wait for room in the in-flight window (paho's own check scans every
+    message in flight on each PUBACK, a thousand when a campaign starts)."""
 
     def _create_socket(self) -> Any:
         return _ReadBuffered(super()._create_socket())
+
+    def publish(self, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
+        info = super().publish(*args, **kwargs)
+        with self._out_message_mutex:
+            held = self._out_messages.get(info.mid)
+            if held is not None and held.state == MessageState.MQTT_MS_QUEUED:
+                self._may_queue = True
+        return info
+
+    def _messages_reconnect_reset_out(self) -> None:
+        super()._messages_reconnect_reset_out()
+        self._may_queue = True
+
+    def _update_inflight(self) -> mqtt.MQTTErrorCode:
+        """paho's, skipped while nothing waits: paho only queues when the window is full, and a
+        scan that ends with room left has sent everything that waited. (A message queued just
+        before this flag is set goes out on one of the PUBACKs of the full window.)"""
+        if not self._may_queue:
+            return mqtt.MQTT_ERR_SUCCESS
+        rc = super()._update_inflight()
+        if rc == mqtt.MQTT_ERR_SUCCESS and self._inflight_messages < self._max_inflight_messages:
+            self._may_queue = False
+        return rc
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> mqtt.MQTTErrorCode:
+        """A PUBACK settles its message without paho's reason-code and property objects when no
+        ``on_publish`` callback would read them."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self.on_publish is not None or len(packet) < 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return mqtt.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
         received = self.on_received
