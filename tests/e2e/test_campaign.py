@@ -102,6 +102,8 @@ async def test_mixed_campaign_completes_on_both_databases(env: Env, tmp_path: Pa
     assert 'fwcm_campaigns{state="completed"} 1.0' in metrics
     assert 'fwcm_notices_sent_total{kind="update",transport="coap"}' in metrics
     assert 'fwcm_reports_ingested_total{transport="mqtt"}' in metrics
+    [rss] = [line for line in metrics.splitlines() if line.startswith("fwcm_process_resident_memory_bytes ")]
+    assert float(rss.split()[1]) > 10e6  # the server process's own memory, for sizing
 
 
 async def test_corrupt_payloads_fail_with_integrity_and_keep_old_firmware(env: Env, tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(namespace="fwcm", registry=REGISTRY)  # the replica's own memory and CPU, for sizing
 
 NOTICES_SENT = Counter(
     "fwcm_notices_sent", "Notices sent to devices", ["transport", "kind"], registry=REGISTRY
