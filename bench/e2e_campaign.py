@@ -81,7 +81,26 @@ def rss_peak_mb(pid: int) -> float:
     return proc_status_mb(pid, "VmHWM")
 
 
+def open_files_for(devices: int, fleets: int) -> None:
+    """Raise this process's open-file limit (the broker and the fleets inherit it) to what the
+    largest fleet needs: one socket per MQTT device, one per connection at the broker. Root may
+    raise the hard limit too; otherwise stop at once rather than fail device by device."""
+    import resource
+
+    need = devices + 4096  # the broker holds every device's connection; headroom for the rest
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError):
+        if hard < need:
+            raise SystemExit(f"{devices} devices need {need} open files; the hard limit is {hard}") from None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
+    open_files_for(args.devices, args.fleets)
     work = Path(tempfile.mkdtemp(prefix="fwcm-bench-"))
     # device flash state on tmpfs when there is one: thousands of small atomic renames on a disk
     # measure the disk, not fwcm
