@@ -138,14 +138,11 @@ def notice_size(envelope: bytes, name: str) -> int:
     return len(protocol.encode_notice(secrets.token_bytes(32), notice))
 
 
-def raw_fanout(url: str, names: list[str], size: int, work: Path) -> dict[str, Any]:
-    n = len(names)
-    payload = random.Random(2).randbytes(size)
-    write_items(work / "fanout.pkl", [(protocol.notice_topic(TENANT, d), payload) for d in names])
-    counter = Counter(url, protocol.notice_topic(TENANT, "+"), n)
-    pub = Helper(
-        MODULE, "publish", {"url": url, "items": str(work / "fanout.pkl"), "clients": 1, "retain": True}
-    )
+def raw_run(url: str, subscription: str, items: Path, n: int, clients: int, retain: bool) -> dict[str, Any]:
+    """paho publishers (in a helper process) -> one paho subscriber counting ``n`` messages:
+    seconds from the go signal to the last message received."""
+    counter = Counter(url, subscription, n)
+    pub = Helper(MODULE, "publish", {"url": url, "items": str(items), "clients": clients, "retain": retain})
     try:
         t0 = pub.go()
         ok = counter.wait(600)
@@ -154,7 +151,14 @@ def raw_fanout(url: str, names: list[str], size: int, work: Path) -> dict[str, A
         pub.kill()
         counter.close()
     elapsed = counter.last - t0 if ok else float("nan")
-    return {"messages": n, "bytes": size, "seconds": elapsed, "per_s": n / elapsed, **res}
+    return {"messages": n, "seconds": elapsed, "per_s": n / elapsed, **res}
+
+
+def raw_fanout(url: str, names: list[str], size: int, work: Path) -> dict[str, Any]:
+    payload = random.Random(2).randbytes(size)
+    write_items(work / "fanout.pkl", [(protocol.notice_topic(TENANT, d), payload) for d in names])
+    topic = protocol.notice_topic(TENANT, "+")
+    return {"bytes": size, **raw_run(url, topic, work / "fanout.pkl", len(names), 1, True)}
 
 
 def fwcm_fanout(server: ServerProc, url: str, names: list[str], manifest_id: int) -> dict[str, Any]:
@@ -196,23 +200,9 @@ def report_items(names: list[str], keys: dict[str, bytes], campaign: int) -> lis
 
 
 def raw_ingest(url: str, items: list[tuple[str, bytes]], work: Path, clients: int) -> dict[str, Any]:
-    n = len(items)
     write_items(work / "ingest-raw.pkl", items)
-    counter = Counter(url, protocol.status_topic(TENANT, "+"), n)
-    pub = Helper(
-        MODULE,
-        "publish",
-        {"url": url, "items": str(work / "ingest-raw.pkl"), "clients": clients, "retain": False},
-    )
-    try:
-        t0 = pub.go()
-        ok = counter.wait(600)
-        res = pub.result()
-    finally:
-        pub.kill()
-        counter.close()
-    elapsed = counter.last - t0 if ok else float("nan")
-    return {"messages": n, "seconds": elapsed, "per_s": n / elapsed, **res}
+    topic = protocol.status_topic(TENANT, "+")
+    return raw_run(url, topic, work / "ingest-raw.pkl", len(items), clients, False)
 
 
 def fwcm_ingest(
