@@ -150,8 +150,8 @@ async def run_fleet(
     the same instant.
     """
     raise_nofile_limit()
-    # aiomqtt runs paho's blocking connect in the default executor; its few default threads would
-    # let only a handful of thousands of devices (re)connect at a time.
+    # asyncio resolves host names in the default executor; its few default threads would let only
+    # a handful of thousands of devices (re)connect at a time to a broker named by host name.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
     clients = SharedClients(coap_transports=coap_transports)
     report = FleetReport(profile)

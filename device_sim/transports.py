@@ -1,8 +1,8 @@
 """Device-side transports: the notice/report link (MQTT or CoAP) and payload fetchers (HTTP, CoAP).
 
-Everything here is asyncio: one MQTT connection per device (aiomqtt), and ONE CoAP context and ONE
-HTTP client shared by all devices of a process, since a device's identity is in the MAC of its
-messages and not in its socket.
+Everything here is asyncio: one MQTT connection per device (:mod:`device_sim.mqtt_client`), and
+ONE CoAP context and ONE HTTP client shared by all devices of a process, since a device's identity
+is in the MAC of its messages and not in its socket.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,12 +21,13 @@ from typing import TypeVar
 from urllib.parse import unquote, urlencode, urlsplit
 
 import aiocoap
-import aiomqtt
 from aiocoap import resource
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
 from fwcm import protocol
+
+from .mqtt_client import DeviceMqtt, MqttError, Will
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,7 +215,7 @@ class MqttTarget:
 
 class MqttLink(Link):
     """MQTT 3.1.1 with a persistent session (clean_session False), QoS 1 both ways, logged in with
-    the target's credentials (the device's own account).
+    the target's credentials (the device's own account), through :mod:`device_sim.mqtt_client`.
 
     3.1.1 rather than 5 because both Mosquitto and amqtt (the embedded fallback broker) support it.
     Presence: retained b"1" after connect, retained last will b"0" for an unclean drop.
@@ -226,75 +226,51 @@ class MqttLink(Link):
         self.tenant = tenant
         self.device = device
         self.keepalive = keepalive
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._client: DeviceMqtt | None = None
         self._tls = target.tls_context()
 
     async def open(self, on_notice: NoticeHandler) -> None:
         presence = protocol.presence_topic(self.tenant, self.device)
-        client = aiomqtt.Client(
-            self.target.host,
-            self.target.port,
-            identifier=f"{self.tenant}.{self.device}",
-            username=self.target.username,
-            password=self.target.password,
-            clean_session=False,
-            will=aiomqtt.Will(presence, b"0", qos=1, retain=True),
-            keepalive=self.keepalive,
-            tls_context=self._tls,
-            timeout=15,
-        )
         try:
-            await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            raise LinkError(f"MQTT connect failed: {exc}") from None
+            client = await DeviceMqtt.connect(
+                self.target.host,
+                self.target.port,
+                lambda _topic, payload: on_notice(payload),
+                client_id=f"{self.tenant}.{self.device}",
+                username=self.target.username,
+                password=self.target.password,
+                clean_session=False,
+                keepalive=self.keepalive,
+                will=Will(presence, b"0", qos=1, retain=True),
+                tls=self._tls,
+            )
+        except MqttError as exc:
+            raise LinkError(f"MQTT {exc}") from None
         self._client = client
         try:
             await client.subscribe(protocol.notice_topic(self.tenant, self.device), qos=1)
             await client.publish(presence, b"1", qos=1, retain=True)
-        except aiomqtt.MqttError as exc:
+        except (MqttError, TimeoutError) as exc:
             await self.close(graceful=False)
-            raise LinkError(f"MQTT subscribe failed: {exc}") from None
-        self._reader = asyncio.create_task(self._read(client, on_notice), name=f"mqtt-read-{self.device}")
-
-    @staticmethod
-    async def _read(client: aiomqtt.Client, on_notice: NoticeHandler) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for message in client.messages:
-                if isinstance(message.payload, bytes | bytearray):
-                    on_notice(bytes(message.payload))
+            raise LinkError(f"MQTT subscribe failed: {exc!r}") from None
 
     async def wait_closed(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._reader)
+        if self._client is not None:
+            await asyncio.shield(self._client.closed)
 
     async def close(self, *, graceful: bool) -> None:
         client, self._client = self._client, None
         if client is None:
             return
         if graceful:
-            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError):
-                await client.publish(
-                    protocol.presence_topic(self.tenant, self.device), b"0", qos=1, retain=True, timeout=2
-                )
-            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
-                await within(client.__aexit__(None, None, None), 5)
+            with contextlib.suppress(MqttError, TimeoutError):
+                presence = protocol.presence_topic(self.tenant, self.device)
+                await client.publish(presence, b"0", qos=1, retain=True, timeout=2)
+            with contextlib.suppress(TimeoutError):
+                await within(client.disconnect(), 5)
         else:
-            sock = client._client.socket()
-            if isinstance(sock, socket.socket):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            if self._reader is not None:
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await within(asyncio.shield(self._reader), 3)
-            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError, asyncio.TimeoutError):
-                await within(client.__aexit__(None, None, None), 2)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-            self._reader = None
+            client.abort()
+        client.abort()  # a graceful close that timed out ends here too
 
     async def send(self, data: bytes) -> None:
         client = self._client
@@ -302,8 +278,8 @@ class MqttLink(Link):
             raise LinkError("not connected")
         try:
             await client.publish(protocol.status_topic(self.tenant, self.device), data, qos=1)
-        except aiomqtt.MqttError as exc:
-            raise LinkError(f"publish failed: {exc}") from None
+        except (MqttError, TimeoutError) as exc:
+            raise LinkError(f"publish failed: {exc!r}") from None
 
 
 class CoapLink(Link):
