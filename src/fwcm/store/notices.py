@@ -105,6 +105,15 @@ def credential_targets(s: Session, pairs: Iterable[tuple[int, int]]) -> list[tup
     wanted = list(set(pairs))
     if not wanted:
         return []
+    # most campaigns are not attested: one small lookup spares the join over every pair
+    attested = set(
+        s.scalars(
+            select(Campaign.id).where(Campaign.id.in_({c for c, _ in wanted}), Campaign.attestation.is_(True))
+        )
+    )
+    wanted = [(c, d) for c, d in wanted if c in attested]
+    if not wanted:
+        return []
     query = _with_campaign(Campaign.manifest_id.label("campaign_manifest_id")).where(
         tuple_(Deployment.campaign_id, Deployment.device_id).in_(wanted), *_ATTESTED_SUCCESS
     )
