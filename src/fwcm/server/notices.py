@@ -57,6 +57,7 @@ class Notifier:
     extras: dict[int, dict[int, Any]] = field(default_factory=dict)
     """Per campaign: extension keys of its update notices (group prepare, usage limits)."""
     _facts: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
+    _sent: dict[tuple[str, NoticeKind], Any] = field(default_factory=dict)
 
     def consent_notices(self, campaign: int, name: str, spec: ConsentSpec, deadline: float) -> None:
         """Remember what the notices of a consent campaign carry because of its consent rules."""
@@ -164,4 +165,9 @@ class Notifier:
                 target.name,
                 lambda: self.build(target, campaign, kind, manifest_id, reason=reason),
             )
-        metrics.NOTICES_SENT.labels(target.transport, kind.name.lower()).inc()
+        counter = self._sent.get((target.transport, kind))
+        if counter is None:  # the labelled child once: a label lookup per notice costs more than the rest
+            counter = self._sent[(target.transport, kind)] = metrics.NOTICES_SENT.labels(
+                target.transport, kind.name.lower()
+            )
+        counter.inc()

@@ -126,26 +126,10 @@ def take_pending(
     if not rows:
         return []
     nonces = {r.device_id: secrets.token_bytes(NONCE_BYTES) if attestation else None for r in rows}
-    s.connection().execute(
-        update(Deployment)
-        .where(
-            Deployment.campaign_id == campaign_id,
-            Deployment.device_id == bindparam("d"),
-            Deployment.state == DeviceState.PENDING.value,
-        )
-        .values(
-            state=DeviceState.NOTIFIED.value,
-            attempt=bindparam("a"),
-            last_seq=-1,
-            notified_at=when,
-            updated_at=when,
-            retry_at=None,
-            nonce=bindparam("n"),
-            nonce_at=when if attestation else None,
-            attested_at=None,
-        ),
-        [{"d": r.device_id, "a": r.attempt + 1, "n": nonces[r.device_id]} for r in rows],
-    )
+    fixed = {"c": campaign_id, "old": DeviceState.PENDING.value, "new": DeviceState.NOTIFIED.value}
+    fixed |= {"q": -1, "w": when, "na": when if attestation else None}
+    notified = [fixed | {"d": r.device_id, "a": r.attempt + 1, "n": nonces[r.device_id]} for r in rows]
+    execute_many(s.connection(), _NOTIFY, notified)
     return [
         replace(target_of(r), attempt=r.attempt + 1, nonce=nonces[r.device_id], attested=False) for r in rows
     ]
@@ -288,6 +272,28 @@ def deployment_views(s: Session, pairs: Iterable[tuple[int, int]]) -> dict[tuple
                 view = DeploymentView(DeviceState(r.state), r.attempt, r.last_seq, r.delta_id is not None)
                 current[(cid, r.device_id)] = view
     return current
+
+
+_NOTIFY = (
+    update(_DEPLOYMENTS)
+    .where(
+        _DEPLOYMENTS.c.campaign_id == bindparam("c"),
+        _DEPLOYMENTS.c.device_id == bindparam("d"),
+        _DEPLOYMENTS.c.state == bindparam("old"),
+    )
+    .values(
+        state=bindparam("new"),
+        attempt=bindparam("a"),
+        last_seq=bindparam("q"),
+        notified_at=bindparam("w"),
+        updated_at=bindparam("w"),
+        retry_at=null(),
+        nonce=bindparam("n"),
+        nonce_at=bindparam("na"),
+        attested_at=null(),
+    )
+)
+"""A pending deployment notified (take_pending), run once per device (execute_many)."""
 
 
 # Statements run once per report (execute_many): every value is a named parameter.
