@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,9 +41,10 @@ sys.path.insert(0, str(ROOT))
 from procstats import cpu_seconds, metric, proc_status_mb
 
 from fwcm import manifest as mf
-from fwcm import pki
+from fwcm import pki, protocol
 from fwcm.cli.demo_report import small_change
-from fwcm.transport.broker import free_port, start_broker
+from fwcm.transport import accounts
+from fwcm.transport.broker import Broker, free_port, start_broker
 
 
 async def held_release(
@@ -81,13 +84,13 @@ def rss_peak_mb(pid: int) -> float:
     return proc_status_mb(pid, "VmHWM")
 
 
-def open_files_for(devices: int, fleets: int) -> None:
-    """Raise this process's open-file limit (the broker and the fleets inherit it) to what the
-    largest fleet needs: one socket per MQTT device, one per connection at the broker. Root may
-    raise the hard limit too; otherwise stop at once rather than fail device by device."""
+def open_files_for(per_process: int) -> None:
+    """Raise this process's open-file limit (the brokers and the fleets inherit it) to what the
+    busiest process needs: one socket per MQTT device in a fleet, one per connection at a broker.
+    Root may raise the hard limit too; otherwise stop at once rather than fail device by device."""
     import resource
 
-    need = devices + 4096  # the broker holds every device's connection; headroom for the rest
+    need = per_process + 4096  # headroom for the rest
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= need:
         return
@@ -95,18 +98,66 @@ def open_files_for(devices: int, fleets: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
     except (ValueError, OSError):
         if hard < need:
-            raise SystemExit(f"{devices} devices need {need} open files; the hard limit is {hard}") from None
+            raise SystemExit(
+                f"{per_process} connections in one process need {need} open files; the hard limit is "
+                f"{hard}: use more --fleets and --edges"
+            ) from None
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
+EDGE_DEVICES = 15_000
+"""Devices per Mosquitto when the fleet is spread over edge brokers (each process may hold at most
+20,000 open files on the machine these figures come from)."""
+
+
+def start_edges(broker: Broker, count: int) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """``count`` Mosquitto brokers bridged to ``broker``: devices connect to an edge with their
+    own accounts (the broker's account files, re-read on SIGHUP), notices come in over the bridge,
+    reports and presence go out over it to the server's broker. One Mosquitto holds one open file
+    per connection; edges spread a fleet larger than a process may hold over several."""
+    assert broker.service is not None and broker.accounts_dir is not None
+    edges = []
+    for i in range(count):
+        port = free_port()
+        conf = broker.workdir / f"edge{i}.conf"
+        conf.write_text(
+            "per_listener_settings true\nmax_queued_messages 1000000\nmax_inflight_messages 10000\n"
+            "persistence false\nlog_type error\nlog_type warning\nlog_dest stderr\n"
+            f"pid_file {broker.workdir / f'edge{i}.pid'}\n"
+            f"listener {port} 127.0.0.1\nallow_anonymous false\nuse_username_as_clientid true\n"
+            f"password_file {broker.accounts_dir / accounts.DEVICES_PASSWD}\n"
+            f"acl_file {broker.accounts_dir / accounts.DEVICES_ACL}\n"
+            f"connection edge{i}\naddress 127.0.0.1:{broker.service_port or broker.port}\n"
+            f"remote_username {broker.service.username}\nremote_password {broker.service.password}\n"
+            f"remote_clientid fwcm-edge{i}\nnotifications false\ncleansession true\n"
+            f"topic {protocol.TOPIC_PREFIX}/+/+/notice in 1\n"
+            f"topic {protocol.TOPIC_PREFIX}/+/+/status out 1\n"
+            f"topic {protocol.TOPIC_PREFIX}/+/+/presence out 1\n"
+        )
+        log = open(broker.workdir / f"edge{i}.log", "wb")
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        edges.append((proc, port))
+    return edges
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    open_files_for(args.devices, args.fleets)
+    edges = args.edges
+    if edges < 0:  # as many as a process's open files need: none up to EDGE_DEVICES
+        big = args.devices > EDGE_DEVICES and args.transport == "mqtt"
+        edges = -(-args.devices // EDGE_DEVICES) if big else 0
+    fleets = max(args.fleets, edges)  # a fleet process then holds at most one edge's devices
+    open_files_for(-(-args.devices // edges) if edges else args.devices)
     work = Path(tempfile.mkdtemp(prefix="fwcm-bench-"))
     # device flash state on tmpfs when there is one: thousands of small atomic renames on a disk
     # measure the disk, not fwcm
     shm = Path("/dev/shm")
     flash_root = Path(tempfile.mkdtemp(prefix="fwcm-bench-flash-", dir=shm)) if shm.is_dir() else work
     broker = start_broker()
+    edge_brokers = start_edges(broker, edges) if edges else []
     http_port, coap_port = free_port(), free_port(socket.SOCK_DGRAM)
     env = dict(
         os.environ,
@@ -182,10 +233,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             r.raise_for_status()
             manifest_id = r.json()["id"]
 
-        per = [
-            args.devices // args.fleets + (1 if i < args.devices % args.fleets else 0)
-            for i in range(args.fleets)
-        ]
+        per = [args.devices // fleets + (1 if i < args.devices % fleets else 0) for i in range(fleets)]
         policy = {"delta": True} if args.delta else {}
         body = {"name": "bench", "manifest_id": manifest_id, "filter": "", "policy": policy}
         r = await api.post("/campaigns", json=body)
@@ -209,7 +257,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "--api-key",
                 key,
                 "--mqtt",
-                broker.url,
+                f"mqtt://127.0.0.1:{edge_brokers[j % edges][1]}" if edges else broker.url,
                 "--coap",
                 f"coap://127.0.0.1:{coap_port}",
                 *(
@@ -238,8 +286,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     stderr=open(work / f"fleet{j}.log", "wb"),
                 )
             )
-        # wait until every device is registered and has said hello
+        # wait until every device is registered and has said hello; edges re-read the accounts
+        # the server writes for its broker (it signals that one only)
+        passwd = broker.accounts_dir / accounts.DEVICES_PASSWD if broker.accounts_dir else None
+        read_at = 0.0
         while True:
+            if edge_brokers and passwd is not None and passwd.stat().st_mtime != read_at:
+                read_at = passwd.stat().st_mtime
+                for edge, _port in edge_brokers:
+                    edge.send_signal(signal.SIGHUP)
             metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
             if metric(metrics, "fwcm_reports_ingested_total") >= args.devices:
                 break
@@ -251,7 +306,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             print(f"{args.devices} devices registered and online in {t_online:.1f} s", flush=True)
 
         cpu0 = {p.pid: cpu_seconds(p.pid) for p in procs}
-        broker_cpu0 = cpu_seconds(broker.process.pid)
+        brokers = [broker.process.pid, *(edge.pid for edge, _port in edge_brokers)]
+        broker_cpu0 = sum(cpu_seconds(pid) for pid in brokers)
         t0 = time.monotonic()
         (await api.post(f"/campaigns/{cid}/start")).raise_for_status()
         start_s = time.monotonic() - t0
@@ -271,13 +327,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.sleep(0.5)  # twice as often as `fwcm campaign watch`: each read costs the server
         duration = time.monotonic() - t0
         cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
-        broker_cpu = cpu_seconds(broker.process.pid) - broker_cpu0
+        broker_cpu = sum(cpu_seconds(pid) for pid in brokers) - broker_cpu0
         metrics = (await httpx.AsyncClient().get(base + "/metrics")).text
         result = {
             "devices": args.devices,
             "transport": args.transport,
             "image_size": args.image_size,
-            "fleets": args.fleets,
+            "fleets": fleets,
+            "edge_brokers": edges,
             "broker": broker.kind,
             "database": "postgresql" if args.database_url else "sqlite",
             "campaign_state": stats.get("state"),
@@ -292,7 +349,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "notices_sent": metric(metrics, "fwcm_notices_sent_total"),
             "online_s": round(t_online, 1),
             "server_peak_rss_mb": round(rss_peak_mb(server.pid), 1),
-            "broker_peak_rss_mb": round(rss_peak_mb(broker.process.pid), 1),
+            "broker_peak_rss_mb": round(max(rss_peak_mb(pid) for pid in brokers), 1),
             "bytes": stats.get("bytes"),
             "payload_bytes_served": {kind: served(metrics, kind) for kind in ("delta", "full")},
             "cpu_s": {  # during the campaign: where the machine's time went
@@ -312,6 +369,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for edge, _port in edge_brokers:
+            edge.terminate()
+            edge.wait(10)
         broker.stop()
         shutil.rmtree(flash_root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -322,7 +382,14 @@ if __name__ == "__main__":
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--transport", choices=["mqtt", "coap", "mixed"], default="mqtt")
     ap.add_argument("--image-size", type=int, default=64 * 1024)
-    ap.add_argument("--fleets", type=int, default=1, help="device_sim processes")
+    ap.add_argument("--fleets", type=int, default=1, help="device_sim processes (at least one per edge)")
+    ap.add_argument(
+        "--edges",
+        type=int,
+        default=-1,
+        help=f"Mosquitto brokers bridged to the server's, devices spread over them; default: none up to "
+        f"{EDGE_DEVICES:,} MQTT devices, then one per {EDGE_DEVICES:,}",
+    )
     ap.add_argument("--database-url", default="")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", action="store_true")
