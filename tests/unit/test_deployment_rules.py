@@ -213,3 +213,24 @@ def test_only_a_base_mismatch_falls_back() -> None:
     view = DeploymentView(DeviceState.DOWNLOADING, 1, 0, delta=True)
     [a] = judged(view, report(1, LwState.IDLE, Result.INTEGRITY_FAILURE), now=500.0)
     assert (a.state, a.full_image) == (DeviceState.FAILED, False)
+
+
+# -- repeating the notice of silent deployments -------------------------------------------------
+
+
+def test_a_lone_deployment_is_repeated_after_the_base_silence() -> None:
+    assert dep.resend_silence(1, 3600) == pytest.approx(dep.RESEND_SILENT_S, abs=0.01)
+
+
+def test_the_silence_grows_with_the_deployments_in_progress() -> None:
+    # 50,000 notified at once: the last waits minutes for its turn, not 20 s
+    assert dep.resend_silence(50_000, 3600) > 10 * dep.resend_silence(10, 3600)
+
+
+@given(st.integers(0, 10**7), st.integers(0, 10**7), st.floats(1, 10**6))
+def test_the_silence_is_monotone_and_under_a_third_of_the_device_timeout(
+    a: int, b: int, timeout: float
+) -> None:
+    lo, hi = sorted((a, b))
+    assert dep.resend_silence(lo, timeout) <= dep.resend_silence(hi, timeout)
+    assert dep.resend_silence(hi, timeout) <= timeout / 3

@@ -169,3 +169,12 @@ def test_a_stopped_campaign_resumed_after_review_does_not_stop_again_for_the_sam
         CampaignState.STOPPED,
         "error threshold of phase 1 crossed: 4 of 9 devices failed (44.4% >= 10%)",
     )
+
+
+def test_in_progress_counts_every_phase_and_no_ended_state() -> None:
+    view = planner.CampaignView.from_rows(
+        "running",
+        1,
+        [(0, "succeeded", 5), (0, "downloading", 2), (1, "notified", 3), (1, "pending", 4), (1, "failed", 1)],
+    )
+    assert view.in_progress == 5

@@ -282,6 +282,26 @@ class Expired(NamedTuple):
     detail: str
 
 
+RESEND_SILENT_S = 20.0
+"""A deployment in progress without a report for this long gets its notice again: its last report
+may have been lost (a replica died holding it)."""
+QUEUE_S_PER_DEVICE = 0.005
+"""What one deployment in progress costs the server, the broker and the payload path, about (a few
+ms of CPU per device for a whole update: docs/operations.md, Sizing)."""
+
+
+def resend_silence(in_progress: int, device_timeout_s: float) -> float:
+    """How long a deployment in progress may stay silent before its notice is repeated.
+
+    With many in progress at once the last of them waits its turn behind the others (downloads,
+    reports) for about their number times what each costs; a repeat sooner finds a device that
+    is still working, and only lengthens the queue (at 50,000 devices notified at once, repeats
+    were four notices in five). So the silence grows with the deployments in progress, and stays
+    under a third of the device timeout, so that a lost report is repeated before it times out.
+    """
+    return min(RESEND_SILENT_S + in_progress * QUEUE_S_PER_DEVICE, device_timeout_s / 3)
+
+
 def timeout_cutoffs(policy: Policy, now: float) -> dict[DeviceState, float]:
     """Per in-progress state, the time before which a deployment's last report makes it silent
     (states without a cutoff never time out now: an install window waits for its opening)."""

@@ -18,7 +18,14 @@ from fractions import Fraction
 
 from fwcm.rollout.deployment import Expired, Silent, expire
 from fwcm.rollout.policy import PACE_BURST_S, RATE_WINDOW_S, Policy
-from fwcm.rollout.states import AGAINST_ERRORS, DEVICE_TERMINAL, NOT_FOR_ME, CampaignState, DeviceState
+from fwcm.rollout.states import (
+    AGAINST_ERRORS,
+    DEVICE_TERMINAL,
+    IN_PROGRESS,
+    NOT_FOR_ME,
+    CampaignState,
+    DeviceState,
+)
 
 # --------------------------------------------------------------------------------------------
 # Views, state and decisions
@@ -43,6 +50,11 @@ class CampaignView:
     @property
     def total(self) -> int:
         return sum(sum(c.values()) for c in self.counts.values())
+
+    @property
+    def in_progress(self) -> int:
+        """Deployments notified and not ended yet, over every phase."""
+        return sum(c.get(st.value, 0) for c in self.counts.values() for st in IN_PROGRESS)
 
 
 @dataclass

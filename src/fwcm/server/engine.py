@@ -47,9 +47,6 @@ EXPIRE_EVERY_S = 1.0
 """How often in-progress deployments are checked against the device timeout."""
 JOIN_EVERY_S = 5.0
 """How often a dynamic campaign looks for newly registered matching devices."""
-RESEND_SILENT_S = 20.0
-"""A deployment in progress without a report for this long (or a third of the campaign's device
-timeout, if that is shorter) gets its notice again: its last report may have been lost."""
 RESEND_CHECK_EVERY_S = 5.0
 TAKEOVER_SILENT_S = 2.0
 """On its first look at a campaign (taken over, or after a restart) a replica does not wait for the
@@ -316,7 +313,7 @@ class Engine:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
             self._busy = self._busy or len(targets) >= decision.notify
         if decision.transition is None:
-            await self._resend_silent(c, policy, now)
+            await self._resend_silent(c, policy, now, snapshot.view.in_progress)
         if decision.advance_to is not None:
             log.info("campaign %d: %s begins", c.id, policy.label(decision.advance_to))
         if decision.transition is not None:
@@ -325,7 +322,9 @@ class Engine:
             if state in CAMPAIGN_TERMINAL:
                 self._forget(c.id)
 
-    async def _resend_silent(self, c: lq.LeasedCampaign, policy: Policy, now: float) -> None:
+    async def _resend_silent(
+        self, c: lq.LeasedCampaign, policy: Policy, now: float, in_progress: int
+    ) -> None:
         """Repeat the notice of deployments in progress that have been silent for a while.
 
         A report the broker acknowledged to the device can still be lost on its way to the server:
@@ -333,13 +332,14 @@ class Engine:
         broker drops them with its session (see docs/operations.md). The device will not send them
         again by itself, but it answers a repeated notice of an attempt it already finished with
         its final report (new seq), and ignores one for the attempt it is working on. Each
-        silent deployment is re-sent after ``silent_s``, then at doubling intervals.
+        silent deployment is re-sent after ``silent_s`` (``rollout.deployment.resend_silence``: longer
+        while many are in progress), then at doubling intervals.
         """
         first = c.id not in self._resend_checked
         if now - self._resend_checked.get(c.id, 0.0) < RESEND_CHECK_EVERY_S:
             return
         self._resend_checked[c.id] = now
-        silent_s = min(RESEND_SILENT_S, policy.device_timeout_s / 3)
+        silent_s = deployment.resend_silence(in_progress, policy.device_timeout_s)
         wait_s = min(TAKEOVER_SILENT_S, silent_s) if first else silent_s
         rows = await self._db(lambda s: dq.silent_in_progress(s, c.id, wait_s))
         await self._load_envelopes_of(t for t, _state in rows)
