@@ -221,6 +221,7 @@ class Gateway:
         self._tokens_ok: dict[tuple[str, str, str], float] = {}
         self.coap_seen: dict[tuple[str, str], str] = {}
         """CoAP devices that observed from a new address since the last save."""
+        self._served: dict[tuple[str, str], Any] = {}
 
     def http_front(self, app: Any) -> DevicePayloads:
         """The HTTP server's application: device payloads here, everything else to ``app``."""
@@ -374,7 +375,10 @@ class Gateway:
     def served(self, sha256: str, sent: int, transport: str) -> None:
         """Count payload bytes sent, patches apart from full images (``/metrics``)."""
         kind = "delta" if sha256 in self._patches else "full"
-        PAYLOAD_BYTES.labels(transport, kind).inc(sent)
+        counter = self._served.get((transport, kind))
+        if counter is None:  # the labelled counter once: CoAP counts every block
+            counter = self._served[(transport, kind)] = PAYLOAD_BYTES.labels(transport, kind)
+        counter.inc(sent)
 
     async def coap_payload(self, sha256: str, offset: int, size: int) -> tuple[bytes, int] | None:
         """One Block2 block of a payload and the payload's size: from memory when cached (every
