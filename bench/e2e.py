@@ -4,8 +4,8 @@ Each run starts a fresh broker, server (SQLite) and fleet: 2 ``device_sim`` proc
 devices and say hello; the campaign is timed from its start request until every device has ended.
 Beyond 15,000 devices the devices connect to Mosquitto edges bridged to the server's broker, one
 edge and one ``device_sim`` process per 15,000 (a process may hold 20,000 open files here).
-CPU seconds are counted over that time for the server, the brokers (edges included) and the simulator processes;
-peak RSS (VmHWM) covers the whole run, registration included.
+CPU seconds are counted over that time for the server, the brokers (edges included) and the
+simulator processes; peak RSS (VmHWM) covers the whole run, registration included.
 """
 
 from __future__ import annotations
