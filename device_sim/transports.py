@@ -478,7 +478,7 @@ async def fetch_http(uri: str, offset: int, sink: Sink, *, timeout: float = 30.0
         length = int(headers.get("content-length", "-1"))
         received = 0
         while length < 0 or received < length:
-            chunk = await within(reader.read(65536), timeout)
+            chunk = await within(reader.read(16384), timeout)
             if not chunk:
                 break
             await sink(pos, chunk)
