@@ -268,9 +268,7 @@ class MqttLink(Link):
                 await client.publish(presence, b"0", qos=1, retain=True, timeout=2)
             with contextlib.suppress(TimeoutError):
                 await within(client.disconnect(), 5)
-        else:
-            client.abort()
-        client.abort()  # a graceful close that timed out ends here too
+        client.abort()  # a power cut; after a clean DISCONNECT (or one that timed out) a no-op
 
     async def send(self, data: bytes) -> None:
         client = self._client
