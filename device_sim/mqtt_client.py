@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fwcm.transport.mqtt import parse_publish
+from fwcm.transport.mqtt import parse_publish, publish_packet, varint
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,13 @@ class Will:
     retain: bool = True
 
 
-def _varint(n: int) -> bytes:
-    """MQTT's remaining-length encoding (7 bits a byte, high bit set while more follow)."""
-    out = bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _str(s: str | bytes) -> bytes:
     raw = s.encode() if isinstance(s, str) else s
     return len(raw).to_bytes(2, "big") + raw
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + varint(len(body)) + body
 
 
 def connect_packet(
@@ -80,11 +70,6 @@ def connect_packet(
     if password is not None:
         tail += _str(password)
     return _packet(CONNECT << 4, body + bytes([flags]) + keepalive.to_bytes(2, "big") + tail)
-
-
-def publish_packet(topic: str, payload: bytes, *, qos: int, retain: bool, mid: int) -> bytes:
-    body = _str(topic) + (mid.to_bytes(2, "big") if qos else b"") + payload
-    return _packet((PUBLISH << 4) | (qos << 1) | int(retain), body)
 
 
 class DeviceMqtt(asyncio.Protocol):

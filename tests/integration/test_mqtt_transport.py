@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from functools import partial
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -13,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fwcm import protocol
-from fwcm.transport.broker import Broker, mosquitto_available
+from fwcm.transport.broker import Broker, mosquitto_available, start_broker
 from fwcm.transport.inbound import Inbound
 from fwcm.transport.mqtt import MqttSettings, MqttTransport, make_client
 
@@ -163,3 +164,58 @@ async def test_a_burst_beyond_the_in_flight_window_is_published_whole(broker: Br
         assert got == {protocol.notice_topic("burst", f"b-{i:04d}"): b"notice %d" % i for i in range(n)}
     finally:
         await transport.stop()
+
+
+def with_version(url: str, version: str) -> str:
+    """``url`` speaking MQTT 3.1.1 when asked (brokers that speak only 3.1.1 already say so)."""
+    if version == "5" or "v=311" in url:
+        return url
+    return url + ("&" if "?" in url else "?") + "v=311"
+
+
+@pytest.mark.parametrize("version", ["5", "311"])
+async def test_one_steps_notices_go_out_whole_in_one_write(broker: Broker, version: str) -> None:
+    """``send_notices`` (a campaign step's notices, queued as one write) with more notices than the
+    client keeps in flight: each is rendered once, delivered once with its own payload, and
+    acknowledged, over MQTT 5 (an empty property block in each PUBLISH) and 3.1.1."""
+    url = with_version(broker.service_url, version)
+    transport = MqttTransport(url, f"fwcm-server-batch-{version}", lambda _m: None, shared=False)
+    await transport.start()
+    n = 1800
+    rendered: list[int] = []
+
+    def render(i: int) -> bytes:
+        rendered.append(i)
+        return b"notice %d" % i
+
+    try:
+        transport.send_notices([("batch", f"n-{i:04d}", partial(render, i)) for i in range(n)])
+        assert rendered == list(range(n))
+        assert transport.client._inflight_messages <= 1000  # the rest wait for room
+        deadline = time.monotonic() + 30
+        while transport.client._out_messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not transport.client._out_messages, f"{len(transport.client._out_messages)} never acknowledged"
+        got = await asyncio.to_thread(retained_notices, url, "batch", n)
+        assert got == {protocol.notice_topic("batch", f"n-{i:04d}"): b"notice %d" % i for i in range(n)}
+    finally:
+        await transport.stop()
+
+
+async def test_notices_sent_while_the_broker_is_down_are_delivered_when_it_is_back() -> None:
+    """A batch published into a lost connection is kept (QoS 1) and sent once the server is
+    connected again: the broker restarted without persistence, so only the resend can deliver."""
+    with start_broker() as b:
+        transport = MqttTransport(b.service_url, "fwcm-server-down", lambda _m: None, shared=False)
+        await transport.start()
+        try:
+            b.halt()
+            transport.send_notices([("down", f"d-{i}", lambda i=i: b"kept %d" % i) for i in range(50)])  # type: ignore[misc]
+            await asyncio.to_thread(b.restart)
+            deadline = time.monotonic() + 30
+            while (transport.client._out_messages or not transport.connected) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            got = await asyncio.to_thread(retained_notices, b.service_url, "down", 50)
+            assert got == {protocol.notice_topic("down", f"d-{i}"): b"kept %d" % i for i in range(50)}
+        finally:
+            await transport.stop()

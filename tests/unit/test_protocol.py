@@ -121,3 +121,28 @@ def test_the_written_frame_is_the_generic_cbor_encoding(kid: str, blob: bytes) -
     sealed = framing.seal(key, kid, body)
     assert sealed == expected
     assert framing.unseal(sealed, len(sealed)).open(key) == body
+
+
+_CBOR_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.binary(max_size=8) | st.floats(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.integers() | st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    body=st.dictionaries(st.integers(min_value=-30, max_value=70_000) | st.text(max_size=3), _CBOR_VALUES)
+    | st.dictionaries(st.integers(min_value=0, max_value=70_000), st.integers() | st.binary(max_size=30)),
+)
+@settings(max_examples=300, deadline=None)
+def test_deterministic_encoding_is_cbor2s_canonical_one(body: dict) -> None:
+    """The unsorted fast path of ``deterministic`` writes exactly the canonical bytes, whatever
+    the keys' order, kinds and signs and whatever the values."""
+    assert framing.deterministic(body) == cbor2.dumps(body, canonical=True)
+
+
+def test_deterministic_encoding_sorts_what_is_out_of_order() -> None:
+    assert framing.deterministic({2: b"", 1: 0}) == bytes.fromhex("a2 01 00 02 40")
+    assert framing.deterministic({1: {3: 0, 2: 0}}) == bytes.fromhex("a1 01 a2 02 00 03 00")

@@ -54,11 +54,34 @@ def _mac(key: bytes, protected: bytes, payload: bytes) -> bytes:
     return hmac.digest(key, structure, "sha256")[:8]
 
 
+_FLAT = frozenset({int, bool, str, bytes, type(None)})
+"""Types that cbor2 encodes the same way with and without ``canonical``."""
+_INT = frozenset({int})
+
+
+def deterministic(body: dict[int, Any]) -> bytes:
+    """``body`` in CBOR's deterministic encoding (RFC 8949, 4.2.1), as ``canonical=True`` writes it.
+
+    Most bodies (every report, most notices) already are a map of ascending unsigned keys to flat
+    values, which the plain encoder writes identically without sorting: five times cheaper, and
+    every notice and report is encoded once."""
+    keys = list(body)
+    if (
+        keys
+        and _INT.issuperset(map(type, keys))
+        and keys[0] >= 0
+        and keys == sorted(keys)
+        and _FLAT.issuperset(map(type, body.values()))
+    ):
+        return cbor2.dumps(body)
+    return cbor2.dumps(body, canonical=True)
+
+
 def seal(key: bytes, kid: str, body: dict[int, Any]) -> bytes:
     """Encode ``body`` and wrap it in a COSE_Mac0 keyed with the device secret. The frame around
     the payload is always the same few bytes (docs/protocol.md, "The frame, byte by byte"), so it
     is written directly rather than encoded: every notice and report is sealed."""
-    payload = cbor2.dumps(body, canonical=True)
+    payload = deterministic(body)
     tag = _mac(key, _PROTECTED, payload)
     return b"".join(
         (_FRAME_HEAD, _bstr(_PROTECTED), _KID_MAP, _bstr(kid.encode()), _bstr(payload), _TAG_HEAD, tag)

@@ -245,8 +245,7 @@ class Engine:
             lambda s: dq.in_flight(s, c.id, [DeviceState.NOTIFIED.value])
         )
         await self._load_envelopes_of(targets)
-        for t in targets:
-            self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
+        self.notifier.send_all(targets, c.id, NoticeKind.UPDATE, c.manifest_id)
         if targets:
             log.info("campaign %d: re-sent %d notices after taking the lease", c.id, len(targets))
 
@@ -307,8 +306,7 @@ class Engine:
         if targets:
             self.on_notified(c.tenant_id, targets)
             await self._load_envelopes_of(targets)
-        for t in targets:
-            self.notifier.send(t, c.id, NoticeKind.UPDATE, t.manifest_id or c.manifest_id)
+        self.notifier.send_all(targets, c.id, NoticeKind.UPDATE, c.manifest_id)
         if targets:
             log.info("campaign %d: notified %d devices", c.id, len(targets))
             self._busy = self._busy or len(targets) >= decision.notify
@@ -345,7 +343,7 @@ class Engine:
         await self._load_envelopes_of(t for t, _state in rows)
         before = self._resend_due.get(c.id, {})
         due: dict[tuple[int, int], tuple[float, float]] = {}
-        sent = 0
+        resend: dict[NoticeKind, list[dq.Target]] = {}
         for t, state in rows:
             if first and state == DeviceState.NOTIFIED.value:
                 continue  # re-sent on taking the lease (_resend_notified)
@@ -354,11 +352,13 @@ class Engine:
             if now >= at:
                 # what the device's notice is now (as CoAP's notice resource would show it)
                 kind = deployment.notice_kind(DeviceState(state), CampaignState(c.state), c.group_decision)
-                self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id)
-                sent += 1
+                resend.setdefault(kind, []).append(t)
                 at, interval = now + interval, min(2 * interval, RESEND_MAX_INTERVAL_S)
             due[key] = (at, interval)
         self._resend_due[c.id] = due  # deployments that reported since are forgotten
+        for kind, kind_targets in resend.items():
+            self.notifier.send_all(kind_targets, c.id, kind, c.manifest_id)
+        sent = sum(map(len, resend.values()))
         if sent:
             log.info("campaign %d: re-sent %d notices of silent deployments", c.id, sent)
 
@@ -401,12 +401,10 @@ class Engine:
             return invites, verdict, reason, withdrawn
 
         invites, verdict, reason, withdrawn = await self._db(work)
-        for t in invites:
-            self.notifier.send(t, c.id, NoticeKind.INVITE, c.manifest_id)
+        self.notifier.send_all(invites, c.id, NoticeKind.INVITE, c.manifest_id)
         if invites:
             log.info("campaign %d: invited %d devices", c.id, len(invites))
-        for t in withdrawn:
-            self.notifier.send(t, c.id, NoticeKind.CANCEL, c.manifest_id, reason=reason)
+        self.notifier.send_all(withdrawn, c.id, NoticeKind.CANCEL, c.manifest_id, reason=reason)
         if verdict != "wait":
             log.info(
                 "campaign %d: consent %s: %s", c.id, "granted" if verdict == "grant" else "refused", reason
@@ -440,8 +438,7 @@ class Engine:
         if verdict == "wait":
             return
         kind = NoticeKind.COMMIT if verdict == "commit" else NoticeKind.ABORT
-        for t in targets:
-            self.notifier.send(t, c.id, kind, t.manifest_id or c.manifest_id, reason=reason)
+        self.notifier.send_all(targets, c.id, kind, c.manifest_id, reason=reason)
         log.info("campaign %d: %s (%d members told)", c.id, reason, len(targets))
         self._lease_now = True
 
@@ -473,8 +470,7 @@ class Engine:
 
         done: list[tuple[int, int, list[dq.Target]]] = await self._db(work)
         for cid, manifest_id, targets in done:
-            for t in targets:
-                self.notifier.send(t, cid, NoticeKind.CANCEL, manifest_id)
+            self.notifier.send_all(targets, cid, NoticeKind.CANCEL, manifest_id)
             log.info("campaign %d cancelled: withdrew %d notices", cid, len(targets))
 
 

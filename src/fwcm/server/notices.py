@@ -9,7 +9,9 @@ their invitation to invite notices, and the group prepare flag and usage limits 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fwcm import attestation, manifest
@@ -31,7 +33,7 @@ from fwcm.protocol import (
 from fwcm.rollout.consent import ConsentSpec
 from fwcm.server import metrics
 from fwcm.store.deployments import Target
-from fwcm.transport.notices import NoticeSender
+from fwcm.transport.notices import NoticeSender, Render
 
 REASON_CHARS = 100
 """A cancel or abort notice says why in at most this many characters."""
@@ -158,16 +160,38 @@ class Notifier:
         reason: str | None = None,
     ) -> None:
         """Tell the device its notice changed; the sender builds it when (and if) it needs it."""
-        sender = self.senders.get(target.transport)
-        if sender is not None:
-            sender.send_notice(
-                target.tenant,
-                target.name,
-                lambda: self.build(target, campaign, kind, manifest_id, reason=reason),
-            )
-        counter = self._sent.get((target.transport, kind))
-        if counter is None:  # the labelled child once: a label lookup per notice costs more than the rest
-            counter = self._sent[(target.transport, kind)] = metrics.NOTICES_SENT.labels(
-                target.transport, kind.name.lower()
-            )
-        counter.inc()
+        self._carry(kind, [(target, partial(self.build, target, campaign, kind, manifest_id, reason=reason))])
+
+    def send_all(
+        self,
+        targets: Iterable[Target],
+        campaign: int,
+        kind: NoticeKind,
+        manifest_id: int,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """``send`` for each of ``targets``, the campaign's manifest being ``manifest_id`` (a
+        target with a manifest of its own gets that), handed to each transport together."""
+        self._carry(
+            kind,
+            [
+                (t, partial(self.build, t, campaign, kind, t.manifest_id or manifest_id, reason=reason))
+                for t in targets
+            ],
+        )
+
+    def _carry(self, kind: NoticeKind, notices: list[tuple[Target, Render]]) -> None:
+        by_transport: dict[str, list[tuple[str, str, Render]]] = {}
+        for t, render in notices:
+            by_transport.setdefault(t.transport, []).append((t.tenant, t.name, render))
+        for transport, batch in by_transport.items():
+            sender = self.senders.get(transport)
+            if sender is not None:
+                sender.send_notices(batch)
+            counter = self._sent.get((transport, kind))
+            if counter is None:  # the labelled child once: a label lookup per notice costs more
+                counter = self._sent[(transport, kind)] = metrics.NOTICES_SENT.labels(
+                    transport, kind.name.lower()
+                )
+            counter.inc(len(batch))

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Insert,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -49,6 +50,7 @@ from fwcm.rollout.states import (
     retry_transition,
 )
 from fwcm.store import counts
+from fwcm.store.db import execute_many
 from fwcm.store.devices import IN_SERVICE
 from fwcm.store.filtersql import filter_clause
 from fwcm.store.images import get_manifest
@@ -70,6 +72,17 @@ Reviewer = Callable[[Iterable[tuple[int, str, int]], int], dict[str, Any]]
 
 log = logging.getLogger(__name__)
 _DEPLOYMENTS = cast(Table, Deployment.__table__)
+_FREEZE = insert(_DEPLOYMENTS).values(
+    campaign_id=bindparam("c"),
+    device_id=bindparam("d"),
+    tenant_id=bindparam("t"),
+    state=bindparam("st"),
+    result=bindparam("r"),
+    phase=bindparam("p"),
+    attempt=bindparam("a"),
+    last_seq=bindparam("q"),
+)
+"""One device frozen into a starting campaign (execute_many: a start inserts one row per device)."""
 
 
 def create_campaign(s: Session, tenant_id: int, manifest_id: int, draft: CampaignDraft) -> Campaign:
@@ -166,27 +179,12 @@ def start_campaign(
     if refused is not None:
         raise Conflict(f"campaign {campaign_id} not started: {refused}")
     group = _first_group(planned.groups)
-    members = [
-        Member(row.id, row.grp)
-        for row in s.execute(select(Device.id, group.label("grp")).where(cond).order_by(Device.id))
-    ]
+    chosen = select(Device.id, group.label("grp")).where(cond).order_by(Device.id)
+    members = [Member(row.id, row.grp) for row in s.connection().execute(chosen)]  # Core: no ORM rows
     phases = planned.assign(members, campaign.id)
-    rows = [
-        {
-            "campaign_id": campaign.id,
-            "device_id": m.device_id,
-            "tenant_id": tenant_id,
-            "state": "pending",
-            "result": 0,
-            "phase": phases[m.device_id],
-            "attempt": 0,
-            "last_seq": -1,
-        }
-        for m in members
-    ]
-    if rows:
-        # Core executemany: the ORM's per-row bookkeeping cost a third of a large start
-        s.connection().execute(insert(_DEPLOYMENTS), rows)
+    fixed = {"c": campaign.id, "t": tenant_id, "st": DeviceState.PENDING.value, "r": 0, "a": 0, "q": -1}
+    rows = [{**fixed, "d": m.device_id, "p": phases[m.device_id]} for m in members]
+    execute_many(s.connection(), _FREEZE, rows)
     total = len(rows)
     campaign.total = total
     if s.get_bind().dialect.name == "postgresql":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -125,14 +125,12 @@ def take_pending(
     ).all()
     if not rows:
         return []
-    nonces = {r.device_id: secrets.token_bytes(NONCE_BYTES) if attestation else None for r in rows}
+    taken = [_notified(r, secrets.token_bytes(NONCE_BYTES) if attestation else None) for r in rows]
     fixed = {"c": campaign_id, "old": DeviceState.PENDING.value, "new": DeviceState.NOTIFIED.value}
     fixed |= {"q": -1, "w": when, "na": when if attestation else None}
-    notified = [fixed | {"d": r.device_id, "a": r.attempt + 1, "n": nonces[r.device_id]} for r in rows]
+    notified = [{**fixed, "d": t.device_pk, "a": t.attempt, "n": t.nonce} for t in taken]
     execute_many(s.connection(), _NOTIFY, notified)
-    return [
-        replace(target_of(r), attempt=r.attempt + 1, nonce=nonces[r.device_id], attested=False) for r in rows
-    ]
+    return taken
 
 
 def phase_counts(s: Session, campaign_id: int) -> list[tuple[int, str, int]]:
@@ -223,6 +221,23 @@ def target_of(r: Row[*tuple[Any, ...]]) -> Target:
         attempt=r.attempt,
         nonce=r.nonce,
         attested=r.attested_at is not None,
+        manifest_id=r.manifest_id,
+    )
+
+
+def _notified(r: Row[*tuple[Any, ...]], nonce: bytes | None) -> Target:
+    """The target of a pending ``targets()`` row about to be notified: its next attempt, with a
+    fresh nonce (attested campaigns) and no attestation yet (one object per device: a campaign
+    start builds ten thousand of them)."""
+    return Target(
+        device_pk=r.device_id,
+        tenant=r.slug,
+        name=r.name,
+        transport=r.transport,
+        secret=r.secret,
+        attempt=r.attempt + 1,
+        nonce=nonce,
+        attested=False,
         manifest_id=r.manifest_id,
     )
 

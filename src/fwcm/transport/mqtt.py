@@ -23,7 +23,7 @@ import ssl
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlparse
@@ -44,6 +44,7 @@ SHARE_GROUP = "fwcm"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 READ_CHUNK = 64 * 1024
 PUBACK_HEADER = 0x40
+PUBLISH_TYPE = 3
 _PUBACK = struct.Struct("!BBH")
 MAX_PACKETS_PER_READ = 2000
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK, "Success")
@@ -121,6 +122,29 @@ Received = Callable[[str, bytes, int, int], None]
 """An inbound PUBLISH as the server needs it: topic, payload, packet id, QoS."""
 
 
+def varint(n: int) -> bytes:
+    """MQTT's variable byte integer (remaining length): 7 bits a byte, the high bit set while more
+    follow."""
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish_packet(
+    topic: str | bytes, payload: bytes, *, qos: int, retain: bool, mid: int, v5: bool = False
+) -> bytes:
+    """A PUBLISH packet (MQTT 5: without properties); ``parse_publish`` reads it back."""
+    name = topic.encode() if isinstance(topic, str) else topic
+    head = len(name).to_bytes(2, "big") + name + (mid.to_bytes(2, "big") if qos else b"")
+    if v5:
+        head += b"\x00"
+    first = bytes(((PUBLISH_TYPE << 4) | (qos << 1) | int(retain),))
+    return first + varint(len(head) + len(payload)) + head + payload
+
+
 def parse_publish(command: int, packet: bytes | bytearray, v5: bool) -> tuple[str, bytes, int, int]:
     """Topic, payload, packet id and QoS of a PUBLISH's variable header and payload; MQTT 5
     properties are skipped (the server reads none). Raises ValueError on a malformed packet."""
@@ -173,6 +197,41 @@ class BufferedClient(mqtt.Client):
             if held is not None and held.state == MessageState.MQTT_MS_QUEUED:
                 self._may_queue = True
         return info
+
+    def publish_many(self, messages: Sequence[tuple[str, bytes]], *, retain: bool) -> None:
+        """QoS 1 PUBLISHes queued as one write.
+
+        Each message is kept as paho keeps it (until its PUBACK, held back while the in-flight
+        window is full, sent again after a reconnect); only the wire work is shared: paho's
+        ``publish`` builds, queues and wakes its network thread once per message, which set the
+        pace of a campaign's fanout."""
+        if self._sock is None:  # not connected: paho queues each for the reconnect
+            for topic, payload in messages:
+                self.publish(topic, payload, qos=1, retain=retain)
+            return
+        v5 = self._protocol == mqtt.MQTTv5
+        now = mqtt.time_func()
+        packets = []
+        with self._out_message_mutex:
+            window = self._max_inflight_messages
+            for topic, payload in messages:
+                mid = self._mid_generate()
+                if mid in self._out_messages:  # 65,535 unacknowledged: paho's publish refuses it too
+                    log.warning("MQTT: no packet id free for %s; its notice is repeated later", topic)
+                    continue
+                name = topic.encode()
+                message = mqtt.MQTTMessage(mid, name)
+                message.timestamp, message.payload, message.qos, message.retain = now, payload, 1, retain
+                self._out_messages[mid] = message
+                if window == 0 or self._inflight_messages < window:
+                    self._inflight_messages += 1
+                    message.state = MessageState.MQTT_MS_WAIT_FOR_PUBACK
+                    packets.append(publish_packet(name, payload, qos=1, retain=retain, mid=mid, v5=v5))
+                else:
+                    message.state = MessageState.MQTT_MS_QUEUED
+                    self._may_queue = True
+            if packets:
+                self._packet_queue((PUBLISH_TYPE << 4) | 2, b"".join(packets), 0, 1)
 
     def _messages_reconnect_reset_out(self) -> None:
         super()._messages_reconnect_reset_out()
@@ -447,8 +506,16 @@ class MqttTransport(NoticeSender):
     def send_notice(self, tenant: str, device: str, render: Render) -> bool:
         """Publish the notice retained with QoS 1: a device that subscribes later (or is offline
         now) still receives its current notice."""
-        self.client.publish(protocol.notice_topic(tenant, device), render(), qos=1, retain=True)
+        self.send_notices([(tenant, device, render)])
         return True
+
+    def send_notices(self, notices: Sequence[tuple[str, str, Render]]) -> None:
+        messages = [(protocol.notice_topic(tenant, device), render()) for tenant, device, render in notices]
+        if isinstance(self.client, BufferedClient):
+            self.client.publish_many(messages, retain=True)
+            return
+        for topic, payload in messages:
+            self.client.publish(topic, payload, qos=1, retain=True)
 
     def clear_notice(self, tenant: str, device: str) -> None:
         self.client.publish(protocol.notice_topic(tenant, device), b"", qos=1, retain=True)

@@ -10,7 +10,7 @@ Firmware Update object (``transport/lwm2m.py``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 Render = Callable[[], bytes]
 """Seals the device's notice as it stands when called."""
@@ -28,6 +28,12 @@ class NoticeSender(abc.ABC):
         observes). Returns False when the device cannot be reached now: it reads its notice when
         it comes back.
         """
+
+    def send_notices(self, notices: Sequence[tuple[str, str, Render]]) -> None:
+        """``send_notice`` for each ``(tenant, device, render)`` of one step of a campaign; a
+        sender that can carry them together (MQTT: one write) does so."""
+        for tenant, device, render in notices:
+            self.send_notice(tenant, device, render)
 
     def clear_notice(self, tenant: str, device: str) -> None:  # noqa: B027 (optional to implement)
         """Withdraw whatever notice ``tenant/device`` could still read (it was decommissioned).
