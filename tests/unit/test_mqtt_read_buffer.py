@@ -16,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fwcm.transport.mqtt import READ_CHUNK, _ReadBuffered, parse_publish
+from fwcm.transport.mqtt import publish_packet as fwcm_publish_packet
 
 
 class ChunkSocket:
@@ -131,3 +132,47 @@ def test_a_malformed_publish_raises_value_error_only(command: int, packet: bytes
     with contextlib.suppress(ValueError):
         topic, body, _mid, qos = parse_publish(command, packet, v5)
         assert qos in (0, 1) and len(topic.encode()) + len(body) <= len(packet)
+
+
+def read_like_paho(buffered: _ReadBuffered) -> tuple[int, bytes]:
+    """One packet read the way paho's own reader does: a byte, the length byte by byte, the rest."""
+    command = buffered.recv(1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = buffered.recv(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        body += buffered.recv(length - len(body))
+    return command, body
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=20_000), min_size=1, max_size=12),
+    chunks=st.lists(st.integers(1, 40_000), max_size=30),
+)
+def test_whole_packets_are_taken_at_once_and_partial_ones_left_for_paho(
+    payloads: list[bytes], chunks: list[int]
+) -> None:
+    """``whole_packet`` takes a packet only when all of it is buffered (one- to three-byte
+    lengths, packets split anywhere); what it leaves, paho's byte-wise reader reads: together they
+    return every packet as sent."""
+    packets = [
+        fwcm_publish_packet(f"t/{i}", p, qos=1, retain=bool(i % 2), mid=i + 1) for i, p in enumerate(payloads)
+    ]
+    buffered = _ReadBuffered(ChunkSocket(b"".join(packets), chunks))
+    got = []
+    for _ in packets:
+        got.append(buffered.whole_packet() or read_like_paho(buffered))
+    for i, (command, body) in enumerate(got):
+        assert parse_publish(command, body, v5=False) == (f"t/{i}", payloads[i], i + 1, 1)
+
+
+def test_a_length_over_four_bytes_is_left_to_paho() -> None:
+    buffered = _ReadBuffered(ChunkSocket(b"\x30\xff\xff\xff\xff\x01" + b"x" * 10, [100]))
+    buffered.recv(0)
+    assert buffered.whole_packet() is None
+    assert buffered.pending() == 16  # nothing taken

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MessageState
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -114,6 +115,26 @@ class _ReadBuffered:
         inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
         return len(self._data) - self._pos + inner
 
+    def whole_packet(self) -> tuple[int, bytes] | None:
+        """The next packet (first byte, variable header and payload) when all of it is buffered,
+        taken from the buffer; else None, and nothing is taken. A remaining length longer than
+        four bytes is left for paho's reader, which refuses it."""
+        data, start = self._data, self._pos
+        end, i, length, shift = len(data), start + 1, 0, 0
+        while True:
+            if i >= end or i - start > 4:
+                return None
+            byte = data[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if i + length > end:
+            return None
+        self._pos = i + length
+        return data[start], data[i : i + length]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
@@ -173,6 +194,20 @@ def parse_publish(command: int, packet: bytes | bytearray, v5: bool) -> tuple[st
         if end > len(packet):
             raise ValueError("PUBLISH properties cut short")
     return topic, bytes(packet[end:]), mid, qos
+
+
+def _fresh_in_packet() -> Any:
+    """paho's state of the next packet to read, as its reader leaves it after each packet."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(),
+        "to_process": 0,
+        "pos": 0,
+    }
 
 
 class BufferedClient(mqtt.Client):
@@ -283,6 +318,27 @@ class BufferedClient(mqtt.Client):
         if mids:
             data = b"".join([_PUBACK.pack(PUBACK_HEADER, 2, mid) for mid in mids])
             self._packet_queue(PUBACK_HEADER, data, 0, 1)
+
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        """paho's, for a packet that is whole in the read buffer: taken in one piece rather than
+        byte by byte through three reads and paho's partial-packet bookkeeping."""
+        sock = self._sock
+        if not isinstance(sock, _ReadBuffered) or self._in_packet["command"]:
+            return super()._packet_read()
+        whole = sock.whole_packet()
+        if whole is None:
+            return super()._packet_read()
+        self._in_packet["command"], body = whole
+        self._in_packet["packet"] = bytearray(body)
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            log.warning("malformed packet from the broker (%s); reconnecting", exc)
+            rc = mqtt.MQTT_ERR_PROTOCOL
+        self._in_packet = _fresh_in_packet()
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return rc
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         rc = super().loop_read(max_packets)
