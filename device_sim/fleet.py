@@ -68,16 +68,18 @@ class FleetReport:
             return results.get(campaign)
         return results[max(results)] if results else None
 
+    def _done(self, name: str, campaign: int | None) -> bool:
+        """The device ended an attempt and had every report acknowledged."""
+        return self.devices[name].pending_reports == 0 and self.result(name, campaign) is not None
+
     def finished(self, campaign: int | None = None) -> int:
         """Devices that ended an attempt and had every report acknowledged."""
-        return sum(
-            1
-            for n, st in self.devices.items()
-            if self.result(n, campaign) is not None and st.pending_reports == 0
-        )
+        return sum(1 for n in self.devices if self._done(n, campaign))
 
     def all_finished(self, campaign: int | None = None) -> bool:
-        return self.finished(campaign) == len(self.devices)
+        """Every device finished: asked four times a second, so it stops at the first that has not
+        (counting them all cost a tenth of a fleet's CPU at 12,500 devices)."""
+        return all(self._done(n, campaign) for n in self.devices)
 
     def by_state(self, campaign: int | None = None) -> dict[str, int]:
         """Counts per label: "succeeded", "failed:<RESULT>", or the LwM2M state of unfinished ones."""

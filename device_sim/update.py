@@ -497,7 +497,7 @@ class UpdateJob:
                 i = size // 2 - at
                 chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
             pos = flash.write_chunk(at, chunk)
-            if pos - saved >= SAVE_EVERY_BYTES:
+            if pos - saved >= SAVE_EVERY_BYTES and pos < size:  # the whole image: saved as it ends
                 flash.save()
                 saved = pos
             if size >= 256 * 1024 and pos * 100 // size >= next_progress and pos < size:

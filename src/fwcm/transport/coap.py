@@ -27,6 +27,7 @@ from aiocoap import resource
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption
+from aiocoap.pipe import error_to_message, run_driving_pipe
 from aiocoap.transports import udp6
 
 from fwcm import protocol
@@ -316,9 +317,7 @@ class CoapTransport(NoticeSender):
 
     async def start(self) -> None:
         tolerate_stale_icmp_errors()
-        self._context = await aiocoap.Context.create_server_context(
-            self._site, bind=self.bind, transports=["udp6"]
-        )
+        self._context = await _Context.create_server_context(self._site, bind=self.bind, transports=["udp6"])
         bound_duplicate_memory(self._context, DUPLICATE_MEMORY)
         log.info("CoAP listening on %s:%d", *self.bind)
 
@@ -390,6 +389,17 @@ class _RecentExchanges(OrderedDict[Any, Any]):
 
     def pop(self, key: Any, default: Any = None) -> Any:
         return super().pop(key, default)
+
+
+class _Context(aiocoap.Context):
+    """aiocoap's server context, naming each request's rendering task plainly.
+
+    aiocoap names the task by the request's description, formatted for every request whether
+    anyone reads it or not: for a campaign's payload blocks that formatting was the largest single
+    cost of the server's CoAP work (15 % of its samples)."""
+
+    def render_to_pipe(self, pipe: Any) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="CoAP request")
 
 
 def bound_duplicate_memory(context: aiocoap.Context, limit: int) -> None:
