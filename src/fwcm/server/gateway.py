@@ -218,6 +218,7 @@ class Gateway:
         self._patches: set[str] = set()
         """Payloads that are server-made patches: their bytes are counted apart (``served``)."""
         self._protected_at = -PROTECTED_REFRESH_S
+        self._reading: asyncio.Task[set[str]] | None = None
         self._tokens_ok: dict[tuple[str, str, str], float] = {}
         self.coap_seen: dict[tuple[str, str], str] = {}
         """CoAP devices that observed from a new address since the last save."""
@@ -325,12 +326,29 @@ class Gateway:
             self._protected_at = now
         return self._protected
 
+    async def _refresh_protected(self) -> set[str]:
+        """Read the protected payloads again, once for every request that finds them stale: a
+        thousand CoAP devices ask for blocks at once, and each starting its own read queued
+        hundreds of them behind the worker threads while the blocks waited."""
+        loop = asyncio.get_running_loop()
+        reading = self._reading
+        if reading is None or reading.get_loop() is not loop:
+            reading = self._reading = loop.create_task(asyncio.to_thread(self._protected_images))
+            reading.add_done_callback(self._read_done)
+        return await asyncio.shield(reading)
+
+    def _read_done(self, task: asyncio.Task[set[str]]) -> None:
+        if self._reading is task:
+            self._reading = None
+        if not task.cancelled():
+            task.exception()  # every waiter saw it; the task itself need not log it
+
     async def payload_refusal(self, sha256: str, query: dict[str, str], transport: str) -> str | None:
         """Why a payload fetch is refused (None: serve it). Images of attested campaigns need a
         valid install token (``t``) for the asking device (``d=tenant/device``) and that image."""
         protected = self._protected
         if time.monotonic() - self._protected_at >= PROTECTED_REFRESH_S:
-            protected = await asyncio.to_thread(self._protected_images)
+            protected = await self._refresh_protected()
         if sha256 not in protected:
             return None
         tenant, _, device = query.get("d", "").partition("/")
