@@ -65,3 +65,15 @@ def cpu_use(interval: float = 1.0, exclude: frozenset[int] = frozenset()) -> lis
         if pid in before and pid not in exclude and t > before[pid]
     ]
     return sorted(used, key=lambda u: -u[1])
+
+
+def reference_loop_ms() -> float:
+    """Milliseconds a fixed pure-Python loop takes (best of three): how fast this machine runs
+    Python right now. A shared machine's speed drifts by tens of percent over an hour; figures
+    of runs with different reference times are not comparable."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sum(range(5_000_000))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
