@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from procstats import cpu_seconds, metric, proc_status_mb
 
+from device_sim.fleet import device_names
 from fwcm import manifest as mf
 from fwcm import pki, protocol
 from fwcm.cli.demo_report import small_change
@@ -105,19 +106,21 @@ def open_files_for(per_process: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
+TENANT = "bench"
 EDGE_DEVICES = 15_000
 """Devices per Mosquitto when the fleet is spread over edge brokers (each process may hold at most
 20,000 open files on the machine these figures come from)."""
 
 
-def start_edges(broker: Broker, count: int) -> list[tuple[subprocess.Popen[bytes], int]]:
-    """``count`` Mosquitto brokers bridged to ``broker``: devices connect to an edge with their
-    own accounts (the broker's account files, re-read on SIGHUP), notices come in over the bridge,
-    reports and presence go out over it to the server's broker. One Mosquitto holds one open file
-    per connection; edges spread a fleet larger than a process may hold over several."""
+def start_edges(broker: Broker, devices: list[list[str]]) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """One Mosquitto bridged to ``broker`` for each list of device names: devices connect to an
+    edge with their own accounts (the broker's account files, re-read on SIGHUP), their notices
+    come in over the bridge (only theirs: a wildcard would copy every notice, retained, to every
+    edge), reports and presence go out over it to the server's broker. One Mosquitto holds one
+    open file per connection; edges spread a fleet larger than a process may hold over several."""
     assert broker.service is not None and broker.accounts_dir is not None
     edges = []
-    for i in range(count):
+    for i, names in enumerate(devices):
         port = free_port()
         conf = broker.workdir / f"edge{i}.conf"
         conf.write_text(
@@ -130,8 +133,8 @@ def start_edges(broker: Broker, count: int) -> list[tuple[subprocess.Popen[bytes
             f"connection edge{i}\naddress 127.0.0.1:{broker.service_port or broker.port}\n"
             f"remote_username {broker.service.username}\nremote_password {broker.service.password}\n"
             f"remote_clientid fwcm-edge{i}\nnotifications false\ncleansession true\n"
-            f"topic {protocol.TOPIC_PREFIX}/+/+/notice in 1\n"
-            f"topic {protocol.TOPIC_PREFIX}/+/+/status out 1\n"
+            + "".join(f"topic {protocol.notice_topic(TENANT, name)} in 1\n" for name in names)
+            + f"topic {protocol.TOPIC_PREFIX}/+/+/status out 1\n"
             f"topic {protocol.TOPIC_PREFIX}/+/+/presence out 1\n"
         )
         log = open(broker.workdir / f"edge{i}.log", "wb")
@@ -156,8 +159,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     # measure the disk, not fwcm
     shm = Path("/dev/shm")
     flash_root = Path(tempfile.mkdtemp(prefix="fwcm-bench-flash-", dir=shm)) if shm.is_dir() else work
+    per = [args.devices // fleets + (1 if i < args.devices % fleets else 0) for i in range(fleets)]
+    on_edge: list[list[str]] = [[] for _ in range(edges)]
+    for j, n in enumerate(per):  # fleet j runs on edge j % edges
+        if edges:
+            on_edge[j % edges] += device_names(f"f{j}", n)
     broker = start_broker()
-    edge_brokers = start_edges(broker, edges) if edges else []
+    edge_brokers = start_edges(broker, on_edge) if edges else []
     http_port, coap_port = free_port(), free_port(socket.SOCK_DGRAM)
     env = dict(
         os.environ,
@@ -176,7 +184,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "fwcm.cli", "admin", "tenant-create", "bench", "--json"],
+            [sys.executable, "-m", "fwcm.cli", "admin", "tenant-create", TENANT, "--json"],
             env=env,
             capture_output=True,
             text=True,
@@ -233,7 +241,6 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             r.raise_for_status()
             manifest_id = r.json()["id"]
 
-        per = [args.devices // fleets + (1 if i < args.devices % fleets else 0) for i in range(fleets)]
         policy = {"delta": True} if args.delta else {}
         body = {"name": "bench", "manifest_id": manifest_id, "filter": "", "policy": policy}
         r = await api.post("/campaigns", json=body)
@@ -272,7 +279,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "--state-dir",
                 str(flash_root / f"fleet{j}"),
                 "--prefix",
-                f"f{j}",
+                f"f{j}",  # the names the edges bridge notices for
                 "--campaign",
                 str(cid),
                 "--no-progress",

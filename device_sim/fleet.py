@@ -207,6 +207,11 @@ async def run_fleet(
 # -- registration through the management API --------------------------------------------------
 
 
+def device_names(prefix: str, count: int) -> list[str]:
+    """The names a fleet registers its devices under."""
+    return [f"{prefix}-{i:05d}" for i in range(count)]
+
+
 @dataclass
 class FleetSpec:
     """What ``python -m device_sim fleet`` needs to (re)build the device configs."""
@@ -268,7 +273,7 @@ async def register_devices(
 ) -> FleetSpec:
     """Create ``count`` devices with the CSV import; the server generates their secrets and returns
     them with the devices' MQTT credentials."""
-    names = [f"{prefix}-{i:05d}" for i in range(count)]
+    names = device_names(prefix, count)
     transports = [transport_for(i, transport) for i in range(count)]
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=120) as client:
