@@ -34,6 +34,7 @@ import httpx
 from procstats import proc_status_mb
 
 from fwcm import manifest as mf
+from fwcm.transport import accounts
 from fwcm.transport.broker import Broker, free_port
 
 TENANT = "bench"
@@ -164,11 +165,31 @@ class ServerProc:
             r.raise_for_status()
             return int(r.json()["id"])
 
-    def import_devices(self, csv_text: str) -> int:
+    def import_devices(self, csv_text: str, *, wait: bool = True) -> int:
+        """Import devices, then (``wait``) until the server has written their broker accounts (it
+        does so in the background: a measurement started sooner would share the CPU with that
+        write)."""
         with self.api() as api:
             r = api.post("/devices/import", content=csv_text, headers={"content-type": "text/csv"})
             r.raise_for_status()
-            return int(r.json()["imported"])
+            imported = int(r.json()["imported"])
+        if wait:
+            self.wait_for_accounts(imported)
+        return imported
+
+    def wait_for_accounts(self, count: int, timeout: float = 120) -> None:
+        """Until the broker's device password file holds ``count`` accounts."""
+        if self.broker.accounts_dir is None:
+            return
+        passwd = self.broker.accounts_dir / accounts.DEVICES_PASSWD
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if passwd.read_bytes().count(b"\n") >= count:
+                    time.sleep(0.3)  # the broker's reload
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the server did not write {count} broker accounts within {timeout:.0f} s")
 
     def campaign(self, manifest_id: int, filter_: str = "") -> int:
         with self.api() as api:
