@@ -124,12 +124,13 @@ class Engine:
                 log.info("engine steps succeed again")
                 failed, delay = None, self.tick_s
             self._wake.clear()
-            if self._busy:  # a full batch went out: more devices are waiting, go on at once
+            if self._busy:  # a full batch went out and more devices wait: go on once the loop turned
                 self._busy = False
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.tick_s)
-            # under load a step is what costs: never run them back to back
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            # woken under load (reports, API calls): steps are what costs, never back to back
             await asyncio.sleep(max(0.0, MIN_STEP_S - (time.monotonic() - started)))
 
     async def release(self) -> None:
