@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import h11
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fwcm.server.metrics import HTTP_CLOSED
@@ -59,6 +61,20 @@ class HttpLimits:
         return replace(self, max_connections=cap, backlog=backlog)
 
 
+class _ReadingFlow(FlowControl):
+    """uvicorn's flow control, telling the connection when it reads again after a pause."""
+
+    def __init__(self, transport: asyncio.Transport, resumed: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._resumed = resumed
+
+    def resume_reading(self) -> None:
+        paused = self.read_paused
+        super().resume_reading()
+        if paused:
+            self._resumed()
+
+
 class BoundedH11Protocol(H11Protocol):
     """One HTTP connection (uvicorn's h11 protocol) with a deadline and a place under the cap."""
 
@@ -73,6 +89,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _ReadingFlow(transport, self._reading_resumed)
         if len(self.connections) > self.limits.max_connections and not self._make_room():
             # Every other connection is busy: this one answers its request with uvicorn's 503
             # (and closes), or makes room for the next newcomer if that comes first.
@@ -140,6 +157,15 @@ class BoundedH11Protocol(H11Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _reading_resumed(self) -> None:
+        """The application took the body read so far and the connection reads again: the client
+        was not silent while it did not, so its time starts now. (Checked only when the timer
+        fires, the pause could end in the same turn of the loop as the deadline, before the bytes
+        waiting in the socket were read: the connection then closed under a client that had sent
+        its whole body.)"""
+        if self._reason == "body_timeout":
+            self._deadline = self.loop.time() + self.limits.idle_timeout
 
     def _on_timer(self) -> None:
         self._timer = None
