@@ -44,7 +44,10 @@ def _key(v: str) -> str:
     return key
 
 
-@given(semvers(), semvers())
+_keyable = semvers().filter(lambda v: len(v) <= MAX_VERSION_CHARS)  # longer ones have no key, by design
+
+
+@given(_keyable, _keyable)
 def test_key_order_is_semver_precedence(a: str, b: str) -> None:
     ka, kb = _key(a), _key(b)
     assert (ka < kb) == (precedence(a) < precedence(b))

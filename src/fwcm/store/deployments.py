@@ -125,7 +125,10 @@ def take_pending(
     ).all()
     if not rows:
         return []
-    taken = [_notified(r, secrets.token_bytes(NONCE_BYTES) if attestation else None) for r in rows]
+    taken = [
+        target_of(r, notified=True, nonce=secrets.token_bytes(NONCE_BYTES) if attestation else None)
+        for r in rows
+    ]
     fixed = {"c": campaign_id, "old": DeviceState.PENDING.value, "new": DeviceState.NOTIFIED.value}
     fixed |= {"q": -1, "w": when, "na": when if attestation else None}
     notified = [{**fixed, "d": t.device_pk, "a": t.attempt, "n": t.nonce} for t in taken]
@@ -210,34 +213,18 @@ def in_flight(s: Session, campaign_id: int, states: Iterable[str]) -> list[Targe
     return [target_of(r) for r in rows]
 
 
-def target_of(r: Row[*tuple[Any, ...]]) -> Target:
-    """The one constructor of a target from a ``targets()`` row."""
+def target_of(r: Row[*tuple[Any, ...]], *, notified: bool = False, nonce: bytes | None = None) -> Target:
+    """The one constructor of a target from a ``targets()`` row; ``notified``: of a pending row
+    about to be notified (its next attempt, with ``nonce``, not attested yet)."""
     return Target(
         device_pk=r.device_id,
         tenant=r.slug,
         name=r.name,
         transport=r.transport,
         secret=r.secret,
-        attempt=r.attempt,
-        nonce=r.nonce,
-        attested=r.attested_at is not None,
-        manifest_id=r.manifest_id,
-    )
-
-
-def _notified(r: Row[*tuple[Any, ...]], nonce: bytes | None) -> Target:
-    """The target of a pending ``targets()`` row about to be notified: its next attempt, with a
-    fresh nonce (attested campaigns) and no attestation yet (one object per device: a campaign
-    start builds ten thousand of them)."""
-    return Target(
-        device_pk=r.device_id,
-        tenant=r.slug,
-        name=r.name,
-        transport=r.transport,
-        secret=r.secret,
-        attempt=r.attempt + 1,
-        nonce=nonce,
-        attested=False,
+        attempt=r.attempt + 1 if notified else r.attempt,
+        nonce=nonce if notified else r.nonce,
+        attested=False if notified else r.attested_at is not None,
         manifest_id=r.manifest_id,
     )
 

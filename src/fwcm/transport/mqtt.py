@@ -120,17 +120,11 @@ class _ReadBuffered:
         taken from the buffer; else None, and nothing is taken. A remaining length longer than
         four bytes is left for paho's reader, which refuses it."""
         data, start = self._data, self._pos
-        end, i, length, shift = len(data), start + 1, 0, 0
-        while True:
-            if i >= end or i - start > 4:
-                return None
-            byte = data[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if i + length > end:
+        read = read_varint(data, start + 1)
+        if read is None:
+            return None
+        length, i = read
+        if i + length > len(data):
             return None
         self._pos = i + length
         return data[start], data[i : i + length]
@@ -152,6 +146,19 @@ def varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def read_varint(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
+    """The variable byte integer at ``at`` and the position after it; None when ``data`` ends
+    first or it runs over four bytes."""
+    value, shift = 0, 0
+    for i in range(at, min(at + 4, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i + 1
+    return None
 
 
 def publish_packet(
@@ -178,18 +185,10 @@ def parse_publish(command: int, packet: bytes | bytearray, v5: bool) -> tuple[st
     if qos:
         mid, end = int.from_bytes(packet[end : end + 2], "big"), end + 2
     if v5:
-        length, shift = 0, 0
-        for _ in range(4):  # the properties' length: a variable byte integer
-            if end >= len(packet):
-                raise ValueError("PUBLISH properties cut short")
-            byte = packet[end]
-            end += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        else:
-            raise ValueError("PUBLISH properties length over 4 bytes")
+        read = read_varint(packet, end)  # the properties' length
+        if read is None:
+            raise ValueError("PUBLISH properties length cut short or over 4 bytes")
+        length, end = read
         end += length
         if end > len(packet):
             raise ValueError("PUBLISH properties cut short")
