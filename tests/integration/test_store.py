@@ -587,3 +587,42 @@ def test_execute_many_refuses_fixed_values(db: Database) -> None:
     stmt = update(table).where(table.c.id == bindparam("i")).values(state="cancelled")
     with db.session() as s, pytest.raises(ValueError, match="fixed value"):
         execute_many(s.connection(), stmt, [{"i": 1}])
+
+
+@pytest.mark.parametrize("count", [0, 1, 9, 2048, 4097])
+def test_select_in_reads_what_an_expanding_in_reads(db: Database, count: int) -> None:
+    """``SelectIn`` (one statement per size class, padded, in slices of ``LARGEST``) returns the
+    rows an ordinary ``IN`` returns, with a fixed parameter beside the list, whatever its length."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import Table, bindparam
+
+    from fwcm.store.db import SelectIn, execute_many
+    from fwcm.store.deployments import _EVENT_INSERT as add
+    from fwcm.store.models import DeviceEvent
+
+    table = DeviceEvent.__table__
+    assert isinstance(table, Table)
+    now = datetime.now(UTC)
+    rows = [
+        {"t": 1, "c": c, "d": d, "u": now, "st": "notified", "r": d, "dt": None}
+        for c in (7, 8)
+        for d in range(5000)
+    ]
+    by_id = SelectIn(
+        lambda ids: select(table.c.device_id, table.c.result).where(
+            table.c.campaign_id == bindparam("c"), table.c.device_id.in_(ids)
+        )
+    )
+    wanted = list(range(3, 3 + 2 * count, 2))  # every other device, some beyond the table's
+    with db.session() as s:
+        execute_many(s.connection(), add, rows)
+    with db.read() as s:
+        got = sorted((r.device_id, r.result) for r in by_id.rows(s.connection(), wanted, c=8))
+        expected = s.execute(
+            select(table.c.device_id, table.c.result)
+            .where(table.c.campaign_id == 8, table.c.device_id.in_(wanted))
+            .order_by(table.c.device_id)
+        ).all()
+    assert got == [tuple(r) for r in expected]
+    assert len(got) == len([d for d in wanted if d < 5000])

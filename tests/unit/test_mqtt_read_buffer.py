@@ -177,3 +177,42 @@ def test_a_length_over_four_bytes_is_left_to_paho() -> None:
     buffered.recv(0)
     assert buffered.whole_packet() is None
     assert buffered.pending() == 16  # nothing taken
+
+
+PINGRESP = b"\xd0\x00"
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=40),
+    pings=st.sets(st.integers(0, 40), max_size=5),
+    chunks=st.lists(st.integers(1, 9000), max_size=30),
+)
+def test_the_client_hands_over_every_report_in_order_and_paho_the_rest(
+    payloads: list[bytes], pings: set[int], chunks: list[int]
+) -> None:
+    """The server's client takes every whole packet of a read at once: reports (QoS 0 and 1
+    PUBLISH) go to ``on_received`` in the order sent, other packets (here PINGRESP) to paho's
+    handlers, and a packet split across reads is finished by paho's reader."""
+    from paho.mqtt.client import MQTT_ERR_SUCCESS, _ConnectionState
+
+    from fwcm.transport.mqtt import MqttSettings, make_client
+
+    stream = b""
+    for i, p in enumerate(payloads):
+        stream += PINGRESP if i in pings else b""
+        stream += fwcm_publish_packet(f"t/{i}", p, qos=i % 2, retain=False, mid=i + 1, v5=True)
+    client = make_client(MqttSettings.from_url("mqtt://127.0.0.1:1"), "reader", manual_ack=True)
+    got: list[tuple[str, bytes, int, int]] = []
+    client.on_received = lambda *m: got.append(m)
+    client._sock = _ReadBuffered(ChunkSocket(stream, chunks))
+    client._state = _ConnectionState.MQTT_CS_CONNECTED
+    client._ping_t = 1.0  # a PINGRESP clears it
+    try:
+        for _ in range(len(stream) + 1):
+            if client.loop_read() != MQTT_ERR_SUCCESS:
+                break
+    finally:
+        client._sock = None
+    mids = [i + 1 if i % 2 else 0 for i in range(len(payloads))]
+    assert got == [(f"t/{i}", p, mids[i], i % 2) for i, p in enumerate(payloads)]
+    assert client._ping_t == (0 if pings & set(range(len(payloads))) else 1.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -49,12 +49,6 @@ log = logging.getLogger(__name__)
 Credentials = list[tuple[int, dq.Target, int]]
 """(campaign, target, manifest id) of attested installs that succeeded: credentials are due."""
 AttestedFn = Callable[[list[aq.AttestationResult], Credentials], None]
-
-
-@dataclass
-class _Item:
-    inbound: Inbound
-    arrived: float
 
 
 class _Unit(NamedTuple):
@@ -172,7 +166,10 @@ class Ingest:
         self._consents: dict[int, cq.AnswerContext | None] = {}
         self._on_applied = on_applied
         self.on_attested = on_attested
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._waiting: deque[Inbound] = deque()
+        self._arrivals: deque[float] = deque()
+        """When each waiting message arrived (the latency of a batch is its oldest message's)."""
+        self._wake = asyncio.Event()
         self._batch_max = batch_max
         self._linger = linger_s
         self.ingested = 0
@@ -181,37 +178,38 @@ class Ingest:
 
     def submit(self, inbound: Inbound) -> None:
         """Queue a message (called on the event loop thread)."""
-        self._queue.put_nowait(_Item(inbound, time.monotonic()))
+        self._waiting.append(inbound)
+        self._arrivals.append(time.monotonic())
+        if not self._wake.is_set():
+            self._wake.set()
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     async def run(self) -> None:
+        """Take what waits, up to ``batch_max`` at a time. The first message after a quiet spell
+        waits ``linger`` for company; under load, what arrived while a batch was applied forms
+        the next one at once."""
+        waiting = self._waiting
         while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + self._linger
-            while len(batch) < self._batch_max:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and self._queue.empty():
-                    break
-                try:
-                    batch.append(
-                        self._queue.get_nowait()
-                        if self._queue.qsize()
-                        else await asyncio.wait_for(self._queue.get(), max(remaining, 0.0005))
-                    )
-                except TimeoutError:
-                    break
-            await self._process_until_durable(batch)
+            if not self._wake.is_set():
+                await self._wake.wait()
+                await asyncio.sleep(self._linger)
+            batch = [waiting.popleft() for _ in range(min(len(waiting), self._batch_max))]
+            arrivals = [self._arrivals.popleft() for _ in batch]
+            if not waiting:
+                self._wake.clear()
+            if batch:
+                await self._process_until_durable(batch, arrivals[0])
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until the queue is empty (used at shutdown and by tests)."""
         deadline = time.monotonic() + timeout
-        while self._queue.qsize() and time.monotonic() < deadline:
+        while self._waiting and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def _process_until_durable(self, batch: list[_Item]) -> None:
+    async def _process_until_durable(self, batch: list[Inbound], arrived: float) -> None:
         delay = 0.2
         while True:
             try:
@@ -229,9 +227,9 @@ class Ingest:
         self._count(batch, outcomes)
         now = time.monotonic()
         metrics.LAST_COMMIT.set(time.time())
-        for item, outcome in zip(batch, outcomes, strict=True):
-            item.inbound.on_done(outcome)
-        metrics.INGEST_LATENCY.observe(now - batch[0].arrived)  # the batch's oldest report
+        for m, outcome in zip(batch, outcomes, strict=True):
+            m.on_done(outcome)
+        metrics.INGEST_LATENCY.observe(now - arrived)  # the batch's oldest report
         metrics.BATCH_SIZE.observe(len(batch))
         if applied.attested or applied.credentials:
             self.on_attested(applied.attested, applied.credentials)
@@ -239,7 +237,11 @@ class Ingest:
             self._on_applied(applied.campaigns)
 
     async def _isolate(
-        self, batch: list[_Item], units: list[_Unit], outcomes: list[ProtocolError | None], failure: Exception
+        self,
+        batch: list[Inbound],
+        units: list[_Unit],
+        outcomes: list[ProtocolError | None],
+        failure: Exception,
     ) -> _Applied:
         """Apply what can be applied of a batch whose transaction failed.
 
@@ -297,9 +299,9 @@ class Ingest:
         except Exception:
             return False
 
-    def _bury(self, batch: list[_Item], unit: _Unit, reason: str, error: str) -> bool:
+    def _bury(self, batch: list[Inbound], unit: _Unit, reason: str, error: str) -> bool:
         """Store a message that fails on its own as a dead letter; False if the database failed."""
-        m = batch[unit.pos].inbound
+        m = batch[unit.pos]
         letter = dl.Letter(unit.key.tenant_id, m.device, m.transport, m.payload, reason, error)
         try:
             with self.db.session() as s:
@@ -308,12 +310,12 @@ class Ingest:
         except Exception:
             return False
 
-    def _report_buried(self, batch: list[_Item], buried: list[tuple[_Unit, str]]) -> None:
+    def _report_buried(self, batch: list[Inbound], buried: list[tuple[_Unit, str]]) -> None:
         """Count dead letters, and log them in one line per batch."""
         for unit, reason in buried:
-            metrics.QUARANTINED.labels(batch[unit.pos].inbound.transport, reason).inc()
+            metrics.QUARANTINED.labels(batch[unit.pos].transport, reason).inc()
         self.quarantined += len(buried)
-        names = [f"{batch[u.pos].inbound.tenant}/{batch[u.pos].inbound.device}" for u, _r in buried[:5]]
+        names = [f"{batch[u.pos].tenant}/{batch[u.pos].device}" for u, _r in buried[:5]]
         more = f" and {len(buried) - 5} more" if len(buried) > 5 else ""
         log.warning(
             "ingest: %d of %d messages failed to apply and were kept as dead letters: %s%s",
@@ -372,7 +374,7 @@ class Ingest:
                 self._consents[cid] = cq.AnswerContext(spec, manifest_id) if spec else None
         return {c: ctx for c in campaigns if (ctx := self._consents.get(c)) is not None}
 
-    def _process(self, batch: list[_Item]) -> tuple[_Checked, _Applied | Exception]:
+    def _process(self, batch: list[Inbound]) -> tuple[_Checked, _Applied | Exception]:
         """Verify a batch and apply it in one transaction: what was checked, and what the
         transaction changed (or why it failed)."""
         checked = self._verify(batch)
@@ -382,12 +384,11 @@ class Ingest:
         except Exception as exc:
             return checked, exc
 
-    def _verify(self, batch: list[_Item]) -> _Checked:
+    def _verify(self, batch: list[Inbound]) -> _Checked:
         """Check every message of a batch: the refused get their reason, the rest are kept."""
         outcomes: list[ProtocolError | None] = [None] * len(batch)
         sealed: dict[int, protocol.Sealed] = {}
-        for i, item in enumerate(batch):
-            m = item.inbound
+        for i, m in enumerate(batch):
             if m.kind.startswith("refused:"):
                 outcomes[i] = ProtocolError(m.kind.split(":", 1)[1], "refused by transport")
             elif m.kind == "status":
@@ -401,20 +402,19 @@ class Ingest:
                     sealed.pop(i, None)
                     outcomes[i] = err
         vouched: dict[int, dict[Any, Any]] = {}
-        for i, item in enumerate(batch):
-            m = item.inbound
+        for i, m in enumerate(batch):
             if m.kind == "report":  # the transport authenticated the device and built the report
                 try:
                     vouched[i] = _body(m.payload)
                 except ProtocolError as err:
                     outcomes[i] = err
-        names = {(batch[i].inbound.tenant, batch[i].inbound.device) for i in [*sealed, *vouched]}
-        names |= {(b.inbound.tenant, b.inbound.device) for b in batch if b.inbound.kind == "presence"}
+        names = {(batch[i].tenant, batch[i].device) for i in [*sealed, *vouched]}
+        names |= {(b.tenant, b.device) for b in batch if b.kind == "presence"}
         keys = self.keys.lookup(names)
         checked = _Checked(outcomes, [], [], [])
         opened: list[tuple[int, protocol.Sealed | dict[Any, Any]]] = [*sealed.items(), *vouched.items()]
         for i, frame in sorted(opened, key=lambda x: x[0]):
-            m = batch[i].inbound
+            m = batch[i]
             key = keys.get((m.tenant, m.device))
             try:
                 if key is None:
@@ -432,8 +432,7 @@ class Ingest:
             except Exception as exc:  # a decoder bug: refuse this message, never stall the batch
                 log.warning("cannot decode a message of %s/%s: %s", m.tenant, m.device, describe(exc))
                 outcomes[i] = ProtocolError("internal", f"could not decode: {describe(exc)}")
-        for i, item in enumerate(batch):
-            m = item.inbound
+        for i, m in enumerate(batch):
             if m.kind == "presence":
                 key = keys.get((m.tenant, m.device))
                 if key is not None and not key.retired and m.payload in (b"0", b"1"):
@@ -475,22 +474,22 @@ class Ingest:
         log.debug("%d reports applied: %d deployments changed", len(verified), changed)
         return _Applied(changed, campaigns, attested, credentials)
 
-    def _count(self, batch: list[_Item], outcomes: list[ProtocolError | None]) -> None:
+    def _count(self, batch: list[Inbound], outcomes: list[ProtocolError | None]) -> None:
         """Metrics of a settled batch: ingested per transport (one update per batch), refusals."""
         ingested: Counter[str] = Counter()
-        for item, outcome in zip(batch, outcomes, strict=True):
-            if item.inbound.kind == "presence":
+        for m, outcome in zip(batch, outcomes, strict=True):
+            if m.kind == "presence":
                 continue
             if outcome is None:
-                ingested[item.inbound.transport] += 1
+                ingested[m.transport] += 1
             elif outcome.reason != "quarantined":  # counted as dead letters
                 self.rejected += 1
-                metrics.REJECTED.labels(item.inbound.transport, outcome.reason).inc()
+                metrics.REJECTED.labels(m.transport, outcome.reason).inc()
                 log.warning(
                     "refused %s message from %s/%s: %s",
-                    item.inbound.transport,
-                    item.inbound.tenant,
-                    item.inbound.device,
+                    m.transport,
+                    m.tenant,
+                    m.device,
                     outcome,
                 )
         for transport, n in ingested.items():

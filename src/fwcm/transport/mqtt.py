@@ -295,18 +295,19 @@ class BufferedClient(mqtt.Client):
         return mqtt.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
-        received = self.on_received
         command = self._in_packet["command"]
-        if received is None or (command >> 1) & 3 == 2:
+        if self.on_received is None or (command >> 1) & 3 == 2:
             return super()._handle_publish()
+        return self._received(command, self._in_packet["packet"])
+
+    def _received(self, command: int, packet: bytes | bytearray) -> mqtt.MQTTErrorCode:
+        """A QoS 0 or 1 PUBLISH handed to ``on_received`` (set) as topic, payload, id and QoS."""
         try:
-            topic, payload, mid, qos = parse_publish(
-                command, self._in_packet["packet"], self._protocol == mqtt.MQTTv5
-            )
+            topic, payload, mid, qos = parse_publish(command, packet, self._protocol == mqtt.MQTTv5)
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("malformed PUBLISH from the broker (%s); reconnecting", exc)
             return mqtt.MQTT_ERR_PROTOCOL
-        received(topic, payload, mid, qos)
+        self.on_received(topic, payload, mid, qos)  # type: ignore[misc]
         if qos == 1 and not self._manual_ack:
             return self._send_puback(mid)
         return mqtt.MQTT_ERR_SUCCESS
@@ -319,15 +320,31 @@ class BufferedClient(mqtt.Client):
             self._packet_queue(PUBACK_HEADER, data, 0, 1)
 
     def _packet_read(self) -> mqtt.MQTTErrorCode:
-        """paho's, for a packet that is whole in the read buffer: taken in one piece rather than
-        byte by byte through three reads and paho's partial-packet bookkeeping."""
+        """paho's, for the packets that are whole in the read buffer: every one of them in this
+        call, each in one piece, rather than one per call, byte by byte through three reads and
+        paho's partial-packet bookkeeping. A report (QoS 0 or 1 PUBLISH) goes straight to
+        ``on_received``; other packets through paho's handlers. A partial packet is paho's."""
         sock = self._sock
         if not isinstance(sock, _ReadBuffered) or self._in_packet["command"]:
             return super()._packet_read()
-        whole = sock.whole_packet()
-        if whole is None:
+        rc, handled = mqtt.MQTT_ERR_SUCCESS, 0
+        received, take = self.on_received is not None, sock.whole_packet
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is sock and (whole := take()):
+            command, body = whole
+            handled += 1
+            if received and command >> 4 == PUBLISH_TYPE and (command >> 1) & 3 != 2:
+                rc = self._received(command, body)
+            else:
+                rc = self._handle_whole(command, body)
+        if not handled:
             return super()._packet_read()
-        self._in_packet["command"], body = whole
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return rc
+
+    def _handle_whole(self, command: int, body: bytes) -> mqtt.MQTTErrorCode:
+        """One whole packet through paho's handlers, as its reader would hand it over."""
+        self._in_packet["command"] = command
         self._in_packet["packet"] = bytearray(body)
         try:
             rc = self._packet_handle()
@@ -335,8 +352,6 @@ class BufferedClient(mqtt.Client):
             log.warning("malformed packet from the broker (%s); reconnecting", exc)
             rc = mqtt.MQTT_ERR_PROTOCOL
         self._in_packet = _fresh_in_packet()
-        with self._msgtime_mutex:
-            self._last_bytes_received = mqtt.time_func()
         return rc
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
