@@ -328,3 +328,31 @@ def test_failure_breakdowns_count_the_failed_devices_by_attribute(db: Database) 
     assert {r["value"]: r["count"] for r in by["hardware_id"]} == hardware
     assert {r["value"]: r["count"] for r in by["version"]} == versions
     assert [r["count"] for r in by["hardware_id"]] == sorted(hardware.values(), reverse=True)
+
+
+def test_sqlite_keeps_counts_with_one_update_trigger_and_goes_back_to_two(tmp_path: Any) -> None:
+    """Revision 0018 replaces SQLite's two update triggers by one; its downgrade restores them."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from fwcm.store.db import MIGRATIONS
+
+    db = Database(f"sqlite:///{tmp_path / 'fwcm.db'}")
+    db.migrate()
+
+    def triggers() -> set[str]:
+        with db.engine.connect() as conn:
+            rows = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+            return {r.name for r in rows if r.name.endswith("_update")}
+
+    assert triggers() == {"deployments_counts_update"}
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0017")
+    assert triggers() == {"deployments_count_update", "deployments_completion_update"}
+    db.migrate()
+    assert triggers() == {"deployments_counts_update"}
+    db.dispose()
