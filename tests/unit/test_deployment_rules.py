@@ -234,3 +234,36 @@ def test_the_silence_is_monotone_and_under_a_third_of_the_device_timeout(
     lo, hi = sorted((a, b))
     assert dep.resend_silence(lo, timeout) <= dep.resend_silence(hi, timeout)
     assert dep.resend_silence(hi, timeout) <= timeout / 3
+
+
+def test_a_draining_queue_keeps_the_silence_of_the_queue_a_deployment_joined() -> None:
+    # 50,000 notified at t=0, finishing at 340 a second: at t=110 s 12,600 are still in progress
+    seen = [(float(t), 50_000 - 340 * t) for t in range(0, 111, 5)]
+    now = 110.0
+    today = dep.resend_silence(seen[-1][1], 3600)
+    assert today < now  # by today's queue alone, those silent since t=0 would be repeated
+    assert dep.silence_allowed(seen, now, 3600) == pytest.approx(dep.resend_silence(50_000, 3600))
+
+
+def test_a_queue_long_gone_no_longer_lengthens_the_silence() -> None:
+    # a burst an hour ago, one deployment in progress since: the base silence again
+    seen = [(0.0, 50_000), *((float(t), 1) for t in range(3000, 3601, 5))]
+    assert dep.silence_allowed(seen, 3600.0, 3600) == pytest.approx(dep.resend_silence(1, 3600))
+    assert dep.silence_allowed([], 0.0, 3600) == pytest.approx(dep.resend_silence(0, 3600))
+
+
+@given(
+    st.lists(st.tuples(st.floats(0, 10_000), st.integers(0, 10**6)), max_size=50),
+    st.floats(1, 10**5),
+)
+def test_the_silence_allowed_is_between_todays_and_the_largest_queues(
+    samples: list[tuple[float, int]], timeout: float
+) -> None:
+    seen = sorted(samples)
+    now = seen[-1][0] if seen else 0.0
+    allowed = dep.silence_allowed(seen, now, timeout)
+    today = dep.resend_silence(seen[-1][1] if seen else 0, timeout)
+    most = dep.resend_silence(max((n for _t, n in seen), default=0), timeout)
+    assert today <= allowed <= most <= timeout / 3
+    # the allowance covers the most in progress within it
+    assert allowed >= dep.resend_silence(max((n for t, n in seen if t >= now - allowed), default=0), timeout)

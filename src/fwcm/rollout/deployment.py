@@ -302,6 +302,24 @@ def resend_silence(in_progress: int, device_timeout_s: float) -> float:
     return min(RESEND_SILENT_S + in_progress * QUEUE_S_PER_DEVICE, device_timeout_s / 3)
 
 
+def silence_allowed(seen: Sequence[tuple[float, int]], now: float, device_timeout_s: float) -> float:
+    """:func:`resend_silence` for the queue a silent deployment joined, not the one left now.
+
+    ``seen`` holds (time, deployments in progress) as the engine counted them. A deployment
+    silent for ``s`` seconds has waited behind what was in progress ``s`` seconds ago, and that
+    queue drains while it waits: judged by today's shorter queue alone, the last of 50,000
+    devices notified at once had its notice repeated (one in five) while still waiting its turn.
+    So the silence allowed covers the most in progress over the time it spans.
+    """
+    allowed = resend_silence(seen[-1][1] if seen else 0, device_timeout_s)
+    while True:
+        queued = max((n for t, n in seen if t >= now - allowed), default=0)
+        longer = resend_silence(queued, device_timeout_s)
+        if longer <= allowed:
+            return allowed
+        allowed = longer
+
+
 def timeout_cutoffs(policy: Policy, now: float) -> dict[DeviceState, float]:
     """Per in-progress state, the time before which a deployment's last report makes it silent
     (states without a cutoff never time out now: an install window waits for its opening)."""

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -88,6 +89,8 @@ class Engine:
         self._expired_at: dict[int, float] = {}
         self._resend_checked: dict[int, float] = {}
         self._resend_due: dict[int, dict[tuple[int, int], tuple[float, float]]] = {}
+        self._in_progress_seen: dict[int, deque[tuple[float, int]]] = {}
+        """Per campaign: (time, deployments in progress) at each check for silent ones."""
         """Per campaign: silent deployments (device, attempt) → (next repeat, interval)."""
         self._leased: list[lq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
@@ -331,14 +334,18 @@ class Engine:
         broker drops them with its session (see docs/operations.md). The device will not send them
         again by itself, but it answers a repeated notice of an attempt it already finished with
         its final report (new seq), and ignores one for the attempt it is working on. Each
-        silent deployment is re-sent after ``silent_s`` (``rollout.deployment.resend_silence``: longer
+        silent deployment is re-sent after ``silent_s`` (``rollout.deployment.silence_allowed``: longer
         while many are in progress), then at doubling intervals.
         """
         first = c.id not in self._resend_checked
         if now - self._resend_checked.get(c.id, 0.0) < RESEND_CHECK_EVERY_S:
             return
         self._resend_checked[c.id] = now
-        silent_s = deployment.resend_silence(in_progress, policy.device_timeout_s)
+        seen = self._in_progress_seen.setdefault(c.id, deque())
+        seen.append((now, in_progress))
+        while seen[0][0] < now - policy.device_timeout_s / 3:
+            seen.popleft()
+        silent_s = deployment.silence_allowed(seen, now, policy.device_timeout_s)
         wait_s = min(TAKEOVER_SILENT_S, silent_s) if first else silent_s
         rows = await self._db(lambda s: dq.silent_in_progress(s, c.id, wait_s))
         await self._load_envelopes_of(t for t, _state in rows)
@@ -451,6 +458,7 @@ class Engine:
         self._expired_at.pop(campaign, None)
         self._resend_checked.pop(campaign, None)
         self._resend_due.pop(campaign, None)
+        self._in_progress_seen.pop(campaign, None)
         self.notes.pop(campaign, None)
 
     async def _process_cancellations(self) -> None:
