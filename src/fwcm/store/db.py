@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Connection, Engine, bindparam, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -177,47 +177,6 @@ def execute_many(conn: Connection, stmt: ClauseElement, rows: Sequence[Mapping[s
                 if d[name] is not None:
                     d[name] = proc(d[name])
     conn.exec_driver_sql(p.sql, params)
-
-
-class SelectIn:
-    """A select whose ``IN`` list takes many values, run through the driver directly.
-
-    SQLAlchemy renders an expanding ``IN`` anew on every execution, a bind name per value: for the
-    2,000 devices of an ingest batch that cost four times what the database spent answering.
-    Here the statement is compiled once per size class (powers of two), and a shorter list is
-    padded with its own first value, which an ``IN`` ignores.
-    """
-
-    LARGEST = 4096
-
-    def __init__(self, build: Callable[[list[BindParameter[Any]]], ClauseElement]) -> None:
-        self._build = build
-        self._sized: dict[int, ClauseElement] = {}
-
-    def rows(self, conn: Connection, values: Sequence[Any], **params: Any) -> list[Any]:
-        """Rows (read by column name) for ``values``, in slices of at most ``LARGEST``."""
-        out: list[Any] = []
-        for start in range(0, len(values), self.LARGEST):
-            part = values[start : start + self.LARGEST]
-            size = max(8, 1 << (len(part) - 1).bit_length())
-            stmt = self._sized.get(size)
-            if stmt is None:
-                stmt = self._sized[size] = self._build([bindparam(f"in_{i}") for i in range(size)])
-            padded = {**params, **{f"in_{i}": v for i, v in enumerate(part)}}
-            padded.update({f"in_{i}": part[0] for i in range(len(part), size)})
-            out += _run_prepared(conn, _prepare(stmt, conn), padded).all()
-        return out
-
-
-def _run_prepared(conn: Connection, p: _Prepared, row: Mapping[str, Any]) -> Any:
-    """One execution of a prepared statement with the values of ``row``."""
-    values = [row[n] for n in p.names]
-    for i, proc in p.processors:
-        if values[i] is not None:
-            values[i] = proc(values[i])
-    if p.positional:
-        return conn.exec_driver_sql(p.sql, tuple(values))
-    return conn.exec_driver_sql(p.sql, dict(zip(p.names, values, strict=True)))
 
 
 def _processed(rows: list[tuple[Any, ...]], processors: _Processors) -> list[tuple[Any, ...]]:

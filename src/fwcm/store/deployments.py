@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     Row,
     Select,
     Table,
@@ -32,7 +33,7 @@ from fwcm.protocol import (
 from fwcm.rollout.deployment import Applied, DeploymentView, Expired, Reverted, Silent
 from fwcm.rollout.states import IN_PROGRESS, DeviceState
 from fwcm.store import counts as counts_kept
-from fwcm.store.db import SelectIn, execute_many, utcnow
+from fwcm.store.db import execute_many, utcnow
 from fwcm.store.models import (
     Deployment,
     Device,
@@ -244,15 +245,9 @@ def cancel_not_started(s: Session, campaign_id: int) -> int:
     return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
-_VIEWS = SelectIn(
-    lambda ids: select(
-        _DEPLOYMENTS.c.device_id,
-        _DEPLOYMENTS.c.state,
-        _DEPLOYMENTS.c.attempt,
-        _DEPLOYMENTS.c.last_seq,
-        _DEPLOYMENTS.c.delta_id,
-    ).where(_DEPLOYMENTS.c.campaign_id == bindparam("c"), _DEPLOYMENTS.c.device_id.in_(ids))
-)
+_VIEW_CHUNK = 5000
+
+
 _STATES = {s.value: s for s in DeviceState}
 
 
@@ -265,10 +260,27 @@ def deployment_views(s: Session, pairs: Iterable[tuple[int, int]]) -> dict[tuple
     conn = s.connection()
     current: dict[tuple[int, int], DeploymentView] = {}
     for cid, devices in by_campaign.items():
-        # unpacked in the select's column order: a Row's attribute costs nine times its position
-        for device_id, state, attempt, last_seq, delta_id in _VIEWS.rows(conn, sorted(devices), c=cid):
-            view = DeploymentView(_STATES[state], attempt, last_seq, delta_id is not None)
-            current[(cid, device_id)] = view
+        ids = sorted(devices)
+        for i in range(0, len(ids), _VIEW_CHUNK):
+            current |= _views(conn, cid, ids[i : i + _VIEW_CHUNK])
+    return current
+
+
+def _views(conn: Connection, cid: int, ids: list[int]) -> dict[tuple[int, int], DeploymentView]:
+    """The deployments of ``ids`` in campaign ``cid``, read through Core."""
+    rows = conn.execute(
+        select(
+            _DEPLOYMENTS.c.device_id,
+            _DEPLOYMENTS.c.state,
+            _DEPLOYMENTS.c.attempt,
+            _DEPLOYMENTS.c.last_seq,
+            _DEPLOYMENTS.c.delta_id,
+        ).where(_DEPLOYMENTS.c.campaign_id == cid, _DEPLOYMENTS.c.device_id.in_(ids))
+    )
+    current: dict[tuple[int, int], DeploymentView] = {}
+    # unpacked in the select's column order: reading a Row's attribute costs nine times its position
+    for device_id, state, attempt, last_seq, delta_id in rows:
+        current[(cid, device_id)] = DeploymentView(_STATES[state], attempt, last_seq, delta_id is not None)
     return current
 
 
