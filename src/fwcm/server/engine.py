@@ -89,9 +89,9 @@ class Engine:
         self._expired_at: dict[int, float] = {}
         self._resend_checked: dict[int, float] = {}
         self._resend_due: dict[int, dict[tuple[int, int], tuple[float, float]]] = {}
+        """Per campaign: silent deployments (device, attempt) → (next repeat, interval)."""
         self._in_progress_seen: dict[int, deque[tuple[float, int]]] = {}
         """Per campaign: (time, deployments in progress) at each check for silent ones."""
-        """Per campaign: silent deployments (device, attempt) → (next repeat, interval)."""
         self._leased: list[lq.LeasedCampaign] = []
         self._leased_at = -LEASE_S
         self._lease_now = True
